@@ -1,0 +1,189 @@
+"""The split engine: bottom and top in this process, the trunk in-process or on a server (session/stateless)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from splitcomm.codec import parse_wire_dtype
+from splitcomm.errors import TrunkError, TrunkUnavailable
+from splitcomm.proto import trunk_pb2 as pb
+from splitcomm.trunk_client import TrunkClient, TrunkClientConfig, TrunkSession
+from splitcore.engine import Engine
+from splitcore.fingerprint import model_fingerprint
+from splitcore.generate import LocalTrunkLink, SplitStepper, Stepper
+from splitcore.models import resolve_with_fallback
+from splitcore.parts import Split, load_parts
+from splitcore.runtime import resolve_device, resolve_dtype
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ClientConfig:
+    """Settings of the split client (CLI and app)."""
+
+    model: str = "gpt2"  # model spec; must be the server's model
+    models_dir: str = "models"
+    fallback_random: bool = False  # default gpt2 unavailable -> random:gpt2, loudly
+    split: str = "2,10"  # must be the server's split points
+    server: str = "localhost:50051"  # trunk server host:port (GPT2_TRUNK_SERVER)
+    local_trunk: bool = False  # run the trunk in this process instead
+    stateless: bool = False  # ship the trunk KV cache with every call instead of a server session
+    wire_dtype: str = "float32"  # float32, float16, bfloat16: hidden states on the wire
+    device: str = "auto"
+    dtype: str = "auto"
+    attn: str = "sdpa"
+    connect_timeout_s: float = 5.0  # to reach the server, s
+    step_timeout_s: float = 60.0  # one trunk call, s
+    reconnect_s: float = 30.0  # keep retrying a lost trunk this long, s (0 = fail at once)
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_server_name: str | None = None
+    auth_token: str | None = None
+
+    def trunk_client_config(self) -> TrunkClientConfig:
+        return TrunkClientConfig(
+            self.server,
+            self.connect_timeout_s,
+            self.step_timeout_s,
+            tls_ca=self.tls_ca,
+            tls_cert=self.tls_cert,
+            tls_key=self.tls_key,
+            tls_server_name=self.tls_server_name,
+            token=self.auth_token,
+        )
+
+
+class SessionLink:
+    """Trunk on a server, KV cache there. If the server goes away, reconnects and replays the prefix.
+
+    The hidden states sent so far are kept ([1, T, d]: 3 MB at 1024 tokens for GPT-2 small) so that a new
+    session on a restarted server can rebuild its cache in one step and the generation goes on unchanged."""
+
+    def __init__(
+        self,
+        client: TrunkClient,
+        fingerprint: pb.Fingerprint,
+        max_length: int,
+        wire_dtype: torch.dtype,
+        reconnect_s: float,
+        notify: Callable[[str], None],
+    ):
+        self.client, self.fingerprint, self.max_length = client, fingerprint, max_length
+        self.wire_dtype, self.reconnect_s, self.notify = wire_dtype, reconnect_s, notify
+        self.history: list[torch.Tensor] = []
+        self.session: TrunkSession | None = self._open()
+
+    def _open(self) -> TrunkSession:
+        return self.client.session(self.fingerprint, self.max_length, self.wire_dtype)
+
+    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, float | None, int, int]:
+        try:
+            out = self.session.step(h)
+        except TrunkUnavailable as e:
+            if self.reconnect_s <= 0:
+                raise
+            out = self._recover(h, e)
+        self.history.append(h)
+        return out
+
+    def _recover(self, h: torch.Tensor, first_error: TrunkError) -> tuple[torch.Tensor, float, int, int]:
+        """Open a new session, send every position so far plus the new ones, keep the new ones' output."""
+        deadline, delay, error = time.monotonic() + self.reconnect_s, 0.25, first_error
+        self.notify(f"trunk server lost ({error}); reconnecting for up to {self.reconnect_s:g} s")
+        while time.monotonic() < deadline:
+            self.session.close()
+            time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+            delay = min(delay * 2, 2.0)
+            try:
+                self.session = self._open()
+                full = torch.cat([*self.history, h], dim=1)
+                out, ms, b_out, b_in = self.session.step(full)
+                self.notify(f"trunk server back: replayed {full.shape[1] - h.shape[1]} tokens")
+                return out[:, -h.shape[1] :], ms, b_out, b_in
+            except TrunkUnavailable as e:
+                error = e
+        raise TrunkUnavailable(f"gave up after {self.reconnect_s:g} s: {error}", error.code)
+
+    def close(self) -> None:
+        if self.session is not None:
+            self.session.close()
+
+
+class StatelessLink:
+    """Trunk on a server that keeps nothing: the client holds the trunk KV cache and sends it every call."""
+
+    def __init__(self, client: TrunkClient, fingerprint: pb.Fingerprint, wire_dtype: torch.dtype):
+        self.client, self.fingerprint, self.wire_dtype = client, fingerprint, wire_dtype
+        self.kv: torch.Tensor | None = None  # [blocks, 2, batch, heads, T, head_dim]
+
+    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, float | None, int, int]:
+        out, new_kv, ms, b_out, b_in = self.client.forward(self.fingerprint, h, self.kv, self.wire_dtype)
+        self.kv = new_kv if self.kv is None else torch.cat([self.kv, new_kv], dim=4)
+        return out, ms, b_out, b_in
+
+    def close(self) -> None:
+        self.kv = None
+
+
+class SplitEngine(Engine):
+    """Tokeniser, bottom and top here; the trunk where the config says."""
+
+    def __init__(self, cfg: ClientConfig, notify: Callable[[str], None] | None = None):
+        model = resolve_with_fallback(cfg.model, cfg.models_dir, cfg.fallback_random)
+        device = resolve_device(cfg.device)
+        super().__init__(model, device, resolve_dtype(cfg.dtype, device))
+        self.cfg = cfg
+        self.split = Split.parse(cfg.split, model.config.n_layer)
+        self.wire_dtype = parse_wire_dtype(cfg.wire_dtype)
+        parts = ("bottom", "trunk", "top") if cfg.local_trunk else ("bottom", "top")
+        self.parts = load_parts(model, self.split, parts, device, self.dtype, cfg.attn)
+        fp = model_fingerprint(model, self.split)
+        self.fingerprint = pb.Fingerprint(**fp.to_dict(), digest=fp.digest)
+        self.trunk_client = None if cfg.local_trunk else TrunkClient(cfg.trunk_client_config())
+        self.notify = notify or (lambda msg: logger.warning("%s", msg))
+
+    @property
+    def trunk_label(self) -> str:
+        if self.cfg.local_trunk:
+            return "in-process trunk"
+        return f"{self.cfg.server} ({'stateless' if self.cfg.stateless else 'session'}, {self.cfg.wire_dtype} wire)"
+
+    def server_info(self) -> pb.ServerInfo:
+        """The server's info; raises TrunkUnavailable within the connect timeout when it can't be reached."""
+        if self.trunk_client is None:
+            raise TrunkError("this client runs its trunk in-process: there is no server")
+        return self.trunk_client.info()
+
+    def check_server(self) -> pb.ServerInfo:
+        """Fail early, in one readable line, when the server is unreachable or serves another model."""
+        info = self.server_info()
+        if info.fingerprint.digest != self.fingerprint.digest:
+            ours = f"{self.model.spec} split {self.split}"
+            theirs = f"{info.model} split {info.split_start},{info.split_end}"
+            raise TrunkError(
+                f"trunk server at {self.cfg.server} serves {theirs}, this client has {ours}; "
+                f"start both with the same --model and --split"
+            )
+        return info
+
+    def new_stepper(self, max_length: int = 0) -> Stepper:
+        if self.trunk_client is None:
+            link = LocalTrunkLink(self.parts["trunk"])
+        elif self.cfg.stateless:
+            link = StatelessLink(self.trunk_client, self.fingerprint, self.wire_dtype)
+        else:
+            link = SessionLink(
+                self.trunk_client, self.fingerprint, max_length, self.wire_dtype, self.cfg.reconnect_s, self.notify
+            )
+        return SplitStepper(self.parts["bottom"], self.parts["top"], link)
+
+    def close(self) -> None:
+        if self.trunk_client is not None:
+            self.trunk_client.close()

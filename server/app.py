@@ -1,0 +1,155 @@
+"""Build, start and stop the trunk server; `main` is `python -m server`."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from server.config import ServerConfig, parse_config
+from server.servicer import TrunkServicer
+from server.sessions import SessionRegistry
+from splitcomm.channel import add_port, make_server
+from splitcomm.proto import trunk_pb2 as pb
+from splitcomm.proto import trunk_pb2_grpc as pb_grpc
+from splitcore.cli import main_guard, setup_logging
+from splitcore.fingerprint import model_fingerprint
+from splitcore.models import resolve_with_fallback
+from splitcore.parts import Split, load_parts
+from splitcore.runtime import configure_threads, resolve_device, resolve_dtype
+
+logger = logging.getLogger(__name__)
+
+VERSION = "0.1.0"
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Trunk"].full_name
+LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+class TrunkServer:
+    """The trunk blocks behind a gRPC server. start() binds and serves; stop() drains and frees everything."""
+
+    def __init__(self, cfg: ServerConfig):
+        self.cfg = cfg
+        model = resolve_with_fallback(cfg.model, cfg.models_dir, cfg.fallback_random)
+        split = Split.parse(cfg.split, model.config.n_layer)
+        device = resolve_device(cfg.device)
+        dtype = resolve_dtype(cfg.dtype, device)
+        self.trunk = load_parts(model, split, ("trunk",), device, dtype, cfg.attn)["trunk"]  # trunk weights only
+        self.fingerprint = model_fingerprint(model, split)
+        self.model, self.split = model, split
+        self.sessions = SessionRegistry(cfg.max_sessions, cfg.idle_timeout_s)
+        fp = pb.Fingerprint(**self.fingerprint.to_dict(), digest=self.fingerprint.digest)
+        c = model.config
+        info = pb.ServerInfo(
+            model=model.spec,
+            random_weights=model.is_random,
+            n_layer=c.n_layer,
+            n_embd=c.n_embd,
+            n_head=c.n_head,
+            n_positions=c.n_positions,
+            split_start=split.s1,
+            split_end=split.s2,
+            device=str(device),
+            dtype=str(dtype).removeprefix("torch."),
+            attn=cfg.attn,
+            fingerprint=fp,
+            version=VERSION,
+            limits=pb.Limits(
+                max_sessions=cfg.max_sessions,
+                max_session_tokens=min(cfg.max_session_tokens or c.n_positions, c.n_positions),
+                max_message_bytes=cfg.max_message_bytes,
+                idle_timeout_s=cfg.idle_timeout_s,
+            ),
+        )
+        self.servicer = TrunkServicer(
+            self.trunk,
+            info,
+            self.fingerprint,
+            self.sessions,
+            cfg.max_session_tokens,
+            max_elements=cfg.max_message_bytes // 2,
+            monitor_interval_s=cfg.monitor_interval_s,
+            max_monitors=cfg.max_monitors,
+        )
+        # Each session and monitor stream holds a thread for its life; unary calls need a few more.
+        self.grpc_server = make_server(cfg.max_sessions + cfg.max_monitors + 8, cfg.max_message_bytes, cfg.auth_token)
+        pb_grpc.add_TrunkServicer_to_server(self.servicer, self.grpc_server)
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
+        self.port: int | None = None
+        self._stopped = threading.Event()
+
+    def start(self) -> int:
+        host = self.cfg.host
+        address = f"[{host}]:{self.cfg.port}" if ":" in host and not host.startswith("[") else f"{host}:{self.cfg.port}"
+        self.port = add_port(self.grpc_server, address, self.cfg.tls_cert, self.cfg.tls_key, self.cfg.tls_client_ca)
+        if host not in LOOPBACK and not self.cfg.tls_cert:
+            logger.warning(
+                "listening on %s without TLS: hidden states cross the network in the clear; "
+                "use --tls-cert/--tls-key (and --auth-token) on an untrusted network",
+                address,
+            )
+        self.grpc_server.start()
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        logger.info(
+            "serving %s blocks %d-%d on %s (%s, %s, fingerprint %s)",
+            self.model.spec,
+            self.split.s1,
+            self.split.s2 - 1,
+            f"{host}:{self.port}",
+            self.trunk.device,
+            self.trunk.dtype,
+            self.fingerprint.digest,
+        )
+        return self.port
+
+    def ready_line(self) -> str:
+        weights = " [RANDOM WEIGHTS]" if self.model.is_random else ""
+        return (
+            f"trunk server ready on {self.cfg.host}:{self.port}: {self.model.spec}{weights}, blocks "
+            f"{self.split.s1}-{self.split.s2 - 1}, {self.trunk.device}, "
+            f"{str(self.trunk.dtype).removeprefix('torch.')}, fingerprint {self.fingerprint.digest}"
+        )
+
+    def stop(self, grace: float | None = None) -> None:
+        """Refuse new sessions, let in-flight steps finish (up to `grace` s), then free every session."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        self.sessions.draining = True
+        self.servicer.stopping.set()
+        self.health.enter_graceful_shutdown()
+        self.grpc_server.stop(self.cfg.grace_s if grace is None else grace).wait()
+        self.sessions.shutdown()
+        logger.info("trunk server stopped")
+
+    def wait(self) -> None:
+        self.grpc_server.wait_for_termination()
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_config(argv)
+
+    def body() -> None:
+        setup_logging(cfg.log_file, cfg.verbose)
+        configure_threads(cfg.threads)
+        server = TrunkServer(cfg)
+        server.start()
+
+        def on_signal(signum, frame):
+            logger.info("signal %d: shutting down (grace %g s)", signum, cfg.grace_s)
+            threading.Thread(target=server.stop, daemon=True).start()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        print(server.ready_line(), flush=True)
+        server.wait()
+        print("trunk server stopped", flush=True)
+
+    main_guard(body, (OSError, grpc.RpcError))
+    sys.exit(0)

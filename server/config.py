@@ -1,0 +1,82 @@
+"""Settings of the trunk server: one dataclass, filled from flags whose defaults come from the environment."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, fields
+
+from splitcomm.channel import DEFAULT_MAX_MESSAGE_BYTES
+from splitcore.cli import env
+
+
+@dataclass
+class ServerConfig:
+    model: str = "gpt2"  # model spec (hub id, directory, random:NAME)
+    models_dir: str = "models"  # downloads and random presets
+    fallback_random: bool = False  # default gpt2 unavailable -> random:gpt2, loudly
+    split: str = "2,10"  # trunk runs blocks [s1, s2)
+    host: str = "0.0.0.0"  # interface to bind
+    port: int = 50051  # 0 = any free port (printed on the ready line)
+    device: str = "auto"  # auto, cpu, cuda[:N]
+    dtype: str = "auto"  # auto = float16 on GPU, float32 on CPU
+    attn: str = "sdpa"  # sdpa or eager
+    threads: int | None = None  # torch intra-op threads; None = torch's default
+    max_sessions: int = 32  # concurrent sessions
+    max_session_tokens: int = 0  # tokens per session; 0 = the model's context
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES  # largest message either way, bytes
+    idle_timeout_s: float = 300.0  # a silent session is closed after this long, s (0 = never)
+    max_monitors: int = 16  # concurrent monitor streams
+    monitor_interval_s: float = 1.0  # default time between monitor samples, s
+    grace_s: float = 10.0  # on shutdown, in-flight work gets this long, s
+    log_file: str = "logs/gpt2_server.log"
+    tls_cert: str | None = None  # server certificate (PEM): enables TLS
+    tls_key: str | None = None  # its private key (PEM)
+    tls_client_ca: str | None = None  # CA for client certificates: enables mutual TLS
+    auth_token: str | None = None  # shared secret clients must send as call metadata
+    verbose: bool = False
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = ServerConfig()
+    p = argparse.ArgumentParser(prog="python -m server", description="GPT-2 trunk server (split inference).")
+    p.add_argument("--model", default=env("GPT2_MODEL", d.model), help="hub id, directory or random:NAME")
+    p.add_argument("--models-dir", default=env("GPT2_MODELS_DIR", d.models_dir))
+    p.add_argument("--fallback-random", action="store_true", default=env("GPT2_FALLBACK_RANDOM", "0") == "1")
+    p.add_argument("--split", default=env("GPT2_SPLIT", d.split), help="s1,s2: trunk runs blocks [s1, s2)")
+    p.add_argument("--host", default=env("GPT2_SERVER_HOST", d.host))
+    p.add_argument("--port", type=int, default=int(env("GPT2_SERVER_PORT", str(d.port))))
+    p.add_argument("--device", default=env("GPT2_DEVICE", d.device))
+    p.add_argument("--dtype", default=env("GPT2_SERVER_DTYPE", d.dtype))
+    p.add_argument("--attn", default=env("GPT2_ATTN", d.attn), choices=["sdpa", "eager"])
+    p.add_argument("--threads", type=int, default=int(env("GPT2_THREADS", "0")) or None)
+    p.add_argument("--max-sessions", type=int, default=int(env("GPT2_MAX_SESSIONS", str(d.max_sessions))))
+    p.add_argument(
+        "--max-session-tokens", type=int, default=int(env("GPT2_MAX_SESSION_TOKENS", str(d.max_session_tokens)))
+    )
+    p.add_argument(
+        "--max-message-bytes", type=int, default=int(env("GPT2_MAX_MESSAGE_BYTES", str(d.max_message_bytes)))
+    )
+    p.add_argument(
+        "--idle-timeout",
+        dest="idle_timeout_s",
+        type=float,
+        default=float(env("GPT2_IDLE_TIMEOUT", str(d.idle_timeout_s))),
+    )
+    p.add_argument("--monitor-interval", dest="monitor_interval_s", type=float, default=d.monitor_interval_s)
+    p.add_argument("--log-file", default=env("GPT2_SERVER_LOG", d.log_file))
+    p.add_argument("--tls-cert", default=env("GPT2_TLS_CERT", "") or None)
+    p.add_argument("--tls-key", default=env("GPT2_TLS_KEY", "") or None)
+    p.add_argument("--tls-client-ca", default=env("GPT2_TLS_CLIENT_CA", "") or None)
+    p.add_argument(
+        "--auth-token",
+        default=env("GPT2_AUTH_TOKEN", "") or None,
+        help="shared secret clients must send (env GPT2_AUTH_TOKEN)",
+    )
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def parse_config(argv: list[str] | None = None) -> ServerConfig:
+    ns = build_parser().parse_args(argv)
+    names = {f.name for f in fields(ServerConfig)}
+    return ServerConfig(**{k: v for k, v in vars(ns).items() if k in names})

@@ -1,0 +1,199 @@
+"""The gRPC servicer: decode a request, call the trunk, encode the answer; errors become status codes here."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+
+import grpc
+import torch
+
+from server.sessions import ServerDraining, SessionRegistry
+from splitcomm import codec
+from splitcomm.monitor import GpuProbe, Sampler
+from splitcomm.proto import trunk_pb2 as pb
+from splitcomm.proto import trunk_pb2_grpc as pb_grpc
+from splitcore.errors import InvalidInput, LimitExceeded, Mismatch, SplitError
+from splitcore.fingerprint import Fingerprint
+from splitcore.parts import Trunk
+
+logger = logging.getLogger(__name__)
+
+_STATUS = [
+    (Mismatch, grpc.StatusCode.FAILED_PRECONDITION),
+    (LimitExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (ServerDraining, grpc.StatusCode.UNAVAILABLE),
+    (InvalidInput, grpc.StatusCode.INVALID_ARGUMENT),
+    (codec.CodecError, grpc.StatusCode.INVALID_ARGUMENT),
+]
+
+
+@contextlib.contextmanager
+def status_on_error(context: grpc.ServicerContext, what: str):
+    """The one place exceptions become gRPC status codes; unexpected ones are logged with a traceback."""
+    try:
+        yield
+    except grpc.RpcError:  # the client cancelled or disconnected: the stream just ends
+        logger.debug("%s from %s ended by the client", what, context.peer())
+    except (SplitError, codec.CodecError) as e:
+        code = next(c for t, c in _STATUS if isinstance(e, t))
+        logger.info("%s from %s rejected: %s %s", what, context.peer(), code.name, e)
+        context.abort(code, str(e))
+    except Exception as e:
+        logger.exception("%s from %s failed", what, context.peer())
+        context.abort(grpc.StatusCode.INTERNAL, f"internal error in the trunk server: {type(e).__name__}: {e}")
+
+
+def check_fingerprint(ours: Fingerprint, theirs: pb.Fingerprint) -> None:
+    if not theirs.digest:
+        raise InvalidInput("no model fingerprint sent: the first message must carry the client's fingerprint")
+    if theirs.digest == ours.digest:
+        return
+    other = Fingerprint(theirs.arch, theirs.split, theirs.weights, theirs.n_layer, theirs.n_embd)
+    diffs = ours.differences(other) or ["fingerprint digest"]
+    raise Mismatch(
+        f"client and server models differ in {'; '.join(diffs)} (server vs client); start both "
+        f"with the same --model and --split"
+    )
+
+
+class TrunkServicer(pb_grpc.TrunkServicer):
+    """Sessions with a server-side KV cache, stateless forward, info and monitoring for one loaded trunk."""
+
+    def __init__(
+        self,
+        trunk: Trunk,
+        info: pb.ServerInfo,
+        fingerprint: Fingerprint,
+        sessions: SessionRegistry,
+        max_session_tokens: int,
+        max_elements: int,
+        monitor_interval_s: float,
+        max_monitors: int,
+    ):
+        self.trunk, self.info, self.fingerprint, self.sessions = trunk, info, fingerprint, sessions
+        self.max_length = min(max_session_tokens or trunk.n_positions, trunk.n_positions)
+        self.max_elements = max_elements
+        self.monitor_interval_s, self.max_monitors = monitor_interval_s, max_monitors
+        self.compute_lock = threading.Lock()  # one forward at a time: parallel ones only fight over cores
+        self.started = time.time()
+        self.stopping = threading.Event()
+        self._monitors = 0
+        self._monitors_lock = threading.Lock()
+        self._gpu = GpuProbe(trunk.device.index or 0) if trunk.device.type == "cuda" else None
+
+    # --- Info -------------------------------------------------------------------------------------------
+    def Info(self, request, context):
+        info = pb.ServerInfo()
+        info.CopyFrom(self.info)
+        info.active_sessions = self.sessions.active()
+        return info
+
+    # --- Session ----------------------------------------------------------------------------------------
+    def _open(self, first: pb.StepRequest | None, context) -> object:
+        if first is None:
+            raise InvalidInput("session stream ended before its first message")
+        if first.WhichOneof("kind") != "open":
+            raise InvalidInput("the first message of a session must be 'open' with the model fingerprint")
+        check_fingerprint(self.fingerprint, first.open.fingerprint)
+        want = first.open.max_length or self.max_length
+        if want < 0:
+            raise InvalidInput(f"max_length must be >= 0, got {want}")
+        if want > self.max_length:
+            raise LimitExceeded(
+                f"session asks for {want} tokens; this server allows at most {self.max_length} "
+                f"per session (model context {self.trunk.n_positions}, max session tokens)"
+            )
+        return self.sessions.open(context.peer(), want, self.trunk.new_cache(), context.cancel)
+
+    def _step(self, session, req: pb.StepRequest) -> pb.StepResponse:
+        if req.WhichOneof("kind") != "step":
+            raise InvalidInput(f"expected a 'step' message, got '{req.WhichOneof('kind')}'")
+        if req.step.step != session.next_step:
+            raise InvalidInput(f"step {req.step.step} out of order: expected step {session.next_step}")
+        h = codec.decode(req.step.hidden, self.max_elements)
+        self.trunk.check_hidden(h)
+        if session.batch is not None and h.shape[0] != session.batch:
+            raise InvalidInput(f"batch size changed from {session.batch} to {h.shape[0]} within a session")
+        cached = session.cache.get_seq_length()
+        if cached + h.shape[1] > session.max_length:
+            raise LimitExceeded(
+                f"session would hold {cached + h.shape[1]} tokens, past its limit of "
+                f"{session.max_length} (model context / max session tokens)"
+            )
+        with self.compute_lock:
+            t0 = time.perf_counter()
+            out = self.trunk(h, session.cache)
+            if out.is_cuda:
+                torch.cuda.synchronize(out.device)
+            ms = (time.perf_counter() - t0) * 1e3
+        session.batch = h.shape[0]
+        session.next_step += 1
+        session.last_active = time.monotonic()
+        self.sessions.record_step(ms)
+        return pb.StepResponse(
+            step=req.step.step,
+            hidden=codec.encode(out, h.dtype),
+            server_ms=ms,
+            cache_length=session.cache.get_seq_length(),
+        )
+
+    def Session(self, request_iterator, context):
+        session = None
+        with status_on_error(context, "session"):
+            session = self._open(next(request_iterator, None), context)
+            context.add_callback(lambda: self.sessions.close(session.id, "ended by the client"))
+            try:
+                for req in request_iterator:
+                    if session.cache is None:  # closed meanwhile (idle reaper)
+                        break
+                    yield self._step(session, req)
+            finally:
+                self.sessions.close(session.id)
+
+    # --- Forward (stateless) ----------------------------------------------------------------------------
+    def Forward(self, request, context):
+        with status_on_error(context, "forward"):
+            if self.sessions.draining:
+                raise ServerDraining("the trunk server is shutting down")
+            check_fingerprint(self.fingerprint, request.fingerprint)
+            h = codec.decode(request.hidden, self.max_elements)
+            kv = codec.decode(request.kv, self.max_elements) if request.kv.dtype else None
+            with self.compute_lock:
+                t0 = time.perf_counter()
+                out, new_kv = self.trunk.forward_stateless(h, kv)
+                ms = (time.perf_counter() - t0) * 1e3
+            self.sessions.record_step(ms)
+            return pb.ForwardResponse(hidden=codec.encode(out, h.dtype), kv=codec.encode(new_kv, h.dtype), server_ms=ms)
+
+    # --- Monitor ----------------------------------------------------------------------------------------
+    def Monitor(self, request, context):
+        with status_on_error(context, "monitor"):
+            with self._monitors_lock:
+                if self._monitors >= self.max_monitors:
+                    raise LimitExceeded(f"too many monitor streams: the server's limit is {self.max_monitors}")
+                self._monitors += 1
+        try:
+            interval = request.interval_s or self.monitor_interval_s
+            interval = min(60.0, max(0.2, interval))
+            sampler = Sampler(self._gpu or _NoGpu(), self.started)
+            sent = 0
+            while context.is_active() and not self.stopping.is_set():
+                yield sampler.sample(self.sessions.counters)
+                sent += 1
+                if request.max_samples and sent >= request.max_samples:
+                    return
+                self.stopping.wait(interval)
+        finally:
+            with self._monitors_lock:
+                self._monitors -= 1
+
+
+class _NoGpu:
+    """Stands in for GpuProbe on a CPU trunk: says so in every sample."""
+
+    def fill(self, s: pb.MonitorSample) -> None:
+        s.gpu_available = False
+        s.gpu_status = "no GPU: the trunk runs on the CPU"

@@ -1,0 +1,100 @@
+"""Live sessions of the trunk server: limits, counters, idle reaping; each session owns one KV cache."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+from splitcomm.monitor import Counters
+from splitcore.errors import LimitExceeded, SplitError
+
+logger = logging.getLogger(__name__)
+
+SessionId = str
+
+
+class ServerDraining(SplitError):
+    """The server is shutting down and takes no new work (UNAVAILABLE)."""
+
+
+@dataclass
+class Session:
+    id: SessionId
+    peer: str
+    max_length: int  # tokens this session may hold
+    cache: object  # the trunk's DynamicCache for this session
+    cancel: callable  # ends the RPC (used by the idle reaper)
+    batch: int | None = None  # fixed by the first step
+    next_step: int = 0
+    opened: float = field(default_factory=time.monotonic)
+    last_active: float = field(default_factory=time.monotonic)
+
+
+class SessionRegistry:
+    """Thread-safe table of sessions; closing a session drops its cache at once."""
+
+    def __init__(self, max_sessions: int, idle_timeout_s: float):
+        self.max_sessions, self.idle_timeout_s = max_sessions, idle_timeout_s
+        self.counters = Counters()
+        self.draining = False
+        self._sessions: dict[SessionId, Session] = {}
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._stop = threading.Event()
+        if idle_timeout_s > 0:
+            threading.Thread(target=self._reaper, daemon=True, name="idle-reaper").start()
+
+    def open(self, peer: str, max_length: int, cache: object, cancel: callable) -> Session:
+        with self._lock:
+            if self.draining:
+                raise ServerDraining("the trunk server is shutting down; retry on another server or later")
+            if len(self._sessions) >= self.max_sessions:
+                raise LimitExceeded(f"too many sessions: the server's limit (max sessions) is {self.max_sessions}")
+            s = Session(f"s{next(self._ids)}", peer, max_length, cache, cancel)
+            self._sessions[s.id] = s
+            self.counters.active_sessions = len(self._sessions)
+            self.counters.total_sessions += 1
+        logger.info(
+            "session %s opened by %s (max %d tokens); %d active", s.id, peer, max_length, self.counters.active_sessions
+        )
+        return s
+
+    def close(self, sid: SessionId, reason: str = "closed") -> None:
+        with self._lock:
+            s = self._sessions.pop(sid, None)
+            self.counters.active_sessions = len(self._sessions)
+        if s is not None:
+            s.cache = None  # the KV cache goes with the last reference
+            logger.info(
+                "session %s %s after %d steps, %.1f s; %d active",
+                sid,
+                reason,
+                s.next_step,
+                time.monotonic() - s.opened,
+                self.counters.active_sessions,
+            )
+
+    def record_step(self, compute_ms: float) -> None:
+        with self._lock:
+            self.counters.total_steps += 1
+            self.counters.total_compute_ms += compute_ms
+
+    def active(self) -> int:
+        return len(self._sessions)
+
+    def _reaper(self) -> None:
+        period = max(0.05, min(1.0, self.idle_timeout_s / 4))
+        while not self._stop.wait(period):
+            now = time.monotonic()
+            with self._lock:
+                idle = [s for s in self._sessions.values() if now - s.last_active > self.idle_timeout_s]
+            for s in idle:
+                logger.warning("session %s idle for more than %g s: closing it", s.id, self.idle_timeout_s)
+                s.cancel()
+                self.close(s.id, "closed for idleness")
+
+    def shutdown(self) -> None:
+        self._stop.set()

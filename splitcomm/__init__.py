@@ -1,0 +1,1 @@
+"""The network without models: tensor codec, gRPC channels and servers, the trunk client, monitoring samples."""

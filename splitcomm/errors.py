@@ -1,0 +1,30 @@
+"""Errors the trunk client raises: one type, with the gRPC status and a message a person can act on."""
+
+from __future__ import annotations
+
+import grpc
+
+
+class TrunkError(Exception):
+    """A trunk call failed; `code` is the gRPC status code."""
+
+    def __init__(self, message: str, code: grpc.StatusCode = grpc.StatusCode.UNKNOWN):
+        super().__init__(message)
+        self.code = code
+
+
+class TrunkUnavailable(TrunkError):
+    """The trunk server cannot be reached (down, wrong address, firewall) or went away."""
+
+
+def from_rpc_error(e: grpc.RpcError, target: str) -> TrunkError:
+    """The one place a grpc.RpcError becomes a TrunkError."""
+    code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
+    details = (e.details() if hasattr(e, "details") else None) or str(e)
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        return TrunkUnavailable(
+            f"trunk server at {target} is unreachable ({code.name}: {details}); check that it is running "
+            f"(scripts/run_server.sh) and that GPT2_TRUNK_SERVER / --server names the right host:port",
+            code,
+        )
+    return TrunkError(f"trunk server at {target} refused the request ({code.name}): {details}", code)

@@ -1,0 +1,1 @@
+"""Generated gRPC stubs for protos/trunk.proto (scripts/gen_protos.py)."""

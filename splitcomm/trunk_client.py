@@ -1,0 +1,174 @@
+"""Client side of the trunk service: server info, sessions, stateless forward and the monitor stream."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import grpc
+import torch
+
+from splitcomm.channel import DEFAULT_MAX_MESSAGE_BYTES, auth_metadata, make_channel
+from splitcomm.codec import decode, encode
+from splitcomm.errors import TrunkError, TrunkUnavailable, from_rpc_error
+from splitcomm.proto import trunk_pb2 as pb
+from splitcomm.proto import trunk_pb2_grpc as pb_grpc
+
+logger = logging.getLogger(__name__)
+
+FRAME_BYTES = 5  # gRPC's length prefix on every message; counted in bytes per step
+_END = object()  # closes a session's request stream
+
+
+@dataclass
+class TrunkClientConfig:
+    """How to reach a trunk server and how long to wait for it."""
+
+    target: str = "localhost:50051"  # host:port (GPT2_TRUNK_SERVER)
+    connect_timeout_s: float = 5.0  # to reach the server at all, s
+    step_timeout_s: float = 60.0  # one step or stateless call, s (0 = no limit)
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    tls_ca: str | None = None  # CA bundle that signed the server's certificate: enables TLS
+    tls_cert: str | None = None  # client certificate, for mutual TLS
+    tls_key: str | None = None
+    tls_server_name: str | None = None  # override the name checked in the server's certificate
+    token: str | None = None  # shared secret sent as call metadata
+
+
+class TrunkSession:
+    """One session: a bidi stream with a KV cache on the server. Use as a context manager or call close()."""
+
+    def __init__(
+        self, stub: pb_grpc.TrunkStub, open_msg: pb.SessionOpen, wire_dtype: torch.dtype, cfg: TrunkClientConfig
+    ):
+        self.cfg, self.wire_dtype = cfg, wire_dtype
+        self.steps = 0
+        self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self._q.put(pb.StepRequest(open=open_msg))  # sent with the first step: no extra round trip
+        self._call = stub.Session(iter(self._q.get, _END), metadata=auth_metadata(cfg.token))
+        self._step_started: float | None = None
+        self._closed = self._timed_out = False
+        if cfg.step_timeout_s > 0:
+            threading.Thread(target=self._watchdog, daemon=True, name="session-watchdog").start()
+
+    def _watchdog(self) -> None:
+        while not self._closed:
+            started = self._step_started
+            if started is not None and time.monotonic() - started > self.cfg.step_timeout_s:
+                self._timed_out = True
+                self._call.cancel()
+                return
+            time.sleep(0.25)
+
+    def step(self, hidden: torch.Tensor) -> tuple[torch.Tensor, float, int, int]:
+        """Send hidden states [1, T, d]; returns (trunk output, server ms, bytes sent, bytes received)."""
+        if self._closed:
+            raise TrunkError("session is closed")
+        req = pb.StepRequest(step=pb.Step(step=self.steps, hidden=encode(hidden, self.wire_dtype)))
+        self._step_started = time.monotonic()
+        self._q.put(req)
+        try:
+            resp = next(self._call)
+        except StopIteration:
+            raise TrunkUnavailable(f"trunk server at {self.cfg.target} ended the session") from None
+        except grpc.RpcError as e:
+            if self._timed_out:
+                raise TrunkUnavailable(
+                    f"trunk server at {self.cfg.target} did not answer within {self.cfg.step_timeout_s:g} s",
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                ) from e
+            raise from_rpc_error(e, self.cfg.target) from e
+        finally:
+            self._step_started = None
+        self.steps += 1
+        out = decode(resp.hidden)
+        return out, resp.server_ms, req.ByteSize() + FRAME_BYTES, resp.ByteSize() + FRAME_BYTES
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._q.put(_END)
+            self._call.cancel()  # the server frees this session's cache at once
+
+    def __enter__(self) -> TrunkSession:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class TrunkClient:
+    """A connection to one trunk server. Every call has a deadline; RPC errors become TrunkError."""
+
+    def __init__(self, cfg: TrunkClientConfig):
+        self.cfg = cfg
+        self.channel = make_channel(
+            cfg.target, cfg.max_message_bytes, cfg.tls_ca, cfg.tls_cert, cfg.tls_key, cfg.tls_server_name
+        )
+        self.stub = pb_grpc.TrunkStub(self.channel)
+        self._metadata = auth_metadata(cfg.token)
+
+    def _unary(self, method, request, timeout: float):
+        try:
+            return method(request, timeout=timeout or None, metadata=self._metadata)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e, self.cfg.target) from e
+
+    def info(self, timeout: float | None = None) -> pb.ServerInfo:
+        """The server's model, split, limits and fingerprint; fails fast when the server is unreachable."""
+        return self._unary(self.stub.Info, pb.InfoRequest(), timeout or self.cfg.connect_timeout_s)
+
+    def session(
+        self, fingerprint: pb.Fingerprint, max_length: int = 0, wire_dtype: torch.dtype = torch.float32
+    ) -> TrunkSession:
+        return TrunkSession(
+            self.stub, pb.SessionOpen(fingerprint=fingerprint, max_length=max_length), wire_dtype, self.cfg
+        )
+
+    def forward(
+        self,
+        fingerprint: pb.Fingerprint,
+        hidden: torch.Tensor,
+        kv: torch.Tensor | None,
+        wire_dtype: torch.dtype = torch.float32,
+    ) -> tuple[torch.Tensor, torch.Tensor, float, int, int]:
+        """Stateless call: returns (hidden, KV of the new positions, server ms, bytes sent, bytes received)."""
+        req = pb.ForwardRequest(
+            fingerprint=fingerprint,
+            hidden=encode(hidden, wire_dtype),
+            kv=encode(kv, wire_dtype) if kv is not None else pb.Tensor(),
+        )
+        resp = self._unary(self.stub.Forward, req, self.cfg.step_timeout_s)
+        return (
+            decode(resp.hidden),
+            decode(resp.kv),
+            resp.server_ms,
+            req.ByteSize() + FRAME_BYTES,
+            resp.ByteSize() + FRAME_BYTES,
+        )
+
+    def monitor(self, interval_s: float = 0.0, max_samples: int = 0) -> Iterator[pb.MonitorSample]:
+        """Samples as the server sends them; stops when the stream ends. Cancelled when the iterator is closed."""
+        call = self.stub.Monitor(
+            pb.MonitorRequest(interval_s=interval_s, max_samples=max_samples), metadata=self._metadata
+        )
+        try:
+            yield from call
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.CANCELLED:
+                raise from_rpc_error(e, self.cfg.target) from e
+        finally:
+            call.cancel()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> TrunkClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,1 @@
+"""Models without networks: load GPT-2, cut it into bottom / trunk / top, and generate with any of them."""

@@ -1,0 +1,104 @@
+"""Command-line pieces shared by `python -m client generate` and `python -m baseline generate`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from splitcore.engine import Engine
+from splitcore.errors import SplitError
+from splitcore.sampling import SamplingParams
+
+
+def env(name: str, default: str) -> str:
+    return os.environ.get(name, default)
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        default=env("GPT2_MODEL", "gpt2"),
+        help="hub id (gpt2, gpt2-medium, distilgpt2), a local directory, or random:gpt2 / "
+        "random:gpt2-medium / random:tiny (env GPT2_MODEL; default %(default)s)",
+    )
+    p.add_argument(
+        "--models-dir",
+        default=env("GPT2_MODELS_DIR", "models"),
+        help="where hub downloads and random presets are kept (env GPT2_MODELS_DIR)",
+    )
+    p.add_argument(
+        "--fallback-random",
+        action="store_true",
+        default=env("GPT2_FALLBACK_RANDOM", "0") == "1",
+        help="if the default gpt2 can't be downloaded, use random:gpt2 (loudly)",
+    )
+    p.add_argument("--device", default=env("GPT2_DEVICE", "auto"), help="auto, cpu or cuda[:N]")
+    p.add_argument(
+        "--dtype",
+        default=env("GPT2_DTYPE", "auto"),
+        help="auto (float16 on GPU, float32 on CPU), float32, float16, bfloat16",
+    )
+    p.add_argument("--attn", default=env("GPT2_ATTN", "sdpa"), choices=["sdpa", "eager"])
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=int(env("GPT2_THREADS", "0")) or None,
+        help="torch intra-op threads (default: torch's choice)",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+
+
+def add_generate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("prompt", help="text to continue")
+    p.add_argument("--max-tokens", type=int, default=50, help="tokens to generate (default %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default %(default)s)")
+    p.add_argument("--top-k", type=int, default=50, help="0 = greedy (default %(default)s)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling, 1 = off (default %(default)s)")
+    p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+
+
+def setup_logging(log_file: str | None, verbose: bool = False) -> None:
+    """Log to a real file (logs/...) and warnings to stderr."""
+    root = logging.getLogger()
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if log_file:
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+        fh = logging.FileHandler(log_file)
+        fh.setFormatter(fmt)
+        root.addHandler(fh)
+    sh = logging.StreamHandler(sys.stderr)
+    sh.setLevel(logging.DEBUG if verbose else logging.WARNING)
+    sh.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    root.addHandler(sh)
+
+
+def run_generate(engine: Engine, args: argparse.Namespace, extra: dict | None = None) -> None:
+    """Generate for the CLI: stream text to stdout, or print one JSON object with --json."""
+    params = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
+    if args.json:
+        result = engine.run(args.prompt, args.max_tokens, params)
+        print(json.dumps(result.to_json(**(extra or {}))))
+        return
+    sys.stdout.write(args.prompt)
+    for event in engine.stream(args.prompt, args.max_tokens, params):
+        sys.stdout.write(event.text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+def main_guard(fn: Callable[[], None], extra_errors: tuple[type[BaseException], ...] = ()) -> None:
+    """Run a CLI body; a user mistake becomes one 'error: ...' line and exit code 2, not a traceback."""
+    try:
+        fn()
+    except (SplitError, *extra_errors) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)

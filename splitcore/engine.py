@@ -1,0 +1,90 @@
+"""Engines: tokenizer + model + the generation loop; the full-model engine and the base of the split one."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from splitcore.generate import FullStepper, Stepper, TokenEvent, check_request, generate
+from splitcore.models import ResolvedModel, load_full_model, load_tokenizer
+from splitcore.sampling import SamplingParams
+from splitcore.stats import GenerationStats
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerationResult:
+    """Everything one finished generation produced; `to_json` is the CLI's --json output."""
+
+    text: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    stats: GenerationStats = field(default_factory=GenerationStats)
+
+    def to_json(self, **extra) -> dict:
+        return {
+            "text": self.text,
+            "prompt_token_ids": self.prompt_token_ids,
+            "token_ids": self.token_ids,
+            "stats": self.stats.to_dict(),
+            **extra,
+        }
+
+
+class Engine:
+    """Tokenises, runs the shared generation loop on a fresh stepper, detokenises. Subclasses make steppers."""
+
+    def __init__(self, model: ResolvedModel, device: torch.device, dtype: torch.dtype):
+        self.model, self.device, self.dtype = model, device, dtype
+        self.tokenizer = load_tokenizer(model.path)
+        self.n_positions = model.config.n_positions
+
+    def new_stepper(self, max_length: int = 0) -> Stepper:
+        """A fresh stepper (fresh caches) for one generation of at most `max_length` tokens."""
+        raise NotImplementedError
+
+    def encode(self, prompt: str) -> list[int]:
+        return self.tokenizer.encode(prompt)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def stream(
+        self, prompt: str | list[int], max_new_tokens: int, params: SamplingParams, stats: GenerationStats | None = None
+    ) -> Iterator[TokenEvent]:
+        """Yield tokens as they are generated; `stats` (if given) fills in as they come."""
+        ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        yield from generate(
+            self.new_stepper_checked(ids, max_new_tokens, params),
+            ids,
+            max_new_tokens,
+            params,
+            self.decode,
+            self.tokenizer.eos_token_id,
+            stats,
+        )
+
+    def new_stepper_checked(self, ids: list[int], max_new_tokens: int, params: SamplingParams) -> Stepper:
+        check_request(ids, max_new_tokens, self.n_positions, params)  # before opening any remote session
+        return self.new_stepper(len(ids) + max_new_tokens)
+
+    def run(self, prompt: str | list[int], max_new_tokens: int, params: SamplingParams) -> GenerationResult:
+        ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        stats = GenerationStats()
+        tokens = [e.token_id for e in self.stream(ids, max_new_tokens, params, stats)]
+        return GenerationResult(self.decode(tokens), ids, tokens, stats)
+
+
+class FullEngine(Engine):
+    """The unsplit model: the baseline every split is compared with."""
+
+    def __init__(self, model: ResolvedModel, device: torch.device, dtype: torch.dtype, attn: str = "sdpa"):
+        super().__init__(model, device, dtype)
+        self.hf_model = load_full_model(model.path, attn, dtype, str(device))
+
+    def new_stepper(self, max_length: int = 0) -> Stepper:
+        return FullStepper(self.hf_model)
