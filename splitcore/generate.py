@@ -135,10 +135,11 @@ class IncrementalDecoder:
     def __init__(self, decode: Callable[[list[int]], str]):
         self.decode, self.ids, self.emitted = decode, [], ""
 
-    def push(self, token_id: int) -> str:
+    def push(self, token_id: int, last: bool = False) -> str:
+        """Text completed by this token; with `last`, everything still held back too."""
         self.ids.append(token_id)
         text = self.decode(self.ids)
-        if text.endswith("\ufffd"):
+        if text.endswith("\ufffd") and not last:
             return ""
         delta, self.emitted = text[len(self.emitted) :], text
         return delta
@@ -175,8 +176,9 @@ def generate(
             timing = TokenTiming(total, client, r.server_ms, network, r.bytes_out, r.bytes_in)
             stats.add(timing)
             stats.wall_s = time.perf_counter() - start
-            yield TokenEvent(index, token, text.push(token), timing)
-            if eos_token_id is not None and token == eos_token_id:
+            last = index == max_new_tokens - 1 or (eos_token_id is not None and token == eos_token_id)
+            yield TokenEvent(index, token, text.push(token, last), timing)
+            if last:
                 break
             ids = torch.tensor([[token]], dtype=torch.long)
     finally:

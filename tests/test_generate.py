@@ -109,3 +109,10 @@ def test_stats_percentiles():
     assert percentile([5], 99) == 5
     s = summarize([float(i) for i in range(1, 101)])
     assert s["median"] == 50.5 and abs(s["p90"] - 90.1) < 1e-9 and s["max"] == 100
+
+
+def test_incremental_decoder_flushes_on_last_token(tokenizer):
+    ids = tokenizer.encode("🙂")
+    assert len(ids) > 1  # an emoji is several byte tokens
+    dec = IncrementalDecoder(tokenizer.decode)
+    assert dec.push(ids[0], last=True) == tokenizer.decode(ids[:1])  # nothing held back at the end

@@ -1,0 +1,35 @@
+"""The full-model Gradio app (port 7861): the same generation and statistics as the split client."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+import gradio as gr
+
+from client import charts, ui
+from splitcore.engine import FullEngine
+
+logger = logging.getLogger(__name__)
+
+
+def build_app(engine: FullEngine) -> gr.Blocks:
+    with gr.Blocks(title="GPT-2 full model") as demo:
+        history = gr.State(charts.History())
+        ui.header(
+            "GPT-2 full model (baseline)",
+            engine.model,
+            f"**Unsplit:** all {engine.model.config.n_layer} blocks in this process · {engine.device}, "
+            f"{str(engine.dtype).removeprefix('torch.')}",
+        )
+        with gr.Tabs():
+            with gr.Tab("Text generation"):
+                ui.generation_tab(engine, history)
+            with gr.Tab("Performance"):
+                ui.latency_tab(history)
+    return demo
+
+
+def serve(engine: FullEngine, args: argparse.Namespace) -> None:
+    logger.info("full-model app on %s:%d", args.host, args.port)
+    ui.launch(build_app(engine), args.host, args.port)

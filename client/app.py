@@ -1,0 +1,79 @@
+"""The split client's Gradio app (port 7860): generation, trunk server monitoring, latency analysis."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+import gradio as gr
+
+from client import charts, ui
+from client.engine import SplitEngine
+from client.monitor_feed import MonitorFeed
+
+logger = logging.getLogger(__name__)
+
+
+def server_markdown(engine: SplitEngine, feed: MonitorFeed | None) -> tuple[str, str]:
+    """(trunk info line, status line) for the monitoring tab."""
+    if feed is None:
+        return "The trunk runs in this process: there is no server to monitor.", ""
+    info, samples, error = feed.snapshot()
+    status = f"⚠️ {error}" if error else ""
+    if info is None:
+        return f"Trunk server `{engine.cfg.server}`: not reached yet.", status
+    weights = " (random weights)" if info.random_weights else ""
+    last = samples[-1] if samples else {}
+    line = (
+        f"**Trunk server** `{engine.cfg.server}` · model `{info.model}`{weights} · blocks "
+        f"{info.split_start}-{info.split_end - 1} of {info.n_layer} · {info.device}, {info.dtype} · "
+        f"active sessions: {last.get('active_sessions', info.active_sessions)} · "
+        f"{last.get('gpu_status', '')}"
+    )
+    return line, status
+
+
+def build_app(engine: SplitEngine, monitor_interval_s: float = 1.0) -> tuple[gr.Blocks, MonitorFeed | None]:
+    feed = None if engine.trunk_client is None else MonitorFeed(engine.trunk_client, monitor_interval_s).start()
+    with gr.Blocks(title="GPT-2 split client") as demo:
+        history = gr.State(charts.History())
+        ui.header(
+            "GPT-2 split inference: client",
+            engine.model,
+            f"**Split:** blocks 0-{engine.split.s1 - 1} and {engine.split.s2}-{engine.model.config.n_layer - 1}"
+            f" here · **Trunk:** {engine.trunk_label}",
+        )
+        with gr.Tabs():
+            with gr.Tab("Text generation"):
+                ui.generation_tab(engine, history)
+            with gr.Tab("Server monitoring"):
+                info_md = gr.Markdown()
+                status_md = gr.Markdown(elem_classes="error-banner")
+                with gr.Row():
+                    host_plot = gr.Plot(label="CPU and memory")
+                    gpu_plot = gr.Plot(label="GPU")
+                table = gr.Dataframe(label="Last 10 samples", interactive=False)
+
+                def refresh_monitor():
+                    line, status = server_markdown(engine, feed)
+                    samples = feed.snapshot()[1] if feed else []
+                    host, gpu = charts.monitor_figures(samples)
+                    return line, status, host, gpu, charts.monitor_table(samples)
+
+                outs = [info_md, status_md, host_plot, gpu_plot, table]
+                gr.Timer(2.0).tick(refresh_monitor, None, outs, show_progress="hidden")
+                demo.load(refresh_monitor, None, outs)
+            with gr.Tab("Latency analysis"):
+                ui.latency_tab(history)
+    return demo, feed
+
+
+def serve(engine: SplitEngine, args: argparse.Namespace) -> None:
+    demo, feed = build_app(engine)
+    logger.info("split client app on %s:%d, trunk %s", args.host, args.port, engine.trunk_label)
+    try:
+        ui.launch(demo, args.host, args.port)
+    finally:
+        if feed:
+            feed.stop()
+        engine.close()

@@ -1,0 +1,130 @@
+"""Gradio building blocks shared by the split client app and the full-model baseline app."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a private deployment
+
+import gradio as gr  # noqa: E402
+
+from client import charts  # noqa: E402
+from splitcomm.errors import TrunkError  # noqa: E402
+from splitcore.engine import Engine  # noqa: E402
+from splitcore.errors import SplitError  # noqa: E402
+from splitcore.models import ResolvedModel  # noqa: E402
+from splitcore.sampling import SamplingParams  # noqa: E402
+from splitcore.stats import GenerationStats  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+CSS = """
+.header-bar {padding: 6px 12px; border-radius: 8px; background: var(--block-background-fill);}
+.random-warning {padding: 6px 12px; border-radius: 8px; background: #fff4e5; color: #8a4b00;
+                 border: 1px solid #f5c27a; font-weight: 600;}
+.error-banner {color: #b00020; font-weight: 600;}
+"""
+THEME = gr.themes.Soft(primary_hue="blue")
+
+
+def header(title: str, model: ResolvedModel, details: str) -> None:
+    """Title, the model and where it runs, and a warning when the weights are an offline random preset."""
+    gr.Markdown(f"# {title}")
+    gr.Markdown(f"**Model:** `{model.spec}` &nbsp;·&nbsp; {details}", elem_classes="header-bar")
+    if model.is_random:
+        gr.Markdown(
+            f"⚠️ Offline random weights (`{model.spec}`): real GPT-2 shape and real timings, but the text is "
+            "gibberish. Start with `--model gpt2` on a machine that can download it for real text.",
+            elem_classes="random-warning",
+        )
+
+
+def generation_tab(engine: Engine, history: gr.State) -> None:
+    """Prompt and settings in, streamed text and a statistics panel out; Stop cancels mid-generation."""
+    with gr.Row():
+        with gr.Column(scale=3):
+            prompt = gr.Textbox(label="Prompt", lines=4, value="The history of the Roman Empire")
+            with gr.Row():
+                run = gr.Button("Generate", variant="primary")
+                stop = gr.Button("Stop", variant="stop")
+            output = gr.Textbox(label="Output", lines=10, interactive=False)
+            status = gr.Markdown(elem_classes="error-banner")
+        with gr.Column(scale=2):
+            max_tokens = gr.Slider(1, 1000, value=50, step=1, label="Max tokens")
+            temperature = gr.Slider(0.0, 2.0, value=0.8, step=0.05, label="Temperature (0 = greedy)")
+            top_k = gr.Slider(0, 500, value=50, step=1, label="Top-k (0 = greedy)")
+            top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.01, label="Top-p")
+            seed = gr.Number(value=-1, precision=0, label="Seed (-1 = random)")
+            stats_panel = gr.Markdown("_Statistics appear here after a run._")
+
+    def on_generate(prompt_text, n, temp, k, p, seed_value, hist):
+        stats = GenerationStats()
+        text = ""
+        seed_int = int(seed_value) if seed_value is not None and seed_value >= 0 else None
+        params = SamplingParams(float(temp), int(k), float(p), seed_int)
+        try:
+            yield text, charts.stats_markdown(stats, running=True), "", hist
+            for event in engine.stream(prompt_text, int(n), params, stats):
+                text += event.text
+                yield text, charts.stats_markdown(stats, running=True), "", hist
+        except (SplitError, TrunkError) as e:
+            logger.warning("generation failed: %s", e)
+            yield text, charts.stats_markdown(stats), f"⚠️ {e}", hist
+            return
+        finally:
+            if stats.tokens:
+                hist.add(prompt_text, stats)
+                logger.info(
+                    "generated %d tokens, ttft %.1f ms, %.1f tokens/s",
+                    len(stats.tokens),
+                    stats.ttft_ms,
+                    stats.tokens_per_s,
+                )
+        yield text, charts.stats_markdown(stats), "", hist
+
+    inputs = [prompt, max_tokens, temperature, top_k, top_p, seed, history]
+    outputs = [output, stats_panel, status, history]
+    ev_click = run.click(on_generate, inputs, outputs)
+    ev_submit = prompt.submit(on_generate, inputs, outputs)
+    stop.click(None, cancels=[ev_click, ev_submit])
+
+
+def latency_tab(history: gr.State, every_s: float = 5.0) -> None:
+    """This browser session's generations: a summary, the latest one's tokens, a histogram and a timeline."""
+    gr.Markdown("Your generations in this browser session (refreshed every few seconds).")
+    summary = gr.Dataframe(label="Generations", interactive=False)
+    with gr.Row():
+        hist_plot = gr.Plot(label="Latency histogram")
+        timeline = gr.Plot(label="Latency timeline")
+    tokens = gr.Dataframe(label="Latest generation, per token", interactive=False)
+    refresh = gr.Button("Refresh")
+
+    def update(hist: charts.History):
+        latest = hist.latest
+        return (
+            charts.history_table(hist),
+            charts.latency_histogram(latest),
+            charts.latency_timeline(latest),
+            charts.token_table(latest),
+        )
+
+    outs = [summary, hist_plot, timeline, tokens]
+    gr.Timer(every_s).tick(update, [history], outs, show_progress="hidden")
+    refresh.click(update, [history], outs)
+
+
+def launch(demo: gr.Blocks, host: str, port: int, block: bool = True) -> None:
+    """Serve an app; `block=False` returns once it is up (tests). GRADIO_SHARE=1 asks for a public link."""
+    share = os.environ.get("GRADIO_SHARE", "0").lower() in ("1", "true", "yes")
+    demo.queue(default_concurrency_limit=1).launch(
+        server_name=host,
+        server_port=port,
+        share=share,
+        inbrowser=False,
+        theme=THEME,
+        css=CSS,
+        show_error=False,
+        prevent_thread_lock=not block,
+        quiet=not block,
+    )

@@ -1,0 +1,237 @@
+"""End to end in a real browser: both Gradio apps, driven by headless Chromium through Playwright."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from client import ui
+from tests.conftest import ROOT, TINY, subprocess_env
+
+PROMPT = "The quick brown fox"
+SHOTS = ROOT / "logs"
+CHROME_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-dev-shm-usage",
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    chromium = shutil.which("chromium")
+    if not chromium:
+        if os.environ.get("GPT2_REQUIRE_BROWSER") == "1":
+            pytest.fail("Debian's chromium is required here (apt-get install chromium)")
+        pytest.skip("chromium not installed (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=chromium, args=CHROME_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def trunk(models_dir, tiny):
+    from server.app import TrunkServer
+    from server.config import ServerConfig
+
+    port = _free_port()
+
+    def start():
+        srv = TrunkServer(
+            ServerConfig(
+                model=TINY, models_dir=str(models_dir), host="127.0.0.1", port=port, idle_timeout_s=0, grace_s=0.5
+            )
+        )
+        srv.start()
+        return srv
+
+    state = {"server": start(), "start": start, "port": port}
+    yield state
+    state["server"].stop(0.5)
+
+
+@pytest.fixture(scope="module")
+def client_app(trunk, models_dir):
+    from client.app import build_app
+    from client.engine import ClientConfig, SplitEngine
+
+    engine = SplitEngine(
+        ClientConfig(
+            model=TINY,
+            models_dir=str(models_dir),
+            server=f"127.0.0.1:{trunk['port']}",
+            device="cpu",
+            reconnect_s=1.0,
+            connect_timeout_s=2,
+        )
+    )
+    demo, feed = build_app(engine, monitor_interval_s=0.5)
+    port = _free_port()
+    ui.launch(demo, "127.0.0.1", port, block=False)
+    yield f"http://127.0.0.1:{port}"
+    feed.stop()
+    demo.close()
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def full_app(tiny):
+    import torch
+
+    from baseline.app import build_app
+    from splitcore.engine import FullEngine
+
+    demo = build_app(FullEngine(tiny, torch.device("cpu"), torch.float32))
+    port = _free_port()
+    ui.launch(demo, "127.0.0.1", port, block=False)
+    yield f"http://127.0.0.1:{port}"
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def cli_text(models_dir) -> str:
+    """What the command-line client prints for the prompt, greedy: the UIs must show exactly this."""
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "client",
+            "generate",
+            PROMPT,
+            "--model",
+            TINY,
+            "--local-trunk",
+            "--max-tokens",
+            "20",
+            "--temperature",
+            "0",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        cwd=ROOT,
+        timeout=120,
+        check=True,
+    )
+    return json.loads(r.stdout)["text"]
+
+
+def _set_slider(page, label: str, value: str) -> None:
+    box = page.get_by_label(f"number input for {label}", exact=True)
+    box.fill(value)
+    box.press("Tab")
+
+
+def _generate(page, prompt: str) -> str:
+    page.get_by_label("Prompt").fill(prompt)
+    _set_slider(page, "Max tokens", "20")
+    _set_slider(page, "Temperature (0 = greedy)", "0")
+    page.get_by_role("button", name="Generate").click()
+    page.get_by_text("Done").first.wait_for(timeout=60_000)
+    return page.get_by_label("Output").input_value()
+
+
+def _shot(page, name: str) -> None:
+    SHOTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(SHOTS / f"ui_{name}.png"), full_page=True)
+
+
+def _wait_for_plot(page, timeout_ms=20_000) -> None:
+    try:
+        page.locator(".js-plotly-plot >> visible=true").first.wait_for(timeout=timeout_ms)
+    except Exception:
+        _shot(page, "failed_wait_for_plot")
+        raise
+
+
+def test_client_app_generates_like_cli_and_shows_charts(browser, client_app, cli_text):
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(client_app)
+    page.get_by_text("Offline random weights").first.wait_for(timeout=20_000)  # the header warns
+    assert page.get_by_text("random:tiny").first.is_visible()
+    text = _generate(page, PROMPT)
+    assert text == cli_text and len(text) > 0
+    assert page.get_by_text("time to first token").first.is_visible()
+    _shot(page, "client_generation")
+
+    page.get_by_role("tab", name="Server monitoring").click()
+    _wait_for_plot(page)
+    page.get_by_text("blocks 2-9 of 12").first.wait_for(timeout=10_000)
+    assert page.locator(".js-plotly-plot").count() >= 2
+    time.sleep(2.5)  # a few samples for the history lines
+    _shot(page, "client_monitoring")
+
+    page.get_by_role("tab", name="Latency analysis").click()
+    page.get_by_role("button", name="Refresh").click()
+    _wait_for_plot(page)
+    page.get_by_text("Latest generation, per token").first.wait_for()
+    assert page.locator(".js-plotly-plot .bars, .js-plotly-plot .trace").count() > 0
+    _shot(page, "client_latency")
+    page.close()
+
+
+def test_client_app_survives_trunk_restart(browser, client_app, trunk, cli_text):
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(client_app)
+    trunk["server"].stop(0.5)
+    page.get_by_label("Prompt").fill(PROMPT)
+    _set_slider(page, "Temperature (0 = greedy)", "0")
+    page.get_by_role("button", name="Generate").click()
+    banner = page.get_by_text("unreachable").first
+    banner.wait_for(timeout=30_000)
+    assert "Traceback" not in page.content()
+    _shot(page, "client_trunk_down")
+    trunk["server"] = trunk["start"]()
+    assert _generate(page, PROMPT) == cli_text  # works again, no restart of the app
+    page.close()
+
+
+def test_baseline_app_generates_like_cli(browser, full_app, cli_text):
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(full_app)
+    page.get_by_text("GPT-2 full model").first.wait_for(timeout=20_000)
+    assert _generate(page, PROMPT) == cli_text
+    _shot(page, "full_generation")
+    page.get_by_role("tab", name="Performance").click()
+    page.get_by_role("button", name="Refresh").click()
+    _wait_for_plot(page)
+    _shot(page, "full_performance")
+    page.close()
+
+
+def test_latency_history_is_per_browser_session(browser, full_app):
+    a = browser.new_context().new_page()
+    b = browser.new_context().new_page()
+    for page in (a, b):
+        page.goto(full_app)
+        page.get_by_text("GPT-2 full model").first.wait_for(timeout=20_000)
+    _generate(a, "Only in session A")
+    for page, mine in ((a, True), (b, False)):
+        page.get_by_role("tab", name="Performance").click()
+        page.get_by_role("button", name="Refresh").click()
+        _wait_for_plot(page)
+        time.sleep(0.5)
+        assert (page.get_by_text("Only in session A").count() > 0) == mine
+    a.close()
+    b.close()
