@@ -46,6 +46,9 @@ def add_split_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-key", default=env("GPT2_TLS_CLIENT_KEY", "") or None, help="client key (mTLS)")
     p.add_argument("--tls-server-name", default=None, help="name to check in the server's certificate")
     p.add_argument("--auth-token", default=env("GPT2_AUTH_TOKEN", "") or None)
+    p.add_argument(
+        "--added-delay-ms", type=float, default=0.0, help="sleep this long each way per trunk call (simulated WAN)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

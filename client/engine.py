@@ -46,6 +46,7 @@ class ClientConfig:
     tls_key: str | None = None
     tls_server_name: str | None = None
     auth_token: str | None = None
+    added_delay_ms: float = 0.0  # sleep this long each way on every trunk call: simulates a remote trunk, ms
 
     def trunk_client_config(self) -> TrunkClientConfig:
         return TrunkClientConfig(
@@ -132,6 +133,22 @@ class StatelessLink:
         self.kv = None
 
 
+class DelayedLink:
+    """Adds a fixed one-way delay before and after each trunk call, to study a trunk far away on a LAN/WAN."""
+
+    def __init__(self, link, delay_ms: float):
+        self.link, self.delay_s = link, delay_ms / 1e3
+
+    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, float | None, int, int]:
+        time.sleep(self.delay_s)
+        out = self.link.forward(h)
+        time.sleep(self.delay_s)
+        return out
+
+    def close(self) -> None:
+        self.link.close()
+
+
 class SplitEngine(Engine):
     """Tokeniser, bottom and top here; the trunk where the config says."""
 
@@ -182,6 +199,8 @@ class SplitEngine(Engine):
             link = SessionLink(
                 self.trunk_client, self.fingerprint, max_length, self.wire_dtype, self.cfg.reconnect_s, self.notify
             )
+        if self.cfg.added_delay_ms > 0:
+            link = DelayedLink(link, self.cfg.added_delay_ms)
         return SplitStepper(self.parts["bottom"], self.parts["top"], link)
 
     def close(self) -> None:

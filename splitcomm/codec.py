@@ -54,7 +54,7 @@ def decode(msg: pb.Tensor, max_elements: int = 1 << 31) -> torch.Tensor:
     if any(d < 0 for d in shape):
         raise CodecError(f"tensor shape {shape} has a negative dimension")
     n = math.prod(shape)  # Python ints: no overflow
-    if n > max_elements:
+    if n > max_elements or math.prod(max(d, 1) for d in shape) > max_elements:  # [0, 2**62] is absurd too
         raise CodecError(f"tensor shape {shape} has {n} elements, more than the limit of {max_elements}")
     itemsize = torch.empty((), dtype=dtype).element_size()
     if len(msg.data) != n * itemsize:

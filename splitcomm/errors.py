@@ -21,6 +21,10 @@ def from_rpc_error(e: grpc.RpcError, target: str) -> TrunkError:
     """The one place a grpc.RpcError becomes a TrunkError."""
     code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
     details = (e.details() if hasattr(e, "details") else None) or str(e)
+    if code == grpc.StatusCode.CANCELLED:  # we never cancel a call we still read: the server ended it
+        return TrunkUnavailable(
+            f"trunk server at {target} closed the session ({details}): idle timeout, shutdown or restart", code
+        )
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
         return TrunkUnavailable(
             f"trunk server at {target} is unreachable ({code.name}: {details}); check that it is running "

@@ -73,3 +73,26 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env.update(extra)
     return env
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server_process(port: int, *args: str, log_file: str | None = None):
+    """A trunk server in its own process on 127.0.0.1:port; returns the Popen once its ready line is out."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "server", "--model", TINY, "--host", "127.0.0.1", "--port", str(port), *args]
+    if log_file:
+        cmd += ["--log-file", log_file]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env(), cwd=ROOT)
+    line = p.stdout.readline()
+    if "ready on" not in line:
+        p.kill()
+        raise RuntimeError(f"server did not start: {line!r} {p.stderr.read()[-2000:]}")
+    return p

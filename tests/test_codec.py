@@ -51,6 +51,7 @@ def test_codec_little_endian_bytes():
         (pb.Tensor(data=b"", shape=[-1, 4], dtype=pb.FLOAT32), "negative"),
         (pb.Tensor(data=b"", shape=[1 << 40, 1 << 40], dtype=pb.FLOAT32), "limit"),
         (pb.Tensor(data=b"", shape=[1] * 9, dtype=pb.FLOAT32), "dims"),
+        (pb.Tensor(data=b"", shape=[0, 2**62, 2**31], dtype=pb.FLOAT32), "limit"),  # found by the fuzz test
     ],
 )
 def test_codec_rejects_malformed(msg, match):

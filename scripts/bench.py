@@ -1,0 +1,281 @@
+"""Split against full, side by side in one run: TTFT, per-token latency, tokens/s, bytes per token, ratios.
+
+Starts a trunk server on loopback (a separate process, as in a deployment), then for each prompt length runs
+greedy generation on the full model and on each split configuration, interleaved, several times. Prints a
+markdown table, writes JSON (--json) and a plotly chart of latency against context length (--plot).
+
+    python scripts/bench.py                 # random:gpt2 (GPT-2 small shape), prompts of 8/128/512 tokens
+    python scripts/bench.py --quick         # under a minute
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as every entry point: before torch loads
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from client.engine import ClientConfig, SplitEngine  # noqa: E402
+from splitcore.engine import Engine, FullEngine  # noqa: E402
+from splitcore.models import resolve_model  # noqa: E402
+from splitcore.sampling import SamplingParams  # noqa: E402
+from splitcore.stats import GenerationStats, percentile  # noqa: E402
+
+GREEDY = SamplingParams(temperature=0.0)
+TEXT = (
+    "The history of natural language processing generally started in the 1950s, although work can be found from "
+    "earlier periods. In 1950, Alan Turing published an article titled Computing Machinery and Intelligence which "
+    "proposed what is now called the Turing test as a criterion of intelligence. "
+)
+
+
+@dataclass
+class Config:
+    name: str
+    engine: Engine
+    split: bool = True
+
+
+@dataclass
+class Result:
+    config: str
+    prompt_tokens: int
+    runs: list[GenerationStats] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        decode = [t for r in self.runs for t in r.decode_ms]
+        d = {
+            "config": self.config,
+            "prompt_tokens": self.prompt_tokens,
+            "new_tokens": len(self.runs[0].tokens),
+            "repeats": len(self.runs),
+            "ttft_ms": statistics.median(r.ttft_ms for r in self.runs),
+            "decode_median_ms": percentile(decode, 50),
+            "decode_p90_ms": percentile(decode, 90),
+            "decode_p99_ms": percentile(decode, 99),
+            "tokens_per_s": statistics.fmean(r.tokens_per_s for r in self.runs),
+        }
+        toks = [t for r in self.runs for t in r.tokens[1:]]
+        if toks and toks[0].server_ms is not None:
+            d |= {
+                "bytes_out_per_token": statistics.median(t.bytes_out for t in toks),
+                "bytes_in_per_token": statistics.median(t.bytes_in for t in toks),
+                "bytes_out_first_last": [toks[0].bytes_out, toks[-1].bytes_out],
+                "client_ms": statistics.median(t.client_ms for t in toks),
+                "server_ms": statistics.median(t.server_ms for t in toks),
+                "network_ms": statistics.median(t.network_ms for t in toks),
+            }
+        return d
+
+
+def prompt_ids(engine: Engine, n: int) -> list[int]:
+    ids = engine.encode(TEXT)
+    while len(ids) < n:
+        ids = ids + ids
+    return ids[:n]
+
+
+def start_server(model: str, models_dir: str, threads: int | None) -> tuple[subprocess.Popen, str]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "server",
+        "--model",
+        model,
+        "--models-dir",
+        models_dir,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--log-file",
+        str(ROOT / "logs" / "bench_server.log"),
+        "--idle-timeout",
+        "0",
+    ]
+    if threads:
+        cmd += ["--threads", str(threads)]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    line = p.stdout.readline()
+    if "ready on" not in line:
+        p.kill()
+        raise SystemExit(f"trunk server did not start: {line!r} (see logs/bench_server.log)")
+    return p, "127.0.0.1:" + line.split("127.0.0.1:")[1].split(":")[0]
+
+
+@torch.inference_mode()
+def wire_agreement(ref: SplitEngine, other: SplitEngine, ids: list[int], n: int) -> tuple[float, int, int]:
+    """Step two engines in lockstep along ref's greedy path: (max |logit diff|, argmax agreements, steps)."""
+    a, b = ref.new_stepper(len(ids) + n), other.new_stepper(len(ids) + n)
+    chunk, worst, agree = torch.tensor([ids]), 0.0, 0
+    try:
+        for _ in range(n):
+            la, lb = a.step(chunk).logits.float(), b.step(chunk).logits.float()
+            worst = max(worst, float((la - lb).abs().max()))
+            agree += int(la.argmax()) == int(lb.argmax())
+            chunk = torch.tensor([[int(la.argmax())]])
+    finally:
+        a.close()
+        b.close()
+    return worst, agree, n
+
+
+def table(rows: list[dict]) -> str:
+    full = {r["prompt_tokens"]: r for r in rows if r["config"] == "full"}
+    out = [
+        "| prompt | config | TTFT ms | x full | decode median ms | x full | p90 | p99 | tok/s | bytes/token out / in |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        f = full[r["prompt_tokens"]]
+        b = f"{r['bytes_out_per_token']:,.0f} / {r['bytes_in_per_token']:,.0f}" if "bytes_out_per_token" in r else "-"
+        out.append(
+            f"| {r['prompt_tokens']} | {r['config']} | {r['ttft_ms']:.1f} | {r['ttft_ms'] / f['ttft_ms']:.2f} | "
+            f"{r['decode_median_ms']:.2f} | {r['decode_median_ms'] / f['decode_median_ms']:.3f} | "
+            f"{r['decode_p90_ms']:.2f} | {r['decode_p99_ms']:.2f} | {r['tokens_per_s']:.1f} | {b} |"
+        )
+    return "\n".join(out)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for name in dict.fromkeys(r["config"] for r in rows):
+        pts = [r for r in rows if r["config"] == name]
+        fig.add_scatter(
+            x=[r["prompt_tokens"] for r in pts], y=[r["decode_median_ms"] for r in pts], mode="lines+markers", name=name
+        )
+    fig.update_layout(
+        title="Decode latency per token against context length",
+        xaxis_title="prompt tokens",
+        yaxis_title="median ms per token",
+        template="plotly_white",
+    )
+    fig.write_html(str(path))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="random:gpt2")
+    p.add_argument("--models-dir", default=os.environ.get("GPT2_MODELS_DIR", "models"))
+    p.add_argument("--split", default="2,10")
+    p.add_argument("--prompt-lengths", default="8,128,512")
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--delays", default="5,25", help="one-way delays (ms) to simulate a remote trunk; '' = none")
+    p.add_argument("--threads", type=int, default=None, help="torch threads in each process (default: torch's)")
+    p.add_argument("--quick", action="store_true", help="fewer tokens and repeats: under a minute")
+    p.add_argument("--json", type=Path, default=None, help="write results here")
+    p.add_argument("--plot", type=Path, default=None, help="write a plotly HTML chart here")
+    args = p.parse_args()
+    if args.quick:
+        args.new_tokens, args.repeats, args.delays = 16, 1, "25"
+    lengths = [int(x) for x in args.prompt_lengths.split(",")]
+    delays = [float(x) for x in args.delays.split(",") if x.strip()]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    model = resolve_model(args.model, args.models_dir)  # built or downloaded once, before the server starts
+    server, target = start_server(args.model, args.models_dir, args.threads)
+    try:
+
+        def split(**kw) -> SplitEngine:
+            return SplitEngine(
+                ClientConfig(
+                    model=args.model,
+                    models_dir=args.models_dir,
+                    split=args.split,
+                    server=target,
+                    device="cpu",
+                    reconnect_s=0,
+                    **kw,
+                )
+            )
+
+        configs = [
+            Config("full", FullEngine(model, torch.device("cpu"), torch.float32), split=False),
+            Config("split session fp32", split()),
+            Config("split session fp16 wire", split(wire_dtype="float16")),
+            Config("split stateless fp32", split(stateless=True)),
+        ]
+        configs += [Config(f"split session +{d:g} ms each way", split(added_delay_ms=d)) for d in delays]
+        for c in configs:  # warm up every path once
+            c.engine.run(prompt_ids(c.engine, 8), 4, GREEDY)
+
+        results = {(c.name, n): Result(c.name, n) for c in configs for n in lengths}
+        started = time.time()
+        for n in lengths:
+            for _ in range(args.repeats):
+                for c in configs:  # interleaved, so drift on a shared machine hits every config alike
+                    results[(c.name, n)].runs.append(
+                        c.engine.run(prompt_ids(c.engine, n), args.new_tokens, GREEDY).stats
+                    )
+        rows = [results[(c.name, n)].summary() for n in lengths for c in configs]
+        ref, half = configs[1].engine, configs[2].engine
+        agreement = {}
+        for n in lengths:
+            worst, agree, steps = wire_agreement(ref, half, prompt_ids(ref, n), args.new_tokens)
+            agreement[n] = {"max_abs_logit_diff": worst, "greedy_agreement": agree, "steps": steps}
+        elapsed = time.time() - started
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+    print(
+        f"\nmodel {args.model}, split {args.split}, {args.new_tokens} new tokens x {args.repeats} repeats, "
+        f"greedy; {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch "
+        f"{torch.__version__}, {torch.get_num_threads()} threads; measured in {elapsed:.0f} s\n"
+    )
+    print(table(rows))
+    print("\nfloat16 wire vs float32 wire, same greedy path:")
+    for n, a in agreement.items():
+        print(
+            f"  prompt {n}: max |logit diff| {a['max_abs_logit_diff']:.3g}, greedy agreement "
+            f"{a['greedy_agreement']}/{a['steps']}"
+        )
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(
+            json.dumps(
+                {
+                    "model": args.model,
+                    "split": args.split,
+                    "new_tokens": args.new_tokens,
+                    "repeats": args.repeats,
+                    "machine": {
+                        "cpus": os.cpu_count(),
+                        "processor": platform.processor(),
+                        "torch": torch.__version__,
+                        "threads": torch.get_num_threads(),
+                    },
+                    "command": " ".join(sys.argv),
+                    "results": rows,
+                    "fp16_wire": agreement,
+                },
+                indent=2,
+            )
+        )
+        print(f"\nwrote {args.json}")
+    if args.plot:
+        plot(rows, args.plot)
+        print(f"wrote {args.plot}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,199 @@
+"""TLS, mutual TLS and the shared token: throwaway certificates made at test time."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import logging
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from client.engine import ClientConfig, SplitEngine
+from server.app import TrunkServer
+from server.config import ServerConfig
+from splitcomm.errors import TrunkError
+from splitcomm.trunk_client import TrunkClient, TrunkClientConfig
+from splitcore.sampling import SamplingParams
+from tests.conftest import TINY
+
+TOKEN = "s3cret-token"
+GREEDY = SamplingParams(temperature=0.0)
+
+
+def _key():
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _cert(subject: str, key, issuer_name: str, issuer_key, ca: bool, sans=()):
+    now = datetime.datetime.now(datetime.UTC)
+    b = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+        .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer_name)]))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if sans:
+        b = b.add_extension(x509.SubjectAlternativeName(list(sans)), critical=False)
+    return b.sign(issuer_key, hashes.SHA256())
+
+
+def _write(path: Path, cert=None, key=None) -> str:
+    if cert is not None:
+        path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    else:
+        path.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> dict[str, str]:
+    d = tmp_path_factory.mktemp("pki")
+    ca_key = _key()
+    ca = _cert("test CA", ca_key, "test CA", ca_key, ca=True)
+    srv_key, cli_key = _key(), _key()
+    sans = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+    srv = _cert("localhost", srv_key, "test CA", ca_key, ca=False, sans=sans)
+    cli = _cert("client", cli_key, "test CA", ca_key, ca=False)
+    other_key = _key()
+    other_ca = _cert("other CA", other_key, "other CA", other_key, ca=True)
+    return {
+        "ca": _write(d / "ca.pem", ca),
+        "server_cert": _write(d / "srv.pem", srv),
+        "server_key": _write(d / "srv.key", key=srv_key),
+        "client_cert": _write(d / "cli.pem", cli),
+        "client_key": _write(d / "cli.key", key=cli_key),
+        "other_ca": _write(d / "other.pem", other_ca),
+    }
+
+
+def _server(models_dir, pki, mtls=False) -> TrunkServer:
+    srv = TrunkServer(
+        ServerConfig(
+            model=TINY,
+            models_dir=str(models_dir),
+            host="127.0.0.1",
+            port=0,
+            tls_cert=pki["server_cert"],
+            tls_key=pki["server_key"],
+            tls_client_ca=pki["ca"] if mtls else None,
+            auth_token=TOKEN,
+            grace_s=0.5,
+        )
+    )
+    srv.start()
+    return srv
+
+
+@pytest.fixture(scope="module")
+def tls_server(models_dir, pki, tiny):
+    srv = _server(models_dir, pki)
+    yield srv
+    srv.stop(0.5)
+
+
+def _engine(models_dir, port, **kw) -> SplitEngine:
+    return SplitEngine(
+        ClientConfig(
+            model=TINY,
+            models_dir=str(models_dir),
+            server=f"127.0.0.1:{port}",
+            device="cpu",
+            reconnect_s=0,
+            connect_timeout_s=3,
+            **kw,
+        )
+    )
+
+
+def test_tls_with_token_generates_correctly(models_dir, pki, tls_server, tiny):
+    from splitcore.engine import FullEngine
+
+    engine = _engine(models_dir, tls_server.port, tls_ca=pki["ca"], auth_token=TOKEN)
+    want = FullEngine(tiny, torch.device("cpu"), torch.float32).run("Secure hello", 15, GREEDY).token_ids
+    assert engine.run("Secure hello", 15, GREEDY).token_ids == want
+    engine.close()
+
+
+@pytest.mark.parametrize("token", [None, "wrong"])
+def test_wrong_or_missing_token_is_unauthenticated_and_nothing_computed(models_dir, pki, tls_server, token):
+    steps = tls_server.sessions.counters.total_steps
+    engine = _engine(models_dir, tls_server.port, tls_ca=pki["ca"], auth_token=token)
+    with pytest.raises(TrunkError) as e:
+        engine.server_info()
+    assert e.value.code == grpc.StatusCode.UNAUTHENTICATED
+    with pytest.raises(TrunkError) as e:
+        engine.run("Sneaky", 3, GREEDY)
+    assert e.value.code == grpc.StatusCode.UNAUTHENTICATED and "token" in str(e.value)
+    with pytest.raises(TrunkError) as e:
+        list(
+            TrunkClient(TrunkClientConfig(f"127.0.0.1:{tls_server.port}", tls_ca=pki["ca"], token=token)).monitor(
+                max_samples=1
+            )
+        )
+    assert e.value.code == grpc.StatusCode.UNAUTHENTICATED
+    assert tls_server.sessions.counters.total_steps == steps and tls_server.sessions.active() == 0
+    engine.close()
+
+
+def test_plaintext_or_untrusted_client_cannot_connect(models_dir, pki, tls_server):
+    for kw in ({}, {"tls_ca": pki["other_ca"]}):
+        client = TrunkClient(TrunkClientConfig(f"127.0.0.1:{tls_server.port}", connect_timeout_s=2, token=TOKEN, **kw))
+        with pytest.raises(TrunkError) as e:
+            client.info()
+        assert e.value.code == grpc.StatusCode.UNAVAILABLE
+        client.close()
+
+
+def test_health_check_needs_no_token(pki, tls_server):
+    creds = grpc.ssl_channel_credentials(Path(pki["ca"]).read_bytes())
+    with grpc.secure_channel(f"localhost:{tls_server.port}", creds) as ch:
+        r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
+    assert r.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_mutual_tls_requires_client_certificate(models_dir, pki, tiny):
+    srv = _server(models_dir, pki, mtls=True)
+    try:
+        no_cert = TrunkClient(
+            TrunkClientConfig(f"127.0.0.1:{srv.port}", tls_ca=pki["ca"], token=TOKEN, connect_timeout_s=2)
+        )
+        with pytest.raises(TrunkError) as e:
+            no_cert.info()
+        assert e.value.code == grpc.StatusCode.UNAVAILABLE
+        no_cert.close()
+        engine = _engine(
+            models_dir,
+            srv.port,
+            tls_ca=pki["ca"],
+            tls_cert=pki["client_cert"],
+            tls_key=pki["client_key"],
+            auth_token=TOKEN,
+        )
+        assert len(engine.run("Mutual", 5, GREEDY).token_ids) == 5
+        engine.close()
+    finally:
+        srv.stop(0.5)
+
+
+def test_insecure_bind_beyond_loopback_warns(models_dir, tiny, caplog):
+    srv = TrunkServer(ServerConfig(model=TINY, models_dir=str(models_dir), host="0.0.0.0", port=0, grace_s=0))
+    with caplog.at_level(logging.WARNING, logger="server.app"):
+        srv.start()
+    srv.stop(0)
+    assert "without TLS" in caplog.text
