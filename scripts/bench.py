@@ -180,6 +180,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--delays", default="5,25", help="one-way delays (ms) to simulate a remote trunk; '' = none")
     p.add_argument("--threads", type=int, default=None, help="torch threads in each process (default: torch's)")
+    p.add_argument("--only", default="", help="comma-separated names of split configs to run (full always runs)")
     p.add_argument("--quick", action="store_true", help="fewer tokens and repeats: under a minute")
     p.add_argument("--json", type=Path, default=None, help="write results here")
     p.add_argument("--plot", type=Path, default=None, help="write a plotly HTML chart here")
@@ -215,6 +216,9 @@ def main() -> None:
             Config("split stateless fp32", split(stateless=True)),
         ]
         configs += [Config(f"split session +{d:g} ms each way", split(added_delay_ms=d)) for d in delays]
+        if args.only:
+            keep = {x.strip() for x in args.only.split(",")}
+            configs = [c for c in configs if c.name == "full" or any(k in c.name for k in keep)]
         for c in configs:  # warm up every path once
             c.engine.run(prompt_ids(c.engine, 8), 4, GREEDY)
 
@@ -227,9 +231,10 @@ def main() -> None:
                         c.engine.run(prompt_ids(c.engine, n), args.new_tokens, GREEDY).stats
                     )
         rows = [results[(c.name, n)].summary() for n in lengths for c in configs]
-        ref, half = configs[1].engine, configs[2].engine
+        by_name = {c.name: c.engine for c in configs}
+        ref, half = by_name.get("split session fp32"), by_name.get("split session fp16 wire")
         agreement = {}
-        for n in lengths:
+        for n in lengths if ref and half else []:
             worst, agree, steps = wire_agreement(ref, half, prompt_ids(ref, n), args.new_tokens)
             agreement[n] = {"max_abs_logit_diff": worst, "greedy_agreement": agree, "steps": steps}
         elapsed = time.time() - started
