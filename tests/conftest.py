@@ -96,3 +96,15 @@ def start_server_process(port: int, *args: str, log_file: str | None = None):
         p.kill()
         raise RuntimeError(f"server did not start: {line!r} {p.stderr.read()[-2000:]}")
     return p
+
+
+def wait_for(cond, timeout: float = 10.0, what: str = "condition") -> None:
+    """Poll `cond` until true, or fail naming what never happened."""
+    import time
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")

@@ -22,18 +22,9 @@ from splitcomm.proto import trunk_pb2 as pb
 from splitcomm.proto import trunk_pb2_grpc as pb_grpc
 from splitcomm.trunk_client import TrunkClient, TrunkClientConfig
 from splitcore.sampling import SamplingParams
-from tests.conftest import TINY, free_port, start_server_process
+from tests.conftest import TINY, free_port, start_server_process, wait_for
 
 GREEDY = SamplingParams(temperature=0.0)
-
-
-def wait_for(cond, timeout=10.0, what="condition"):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def split_engine(models_dir, target, **kw) -> SplitEngine:

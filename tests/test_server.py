@@ -23,19 +23,10 @@ from splitcomm.trunk_client import TrunkClient, TrunkClientConfig
 from splitcore.engine import FullEngine
 from splitcore.parts import load_parts
 from splitcore.sampling import SamplingParams
-from tests.conftest import ROOT, subprocess_env
+from tests.conftest import ROOT, subprocess_env, wait_for
 
 GREEDY = SamplingParams(temperature=0.0)
 PROMPT = "In a hole in the ground there lived a hobbit. Not a nasty, dirty, wet hole"
-
-
-def wait_for(cond, timeout=5.0, what="condition"):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture(scope="module")
