@@ -30,6 +30,26 @@ def test_codec_roundtrip_noncontiguous_and_empty():
     assert decode(encode(e)).shape == (1, 0, 8)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_codec_finite_check(dtype, bad):
+    t = torch.randn(2, 3, 4).to(dtype)
+    assert torch.equal(decode(encode(t), finite="hidden states"), t)  # finite values pass
+    t[1, 2, 3] = bad
+    assert decode(encode(t)).isnan().any() or decode(encode(t)).isinf().any()  # unchecked: passes as sent
+    with pytest.raises(CodecError, match="hidden states contain NaN or infinite values"):
+        decode(encode(t), finite="hidden states")
+    big = torch.tensor([torch.finfo(dtype).max, torch.finfo(dtype).min, torch.finfo(dtype).tiny]).to(dtype)
+    assert torch.equal(decode(encode(big), finite="x"), big)  # extremes are finite
+
+
+def test_codec_decoded_tensor_is_writable_and_owned():
+    msg = encode(torch.zeros(3))
+    t = decode(msg)
+    t += 1  # no warning about a read-only buffer, and the message is untouched
+    assert torch.equal(decode(msg), torch.zeros(3))
+
+
 def test_codec_cast_on_encode():
     t = torch.randn(1, 1, 768)
     msg = encode(t, torch.float16)
