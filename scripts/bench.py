@@ -6,6 +6,7 @@ markdown table, writes JSON (--json) and a plotly chart of latency against conte
 
     python scripts/bench.py                 # random:gpt2 (GPT-2 small shape), prompts of 8/128/512 tokens
     python scripts/bench.py --quick         # under a minute
+    python scripts/bench.py --profile       # where a decode step's time goes, part by part
 """
 
 from __future__ import annotations
@@ -135,6 +136,89 @@ def wire_agreement(ref: SplitEngine, other: SplitEngine, ids: list[int], n: int)
     return worst, agree, n
 
 
+PROFILE_PARTS = [
+    ("bottom", "client: embeddings + bottom blocks"),
+    ("trunk", "trunk compute"),
+    ("server_handling", "server: decode, checks, encode"),
+    ("transport", "gRPC transport, both ways"),
+    ("codec", "client: encode + decode"),
+    ("top", "client: top blocks + head + argmax"),
+    ("total", "total per token"),
+]
+
+
+@torch.inference_mode()
+def profile_steps(engine: Engine, ids: list[int], n: int) -> list[dict[str, float]]:
+    """Greedy decode of n tokens after the prompt; for every decode step, ms in each part (adding up to total)."""
+    steps = []
+    stepper = engine.new_stepper(len(ids) + n)
+    chunk = torch.tensor([ids])
+    try:
+        for i in range(n):
+            t0 = time.perf_counter()
+            r = stepper.step(chunk)
+            token = int(r.logits.argmax())
+            total = (time.perf_counter() - t0) * 1e3
+            chunk = torch.tensor([[token]])
+            if i == 0:  # the prefill
+                continue
+            step = {"total": total}
+            if r.server_ms is not None:  # a split: the full model is one piece
+                step |= {"bottom": stepper.last_bottom_ms, "top": total - stepper.last_bottom_ms - r.trunk_wall_ms}
+                last = getattr(getattr(stepper.link, "session", None), "last", None)
+                if last is None:  # trunk in-process
+                    step["trunk"] = r.trunk_wall_ms
+                else:
+                    step |= {
+                        "trunk": last.server_ms,
+                        "server_handling": last.server_handling_ms,
+                        "transport": last.transport_ms,
+                        "codec": last.codec_ms,
+                    }
+                    step["top"] -= last.wall_ms - r.trunk_wall_ms  # link overhead outside the call counts as top
+            steps.append(step)
+    finally:
+        stepper.close()
+    return steps
+
+
+def profile(configs: list[Config], lengths: list[int], n: int, repeats: int) -> dict:
+    """Mean ms of each part of a decode step, per prompt length and config, interleaved like the bench.
+
+    Means, not medians, so that the parts add up to the total; the slowest 5% of steps (a shared machine's
+    hiccups) are left out of each config."""
+    out = {}
+    for length in lengths:
+        pooled: dict[str, list[dict[str, float]]] = {c.name: [] for c in configs}
+        for _ in range(repeats):
+            for c in configs:
+                pooled[c.name] += profile_steps(c.engine, prompt_ids(c.engine, length), n)
+        out[length] = {}
+        for name, steps in pooled.items():
+            cut = percentile([s["total"] for s in steps], 95)
+            kept = [s for s in steps if s["total"] <= cut]
+            out[length][name] = {k: statistics.fmean(s[k] for s in kept) for k in kept[0]} | {"steps": len(kept)}
+    return out
+
+
+def profile_table(prof: dict) -> str:
+    lines = []
+    for length, by_config in prof.items():
+        names = list(by_config)
+        lines += [
+            f"\nprompt {length} tokens: mean ms per decode step (slowest 5% left out)",
+            "",
+            "| part | " + " | ".join(names) + " |",
+            "|---|" + "---:|" * len(names),
+        ]
+        for key, label in PROFILE_PARTS:
+            cells = [f"{by_config[c][key]:.2f}" if key in by_config[c] else "" for c in names]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        full = by_config[names[0]]["total"]
+        lines.append("| x full | " + " | ".join(f"{by_config[c]['total'] / full:.3f}" for c in names) + " |")
+    return "\n".join(lines)
+
+
 def table(rows: list[dict]) -> str:
     full = {r["prompt_tokens"]: r for r in rows if r["config"] == "full"}
     out = [
@@ -182,6 +266,12 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads in each process (default: torch's)")
     p.add_argument("--only", default="", help="comma-separated names of split configs to run (full always runs)")
     p.add_argument("--quick", action="store_true", help="fewer tokens and repeats: under a minute")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="instead of the comparison, time each part of a decode step: full model, split with the trunk "
+        "in-process, split over gRPC",
+    )
     p.add_argument("--json", type=Path, default=None, help="write results here")
     p.add_argument("--plot", type=Path, default=None, help="write a plotly HTML chart here")
     args = p.parse_args()
@@ -209,34 +299,27 @@ def main() -> None:
                 )
             )
 
-        configs = [
-            Config("full", FullEngine(model, torch.device("cpu"), torch.float32), split=False),
-            Config("split session fp32", split()),
-            Config("split session fp16 wire", split(wire_dtype="float16")),
-            Config("split stateless fp32", split(stateless=True)),
-        ]
-        configs += [Config(f"split session +{d:g} ms each way", split(added_delay_ms=d)) for d in delays]
+        configs = [Config("full", FullEngine(model, torch.device("cpu"), torch.float32), split=False)]
+        if args.profile:
+            configs += [Config("split, trunk in-process", split(local_trunk=True)), Config("split over gRPC", split())]
+        else:
+            configs += [
+                Config("split session fp32", split()),
+                Config("split session fp16 wire", split(wire_dtype="float16")),
+                Config("split stateless fp32", split(stateless=True)),
+            ]
+            configs += [Config(f"split session +{d:g} ms each way", split(added_delay_ms=d)) for d in delays]
         if args.only:
             keep = {x.strip() for x in args.only.split(",")}
             configs = [c for c in configs if c.name == "full" or any(k in c.name for k in keep)]
         for c in configs:  # warm up every path once
             c.engine.run(prompt_ids(c.engine, 8), 4, GREEDY)
 
-        results = {(c.name, n): Result(c.name, n) for c in configs for n in lengths}
         started = time.time()
-        for n in lengths:
-            for _ in range(args.repeats):
-                for c in configs:  # interleaved, so drift on a shared machine hits every config alike
-                    results[(c.name, n)].runs.append(
-                        c.engine.run(prompt_ids(c.engine, n), args.new_tokens, GREEDY).stats
-                    )
-        rows = [results[(c.name, n)].summary() for n in lengths for c in configs]
-        by_name = {c.name: c.engine for c in configs}
-        ref, half = by_name.get("split session fp32"), by_name.get("split session fp16 wire")
-        agreement = {}
-        for n in lengths if ref and half else []:
-            worst, agree, steps = wire_agreement(ref, half, prompt_ids(ref, n), args.new_tokens)
-            agreement[n] = {"max_abs_logit_diff": worst, "greedy_agreement": agree, "steps": steps}
+        if args.profile:
+            output = {"profile": profile(configs, lengths, args.new_tokens, args.repeats)}
+        else:
+            output = compare(configs, lengths, args.new_tokens, args.repeats)
         elapsed = time.time() - started
     finally:
         server.terminate()
@@ -247,39 +330,52 @@ def main() -> None:
         f"greedy; {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch "
         f"{torch.__version__}, {torch.get_num_threads()} threads; measured in {elapsed:.0f} s\n"
     )
-    print(table(rows))
-    print("\nfloat16 wire vs float32 wire, same greedy path:")
-    for n, a in agreement.items():
-        print(
-            f"  prompt {n}: max |logit diff| {a['max_abs_logit_diff']:.3g}, greedy agreement "
-            f"{a['greedy_agreement']}/{a['steps']}"
-        )
+    if args.profile:
+        print(profile_table(output["profile"]))
+    else:
+        print(table(output["results"]))
+        print("\nfloat16 wire vs float32 wire, same greedy path:")
+        for n, a in output["fp16_wire"].items():
+            print(
+                f"  prompt {n}: max |logit diff| {a['max_abs_logit_diff']:.3g}, greedy agreement "
+                f"{a['greedy_agreement']}/{a['steps']}"
+            )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(
-            json.dumps(
-                {
-                    "model": args.model,
-                    "split": args.split,
-                    "new_tokens": args.new_tokens,
-                    "repeats": args.repeats,
-                    "machine": {
-                        "cpus": os.cpu_count(),
-                        "processor": platform.processor(),
-                        "torch": torch.__version__,
-                        "threads": torch.get_num_threads(),
-                    },
-                    "command": " ".join(sys.argv),
-                    "results": rows,
-                    "fp16_wire": agreement,
-                },
-                indent=2,
-            )
-        )
+        meta = {
+            "model": args.model,
+            "split": args.split,
+            "new_tokens": args.new_tokens,
+            "repeats": args.repeats,
+            "machine": {
+                "cpus": os.cpu_count(),
+                "processor": platform.processor(),
+                "torch": torch.__version__,
+                "threads": torch.get_num_threads(),
+            },
+            "command": " ".join(sys.argv),
+        }
+        args.json.write_text(json.dumps(meta | output, indent=2))
         print(f"\nwrote {args.json}")
-    if args.plot:
-        plot(rows, args.plot)
+    if args.plot and not args.profile:
+        plot(output["results"], args.plot)
         print(f"wrote {args.plot}")
+
+
+def compare(configs: list[Config], lengths: list[int], new_tokens: int, repeats: int) -> dict:
+    """The comparison table's rows and the float16-wire agreement."""
+    results = {(c.name, n): Result(c.name, n) for c in configs for n in lengths}
+    for n in lengths:
+        for _ in range(repeats):
+            for c in configs:  # interleaved, so drift on a shared machine hits every config alike
+                results[(c.name, n)].runs.append(c.engine.run(prompt_ids(c.engine, n), new_tokens, GREEDY).stats)
+    by_name = {c.name: c.engine for c in configs}
+    ref, half = by_name.get("split session fp32"), by_name.get("split session fp16 wire")
+    agreement = {}
+    for n in lengths if ref and half else []:
+        worst, agree, steps = wire_agreement(ref, half, prompt_ids(ref, n), new_tokens)
+        agreement[n] = {"max_abs_logit_diff": worst, "greedy_agreement": agree, "steps": steps}
+    return {"results": [results[(c.name, n)].summary() for n in lengths for c in configs], "fp16_wire": agreement}
 
 
 if __name__ == "__main__":

@@ -109,6 +109,7 @@ class TrunkServicer(pb_grpc.TrunkServicer):
         return self.sessions.open(context.peer(), want, self.trunk.new_cache(), context.cancel)
 
     def _step(self, session, req: pb.StepRequest) -> pb.StepResponse:
+        arrived = time.perf_counter()
         if req.WhichOneof("kind") != "step":
             raise InvalidInput(f"expected a 'step' message, got '{req.WhichOneof('kind')}'")
         if req.step.step != session.next_step:
@@ -133,12 +134,14 @@ class TrunkServicer(pb_grpc.TrunkServicer):
         session.next_step += 1
         session.last_active = time.monotonic()
         self.sessions.record_step(ms)
-        return pb.StepResponse(
+        resp = pb.StepResponse(
             step=req.step.step,
             hidden=codec.encode(out, h.dtype),
             server_ms=ms,
             cache_length=session.cache.get_seq_length(),
         )
+        resp.server_wall_ms = (time.perf_counter() - arrived) * 1e3
+        return resp
 
     def Session(self, request_iterator, context):
         session = None
@@ -158,6 +161,7 @@ class TrunkServicer(pb_grpc.TrunkServicer):
         with status_on_error(context, "forward"):
             if self.sessions.draining:
                 raise ServerDraining("the trunk server is shutting down")
+            arrived = time.perf_counter()
             check_fingerprint(self.fingerprint, request.fingerprint)
             h = codec.decode(request.hidden, self.max_elements)
             kv = codec.decode(request.kv, self.max_elements) if request.kv.dtype else None
@@ -166,7 +170,9 @@ class TrunkServicer(pb_grpc.TrunkServicer):
                 out, new_kv = self.trunk.forward_stateless(h, kv)
                 ms = (time.perf_counter() - t0) * 1e3
             self.sessions.record_step(ms)
-            return pb.ForwardResponse(hidden=codec.encode(out, h.dtype), kv=codec.encode(new_kv, h.dtype), server_ms=ms)
+            resp = pb.ForwardResponse(hidden=codec.encode(out, h.dtype), kv=codec.encode(new_kv, h.dtype), server_ms=ms)
+            resp.server_wall_ms = (time.perf_counter() - arrived) * 1e3
+            return resp
 
     # --- Monitor ----------------------------------------------------------------------------------------
     def Monitor(self, request, context):

@@ -39,6 +39,26 @@ class TrunkClientConfig:
     token: str | None = None  # shared secret sent as call metadata
 
 
+@dataclass
+class CallTimes:
+    """Where one session step's time went, in ms: the profile behind `network_ms`."""
+
+    wall_ms: float  # the whole call as the client saw it
+    codec_ms: float  # client side: encode the request, decode the response
+    server_wall_ms: float  # server side: request in the handler -> response ready
+    server_ms: float  # server side: trunk compute alone
+
+    @property
+    def transport_ms(self) -> float:
+        """gRPC both ways: serialisation, HTTP/2 framing, sockets and the threads that hand messages on."""
+        return max(0.0, self.wall_ms - self.codec_ms - self.server_wall_ms)
+
+    @property
+    def server_handling_ms(self) -> float:
+        """Server work around the compute: decode, checks, encode."""
+        return max(0.0, self.server_wall_ms - self.server_ms)
+
+
 class TrunkSession:
     """One session: a bidi stream with a KV cache on the server. Use as a context manager or call close()."""
 
@@ -47,6 +67,7 @@ class TrunkSession:
     ):
         self.cfg, self.wire_dtype = cfg, wire_dtype
         self.steps = 0
+        self.last: CallTimes | None = None  # of the latest step
         self._q: queue.SimpleQueue = queue.SimpleQueue()
         self._q.put(pb.StepRequest(open=open_msg))  # sent with the first step: no extra round trip
         self._call = stub.Session(iter(self._q.get, _END), metadata=auth_metadata(cfg.token))
@@ -68,11 +89,14 @@ class TrunkSession:
         """Send hidden states [1, T, d]; returns (trunk output, server ms, bytes sent, bytes received)."""
         if self._closed:
             raise TrunkError("session is closed")
+        t0 = time.perf_counter()
         req = pb.StepRequest(step=pb.Step(step=self.steps, hidden=encode(hidden, self.wire_dtype)))
+        t1 = time.perf_counter()
         self._step_started = time.monotonic()
         self._q.put(req)
         try:
             resp = next(self._call)
+            t2 = time.perf_counter()
         except StopIteration:
             raise TrunkUnavailable(f"trunk server at {self.cfg.target} ended the session") from None
         except grpc.RpcError as e:
@@ -86,6 +110,8 @@ class TrunkSession:
             self._step_started = None
         self.steps += 1
         out = decode(resp.hidden)
+        t3 = time.perf_counter()
+        self.last = CallTimes((t3 - t0) * 1e3, (t1 - t0 + t3 - t2) * 1e3, resp.server_wall_ms, resp.server_ms)
         return out, resp.server_ms, req.ByteSize() + FRAME_BYTES, resp.ByteSize() + FRAME_BYTES
 
     def close(self) -> None:

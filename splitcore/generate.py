@@ -89,6 +89,7 @@ class SplitStepper:
         self.bottom, self.top, self.link = bottom, top, link
         self.bottom_cache, self.top_cache = bottom.new_cache(), top.new_cache()
         self.n_positions = bottom.n_positions
+        self.last_bottom_ms = self.last_top_ms = 0.0  # the two halves of the latest step's client_ms
 
     def step(self, ids: torch.Tensor) -> StepResult:
         t0 = time.perf_counter()
@@ -98,6 +99,7 @@ class SplitStepper:
         t2 = time.perf_counter()
         logits = self.top(h, self.top_cache)[0]
         t3 = time.perf_counter()
+        self.last_bottom_ms, self.last_top_ms = (t1 - t0) * 1e3, (t3 - t2) * 1e3
         return StepResult(logits, ((t1 - t0) + (t3 - t2)) * 1e3, server_ms, (t2 - t1) * 1e3, b_out, b_in)
 
     def close(self) -> None:

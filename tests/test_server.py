@@ -360,3 +360,31 @@ def test_server_bad_flags_one_line(models_dir):
         timeout=60,
     )
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: split points 9,3")
+
+
+def test_step_times_add_up(engines):
+    """Each session step says where its time went: the server's wall time holds its compute, the client's holds both."""
+    engine = engines["session"]
+    stepper = engine.new_stepper(40)
+    try:
+        chunk = torch.tensor([engine.encode(PROMPT)])
+        for _ in range(4):
+            r = stepper.step(chunk)
+            last = stepper.link.session.last
+            assert 0 < last.server_ms <= last.server_wall_ms
+            assert last.server_wall_ms + last.codec_ms <= last.wall_ms <= r.trunk_wall_ms
+            assert last.server_handling_ms == pytest.approx(last.server_wall_ms - last.server_ms)
+            assert last.transport_ms == pytest.approx(last.wall_ms - last.codec_ms - last.server_wall_ms)
+            assert r.client_ms == pytest.approx(stepper.last_bottom_ms + stepper.last_top_ms)
+            chunk = torch.tensor([[int(r.logits.argmax())]])
+    finally:
+        stepper.close()
+
+
+def test_forward_reports_server_wall_time(server_target, engines):
+    engine = engines["session"]
+    with TrunkClient(TrunkClientConfig(server_target)) as client:
+        stub = client.stub
+        h = torch.randn(1, 3, engine.model.config.n_embd)
+        resp = stub.Forward(pb.ForwardRequest(fingerprint=engine.fingerprint, hidden=encode(h)))
+        assert 0 < resp.server_ms <= resp.server_wall_ms

@@ -122,16 +122,18 @@ class StepRequest(_message.Message):
     def __init__(self, open: _Optional[_Union[SessionOpen, _Mapping]] = ..., step: _Optional[_Union[Step, _Mapping]] = ...) -> None: ...
 
 class StepResponse(_message.Message):
-    __slots__ = ("step", "hidden", "server_ms", "cache_length")
+    __slots__ = ("step", "hidden", "server_ms", "cache_length", "server_wall_ms")
     STEP_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     SERVER_MS_FIELD_NUMBER: _ClassVar[int]
     CACHE_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    SERVER_WALL_MS_FIELD_NUMBER: _ClassVar[int]
     step: int
     hidden: Tensor
     server_ms: float
     cache_length: int
-    def __init__(self, step: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., server_ms: _Optional[float] = ..., cache_length: _Optional[int] = ...) -> None: ...
+    server_wall_ms: float
+    def __init__(self, step: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., server_ms: _Optional[float] = ..., cache_length: _Optional[int] = ..., server_wall_ms: _Optional[float] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
     __slots__ = ("fingerprint", "hidden", "kv")
@@ -144,14 +146,16 @@ class ForwardRequest(_message.Message):
     def __init__(self, fingerprint: _Optional[_Union[Fingerprint, _Mapping]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., kv: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class ForwardResponse(_message.Message):
-    __slots__ = ("hidden", "kv", "server_ms")
+    __slots__ = ("hidden", "kv", "server_ms", "server_wall_ms")
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     KV_FIELD_NUMBER: _ClassVar[int]
     SERVER_MS_FIELD_NUMBER: _ClassVar[int]
+    SERVER_WALL_MS_FIELD_NUMBER: _ClassVar[int]
     hidden: Tensor
     kv: Tensor
     server_ms: float
-    def __init__(self, hidden: _Optional[_Union[Tensor, _Mapping]] = ..., kv: _Optional[_Union[Tensor, _Mapping]] = ..., server_ms: _Optional[float] = ...) -> None: ...
+    server_wall_ms: float
+    def __init__(self, hidden: _Optional[_Union[Tensor, _Mapping]] = ..., kv: _Optional[_Union[Tensor, _Mapping]] = ..., server_ms: _Optional[float] = ..., server_wall_ms: _Optional[float] = ...) -> None: ...
 
 class MonitorRequest(_message.Message):
     __slots__ = ("interval_s", "max_samples")

@@ -1,0 +1,61 @@
+"""scripts/bench.py end to end on the tiny model: every config measured, bytes and profile consistent."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT, TINY, subprocess_env
+
+
+def run_bench(tmp_path, models_dir, *args: str) -> dict:
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "scripts/bench.py", "--model", TINY, "--models-dir", str(models_dir), "--json", str(out)]
+    p = subprocess.run(cmd + list(args), cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return json.loads(out.read_text()) | {"stdout": p.stdout}
+
+
+def test_bench_compares_every_config(tmp_path, models_dir, tiny):
+    d = run_bench(tmp_path, models_dir, "--quick", "--prompt-lengths", "8,64", "--plot", str(tmp_path / "p.html"))
+    rows = {(r["config"], r["prompt_tokens"]): r for r in d["results"]}
+    names = ["full", "split session fp32", "split session fp16 wire", "split stateless fp32"]
+    names.append("split session +25 ms each way")
+    assert set(rows) == {(n, p) for n in names for p in (8, 64)}
+    hidden = tiny.config.n_embd * 4
+    for p in (8, 64):
+        fp32, fp16 = rows[("split session fp32", p)], rows[("split session fp16 wire", p)]
+        assert hidden < fp32["bytes_out_per_token"] < hidden + 64  # one hidden vector plus framing
+        assert fp16["bytes_out_per_token"] < fp32["bytes_out_per_token"] / 2 + 32
+        assert rows[("split session +25 ms each way", p)]["decode_median_ms"] >= 50  # the delay is really there
+        assert all(r["decode_median_ms"] > 0 and r["ttft_ms"] > 0 for r in rows.values())
+    # session bytes per decode step do not grow with the context; stateless ones do
+    assert (
+        rows[("split session fp32", 8)]["bytes_out_per_token"]
+        == rows[("split session fp32", 64)]["bytes_out_per_token"]
+    )
+    assert (
+        rows[("split stateless fp32", 64)]["bytes_out_per_token"]
+        > 4 * rows[("split stateless fp32", 8)]["bytes_out_per_token"]
+    )
+    for agreement in d["fp16_wire"].values():
+        assert agreement["steps"] == d["new_tokens"] and 0 <= agreement["greedy_agreement"] <= agreement["steps"]
+        assert 0 < agreement["max_abs_logit_diff"] < 0.05
+    assert "| 64 | split session fp32 |" in d["stdout"]
+    assert (tmp_path / "p.html").read_text().count("plotly") > 1
+
+
+def test_bench_profile_parts_add_up(tmp_path, models_dir, tiny):
+    d = run_bench(tmp_path, models_dir, "--profile", "--prompt-lengths", "8", "--new-tokens", "8", "--repeats", "2")
+    prof = d["profile"]["8"]
+    assert set(prof) == {"full", "split, trunk in-process", "split over gRPC"}
+    grpc_ = prof["split over gRPC"]
+    parts = ["bottom", "trunk", "server_handling", "transport", "codec", "top"]
+    assert all(grpc_[k] > 0 for k in parts)
+    assert sum(grpc_[k] for k in parts) == pytest.approx(grpc_["total"], rel=1e-6)
+    local = prof["split, trunk in-process"]
+    assert sum(local[k] for k in ("bottom", "trunk", "top")) == pytest.approx(local["total"], rel=1e-6)
+    assert "gRPC transport, both ways" in d["stdout"]
