@@ -192,7 +192,7 @@ class SplitEngine(Engine):
 
     def new_stepper(self, max_length: int = 0) -> Stepper:
         if self.trunk_client is None:
-            link = LocalTrunkLink(self.parts["trunk"])
+            link = LocalTrunkLink(self.parts["trunk"], max_length)
         elif self.cfg.stateless:
             link = StatelessLink(self.trunk_client, self.fingerprint, self.wire_dtype)
         else:
@@ -201,7 +201,7 @@ class SplitEngine(Engine):
             )
         if self.cfg.added_delay_ms > 0:
             link = DelayedLink(link, self.cfg.added_delay_ms)
-        return SplitStepper(self.parts["bottom"], self.parts["top"], link)
+        return SplitStepper(self.parts["bottom"], self.parts["top"], link, max_length)
 
     def close(self) -> None:
         if self.trunk_client is not None:

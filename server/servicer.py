@@ -106,7 +106,7 @@ class TrunkServicer(pb_grpc.TrunkServicer):
                 f"session asks for {want} tokens; this server allows at most {self.max_length} "
                 f"per session (model context {self.trunk.n_positions}, max session tokens)"
             )
-        return self.sessions.open(context.peer(), want, self.trunk.new_cache(), context.cancel)
+        return self.sessions.open(context.peer(), want, self.trunk.new_cache(want), context.cancel)
 
     def _step(self, session, req: pb.StepRequest) -> pb.StepResponse:
         arrived = time.perf_counter()

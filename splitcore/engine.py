@@ -87,4 +87,4 @@ class FullEngine(Engine):
         self.hf_model = load_full_model(model.path, attn, dtype, str(device))
 
     def new_stepper(self, max_length: int = 0) -> Stepper:
-        return FullStepper(self.hf_model)
+        return FullStepper(self.hf_model, max_length)

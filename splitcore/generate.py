@@ -8,9 +8,10 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
-from transformers import DynamicCache, GPT2LMHeadModel
+from transformers import GPT2LMHeadModel
 
 from splitcore.errors import InvalidInput, LimitExceeded
+from splitcore.kvcache import growing_cache
 from splitcore.parts import Bottom, Top, Trunk
 from splitcore.sampling import SamplingParams, make_generator, sample
 from splitcore.stats import GenerationStats, TokenTiming
@@ -51,9 +52,9 @@ class TrunkLink(Protocol):
 class LocalTrunkLink:
     """The trunk in this process, with its own cache; no bytes move."""
 
-    def __init__(self, trunk: Trunk):
+    def __init__(self, trunk: Trunk, capacity: int = 0):
         self.trunk = trunk
-        self.cache = trunk.new_cache()
+        self.cache = trunk.new_cache(capacity)
 
     def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, float | None, int, int]:
         t0 = time.perf_counter()
@@ -67,9 +68,9 @@ class LocalTrunkLink:
 class FullStepper:
     """The unsplit Hugging Face model; the whole step is client compute."""
 
-    def __init__(self, model: GPT2LMHeadModel):
+    def __init__(self, model: GPT2LMHeadModel, capacity: int = 0):
         self.model = model
-        self.cache = DynamicCache()
+        self.cache = growing_cache(capacity)  # the split parts' cache too: the comparison stays like for like
         self.n_positions = model.config.n_positions
 
     @torch.inference_mode()
@@ -85,9 +86,9 @@ class FullStepper:
 class SplitStepper:
     """Bottom and top here, trunk behind a link: ids -> bottom -> trunk -> top -> logits."""
 
-    def __init__(self, bottom: Bottom, top: Top, link: TrunkLink):
+    def __init__(self, bottom: Bottom, top: Top, link: TrunkLink, capacity: int = 0):
         self.bottom, self.top, self.link = bottom, top, link
-        self.bottom_cache, self.top_cache = bottom.new_cache(), top.new_cache()
+        self.bottom_cache, self.top_cache = bottom.new_cache(capacity), top.new_cache(capacity)
         self.n_positions = bottom.n_positions
         self.last_bottom_ms = self.last_top_ms = 0.0  # the two halves of the latest step's client_ms
 

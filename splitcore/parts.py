@@ -13,6 +13,7 @@ from transformers.masking_utils import create_causal_mask
 from transformers.models.gpt2.modeling_gpt2 import GPT2Block
 
 from splitcore.errors import InvalidInput, LimitExceeded
+from splitcore.kvcache import growing_cache
 from splitcore.models import ResolvedModel
 from splitcore.weights import is_weight, read_tensors
 
@@ -94,8 +95,9 @@ class _Part(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
-    def new_cache(self) -> DynamicCache:
-        return DynamicCache()
+    def new_cache(self, capacity: int = 0) -> DynamicCache:
+        """An empty KV cache with room for `capacity` positions (0: it grows as needed)."""
+        return growing_cache(capacity)
 
     def _check_room(self, cache: DynamicCache, t: int) -> int:
         past = cache.get_seq_length()
@@ -107,11 +109,20 @@ class _Part(nn.Module):
         return past
 
     def _run_blocks(self, h: torch.Tensor, cache: DynamicCache, past: int) -> torch.Tensor:
-        position_ids = torch.arange(past, past + h.shape[1], device=h.device).unsqueeze(0)
-        # The mask must be built before the blocks grow the cache.
-        mask = create_causal_mask(
-            config=self.config, inputs_embeds=h, attention_mask=None, past_key_values=cache, position_ids=position_ids
-        )
+        if h.shape[1] == 1:
+            # One new token attends to every cached position: nothing to mask. Building the (empty) mask costs
+            # ~0.1 ms of cold Python per part, and a split step has three parts against the full model's one.
+            mask = position_ids = None
+        else:
+            position_ids = torch.arange(past, past + h.shape[1], device=h.device).unsqueeze(0)
+            # The mask must be built before the blocks grow the cache.
+            mask = create_causal_mask(
+                config=self.config,
+                inputs_embeds=h,
+                attention_mask=None,
+                past_key_values=cache,
+                position_ids=position_ids,
+            )
         for block in self.h:
             h = block(h, past_key_values=cache, attention_mask=mask, use_cache=True, position_ids=position_ids)
         return h
