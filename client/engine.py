@@ -118,19 +118,40 @@ class SessionLink:
 
 
 class StatelessLink:
-    """Trunk on a server that keeps nothing: the client holds the trunk KV cache and sends it every call."""
+    """Trunk on a server that keeps nothing: the client holds the trunk KV cache and sends it every call.
 
-    def __init__(self, client: TrunkClient, fingerprint: pb.Fingerprint, wire_dtype: torch.dtype):
+    The cache lives in a buffer with room for the whole generation ([blocks, 2, batch, heads, room, head_dim]);
+    each call appends the new positions in place and sends a view of the filled part, so no step copies the
+    whole cache just to grow it."""
+
+    def __init__(self, client: TrunkClient, fingerprint: pb.Fingerprint, wire_dtype: torch.dtype, max_length: int = 0):
         self.client, self.fingerprint, self.wire_dtype = client, fingerprint, wire_dtype
-        self.kv: torch.Tensor | None = None  # [blocks, 2, batch, heads, T, head_dim]
+        self.max_length = max_length
+        self._buf: torch.Tensor | None = None
+        self.length = 0  # positions held
+
+    @property
+    def kv(self) -> torch.Tensor | None:
+        return None if self._buf is None else self._buf[..., : self.length, :]
 
     def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, float | None, int, int]:
         out, new_kv, ms, b_out, b_in = self.client.forward(self.fingerprint, h, self.kv, self.wire_dtype)
-        self.kv = new_kv if self.kv is None else torch.cat([self.kv, new_kv], dim=4)
+        self._append(new_kv)
         return out, ms, b_out, b_in
 
+    def _append(self, new_kv: torch.Tensor) -> None:
+        end = self.length + new_kv.shape[4]
+        if self._buf is None or end > self._buf.shape[4]:
+            room = max(end, self.max_length, 2 * (0 if self._buf is None else self._buf.shape[4]))
+            buf = new_kv.new_empty((*new_kv.shape[:4], room, new_kv.shape[5]))
+            if self.length:
+                buf[..., : self.length, :] = self.kv
+            self._buf = buf
+        self._buf[..., self.length : end, :] = new_kv
+        self.length = end
+
     def close(self) -> None:
-        self.kv = None
+        self._buf, self.length = None, 0
 
 
 class DelayedLink:
@@ -194,7 +215,7 @@ class SplitEngine(Engine):
         if self.trunk_client is None:
             link = LocalTrunkLink(self.parts["trunk"], max_length)
         elif self.cfg.stateless:
-            link = StatelessLink(self.trunk_client, self.fingerprint, self.wire_dtype)
+            link = StatelessLink(self.trunk_client, self.fingerprint, self.wire_dtype, max_length)
         else:
             link = SessionLink(
                 self.trunk_client, self.fingerprint, max_length, self.wire_dtype, self.cfg.reconnect_s, self.notify

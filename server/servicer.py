@@ -163,11 +163,13 @@ class TrunkServicer(pb_grpc.TrunkServicer):
                 raise ServerDraining("the trunk server is shutting down")
             arrived = time.perf_counter()
             check_fingerprint(self.fingerprint, request.fingerprint)
-            h = codec.decode(request.hidden, self.max_elements)
-            kv = codec.decode(request.kv, self.max_elements) if request.kv.dtype else None
+            h = codec.decode(request.hidden, self.max_elements, finite="hidden states")
+            kv = None
+            if request.kv.dtype:  # read once, into the call's cache: no copy of its own
+                kv = codec.decode(request.kv, self.max_elements, finite="the trunk KV cache", copy=False)
             with self.compute_lock:
                 t0 = time.perf_counter()
-                out, new_kv = self.trunk.forward_stateless(h, kv)
+                out, new_kv = self.trunk.forward_stateless(h, kv, finite_checked=True)
                 ms = (time.perf_counter() - t0) * 1e3
             self.sessions.record_step(ms)
             resp = pb.ForwardResponse(hidden=codec.encode(out, h.dtype), kv=codec.encode(new_kv, h.dtype), server_ms=ms)

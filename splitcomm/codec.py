@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import sys
+import warnings
 
 import numpy as np
 import torch
@@ -50,10 +51,12 @@ def encode(t: torch.Tensor, dtype: torch.dtype | None = None) -> pb.Tensor:
     return pb.Tensor(data=data, shape=t.shape, dtype=wire)
 
 
-def decode(msg: pb.Tensor, max_elements: int = 1 << 31, finite: str | None = None) -> torch.Tensor:
+def decode(msg: pb.Tensor, max_elements: int = 1 << 31, finite: str | None = None, copy: bool = True) -> torch.Tensor:
     """Message -> tensor, checking dtype, shape and byte count first; never trusts the sender.
 
-    With `finite` (a name for the message, e.g. "hidden states"), NaN or infinite values are rejected too."""
+    With `finite` (what the tensor is, e.g. "hidden states"), NaN or infinite values are rejected too.
+    `copy=False` returns a view of the message's bytes, for a caller that only reads it (saves a copy of a
+    multi-megabyte stateless KV cache); it must never be written to."""
     if msg.dtype not in _FROM_WIRE:
         raise CodecError(
             f"unknown or unset tensor dtype {msg.dtype}; expected one of "
@@ -75,10 +78,15 @@ def decode(msg: pb.Tensor, max_elements: int = 1 << 31, finite: str | None = Non
             f"{pb.DType.Name(msg.dtype)} needs {n * itemsize}"
         )
     # frombuffer shares the message's immutable bytes; the copy gives the tensor writable memory it owns
-    a = np.frombuffer(msg.data, dtype=np_dtype).copy()
+    a = np.frombuffer(msg.data, dtype=np_dtype)
     if finite and not _all_finite(a, msg.dtype):
-        raise CodecError(f"{finite} contain NaN or infinite values")
-    t = torch.from_numpy(a)
+        raise CodecError(f"NaN or infinite values in {finite}")
+    if copy:
+        t = torch.from_numpy(a.copy())
+    else:
+        with warnings.catch_warnings():  # torch warns that the array is not writable: the caller only reads
+            warnings.simplefilter("ignore", UserWarning)
+            t = torch.from_numpy(a)
     if msg.dtype == pb.BFLOAT16:
         t = t.view(torch.bfloat16)
     return t.view(shape)

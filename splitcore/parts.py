@@ -177,21 +177,26 @@ class Trunk(_Part):
         return [len(self.h), 2, batch, heads, seq, self.config.n_embd // heads]
 
     @torch.inference_mode()
-    def forward_stateless(self, h: torch.Tensor, kv: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run with a client-held cache: returns hidden states and the KV entries of the new positions only."""
-        self.check_hidden(h)
-        cache = self.new_cache()
+    def forward_stateless(
+        self, h: torch.Tensor, kv: torch.Tensor | None, finite_checked: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run with a client-held cache: returns hidden states and the KV entries of the new positions only.
+
+        `finite_checked`: the caller has already rejected NaN/infinite values (the server does it while decoding)."""
+        self.check_hidden(h, finite=not finite_checked)
         past = 0
         if kv is not None and kv.numel() > 0:
             want = self.kv_shape(h.shape[0], kv.shape[4] if kv.ndim == 6 else -1)
             if list(kv.shape) != want:
                 raise InvalidInput(f"trunk KV cache has shape {list(kv.shape)}, expected {want}")
-            if not bool(torch.isfinite(kv).all()):
+            if not finite_checked and not bool(torch.isfinite(kv).all()):
                 raise InvalidInput("trunk KV cache contains NaN or infinite values")
+            past = kv.shape[4]
+        cache = self.new_cache(past + h.shape[1])  # room for the new positions too: one copy of the KV, no regrowth
+        if past:
             kv = kv.to(self.device, self.dtype)
             for i in range(len(self.h)):
                 cache.update(kv[i, 0], kv[i, 1], i)
-            past = kv.shape[4]
         self._check_room(cache, h.shape[1])
         out = self._run_blocks(h.to(self.device, self.dtype), cache, past)
         new = torch.stack([torch.stack([layer.keys[:, :, past:], layer.values[:, :, past:]]) for layer in cache.layers])

@@ -37,7 +37,7 @@ def test_codec_finite_check(dtype, bad):
     assert torch.equal(decode(encode(t), finite="hidden states"), t)  # finite values pass
     t[1, 2, 3] = bad
     assert decode(encode(t)).isnan().any() or decode(encode(t)).isinf().any()  # unchecked: passes as sent
-    with pytest.raises(CodecError, match="hidden states contain NaN or infinite values"):
+    with pytest.raises(CodecError, match="NaN or infinite values in hidden states"):
         decode(encode(t), finite="hidden states")
     big = torch.tensor([torch.finfo(dtype).max, torch.finfo(dtype).min, torch.finfo(dtype).tiny]).to(dtype)
     assert torch.equal(decode(encode(big), finite="x"), big)  # extremes are finite
@@ -48,6 +48,14 @@ def test_codec_decoded_tensor_is_writable_and_owned():
     t = decode(msg)
     t += 1  # no warning about a read-only buffer, and the message is untouched
     assert torch.equal(decode(msg), torch.zeros(3))
+
+
+def test_codec_view_without_copy():
+    msg = encode(torch.arange(6.0).reshape(2, 3))
+    view, owned = decode(msg, copy=False), decode(msg)
+    assert torch.equal(view, owned) and view.shape == (2, 3)
+    owned += 1  # the copy is the caller's own
+    assert torch.equal(decode(msg, copy=False), torch.arange(6.0).reshape(2, 3))
 
 
 def test_codec_cast_on_encode():
