@@ -4,7 +4,7 @@ Starts a trunk server on loopback (a separate process, as in a deployment), then
 greedy generation on the full model and on each split configuration, interleaved, several times. Prints a
 markdown table, writes JSON (--json) and a plotly chart of latency against context length (--plot).
 
-    python scripts/bench.py                 # random:gpt2 (GPT-2 small shape), prompts of 8/128/512 tokens
+    python scripts/bench.py                 # random:gpt2 (GPT-2 small shape), prompts of 8/64/128/512 tokens
     python scripts/bench.py --quick         # under a minute
     python scripts/bench.py --profile       # where a decode step's time goes, part by part
 """
@@ -259,7 +259,7 @@ def main() -> None:
     p.add_argument("--model", default="random:gpt2")
     p.add_argument("--models-dir", default=os.environ.get("GPT2_MODELS_DIR", "models"))
     p.add_argument("--split", default="2,10")
-    p.add_argument("--prompt-lengths", default="8,128,512")
+    p.add_argument("--prompt-lengths", default="8,64,128,512")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--delays", default="5,25", help="one-way delays (ms) to simulate a remote trunk; '' = none")
