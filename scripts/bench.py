@@ -142,7 +142,8 @@ PROFILE_PARTS = [
     ("server_handling", "server: decode, checks, encode"),
     ("transport", "gRPC transport, both ways"),
     ("codec", "client: encode + decode"),
-    ("top", "client: top blocks + head + argmax"),
+    ("top", "client: top blocks"),
+    ("head", "client: final norm + LM head + argmax"),
     ("total", "total per token"),
 ]
 
@@ -164,7 +165,9 @@ def profile_steps(engine: Engine, ids: list[int], n: int) -> list[dict[str, floa
                 continue
             step = {"total": total}
             if r.server_ms is not None:  # a split: the full model is one piece
-                step |= {"bottom": stepper.last_bottom_ms, "top": total - stepper.last_bottom_ms - r.trunk_wall_ms}
+                top = stepper.last_top_ms - stepper.last_head_ms
+                head = total - stepper.last_bottom_ms - r.trunk_wall_ms - top  # with the argmax
+                step |= {"bottom": stepper.last_bottom_ms, "top": top, "head": head}
                 last = getattr(getattr(stepper.link, "session", None), "last", None)
                 if last is None:  # trunk in-process
                     step["trunk"] = r.trunk_wall_ms
@@ -175,7 +178,7 @@ def profile_steps(engine: Engine, ids: list[int], n: int) -> list[dict[str, floa
                         "transport": last.transport_ms,
                         "codec": last.codec_ms,
                     }
-                    step["top"] -= last.wall_ms - r.trunk_wall_ms  # link overhead outside the call counts as top
+                    step["head"] -= last.wall_ms - r.trunk_wall_ms  # link overhead outside the call: with the head
             steps.append(step)
     finally:
         stepper.close()

@@ -216,9 +216,18 @@ class Top(_Part):
 
     @torch.inference_mode()
     def forward(self, h: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
+        return self.head(self.blocks(h, cache))
+
+    @torch.inference_mode()
+    def blocks(self, h: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
+        """The top's blocks alone: hidden states of every new position."""
         past = self._check_room(cache, h.shape[1])
-        h = self._run_blocks(h.to(self.device, self.dtype), cache, past)
-        return self.lm_head(self.ln_f(h[:, -1:, :]))[:, -1, :]  # (B, vocab): the head only where it's needed
+        return self._run_blocks(h.to(self.device, self.dtype), cache, past)
+
+    @torch.inference_mode()
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Final layer norm and LM head on the last position: (B, vocab)."""
+        return self.lm_head(self.ln_f(h[:, -1:, :]))[:, -1, :]  # the head only where it's needed
 
 
 _PART_CLASSES = {"bottom": Bottom, "trunk": Trunk, "top": Top}

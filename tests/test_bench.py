@@ -53,9 +53,9 @@ def test_bench_profile_parts_add_up(tmp_path, models_dir, tiny):
     prof = d["profile"]["8"]
     assert set(prof) == {"full", "split, trunk in-process", "split over gRPC"}
     grpc_ = prof["split over gRPC"]
-    parts = ["bottom", "trunk", "server_handling", "transport", "codec", "top"]
+    parts = ["bottom", "trunk", "server_handling", "transport", "codec", "top", "head"]
     assert all(grpc_[k] > 0 for k in parts)
     assert sum(grpc_[k] for k in parts) == pytest.approx(grpc_["total"], rel=1e-6)
     local = prof["split, trunk in-process"]
-    assert sum(local[k] for k in ("bottom", "trunk", "top")) == pytest.approx(local["total"], rel=1e-6)
+    assert sum(local[k] for k in ("bottom", "trunk", "top", "head")) == pytest.approx(local["total"], rel=1e-6)
     assert "gRPC transport, both ways" in d["stdout"]

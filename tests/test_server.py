@@ -376,6 +376,7 @@ def test_step_times_add_up(engines):
             assert last.server_handling_ms == pytest.approx(last.server_wall_ms - last.server_ms)
             assert last.transport_ms == pytest.approx(last.wall_ms - last.codec_ms - last.server_wall_ms)
             assert r.client_ms == pytest.approx(stepper.last_bottom_ms + stepper.last_top_ms)
+            assert 0 < stepper.last_head_ms < stepper.last_top_ms
             chunk = torch.tensor([[int(r.logits.argmax())]])
     finally:
         stepper.close()
