@@ -13,7 +13,7 @@ from splitcomm.codec import parse_wire_dtype
 from splitcomm.errors import TrunkError, TrunkUnavailable
 from splitcomm.proto import trunk_pb2 as pb
 from splitcomm.trunk_client import TrunkClient, TrunkClientConfig, TrunkSession
-from splitcore.engine import Engine
+from splitcore.engine import Engine, Notify
 from splitcore.fingerprint import model_fingerprint
 from splitcore.generate import LocalTrunkLink, SplitStepper, Stepper
 from splitcore.models import resolve_with_fallback
@@ -211,18 +211,33 @@ class SplitEngine(Engine):
             )
         return info
 
-    def new_stepper(self, max_length: int = 0) -> Stepper:
+    def new_stepper(self, max_length: int = 0, notify: Notify | None = None) -> Stepper:
         if self.trunk_client is None:
             link = LocalTrunkLink(self.parts["trunk"], max_length)
         elif self.cfg.stateless:
             link = StatelessLink(self.trunk_client, self.fingerprint, self.wire_dtype, max_length)
         else:
             link = SessionLink(
-                self.trunk_client, self.fingerprint, max_length, self.wire_dtype, self.cfg.reconnect_s, self.notify
+                self.trunk_client,
+                self.fingerprint,
+                max_length,
+                self.wire_dtype,
+                self.cfg.reconnect_s,
+                self._notify_both(notify),
             )
         if self.cfg.added_delay_ms > 0:
             link = DelayedLink(link, self.cfg.added_delay_ms)
         return SplitStepper(self.parts["bottom"], self.parts["top"], link, max_length)
+
+    def _notify_both(self, notify: Notify | None) -> Notify:
+        """The engine's listener (a log line by default) and this generation's."""
+
+        def both(msg: str) -> None:
+            self.notify(msg)
+            if notify is not None:
+                notify(msg)
+
+        return both
 
     def close(self) -> None:
         if self.trunk_client is not None:

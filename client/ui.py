@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
+import threading
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a private deployment
 
@@ -60,19 +62,24 @@ def generation_tab(engine: Engine, history: gr.State) -> None:
 
     def on_generate(prompt_text, n, temp, k, p, seed_value, hist):
         stats = GenerationStats()
-        text = ""
+        text, notice = "", ""
         seed_int = int(seed_value) if seed_value is not None and seed_value >= 0 else None
         params = SamplingParams(float(temp), int(k), float(p), seed_int)
+        run = BackgroundStream(engine, prompt_text, int(n), params, stats)
         try:
             yield text, charts.stats_markdown(stats, running=True), "", hist
-            for event in engine.stream(prompt_text, int(n), params, stats):
-                text += event.text
-                yield text, charts.stats_markdown(stats, running=True), "", hist
+            for kind, value in run.events():
+                if kind == "token":
+                    text += value.text
+                elif kind == "notice":  # the trunk was lost or came back: say so while the tokens wait
+                    notice = f"⚠️ {value}"
+                yield text, charts.stats_markdown(stats, running=True), notice, hist
         except (SplitError, TrunkError) as e:
             logger.warning("generation failed: %s", e)
             yield text, charts.stats_markdown(stats), f"⚠️ {e}", hist
             return
         finally:
+            run.stop()
             if stats.tokens:
                 hist.add(prompt_text, stats)
                 logger.info(
@@ -81,13 +88,52 @@ def generation_tab(engine: Engine, history: gr.State) -> None:
                     stats.ttft_ms,
                     stats.tokens_per_s,
                 )
-        yield text, charts.stats_markdown(stats), "", hist
+        yield text, charts.stats_markdown(stats), notice, hist
 
     inputs = [prompt, max_tokens, temperature, top_k, top_p, seed, history]
     outputs = [output, stats_panel, status, history]
     ev_click = run.click(on_generate, inputs, outputs)
     ev_submit = prompt.submit(on_generate, inputs, outputs)
     stop.click(None, cancels=[ev_click, ev_submit])
+
+
+class BackgroundStream:
+    """One generation on a worker thread, so that the UI can show notices (a lost trunk) while a step waits.
+
+    `events()` yields ("token", TokenEvent) and ("notice", text) and re-raises the generation's error;
+    `stop()` ends the generation at the next token (the UI's Stop button, or a closed browser tab)."""
+
+    def __init__(self, engine: Engine, prompt: str, max_new_tokens: int, params: SamplingParams, stats):
+        self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self._stop = threading.Event()
+        args = (engine, prompt, max_new_tokens, params, stats)
+        self._thread = threading.Thread(target=self._run, args=args, daemon=True, name="generation")
+        self._thread.start()
+
+    def _run(self, engine, prompt, max_new_tokens, params, stats) -> None:
+        stream = engine.stream(prompt, max_new_tokens, params, stats, notify=lambda m: self._q.put(("notice", m)))
+        try:
+            for event in stream:
+                self._q.put(("token", event))
+                if self._stop.is_set():
+                    break
+            self._q.put(("end", None))
+        except BaseException as e:  # handed to the UI thread, which decides what to show
+            self._q.put(("error", e))
+        finally:
+            stream.close()
+
+    def events(self):
+        while True:
+            kind, value = self._q.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise value
+            yield kind, value
+
+    def stop(self) -> None:
+        self._stop.set()
 
 
 def latency_tab(history: gr.State, every_s: float = 5.0) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -14,6 +14,8 @@ from splitcore.sampling import SamplingParams
 from splitcore.stats import GenerationStats
 
 logger = logging.getLogger(__name__)
+
+Notify = Callable[[str], None]
 
 
 @dataclass
@@ -43,8 +45,10 @@ class Engine:
         self.tokenizer = load_tokenizer(model.path)
         self.n_positions = model.config.n_positions
 
-    def new_stepper(self, max_length: int = 0) -> Stepper:
-        """A fresh stepper (fresh caches) for one generation of at most `max_length` tokens."""
+    def new_stepper(self, max_length: int = 0, notify: Notify | None = None) -> Stepper:
+        """A fresh stepper (fresh caches) for one generation of at most `max_length` tokens.
+
+        `notify` hears what happens on the way that the caller may want to show (a lost trunk, a reconnect)."""
         raise NotImplementedError
 
     def encode(self, prompt: str) -> list[int]:
@@ -54,12 +58,18 @@ class Engine:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def stream(
-        self, prompt: str | list[int], max_new_tokens: int, params: SamplingParams, stats: GenerationStats | None = None
+        self,
+        prompt: str | list[int],
+        max_new_tokens: int,
+        params: SamplingParams,
+        stats: GenerationStats | None = None,
+        notify: Notify | None = None,
     ) -> Iterator[TokenEvent]:
-        """Yield tokens as they are generated; `stats` (if given) fills in as they come."""
+        """Yield tokens as they are generated; `stats` (if given) fills in as they come; `notify` hears of a lost
+        and regained trunk while the generation waits for it."""
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         yield from generate(
-            self.new_stepper_checked(ids, max_new_tokens, params),
+            self.new_stepper_checked(ids, max_new_tokens, params, notify),
             ids,
             max_new_tokens,
             params,
@@ -68,9 +78,11 @@ class Engine:
             stats,
         )
 
-    def new_stepper_checked(self, ids: list[int], max_new_tokens: int, params: SamplingParams) -> Stepper:
+    def new_stepper_checked(
+        self, ids: list[int], max_new_tokens: int, params: SamplingParams, notify: Notify | None = None
+    ) -> Stepper:
         check_request(ids, max_new_tokens, self.n_positions, params)  # before opening any remote session
-        return self.new_stepper(len(ids) + max_new_tokens)
+        return self.new_stepper(len(ids) + max_new_tokens, notify)
 
     def run(self, prompt: str | list[int], max_new_tokens: int, params: SamplingParams) -> GenerationResult:
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
@@ -86,5 +98,5 @@ class FullEngine(Engine):
         super().__init__(model, device, dtype)
         self.hf_model = load_full_model(model.path, attn, dtype, str(device))
 
-    def new_stepper(self, max_length: int = 0) -> Stepper:
+    def new_stepper(self, max_length: int = 0, notify: Notify | None = None) -> Stepper:
         return FullStepper(self.hf_model, max_length)
