@@ -3,26 +3,23 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
-from splitcore.cli import add_generate_args, add_model_args, env, main_guard, run_generate, setup_logging
+from splitcore.cli import add_model_args, app_parser, main_guard, parse_app_args, run_generate, setup_logging
 from splitcore.engine import FullEngine
 from splitcore.models import resolve_with_fallback
 from splitcore.runtime import configure_threads, resolve_device, resolve_dtype
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m baseline", description="GPT-2 on one machine, unsplit.")
-    sub = p.add_subparsers(dest="command")
-    g = sub.add_parser("generate", help="generate text from a prompt")
-    add_model_args(g)
-    add_generate_args(g)
-    s = sub.add_parser("serve", help="start the Gradio app (the default)")
-    add_model_args(s)
-    s.add_argument("--host", default=env("GPT2_UI_HOST", "0.0.0.0"))
-    s.add_argument("--port", type=int, default=int(env("GPT2_FULL_PORT", "7861")))
-    s.add_argument("--log-file", default=env("GPT2_FULL_LOG", "logs/gpt2_full.log"))
-    return p
+    return app_parser(
+        "python -m baseline",
+        "GPT-2 on one machine, unsplit.",
+        add_model_args,
+        "GPT2_FULL_PORT",
+        7861,
+        "GPT2_FULL_LOG",
+        "logs/gpt2_full.log",
+    )
 
 
 def load_engine(args: argparse.Namespace) -> FullEngine:
@@ -33,10 +30,7 @@ def load_engine(args: argparse.Namespace) -> FullEngine:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] not in ("generate", "serve", "-h", "--help"):
-        argv = ["serve", *argv]
-    args = build_parser().parse_args(argv)
+    args = parse_app_args(build_parser(), argv)
 
     def body() -> None:
         if args.command == "generate":

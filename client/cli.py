@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import fields
 
 from client.engine import ClientConfig, SplitEngine
 from splitcomm.errors import TrunkError
-from splitcore.cli import add_generate_args, add_model_args, env, main_guard, run_generate, setup_logging
+from splitcore.cli import add_model_args, app_parser, env, main_guard, parse_app_args, run_generate, setup_logging
 from splitcore.runtime import configure_threads
 
 
@@ -52,19 +51,15 @@ def add_split_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m client", description="GPT-2 split client: embeddings and head here, trunk on a server."
+    return app_parser(
+        "python -m client",
+        "GPT-2 split client: embeddings and head here, trunk on a server.",
+        add_split_args,
+        "GPT2_CLIENT_PORT",
+        7860,
+        "GPT2_CLIENT_LOG",
+        "logs/gpt2_client.log",
     )
-    sub = p.add_subparsers(dest="command")
-    g = sub.add_parser("generate", help="generate text from a prompt")
-    add_split_args(g)
-    add_generate_args(g)
-    s = sub.add_parser("serve", help="start the Gradio app (the default)")
-    add_split_args(s)
-    s.add_argument("--host", default=env("GPT2_UI_HOST", "0.0.0.0"))
-    s.add_argument("--port", type=int, default=int(env("GPT2_CLIENT_PORT", "7860")))
-    s.add_argument("--log-file", default=env("GPT2_CLIENT_LOG", "logs/gpt2_client.log"))
-    return p
 
 
 def client_config(args: argparse.Namespace) -> ClientConfig:
@@ -73,10 +68,7 @@ def client_config(args: argparse.Namespace) -> ClientConfig:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] not in ("generate", "serve", "-h", "--help"):
-        argv = ["serve", *argv]
-    args = build_parser().parse_args(argv)
+    args = parse_app_args(build_parser(), argv)
 
     def body() -> None:
         if args.command == "generate":

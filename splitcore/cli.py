@@ -1,4 +1,4 @@
-"""Command-line pieces shared by `python -m client generate` and `python -m baseline generate`."""
+"""Command-line pieces shared by `python -m client` and `python -m baseline`."""
 
 from __future__ import annotations
 
@@ -51,6 +51,37 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         help="torch intra-op threads (default: torch's choice)",
     )
     p.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+
+
+def app_parser(
+    prog: str,
+    description: str,
+    add_args: Callable[[argparse.ArgumentParser], None],
+    port_env: str,
+    default_port: int,
+    log_env: str,
+    default_log: str,
+) -> argparse.ArgumentParser:
+    """`generate` (text or JSON on stdout) and `serve` (the Gradio app), both with the model options of `add_args`."""
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    sub = p.add_subparsers(dest="command")
+    g = sub.add_parser("generate", help="generate text from a prompt")
+    add_args(g)
+    add_generate_args(g)
+    s = sub.add_parser("serve", help="start the Gradio app (the default)")
+    add_args(s)
+    s.add_argument("--host", default=env("GPT2_UI_HOST", "0.0.0.0"))
+    s.add_argument("--port", type=int, default=int(env(port_env, str(default_port))))
+    s.add_argument("--log-file", default=env(log_env, default_log))
+    return p
+
+
+def parse_app_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """No subcommand (nothing, or options only) means `serve`."""
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in ("generate", "serve", "-h", "--help"):
+        argv = ["serve", *argv]
+    return parser.parse_args(argv)
 
 
 def add_generate_args(p: argparse.ArgumentParser) -> None:
