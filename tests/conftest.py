@@ -41,24 +41,21 @@ def tokenizer(tiny):
     return load_tokenizer(tiny.path)
 
 
-@pytest.fixture(scope="session")
-def server(models_dir, tiny):
-    """A real trunk server for random:tiny on 127.0.0.1 and a free port."""
+def start_tiny_server(models_dir, **settings):
+    """A started in-process trunk server for random:tiny on 127.0.0.1 (a free port unless `port` is given)."""
     from server.app import TrunkServer
     from server.config import ServerConfig
 
-    srv = TrunkServer(
-        ServerConfig(
-            model=TINY,
-            models_dir=str(models_dir),
-            host="127.0.0.1",
-            port=0,
-            max_sessions=24,
-            idle_timeout_s=0,
-            grace_s=1,
-        )
-    )
+    cfg = dict(model=TINY, models_dir=str(models_dir), host="127.0.0.1", port=0, idle_timeout_s=0) | settings
+    srv = TrunkServer(ServerConfig(**cfg))
     srv.start()
+    return srv
+
+
+@pytest.fixture(scope="session")
+def server(models_dir, tiny):
+    """A real trunk server for random:tiny on 127.0.0.1 and a free port."""
+    srv = start_tiny_server(models_dir, max_sessions=24, grace_s=1)
     yield srv
     srv.stop(1)
 

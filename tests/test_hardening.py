@@ -15,14 +15,12 @@ import pytest
 import torch
 
 from client.engine import ClientConfig, SplitEngine
-from server.app import TrunkServer
-from server.config import ServerConfig
 from splitcomm.errors import TrunkError, TrunkUnavailable
 from splitcomm.proto import trunk_pb2 as pb
 from splitcomm.proto import trunk_pb2_grpc as pb_grpc
 from splitcomm.trunk_client import TrunkClient, TrunkClientConfig
 from splitcore.sampling import SamplingParams
-from tests.conftest import TINY, free_port, start_server_process, wait_for
+from tests.conftest import TINY, free_port, start_server_process, start_tiny_server, wait_for
 
 GREEDY = SamplingParams(temperature=0.0)
 
@@ -76,20 +74,14 @@ def test_sixteen_concurrent_sessions_match_solo_runs(models_dir, server_target, 
 
 @pytest.fixture(scope="module")
 def limited(models_dir, tiny):
-    srv = TrunkServer(
-        ServerConfig(
-            model=TINY,
-            models_dir=str(models_dir),
-            host="127.0.0.1",
-            port=0,
-            max_sessions=4,
-            max_session_tokens=64,
-            max_message_bytes=256 * 1024,
-            idle_timeout_s=0.5,
-            grace_s=0.5,
-        )
+    srv = start_tiny_server(
+        models_dir,
+        max_sessions=4,
+        max_session_tokens=64,
+        max_message_bytes=256 * 1024,
+        idle_timeout_s=0.5,
+        grace_s=0.5,
     )
-    srv.start()
     client = TrunkClient(TrunkClientConfig(f"127.0.0.1:{srv.port}"))
     yield srv, client, client.info().fingerprint
     client.close()

@@ -22,7 +22,7 @@ from server.config import ServerConfig
 from splitcomm.errors import TrunkError
 from splitcomm.trunk_client import TrunkClient, TrunkClientConfig
 from splitcore.sampling import SamplingParams
-from tests.conftest import TINY
+from tests.conftest import TINY, start_tiny_server
 
 TOKEN = "s3cret-token"
 GREEDY = SamplingParams(temperature=0.0)
@@ -83,21 +83,15 @@ def pki(tmp_path_factory) -> dict[str, str]:
 
 
 def _server(models_dir, pki, mtls=False) -> TrunkServer:
-    srv = TrunkServer(
-        ServerConfig(
-            model=TINY,
-            models_dir=str(models_dir),
-            host="127.0.0.1",
-            port=0,
-            tls_cert=pki["server_cert"],
-            tls_key=pki["server_key"],
-            tls_client_ca=pki["ca"] if mtls else None,
-            auth_token=TOKEN,
-            grace_s=0.5,
-        )
+    return start_tiny_server(
+        models_dir,
+        tls_cert=pki["server_cert"],
+        tls_key=pki["server_key"],
+        tls_client_ca=pki["ca"] if mtls else None,
+        auth_token=TOKEN,
+        idle_timeout_s=300,
+        grace_s=0.5,
     )
-    srv.start()
-    return srv
 
 
 @pytest.fixture(scope="module")

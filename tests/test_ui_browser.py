@@ -13,7 +13,7 @@ import time
 import pytest
 
 from client import ui
-from tests.conftest import ROOT, TINY, subprocess_env
+from tests.conftest import ROOT, TINY, start_tiny_server, subprocess_env
 
 PROMPT = "The quick brown fox"
 SHOTS = ROOT / "logs"
@@ -51,19 +51,10 @@ def browser():
 
 @pytest.fixture(scope="module")
 def trunk(models_dir, tiny):
-    from server.app import TrunkServer
-    from server.config import ServerConfig
-
     port = _free_port()
 
     def start():
-        srv = TrunkServer(
-            ServerConfig(
-                model=TINY, models_dir=str(models_dir), host="127.0.0.1", port=port, idle_timeout_s=0, grace_s=0.5
-            )
-        )
-        srv.start()
-        return srv
+        return start_tiny_server(models_dir, port=port, grace_s=0.5)
 
     state = {"server": start(), "start": start, "port": port}
     yield state
