@@ -16,6 +16,7 @@ from splitcomm.trunk_client import TrunkClient, TrunkClientConfig, TrunkSession
 from splitcore.engine import Engine, Notify
 from splitcore.fingerprint import model_fingerprint
 from splitcore.generate import LocalTrunkLink, SplitStepper, Stepper
+from splitcore.kvcache import GrowingBuffer
 from splitcore.models import resolve_with_fallback
 from splitcore.parts import Split, load_parts
 from splitcore.runtime import resolve_device, resolve_dtype
@@ -120,38 +121,24 @@ class SessionLink:
 class StatelessLink:
     """Trunk on a server that keeps nothing: the client holds the trunk KV cache and sends it every call.
 
-    The cache lives in a buffer with room for the whole generation ([blocks, 2, batch, heads, room, head_dim]);
-    each call appends the new positions in place and sends a view of the filled part, so no step copies the
-    whole cache just to grow it."""
+    The cache ([blocks, 2, batch, heads, positions, head_dim]) lives in a GrowingBuffer with room for the whole
+    generation: each call appends the new positions in place and sends a view of the filled part."""
 
     def __init__(self, client: TrunkClient, fingerprint: pb.Fingerprint, wire_dtype: torch.dtype, max_length: int = 0):
         self.client, self.fingerprint, self.wire_dtype = client, fingerprint, wire_dtype
-        self.max_length = max_length
-        self._buf: torch.Tensor | None = None
-        self.length = 0  # positions held
+        self._kv = GrowingBuffer(max_length)
 
     @property
     def kv(self) -> torch.Tensor | None:
-        return None if self._buf is None else self._buf[..., : self.length, :]
+        return self._kv.view
 
     def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, float | None, int, int]:
         out, new_kv, ms, b_out, b_in = self.client.forward(self.fingerprint, h, self.kv, self.wire_dtype)
-        self._append(new_kv)
+        self._kv.append(new_kv)
         return out, ms, b_out, b_in
 
-    def _append(self, new_kv: torch.Tensor) -> None:
-        end = self.length + new_kv.shape[4]
-        if self._buf is None or end > self._buf.shape[4]:
-            room = max(end, self.max_length, 2 * (0 if self._buf is None else self._buf.shape[4]))
-            buf = new_kv.new_empty((*new_kv.shape[:4], room, new_kv.shape[5]))
-            if self.length:
-                buf[..., : self.length, :] = self.kv
-            self._buf = buf
-        self._buf[..., self.length : end, :] = new_kv
-        self.length = end
-
     def close(self) -> None:
-        self._buf, self.length = None, 0
+        self._kv.reset()
 
 
 class DelayedLink:

@@ -165,7 +165,7 @@ def profile_steps(engine: Engine, ids: list[int], n: int) -> list[dict[str, floa
                 continue
             step = {"total": total}
             if r.server_ms is not None:  # a split: the full model is one piece
-                top = stepper.last_top_ms - stepper.last_head_ms
+                top = stepper.last_top_ms
                 head = total - stepper.last_bottom_ms - r.trunk_wall_ms - top  # with the argmax
                 step |= {"bottom": stepper.last_bottom_ms, "top": top, "head": head}
                 last = getattr(getattr(stepper.link, "session", None), "last", None)

@@ -115,7 +115,7 @@ class TrunkServicer(pb_grpc.TrunkServicer):
         if req.step.step != session.next_step:
             raise InvalidInput(f"step {req.step.step} out of order: expected step {session.next_step}")
         h = codec.decode(req.step.hidden, self.max_elements, finite="hidden states")  # cheaper here than in torch
-        self.trunk.check_hidden(h, finite=False)
+        self.trunk.check_hidden(h, check_finite=False)
         if session.batch is not None and h.shape[0] != session.batch:
             raise InvalidInput(f"batch size changed from {session.batch} to {h.shape[0]} within a session")
         cached = session.cache.get_seq_length()
@@ -169,7 +169,7 @@ class TrunkServicer(pb_grpc.TrunkServicer):
                 kv = codec.decode(request.kv, self.max_elements, finite="the trunk KV cache", copy=False)
             with self.compute_lock:
                 t0 = time.perf_counter()
-                out, new_kv = self.trunk.forward_stateless(h, kv, finite_checked=True)
+                out, new_kv = self.trunk.forward_stateless(h, kv, check_finite=False)
                 ms = (time.perf_counter() - t0) * 1e3
             self.sessions.record_step(ms)
             resp = pb.ForwardResponse(hidden=codec.encode(out, h.dtype), kv=codec.encode(new_kv, h.dtype), server_ms=ms)

@@ -90,8 +90,8 @@ class SplitStepper:
         self.bottom, self.top, self.link = bottom, top, link
         self.bottom_cache, self.top_cache = bottom.new_cache(capacity), top.new_cache(capacity)
         self.n_positions = bottom.n_positions
-        self.last_bottom_ms = self.last_top_ms = 0.0  # the two halves of the latest step's client_ms
-        self.last_head_ms = 0.0  # the LM head's part of last_top_ms
+        # the latest step's client_ms, part by part: bottom, top blocks, final norm + LM head
+        self.last_bottom_ms = self.last_top_ms = self.last_head_ms = 0.0
 
     def step(self, ids: torch.Tensor) -> StepResult:
         t0 = time.perf_counter()
@@ -103,7 +103,7 @@ class SplitStepper:
         t3 = time.perf_counter()
         logits = self.top.head(h)[0]
         t4 = time.perf_counter()
-        self.last_bottom_ms, self.last_top_ms, self.last_head_ms = (t1 - t0) * 1e3, (t4 - t2) * 1e3, (t4 - t3) * 1e3
+        self.last_bottom_ms, self.last_top_ms, self.last_head_ms = (t1 - t0) * 1e3, (t3 - t2) * 1e3, (t4 - t3) * 1e3
         return StepResult(logits, ((t1 - t0) + (t4 - t2)) * 1e3, server_ms, (t2 - t1) * 1e3, b_out, b_in)
 
     def close(self) -> None:

@@ -17,47 +17,53 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 MIN_ROOM = 64  # positions allocated at least, when the caller gives no length
 
 
+class GrowingBuffer:
+    """A tensor that grows along dim -2 in place: room is allocated ahead (`capacity` positions on the first
+    append, doubling after) and `view` is the filled part. Shared by the KV cache layers here and by the
+    stateless client's copy of the trunk cache."""
+
+    def __init__(self, capacity: int = 0):
+        self.capacity = max(0, capacity)
+        self._buf: torch.Tensor | None = None
+        self.view: torch.Tensor | None = None  # the filled part: [..., length, last]
+
+    @property
+    def room(self) -> int:
+        return 0 if self._buf is None else self._buf.shape[-2]
+
+    def reset(self, content: torch.Tensor | None = None) -> None:
+        """Start again from `content` (copied into fresh room on the next append), or empty."""
+        self._buf = None
+        self.view = content if content is not None and content.numel() else None
+
+    def append(self, x: torch.Tensor) -> torch.Tensor:
+        length = 0 if self.view is None else self.view.shape[-2]
+        end = length + x.shape[-2]
+        if end > self.room:
+            room = max(end, self.capacity if self._buf is None else 0, 2 * self.room, MIN_ROOM)
+            buf = x.new_empty((*x.shape[:-2], room, x.shape[-1]))
+            if length:
+                buf[..., :length, :] = self.view
+            self._buf = buf
+        self._buf[..., length:end, :] = x
+        self.view = self._buf[..., :end, :]
+        return self.view
+
+
 class GrowingLayer(DynamicLayer):
-    """One layer's keys and values: `keys`/`values` are views of the first `length` positions of a buffer."""
+    """One layer's keys and values, each a GrowingBuffer: `keys`/`values` are views of the filled part."""
 
     def __init__(self, capacity: int = 0):
         super().__init__()
-        self.capacity = capacity  # positions to allocate on the first update (0: just enough, then doubling)
-        self._k = self._v = None  # buffers [batch, heads, room, head_dim]
-        self._length = 0
-        self._keys_view = self._values_view = None  # what update() last handed out
-
-    def _room(self) -> int:
-        return 0 if self._k is None else self._k.shape[-2]
-
-    def _adopt(self) -> None:
-        """Take over keys/values that were set from outside (reset, crop, reorder, batch select)."""
-        if not self.is_initialized or self.keys is None or self.keys.numel() == 0:
-            self._k = self._v = None
-            self._length = 0
-            return
-        k, v = self.keys, self.values
-        self._k, self._v, self._length = k.clone(), v.clone(), k.shape[-2]
+        self._k, self._v = GrowingBuffer(capacity), GrowingBuffer(capacity)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        if self.keys is not self._keys_view or self.values is not self._values_view:
-            self._adopt()  # first use, or keys/values were replaced (reset, crop, reorder): start from them
-        new = self._length + key_states.shape[-2]
-        if new > self._room():
-            room = max(new, self.capacity if self._k is None else 0, 2 * self._room(), MIN_ROOM)
-            k = key_states.new_empty((*key_states.shape[:-2], room, key_states.shape[-1]))
-            v = value_states.new_empty((*value_states.shape[:-2], room, value_states.shape[-1]))
-            if self._length:
-                k[..., : self._length, :] = self._k[..., : self._length, :]
-                v[..., : self._length, :] = self._v[..., : self._length, :]
-            self._k, self._v = k, v
-        self._k[..., self._length : new, :] = key_states
-        self._v[..., self._length : new, :] = value_states
-        self._length = new
-        self.keys, self.values = self._k[..., :new, :], self._v[..., :new, :]
-        self._keys_view, self._values_view = self.keys, self.values
+        if self.keys is not self._k.view:  # first use, or replaced from outside (reset, crop, reorder)
+            self._k.reset(self.keys)
+            self._v.reset(self.values)
+        self.keys, self.values = self._k.append(key_states), self._v.append(value_states)
         return self.keys, self.values
 
 

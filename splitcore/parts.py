@@ -149,10 +149,10 @@ class Bottom(_Part):
 class Trunk(_Part):
     """Blocks [s1, s2): hidden states in, hidden states out. Runs on the server (or in-process)."""
 
-    def check_hidden(self, h: torch.Tensor, finite: bool = True) -> None:
+    def check_hidden(self, h: torch.Tensor, check_finite: bool = True) -> None:
         """Reject hidden states this trunk cannot take, with a message saying what was expected.
 
-        `finite=False` skips the NaN/infinity scan, for a caller that has done it already."""
+        `check_finite=False` skips the NaN/infinity scan, for a caller that has done it already."""
         d = self.config.n_embd
         if h.ndim != 3:
             raise InvalidInput(f"hidden states have {h.ndim} dims {list(h.shape)}, expected [batch, seq, {d}]")
@@ -162,7 +162,7 @@ class Trunk(_Part):
             raise InvalidInput(f"hidden size is {h.shape[2]}, this model's is {d} (shape {list(h.shape)})")
         if not h.is_floating_point():
             raise InvalidInput(f"hidden states must be floating point, got {h.dtype}")
-        if finite and not bool(torch.isfinite(h).all()):
+        if check_finite and not bool(torch.isfinite(h).all()):
             raise InvalidInput("hidden states contain NaN or infinite values")
 
     @torch.inference_mode()
@@ -178,18 +178,18 @@ class Trunk(_Part):
 
     @torch.inference_mode()
     def forward_stateless(
-        self, h: torch.Tensor, kv: torch.Tensor | None, finite_checked: bool = False
+        self, h: torch.Tensor, kv: torch.Tensor | None, check_finite: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Run with a client-held cache: returns hidden states and the KV entries of the new positions only.
 
-        `finite_checked`: the caller has already rejected NaN/infinite values (the server does it while decoding)."""
-        self.check_hidden(h, finite=not finite_checked)
+        `check_finite=False`: the caller has already rejected NaN/infinite values (the server, while decoding)."""
+        self.check_hidden(h, check_finite)
         past = 0
         if kv is not None and kv.numel() > 0:
             want = self.kv_shape(h.shape[0], kv.shape[4] if kv.ndim == 6 else -1)
             if list(kv.shape) != want:
                 raise InvalidInput(f"trunk KV cache has shape {list(kv.shape)}, expected {want}")
-            if not finite_checked and not bool(torch.isfinite(kv).all()):
+            if check_finite and not bool(torch.isfinite(kv).all()):
                 raise InvalidInput("trunk KV cache contains NaN or infinite values")
             past = kv.shape[4]
         cache = self.new_cache(past + h.shape[1])  # room for the new positions too: one copy of the KV, no regrowth

@@ -35,7 +35,7 @@ def test_no_copy_per_step_when_the_length_is_known():
         cache.update(*_kv(1, i + 1), 0)
         assert cache.layers[0].keys.data_ptr() == ptr  # written in place: the buffer never moved
     cache.update(*_kv(1, 99), 0)  # one past the room: grows (doubling) and keeps every value
-    assert cache.get_seq_length() == 101 and cache.layers[0]._room() == 200
+    assert cache.get_seq_length() == 101 and cache.layers[0]._k.room == 200
 
 
 def test_doubling_without_a_length():
@@ -43,7 +43,7 @@ def test_doubling_without_a_length():
     rooms = set()
     for i in range(300):
         cache.update(*_kv(1, i), 0)
-        rooms.add(cache.layers[0]._room())
+        rooms.add(cache.layers[0]._k.room)
     assert rooms == {MIN_ROOM, 2 * MIN_ROOM, 4 * MIN_ROOM, 8 * MIN_ROOM}
 
 
