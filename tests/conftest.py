@@ -52,6 +52,17 @@ def start_tiny_server(models_dir, **settings):
     return srv
 
 
+def tiny_split_engine(models_dir, target: str | None = None, **settings):
+    """A split client for random:tiny on the CPU, against the trunk at `target` (or in-process with
+    local_trunk=True); it fails at once when the trunk is lost unless `reconnect_s` says otherwise."""
+    from client.engine import ClientConfig, SplitEngine
+
+    settings.setdefault("reconnect_s", 0)
+    if target is not None:
+        settings["server"] = target
+    return SplitEngine(ClientConfig(model=TINY, models_dir=str(models_dir), device="cpu", **settings))
+
+
 @pytest.fixture(scope="session")
 def server(models_dir, tiny):
     """A real trunk server for random:tiny on 127.0.0.1 and a free port."""

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from client.engine import ClientConfig, SplitEngine
 from splitcore.engine import FullEngine
 from splitcore.errors import InvalidInput, LimitExceeded
 from splitcore.generate import IncrementalDecoder
 from splitcore.sampling import SamplingParams, make_generator, sample
 from splitcore.stats import GenerationStats, percentile, summarize
+from tests.conftest import tiny_split_engine
 
 GREEDY = SamplingParams(temperature=0.0)
 PROMPTS = ["Hello world, I am a language model", "The capital of France is", "def fibonacci(n):"]
@@ -23,7 +23,7 @@ def full_engine(tiny):
 
 @pytest.fixture(scope="module")
 def local_split(tiny, models_dir):
-    return SplitEngine(ClientConfig(model="random:tiny", models_dir=str(models_dir), local_trunk=True, device="cpu"))
+    return tiny_split_engine(models_dir, local_trunk=True)
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)

@@ -14,27 +14,21 @@ import psutil
 import pytest
 import torch
 
-from client.engine import ClientConfig, SplitEngine
 from splitcomm.errors import TrunkError, TrunkUnavailable
 from splitcomm.proto import trunk_pb2 as pb
 from splitcomm.proto import trunk_pb2_grpc as pb_grpc
 from splitcomm.trunk_client import TrunkClient, TrunkClientConfig
 from splitcore.sampling import SamplingParams
-from tests.conftest import TINY, free_port, start_server_process, start_tiny_server, wait_for
+from tests.conftest import free_port, start_server_process, start_tiny_server, tiny_split_engine, wait_for
 
 GREEDY = SamplingParams(temperature=0.0)
-
-
-def split_engine(models_dir, target, **kw) -> SplitEngine:
-    kw.setdefault("reconnect_s", 0)
-    return SplitEngine(ClientConfig(model=TINY, models_dir=str(models_dir), server=target, device="cpu", **kw))
 
 
 # --- concurrency ----------------------------------------------------------------------------------------
 
 
 def test_sixteen_concurrent_sessions_match_solo_runs(models_dir, server_target, server):
-    engine = split_engine(models_dir, server_target)
+    engine = tiny_split_engine(models_dir, server_target)
     prompts = [
         f"Story {i}: once upon a time in the {w}"
         for i, w in enumerate(
@@ -170,7 +164,7 @@ def test_trunk_killed_mid_generation_resumes_identically(models_dir, tmp_path):
     port = free_port()
     server = start_server_process(port, log_file=str(tmp_path / "a.log"))
     messages = []
-    engine = split_engine(models_dir, f"127.0.0.1:{port}", reconnect_s=60, connect_timeout_s=2)
+    engine = tiny_split_engine(models_dir, f"127.0.0.1:{port}", reconnect_s=60, connect_timeout_s=2)
     engine.notify = messages.append
     prompt = "It was the best of times, it was the worst of times"
     reference = engine.run(prompt, 40, GREEDY).token_ids
@@ -202,7 +196,7 @@ def test_trunk_killed_mid_generation_resumes_identically(models_dir, tmp_path):
 def test_trunk_gone_gives_up_with_clear_message(models_dir, tmp_path):
     port = free_port()
     server = start_server_process(port, log_file=str(tmp_path / "c.log"))
-    engine = split_engine(models_dir, f"127.0.0.1:{port}", reconnect_s=1.5, connect_timeout_s=1)
+    engine = tiny_split_engine(models_dir, f"127.0.0.1:{port}", reconnect_s=1.5, connect_timeout_s=1)
     engine.notify = lambda msg: None
     t0 = None
     try:
@@ -333,7 +327,7 @@ def test_fuzz_every_rpc(models_dir, server_target, server):
     assert not unexpected, unexpected[:5]
     assert total == 3000
     wait_for(lambda: server.sessions.active() == 0, what="no session leaked")
-    engine = split_engine(models_dir, server_target)
+    engine = tiny_split_engine(models_dir, server_target)
     from splitcore.engine import FullEngine
 
     full = FullEngine(engine.model, torch.device("cpu"), torch.float32)

@@ -16,13 +16,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from client.engine import ClientConfig, SplitEngine
+from client.engine import SplitEngine
 from server.app import TrunkServer
 from server.config import ServerConfig
 from splitcomm.errors import TrunkError
 from splitcomm.trunk_client import TrunkClient, TrunkClientConfig
 from splitcore.sampling import SamplingParams
-from tests.conftest import TINY, start_tiny_server
+from tests.conftest import TINY, start_tiny_server, tiny_split_engine
 
 TOKEN = "s3cret-token"
 GREEDY = SamplingParams(temperature=0.0)
@@ -102,17 +102,7 @@ def tls_server(models_dir, pki, tiny):
 
 
 def _engine(models_dir, port, **kw) -> SplitEngine:
-    return SplitEngine(
-        ClientConfig(
-            model=TINY,
-            models_dir=str(models_dir),
-            server=f"127.0.0.1:{port}",
-            device="cpu",
-            reconnect_s=0,
-            connect_timeout_s=3,
-            **kw,
-        )
-    )
+    return tiny_split_engine(models_dir, f"127.0.0.1:{port}", connect_timeout_s=3, **kw)
 
 
 def test_tls_with_token_generates_correctly(models_dir, pki, tls_server, tiny):

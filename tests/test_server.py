@@ -14,7 +14,6 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from transformers import DynamicCache
 
-from client.engine import ClientConfig, SplitEngine
 from splitcomm.codec import encode
 from splitcomm.errors import TrunkUnavailable
 from splitcomm.proto import trunk_pb2 as pb
@@ -23,7 +22,7 @@ from splitcomm.trunk_client import TrunkClient, TrunkClientConfig
 from splitcore.engine import FullEngine
 from splitcore.parts import load_parts
 from splitcore.sampling import SamplingParams
-from tests.conftest import ROOT, subprocess_env, wait_for
+from tests.conftest import ROOT, subprocess_env, tiny_split_engine, wait_for
 
 GREEDY = SamplingParams(temperature=0.0)
 PROMPT = "In a hole in the ground there lived a hobbit. Not a nasty, dirty, wet hole"
@@ -32,11 +31,7 @@ PROMPT = "In a hole in the ground there lived a hobbit. Not a nasty, dirty, wet 
 @pytest.fixture(scope="module")
 def engines(models_dir, server_target, tiny):
     def make(**kw):
-        return SplitEngine(
-            ClientConfig(
-                model="random:tiny", models_dir=str(models_dir), server=server_target, device="cpu", reconnect_s=0, **kw
-            )
-        )
+        return tiny_split_engine(models_dir, server_target, **kw)
 
     made = {
         "session": make(),
@@ -291,9 +286,7 @@ def test_fingerprint_mismatch_names_the_difference(raw, server):
 
 
 def test_client_with_other_split_refused_in_one_line(models_dir, server_target):
-    engine = SplitEngine(
-        ClientConfig(model="random:tiny", models_dir=str(models_dir), server=server_target, split="3,9", device="cpu")
-    )
+    engine = tiny_split_engine(models_dir, server_target, split="3,9")
     with pytest.raises(Exception, match="split 2,10, this client has random:tiny split 3,9"):
         engine.check_server()
     engine.close()

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from client import ui
-from tests.conftest import ROOT, TINY, start_tiny_server, subprocess_env
+from tests.conftest import ROOT, TINY, start_tiny_server, subprocess_env, tiny_split_engine
 
 PROMPT = "The quick brown fox"
 SHOTS = ROOT / "logs"
@@ -64,18 +64,8 @@ def trunk(models_dir, tiny):
 @pytest.fixture(scope="module")
 def client_app(trunk, models_dir):
     from client.app import build_app
-    from client.engine import ClientConfig, SplitEngine
 
-    engine = SplitEngine(
-        ClientConfig(
-            model=TINY,
-            models_dir=str(models_dir),
-            server=f"127.0.0.1:{trunk['port']}",
-            device="cpu",
-            reconnect_s=1.0,
-            connect_timeout_s=2,
-        )
-    )
+    engine = tiny_split_engine(models_dir, f"127.0.0.1:{trunk['port']}", reconnect_s=1.0, connect_timeout_s=2)
     demo, feed = build_app(engine, monitor_interval_s=0.5)
     port = _free_port()
     ui.launch(demo, "127.0.0.1", port, block=False)
@@ -236,17 +226,12 @@ def test_generation_survives_trunk_loss_mid_way_and_says_so(browser, trunk, mode
     import torch
 
     from client.app import build_app
-    from client.engine import ClientConfig, SplitEngine
     from splitcore.engine import FullEngine
     from splitcore.sampling import SamplingParams
 
     n = 900
     expected = FullEngine(tiny, torch.device("cpu"), torch.float32).run(PROMPT, n, SamplingParams(0.0)).text
-    engine = SplitEngine(
-        ClientConfig(
-            model=TINY, models_dir=str(models_dir), server=f"127.0.0.1:{trunk['port']}", device="cpu", reconnect_s=30
-        )
-    )
+    engine = tiny_split_engine(models_dir, f"127.0.0.1:{trunk['port']}", reconnect_s=30)
     demo, feed = build_app(engine, monitor_interval_s=0.5)
     port = _free_port()
     ui.launch(demo, "127.0.0.1", port, block=False)
