@@ -7,7 +7,7 @@ import argparse
 from splitcore.cli import add_model_args, app_parser, main_guard, parse_app_args, run_generate, setup_logging
 from splitcore.engine import FullEngine
 from splitcore.models import resolve_with_fallback
-from splitcore.runtime import configure_threads, resolve_device, resolve_dtype
+from splitcore.runtime import configure_threads, resolve_device, resolve_dtype, use_cuda_graphs
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,7 +26,8 @@ def load_engine(args: argparse.Namespace) -> FullEngine:
     configure_threads(args.threads)
     device = resolve_device(args.device)
     model = resolve_with_fallback(args.model, args.models_dir, args.fallback_random)
-    return FullEngine(model, device, resolve_dtype(args.dtype, device), args.attn)
+    graphs = use_cuda_graphs(args.cuda_graphs, device)
+    return FullEngine(model, device, resolve_dtype(args.dtype, device), args.attn, graphs)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -13,13 +13,13 @@ from splitcomm.codec import parse_wire_dtype
 from splitcomm.errors import TrunkError, TrunkUnavailable
 from splitcomm.proto import trunk_pb2 as pb
 from splitcomm.trunk_client import TrunkClient, TrunkClientConfig, TrunkSession
+from splitcore.cudagraph import DecoderPool
 from splitcore.engine import Engine, Notify
 from splitcore.fingerprint import model_fingerprint
 from splitcore.generate import LocalTrunkLink, SplitStepper, Stepper
-from splitcore.kvcache import GrowingBuffer
 from splitcore.models import resolve_with_fallback
 from splitcore.parts import Split, load_parts
-from splitcore.runtime import resolve_device, resolve_dtype
+from splitcore.runtime import configure_attention, resolve_device, resolve_dtype, use_cuda_graphs
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +39,7 @@ class ClientConfig:
     device: str = "auto"
     dtype: str = "auto"
     attn: str = "sdpa"
+    cuda_graphs: str = "on"  # on: decode steps as CUDA graphs on a GPU; off: eager (no effect on the CPU)
     connect_timeout_s: float = 5.0  # to reach the server, s
     step_timeout_s: float = 60.0  # one trunk call, s
     reconnect_s: float = 30.0  # keep retrying a lost trunk this long, s (0 = fail at once)
@@ -121,24 +122,38 @@ class SessionLink:
 class StatelessLink:
     """Trunk on a server that keeps nothing: the client holds the trunk KV cache and sends it every call.
 
-    The cache ([blocks, 2, batch, heads, positions, head_dim]) lives in a GrowingBuffer with room for the whole
-    generation: each call appends the new positions in place and sends a view of the filled part."""
+    The cache ([blocks, 2, batch, heads, positions, head_dim]) lives in a buffer with room for the whole
+    generation (doubling if the length is unknown): each call writes the new positions in place and sends a view
+    of the filled part."""
 
     def __init__(self, client: TrunkClient, fingerprint: pb.Fingerprint, wire_dtype: torch.dtype, max_length: int = 0):
         self.client, self.fingerprint, self.wire_dtype = client, fingerprint, wire_dtype
-        self._kv = GrowingBuffer(max_length)
+        self.max_length = max_length
+        self._buf: torch.Tensor | None = None
+        self.length = 0
 
     @property
     def kv(self) -> torch.Tensor | None:
-        return self._kv.view
+        return None if self._buf is None else self._buf[:, :, :, :, : self.length]
+
+    def _append(self, new: torch.Tensor) -> None:
+        end = self.length + new.shape[4]
+        room = 0 if self._buf is None else self._buf.shape[4]
+        if end > room:
+            buf = new.new_empty((*new.shape[:4], max(end, self.max_length, 2 * room), new.shape[5]))
+            if self.length:
+                buf[:, :, :, :, : self.length] = self.kv
+            self._buf = buf
+        self._buf[:, :, :, :, self.length : end] = new
+        self.length = end
 
     def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, float | None, int, int]:
         out, new_kv, ms, b_out, b_in = self.client.forward(self.fingerprint, h, self.kv, self.wire_dtype)
-        self._kv.append(new_kv)
+        self._append(new_kv)
         return out, ms, b_out, b_in
 
     def close(self) -> None:
-        self._kv.reset()
+        self._buf, self.length = None, 0
 
 
 class DelayedLink:
@@ -168,7 +183,10 @@ class SplitEngine(Engine):
         self.split = Split.parse(cfg.split, model.config.n_layer)
         self.wire_dtype = parse_wire_dtype(cfg.wire_dtype)
         parts = ("bottom", "trunk", "top") if cfg.local_trunk else ("bottom", "top")
+        logger.info("%s", configure_attention(device))
         self.parts = load_parts(model, self.split, parts, device, self.dtype, cfg.attn)
+        graphs = use_cuda_graphs(cfg.cuda_graphs, device)
+        self.pools = {name: DecoderPool(part) for name, part in self.parts.items()} if graphs else {}
         fp = model_fingerprint(model, self.split)
         self.fingerprint = pb.Fingerprint(**fp.to_dict(), digest=fp.digest)
         self.trunk_client = None if cfg.local_trunk else TrunkClient(cfg.trunk_client_config())
@@ -200,7 +218,7 @@ class SplitEngine(Engine):
 
     def new_stepper(self, max_length: int = 0, notify: Notify | None = None) -> Stepper:
         if self.trunk_client is None:
-            link = LocalTrunkLink(self.parts["trunk"], max_length)
+            link = LocalTrunkLink(self.parts["trunk"], max_length, self.pools.get("trunk"))
         elif self.cfg.stateless:
             link = StatelessLink(self.trunk_client, self.fingerprint, self.wire_dtype, max_length)
         else:
@@ -214,7 +232,7 @@ class SplitEngine(Engine):
             )
         if self.cfg.added_delay_ms > 0:
             link = DelayedLink(link, self.cfg.added_delay_ms)
-        return SplitStepper(self.parts["bottom"], self.parts["top"], link, max_length)
+        return SplitStepper(self.parts["bottom"], self.parts["top"], link, max_length, self.pools)
 
     def _notify_both(self, notify: Notify | None) -> Notify:
         """The engine's listener (a log line by default) and this generation's."""

@@ -17,10 +17,11 @@ from splitcomm.channel import add_port, make_server
 from splitcomm.proto import trunk_pb2 as pb
 from splitcomm.proto import trunk_pb2_grpc as pb_grpc
 from splitcore.cli import main_guard, setup_logging
+from splitcore.cudagraph import DecoderPool
 from splitcore.fingerprint import model_fingerprint
 from splitcore.models import resolve_with_fallback
 from splitcore.parts import Split, load_parts
-from splitcore.runtime import configure_threads, resolve_device, resolve_dtype
+from splitcore.runtime import configure_attention, configure_threads, resolve_device, resolve_dtype, use_cuda_graphs
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +39,10 @@ class TrunkServer:
         split = Split.parse(cfg.split, model.config.n_layer)
         device = resolve_device(cfg.device)
         dtype = resolve_dtype(cfg.dtype, device)
+        logger.info("%s", configure_attention(device))
         self.trunk = load_parts(model, split, ("trunk",), device, dtype, cfg.attn)["trunk"]  # trunk weights only
+        self.graphs = use_cuda_graphs(cfg.cuda_graphs, device)
+        decoders = DecoderPool(self.trunk, max_idle=cfg.max_sessions) if self.graphs else None
         self.fingerprint = model_fingerprint(model, split)
         self.model, self.split = model, split
         self.sessions = SessionRegistry(cfg.max_sessions, cfg.idle_timeout_s)
@@ -74,6 +78,7 @@ class TrunkServer:
             max_elements=cfg.max_message_bytes // 2,
             monitor_interval_s=cfg.monitor_interval_s,
             max_monitors=cfg.max_monitors,
+            decoders=decoders,
         )
         # Each session and monitor stream holds a thread for its life; unary calls need a few more.
         self.grpc_server = make_server(cfg.max_sessions + cfg.max_monitors + 8, cfg.max_message_bytes, cfg.auth_token)
@@ -110,10 +115,12 @@ class TrunkServer:
 
     def ready_line(self) -> str:
         weights = " [RANDOM WEIGHTS]" if self.model.is_random else ""
+        device = f"{self.trunk.device}" + (" (picked by --device auto)" if self.cfg.device == "auto" else "")
+        graphs = ", CUDA graphs" if self.graphs else ""
         return (
             f"trunk server ready on {self.cfg.host}:{self.port}: {self.model.spec}{weights}, blocks "
-            f"{self.split.s1}-{self.split.s2 - 1}, {self.trunk.device}, "
-            f"{str(self.trunk.dtype).removeprefix('torch.')}, fingerprint {self.fingerprint.digest}"
+            f"{self.split.s1}-{self.split.s2 - 1}, {device}, "
+            f"{str(self.trunk.dtype).removeprefix('torch.')}{graphs}, fingerprint {self.fingerprint.digest}"
         )
 
     def stop(self, grace: float | None = None) -> None:

@@ -20,6 +20,7 @@ class ServerConfig:
     device: str = "auto"  # auto, cpu, cuda[:N]
     dtype: str = "auto"  # auto = float16 on GPU, float32 on CPU
     attn: str = "sdpa"  # sdpa or eager
+    cuda_graphs: str = "on"  # on: decode steps as CUDA graphs on a GPU; off: eager (no effect on the CPU)
     threads: int | None = None  # torch intra-op threads; None = torch's default
     max_sessions: int = 32  # concurrent sessions
     max_session_tokens: int = 0  # tokens per session; 0 = the model's context
@@ -48,6 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=env("GPT2_DEVICE", d.device))
     p.add_argument("--dtype", default=env("GPT2_SERVER_DTYPE", d.dtype))
     p.add_argument("--attn", default=env("GPT2_ATTN", d.attn), choices=["sdpa", "eager"])
+    p.add_argument(
+        "--cuda-graphs",
+        default=env("GPT2_CUDA_GRAPHS", d.cuda_graphs),
+        choices=["on", "off"],
+        help="decode steps as CUDA graphs on a GPU (env GPT2_CUDA_GRAPHS; no effect on the CPU)",
+    )
     p.add_argument("--threads", type=int, default=int(env("GPT2_THREADS", "0")) or None)
     p.add_argument("--max-sessions", type=int, default=int(env("GPT2_MAX_SESSIONS", str(d.max_sessions))))
     p.add_argument(

@@ -15,6 +15,7 @@ from splitcomm import codec
 from splitcomm.monitor import GpuProbe, Sampler
 from splitcomm.proto import trunk_pb2 as pb
 from splitcomm.proto import trunk_pb2_grpc as pb_grpc
+from splitcore.cudagraph import DecoderPool
 from splitcore.errors import InvalidInput, LimitExceeded, Mismatch, SplitError
 from splitcore.fingerprint import Fingerprint
 from splitcore.parts import Trunk
@@ -72,10 +73,12 @@ class TrunkServicer(pb_grpc.TrunkServicer):
         max_elements: int,
         monitor_interval_s: float,
         max_monitors: int,
+        decoders: DecoderPool | None = None,
     ):
         self.trunk, self.info, self.fingerprint, self.sessions = trunk, info, fingerprint, sessions
         self.max_length = min(max_session_tokens or trunk.n_positions, trunk.n_positions)
         self.max_elements = max_elements
+        self.decoders = decoders  # decode steps as CUDA graphs, one pooled static cache per session
         self.monitor_interval_s, self.max_monitors = monitor_interval_s, max_monitors
         self.compute_lock = threading.Lock()  # one forward at a time: parallel ones only fight over cores
         self.started = time.time()
@@ -106,7 +109,34 @@ class TrunkServicer(pb_grpc.TrunkServicer):
                 f"session asks for {want} tokens; this server allows at most {self.max_length} "
                 f"per session (model context {self.trunk.n_positions}, max session tokens)"
             )
-        return self.sessions.open(context.peer(), want, self.trunk.new_cache(want), context.cancel)
+        return self.sessions.open(context.peer(), want, context.cancel)
+
+    def _cache(self, session, batch: int):
+        """The session's KV cache, made at its first step (when its batch size is known): a pooled static
+        decoder's (a CUDA graph) for one row on a GPU, else a cache of its own with room for max_length."""
+        if session.cache is None:
+            if self.decoders is not None and batch == 1:
+                session.decoder = self.decoders.acquire(session.max_length)
+                session.cache = session.decoder.cache
+            else:
+                session.cache = self.trunk.new_cache(session.max_length, rows=batch)
+            session.batch = batch
+        elif batch != session.batch:
+            raise InvalidInput(f"batch size changed from {session.batch} to {batch} within a session")
+        return session.cache
+
+    def _release(self, session) -> None:
+        """Free the session's cache; called on the session's own thread, so no step of it is in flight."""
+        if session is not None and session.decoder is not None:
+            self.decoders.release(session.decoder)
+        if session is not None:
+            session.cache = session.decoder = None
+
+    @torch.inference_mode()
+    def _compute(self, session, h: torch.Tensor) -> torch.Tensor:
+        if session.decoder is not None and h.shape[1] == 1:
+            return session.decoder.step(h)
+        return self.trunk(h, session.cache)
 
     def _step(self, session, req: pb.StepRequest) -> pb.StepResponse:
         arrived = time.perf_counter()
@@ -116,9 +146,7 @@ class TrunkServicer(pb_grpc.TrunkServicer):
             raise InvalidInput(f"step {req.step.step} out of order: expected step {session.next_step}")
         h = codec.decode(req.step.hidden, self.max_elements, finite="hidden states")  # cheaper here than in torch
         self.trunk.check_hidden(h, check_finite=False)
-        if session.batch is not None and h.shape[0] != session.batch:
-            raise InvalidInput(f"batch size changed from {session.batch} to {h.shape[0]} within a session")
-        cached = session.cache.get_seq_length()
+        cached = self._cache(session, h.shape[0]).length
         if cached + h.shape[1] > session.max_length:
             raise LimitExceeded(
                 f"session would hold {cached + h.shape[1]} tokens, past its limit of "
@@ -126,11 +154,10 @@ class TrunkServicer(pb_grpc.TrunkServicer):
             )
         with self.compute_lock:
             t0 = time.perf_counter()
-            out = self.trunk(h, session.cache)
+            out = self._compute(session, h)
             if out.is_cuda:
                 torch.cuda.synchronize(out.device)
             ms = (time.perf_counter() - t0) * 1e3
-        session.batch = h.shape[0]
         session.next_step += 1
         session.last_active = time.monotonic()
         self.sessions.record_step(ms)
@@ -138,7 +165,7 @@ class TrunkServicer(pb_grpc.TrunkServicer):
             step=req.step.step,
             hidden=codec.encode(out, h.dtype),
             server_ms=ms,
-            cache_length=session.cache.get_seq_length(),
+            cache_length=session.cache.length,
         )
         resp.server_wall_ms = (time.perf_counter() - arrived) * 1e3
         return resp
@@ -150,11 +177,12 @@ class TrunkServicer(pb_grpc.TrunkServicer):
             context.add_callback(lambda: self.sessions.close(session.id, "ended by the client"))
             try:
                 for req in request_iterator:
-                    if session.cache is None:  # closed meanwhile (idle reaper)
+                    if session.closed:  # by the idle reaper, which only marks it and cancels the call
                         break
                     yield self._step(session, req)
             finally:
                 self.sessions.close(session.id)
+                self._release(session)
 
     # --- Forward (stateless) ----------------------------------------------------------------------------
     def Forward(self, request, context):
@@ -167,7 +195,7 @@ class TrunkServicer(pb_grpc.TrunkServicer):
             kv = None
             if request.kv.dtype:  # read once, into the call's cache: no copy of its own
                 kv = codec.decode(request.kv, self.max_elements, finite="the trunk KV cache", copy=False)
-            with self.compute_lock:
+            with self.compute_lock, torch.inference_mode():
                 t0 = time.perf_counter()
                 out, new_kv = self.trunk.forward_stateless(h, kv, check_finite=False)
                 ms = (time.perf_counter() - t0) * 1e3

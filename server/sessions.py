@@ -1,4 +1,5 @@
-"""Live sessions of the trunk server: limits, counters, idle reaping; each session owns one KV cache."""
+"""Live sessions of the trunk server: limits, counters, idle reaping; each session owns one KV cache, which
+only the session's own thread creates, uses and frees (so the reaper never pulls it from under a step)."""
 
 from __future__ import annotations
 
@@ -25,9 +26,11 @@ class Session:
     id: SessionId
     peer: str
     max_length: int  # tokens this session may hold
-    cache: object  # the trunk's DynamicCache for this session
     cancel: callable  # ends the RPC (used by the idle reaper)
+    cache: object = None  # the trunk's KVCache, made at the first step; only the session's own thread touches it
+    decoder: object = None  # the pooled StaticDecoder whose cache this is (CUDA graphs), or None
     batch: int | None = None  # fixed by the first step
+    closed: bool = False  # set by close(); the session's thread then ends the stream and frees the cache
     next_step: int = 0
     opened: float = field(default_factory=time.monotonic)
     last_active: float = field(default_factory=time.monotonic)
@@ -47,13 +50,13 @@ class SessionRegistry:
         if idle_timeout_s > 0:
             threading.Thread(target=self._reaper, daemon=True, name="idle-reaper").start()
 
-    def open(self, peer: str, max_length: int, cache: object, cancel: callable) -> Session:
+    def open(self, peer: str, max_length: int, cancel: callable) -> Session:
         with self._lock:
             if self.draining:
                 raise ServerDraining("the trunk server is shutting down; retry on another server or later")
             if len(self._sessions) >= self.max_sessions:
                 raise LimitExceeded(f"too many sessions: the server's limit (max sessions) is {self.max_sessions}")
-            s = Session(f"s{next(self._ids)}", peer, max_length, cache, cancel)
+            s = Session(f"s{next(self._ids)}", peer, max_length, cancel)
             self._sessions[s.id] = s
             self.counters.active_sessions = len(self._sessions)
             self.counters.total_sessions += 1
@@ -67,7 +70,7 @@ class SessionRegistry:
             s = self._sessions.pop(sid, None)
             self.counters.active_sessions = len(self._sessions)
         if s is not None:
-            s.cache = None  # the KV cache goes with the last reference
+            s.closed = True  # the cache is freed by the session's own thread (a step may be running on it)
             logger.info(
                 "session %s %s after %d steps, %.1f s; %d active",
                 sid,

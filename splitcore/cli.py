@@ -45,6 +45,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--attn", default=env("GPT2_ATTN", "sdpa"), choices=["sdpa", "eager"])
     p.add_argument(
+        "--cuda-graphs",
+        default=env("GPT2_CUDA_GRAPHS", "on"),
+        choices=["on", "off"],
+        help="decode steps as CUDA graphs on a GPU (env GPT2_CUDA_GRAPHS; default %(default)s; no effect on the CPU)",
+    )
+    p.add_argument(
         "--threads",
         type=int,
         default=int(env("GPT2_THREADS", "0")) or None,
@@ -117,8 +123,10 @@ def run_generate(engine: Engine, args: argparse.Namespace, extra: dict | None = 
         result = engine.run(args.prompt, args.max_tokens, params)
         print(json.dumps(result.to_json(**(extra or {}))))
         return
+    events = engine.stream(args.prompt, args.max_tokens, params)
+    first = next(events, None)  # a request that cannot run fails here, before the prompt is echoed
     sys.stdout.write(args.prompt)
-    for event in engine.stream(args.prompt, args.max_tokens, params):
+    for event in [first, *events] if first is not None else []:
         sys.stdout.write(event.text)
         sys.stdout.flush()
     sys.stdout.write("\n")

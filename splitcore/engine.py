@@ -8,8 +8,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from splitcore.cudagraph import DecoderPool
 from splitcore.generate import FullStepper, Stepper, TokenEvent, check_request, generate
-from splitcore.models import ResolvedModel, load_full_model, load_tokenizer
+from splitcore.models import ResolvedModel, load_tokenizer
+from splitcore.parts import load_full
+from splitcore.runtime import configure_attention
 from splitcore.sampling import SamplingParams
 from splitcore.stats import GenerationStats
 
@@ -94,9 +97,18 @@ class Engine:
 class FullEngine(Engine):
     """The unsplit model: the baseline every split is compared with."""
 
-    def __init__(self, model: ResolvedModel, device: torch.device, dtype: torch.dtype, attn: str = "sdpa"):
+    def __init__(
+        self,
+        model: ResolvedModel,
+        device: torch.device,
+        dtype: torch.dtype,
+        attn: str = "sdpa",
+        cuda_graphs: bool = False,
+    ):
         super().__init__(model, device, dtype)
-        self.hf_model = load_full_model(model.path, attn, dtype, str(device))
+        logger.info("%s", configure_attention(device))
+        self.full = load_full(model, device, dtype, attn)
+        self.pool = DecoderPool(self.full) if cuda_graphs else None  # decode steps as CUDA graphs
 
     def new_stepper(self, max_length: int = 0, notify: Notify | None = None) -> Stepper:
-        return FullStepper(self.hf_model, max_length)
+        return FullStepper(self.full, max_length, self.pool)

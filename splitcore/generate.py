@@ -8,11 +8,10 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
-from transformers import GPT2LMHeadModel
 
+from splitcore.cudagraph import DecoderPool
 from splitcore.errors import InvalidInput, LimitExceeded
-from splitcore.kvcache import growing_cache
-from splitcore.parts import Bottom, Top, Trunk
+from splitcore.gpt2 import GPT2
 from splitcore.sampling import SamplingParams, make_generator, sample
 from splitcore.stats import GenerationStats, TokenTiming
 
@@ -49,65 +48,100 @@ class TrunkLink(Protocol):
     def close(self) -> None: ...
 
 
+class PartRun:
+    """One part and its KV cache for one generation. Steps of several positions (the prefill) run eagerly; with
+    a DecoderPool, one-position steps run on a StaticDecoder (a CUDA graph on a GPU) over the same cache."""
+
+    def __init__(self, part: GPT2, capacity: int = 0, pool: DecoderPool | None = None):
+        self.part, self.pool = part, pool
+        self.decoder = pool.acquire(capacity) if pool is not None else None
+        self.cache = self.decoder.cache if self.decoder is not None else part.new_cache(capacity)
+
+    def run(self, x: torch.Tensor, head: bool = False) -> torch.Tensor:
+        """Hidden states (B, T, C) of the new positions; with `head`, the last position's logits (B, vocab)."""
+        d = self.decoder
+        if d is not None and x.shape[1] == 1 and x.shape[0] == d.rows and head == self.part.has_head:
+            return self.decoder.step(x)  # the graph of a head part ends in its logits
+        x = x.to(self.part.device) if self.part.has_embed else x.to(self.part.device, self.part.dtype)
+        h = self.part.hidden(x, self.cache)
+        return self.part.logits(h) if head else h
+
+    def close(self) -> None:
+        if self.decoder is not None:
+            self.pool.release(self.decoder)
+        self.decoder = self.cache = None
+
+
 class LocalTrunkLink:
     """The trunk in this process, with its own cache; no bytes move."""
 
-    def __init__(self, trunk: Trunk, capacity: int = 0):
-        self.trunk = trunk
-        self.cache = trunk.new_cache(capacity)
+    def __init__(self, trunk: GPT2, capacity: int = 0, pool: DecoderPool | None = None):
+        self.trunk = PartRun(trunk, capacity, pool)
 
+    @torch.inference_mode()
     def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, float | None, int, int]:
         t0 = time.perf_counter()
-        out = self.trunk(h, self.cache)
+        out = self.trunk.run(h)
         return out, (time.perf_counter() - t0) * 1e3, 0, 0
 
     def close(self) -> None:
-        self.cache = None
+        self.trunk.close()
 
 
 class FullStepper:
-    """The unsplit Hugging Face model; the whole step is client compute."""
+    """The unsplit model (the same core as the parts); the whole step is client compute."""
 
-    def __init__(self, model: GPT2LMHeadModel, capacity: int = 0):
-        self.model = model
-        self.cache = growing_cache(capacity)  # the split parts' cache too: the comparison stays like for like
-        self.n_positions = model.config.n_positions
+    def __init__(self, model: GPT2, capacity: int = 0, pool: DecoderPool | None = None):
+        self.model = PartRun(model, capacity, pool)
+        self.n_positions = model.n_positions
 
     @torch.inference_mode()
     def step(self, ids: torch.Tensor) -> StepResult:
         t0 = time.perf_counter()
-        out = self.model(ids.to(self.model.device), past_key_values=self.cache, use_cache=True, logits_to_keep=1)
-        return StepResult(out.logits[0, -1], (time.perf_counter() - t0) * 1e3)
+        logits = self.model.run(ids, head=True)[0]
+        return StepResult(logits, (time.perf_counter() - t0) * 1e3)
 
     def close(self) -> None:
-        self.cache = None
+        self.model.close()
 
 
 class SplitStepper:
     """Bottom and top here, trunk behind a link: ids -> bottom -> trunk -> top -> logits."""
 
-    def __init__(self, bottom: Bottom, top: Top, link: TrunkLink, capacity: int = 0):
-        self.bottom, self.top, self.link = bottom, top, link
-        self.bottom_cache, self.top_cache = bottom.new_cache(capacity), top.new_cache(capacity)
+    def __init__(self, bottom: GPT2, top: GPT2, link: TrunkLink, capacity: int = 0, pools: dict | None = None):
+        pools = pools or {}
+        self.bottom = PartRun(bottom, capacity, pools.get("bottom"))
+        self.top = PartRun(top, capacity, pools.get("top"))
+        self.link = link
         self.n_positions = bottom.n_positions
-        # the latest step's client_ms, part by part: bottom, top blocks, final norm + LM head
+        # the latest step's client_ms, part by part: bottom, top blocks, final norm + LM head (0 when the top's
+        # decode step is one CUDA graph: the head is inside it)
         self.last_bottom_ms = self.last_top_ms = self.last_head_ms = 0.0
 
+    @torch.inference_mode()
     def step(self, ids: torch.Tensor) -> StepResult:
         t0 = time.perf_counter()
-        h = self.bottom(ids.to(self.bottom.device), self.bottom_cache)  # (1, T, C)
+        h = self.bottom.run(ids)  # (1, T, C)
         t1 = time.perf_counter()
         h, server_ms, b_out, b_in = self.link.forward(h)
         t2 = time.perf_counter()
-        h = self.top.blocks(h, self.top_cache)
-        t3 = time.perf_counter()
-        logits = self.top.head(h)[0]
+        if self.top.decoder is not None and h.shape[1] == 1:
+            logits, t3 = self.top.run(h, head=True)[0], None
+        else:
+            h = self.top.run(h)
+            t3 = time.perf_counter()
+            logits = self.top.part.logits(h)[0]
         t4 = time.perf_counter()
+        t3 = t4 if t3 is None else t3
         self.last_bottom_ms, self.last_top_ms, self.last_head_ms = (t1 - t0) * 1e3, (t3 - t2) * 1e3, (t4 - t3) * 1e3
         return StepResult(logits, ((t1 - t0) + (t4 - t2)) * 1e3, server_ms, (t2 - t1) * 1e3, b_out, b_in)
 
     def close(self) -> None:
-        self.link.close()
+        try:
+            self.link.close()
+        finally:
+            self.bottom.close()
+            self.top.close()
 
 
 @dataclass
@@ -164,7 +198,7 @@ def generate(
 
     The stepper is closed when the loop ends, however it ends (EOS, max tokens, error, consumer stops)."""
     check_request(prompt_ids, max_new_tokens, stepper.n_positions, params)
-    generator = make_generator(params.seed)
+    generator = None  # made on the logits' device at the first token
     text = IncrementalDecoder(decode)
     stats = stats if stats is not None else GenerationStats()
     stats.prompt_tokens = len(prompt_ids)
@@ -175,6 +209,8 @@ def generate(
             t0 = time.perf_counter()
             r = stepper.step(ids)
             t1 = time.perf_counter()
+            if generator is None and not params.greedy:
+                generator = make_generator(params.seed, r.logits.device)
             token = sample(r.logits, params, generator)
             total = (time.perf_counter() - t0) * 1e3
             client = r.client_ms + (time.perf_counter() - t1) * 1e3

@@ -1,74 +1,149 @@
-"""A KV cache that writes new positions into room it has already allocated, instead of concatenating.
+"""The KV cache of a run of GPT-2 blocks: rows x heads x positions x head_dim per block, a length per row.
 
-Hugging Face's DynamicLayer appends with torch.cat: every decode step copies the whole cache of every layer.
-At 512 tokens of GPT-2 small that is ~70 MB of memory traffic per token, ~3 ms of a ~32 ms step on a CPU.
-GrowingLayer keeps one buffer per layer (sized for the whole generation when the caller knows its length,
-doubling otherwise) and hands the model views of its filled part: same values, same attention, no copies.
-Every engine uses it, the full model as much as the split parts, so comparisons between them stay fair.
+One cache belongs to one part (the full model, the bottom, the trunk or the top) and holds every block of it.
+Rows are sessions or batch rows, each at its own position. The buffers have room fixed ahead (`capacity`):
+new positions are written in place, never concatenated. A cache built with `growable=True` doubles its room
+when a write would pass it; a static one (for CUDA graphs, whose buffers must never move) refuses instead.
+
+Lengths live twice: as Python ints (`lengths`, read by the host without a device sync) and as a device tensor
+(`positions`, read by the static-shape decode step inside a CUDA graph). Eager steps keep the ints and mark the
+tensor stale; the static step refreshes it once, then advances both.
 """
 
 from __future__ import annotations
 
-import functools
-
 import torch
-from transformers.cache_utils import DynamicCache, DynamicLayer
+
+from splitcore.errors import InvalidInput, LimitExceeded
 
 MIN_ROOM = 64  # positions allocated at least, when the caller gives no length
 
 
-class GrowingBuffer:
-    """A tensor that grows along dim -2 in place: room is allocated ahead (`capacity` positions on the first
-    append, doubling after) and `view` is the filled part. Shared by the KV cache layers here and by the
-    stateless client's copy of the trunk cache."""
+class KVCache:
+    """Keys and values of `n_blocks` blocks, `rows` rows each, with room for `capacity` positions."""
 
-    def __init__(self, capacity: int = 0):
-        self.capacity = max(0, capacity)
-        self._buf: torch.Tensor | None = None
-        self.view: torch.Tensor | None = None  # the filled part: [..., length, last]
+    def __init__(
+        self,
+        n_blocks: int,
+        rows: int,
+        n_head: int,
+        head_dim: int,
+        capacity: int = 0,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        growable: bool = True,
+        max_positions: int | None = None,
+    ):
+        if rows < 1:
+            raise InvalidInput(f"a KV cache needs at least one row, got {rows}")
+        self.n_blocks, self.rows, self.n_head, self.head_dim = n_blocks, rows, n_head, head_dim
+        self.device, self.dtype, self.growable = torch.device(device), dtype, growable
+        self.max_positions = max_positions  # the model's context; None = no limit here
+        room = capacity if capacity > 0 else (MIN_ROOM if growable else 0)
+        if room < 1:
+            raise InvalidInput("a static KV cache needs a capacity of at least one position")
+        self.k = [self._alloc(room) for _ in range(n_blocks)]  # each (rows, heads, room, head_dim)
+        self.v = [self._alloc(room) for _ in range(n_blocks)]
+        self.lengths = [0] * rows  # filled positions per row, on the host
+        self.positions = torch.zeros(rows, dtype=torch.long, device=self.device)  # the same, on the device
+        self._positions_stale = False
+
+    def _alloc(self, room: int) -> torch.Tensor:
+        return torch.zeros(self.rows, self.n_head, room, self.head_dim, device=self.device, dtype=self.dtype)
 
     @property
-    def room(self) -> int:
-        return 0 if self._buf is None else self._buf.shape[-2]
+    def capacity(self) -> int:
+        return self.k[0].shape[2] if self.k else 0
 
-    def reset(self, content: torch.Tensor | None = None) -> None:
-        """Start again from `content` (copied into fresh room on the next append), or empty."""
-        self._buf = None
-        self.view = content if content is not None and content.numel() else None
+    @property
+    def length(self) -> int:
+        """Filled positions of row 0: the length of a one-row cache (a session, a generation)."""
+        return self.lengths[0]
 
-    def append(self, x: torch.Tensor) -> torch.Tensor:
-        length = 0 if self.view is None else self.view.shape[-2]
-        end = length + x.shape[-2]
-        if end > self.room:
-            room = max(end, self.capacity if self._buf is None else 0, 2 * self.room, MIN_ROOM)
-            buf = x.new_empty((*x.shape[:-2], room, x.shape[-1]))
-            if length:
-                buf[..., :length, :] = self.view
-            self._buf = buf
-        self._buf[..., length:end, :] = x
-        self.view = self._buf[..., :end, :]
-        return self.view
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
 
+    # --- room ---------------------------------------------------------------------------------------
+    def reserve(self, end: int) -> None:
+        """Make room for positions [0, end): grow (a growable cache) or refuse (a static one)."""
+        if self.max_positions is not None and end > self.max_positions:
+            raise LimitExceeded(f"sequence of {end} tokens is past the model's context of {self.max_positions}")
+        if end <= self.capacity:
+            return
+        if not self.growable:
+            raise LimitExceeded(f"sequence of {end} tokens is past this cache's fixed room of {self.capacity}")
+        room = max(end, 2 * self.capacity)
+        if self.max_positions is not None:
+            room = min(room, self.max_positions)
+        for blocks in (self.k, self.v):
+            for i, old in enumerate(blocks):
+                new = self._alloc(room)
+                new[:, :, : old.shape[2]] = old
+                blocks[i] = new
 
-class GrowingLayer(DynamicLayer):
-    """One layer's keys and values, each a GrowingBuffer: `keys`/`values` are views of the filled part."""
+    def truncate(self, length: int, row: int | None = None) -> None:
+        """Forget every position from `length` on (one row, or all): as if they had never been written."""
+        rows = range(self.rows) if row is None else [row]
+        for r in rows:
+            if not 0 <= length <= self.lengths[r]:
+                raise InvalidInput(f"cannot truncate row {r} to {length}: it holds {self.lengths[r]} positions")
+            self.lengths[r] = length
+        self._positions_stale = True
 
-    def __init__(self, capacity: int = 0):
-        super().__init__()
-        self._k, self._v = GrowingBuffer(capacity), GrowingBuffer(capacity)
+    def reset(self) -> None:
+        self.truncate(0)
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        if self.keys is not self._k.view:  # first use, or replaced from outside (reset, crop, reorder)
-            self._k.reset(self.keys)
-            self._v.reset(self.values)
-        self.keys, self.values = self._k.append(key_states), self._v.append(value_states)
-        return self.keys, self.values
+    # --- eager writes -------------------------------------------------------------------------------
+    def start(self, rows: int | None, t: int) -> tuple[list[int], int]:
+        """Before an eager step of `t` new positions on `rows` (None = all, an int = that row): check the room
+        and return (past length of each row taking part, key length L the attention reads)."""
+        past = self.lengths if rows is None else [self.lengths[rows]]
+        end = max(past) + t
+        self.reserve(end)
+        return past, end
 
+    def write(self, block: int, k: torch.Tensor, v: torch.Tensor, rows: int | None, past: list[int], end: int):
+        """Write a block's new keys/values (B, heads, T, head_dim) at each row's position; return the views
+        (B, heads, end, head_dim) the attention reads."""
+        t = k.shape[2]
+        kb, vb = self.k[block], self.v[block]
+        if rows is not None:
+            kb, vb = kb[rows : rows + 1], vb[rows : rows + 1]
+        if len(set(past)) == 1:  # every row at the same position: a plain slice
+            p = past[0]
+            kb[:, :, p : p + t] = k
+            vb[:, :, p : p + t] = v
+        else:  # rows at different positions
+            idx = torch.tensor(past, device=k.device).view(-1, 1, 1, 1) + torch.arange(t, device=k.device).view(
+                1, 1, t, 1
+            )
+            idx = idx.expand(-1, k.shape[1], -1, k.shape[3])
+            kb.scatter_(2, idx, k)
+            vb.scatter_(2, idx, v)
+        return kb[:, :, :end], vb[:, :, :end]
 
-def growing_cache(capacity: int = 0) -> DynamicCache:
-    """An empty cache whose layers allocate `capacity` positions up front (0: grow by doubling)."""
-    cache = DynamicCache()
-    cache.layer_class_to_replicate = functools.partial(GrowingLayer, max(0, capacity))
-    return cache
+    def advance(self, rows: int | None, t: int) -> None:
+        """After an eager step: `t` more positions filled in the rows that took part."""
+        for r in range(self.rows) if rows is None else [rows]:
+            self.lengths[r] += t
+        self._positions_stale = True
+
+    # --- the static-shape step ----------------------------------------------------------------------
+    def device_positions(self) -> torch.Tensor:
+        """The per-row lengths as a device tensor that the static step reads (refreshed if eager steps ran)."""
+        if self._positions_stale:
+            self.positions.copy_(torch.tensor(self.lengths, dtype=torch.long), non_blocking=False)
+            self._positions_stale = False
+        return self.positions
+
+    def write_static(self, block: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
+        """Write one new position per row at `positions` (a device tensor), with no host values: capturable."""
+        idx = positions.view(-1, 1, 1, 1).expand(-1, k.shape[1], 1, k.shape[3])
+        self.k[block].scatter_(2, idx, k)
+        self.v[block].scatter_(2, idx, v)
+        return self.k[block], self.v[block]
+
+    def count_static_step(self) -> None:
+        """On the host, after a static step ran (or replayed): one more position in every row. The step itself
+        advanced `positions` on the device."""
+        self.lengths = [n + 1 for n in self.lengths]

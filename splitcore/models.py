@@ -180,17 +180,3 @@ def resolve_with_fallback(spec: str, models_dir: Path | str, fallback_random: bo
         logger.warning("FALLING BACK TO random:gpt2: real GPT-2 shape, RANDOM WEIGHTS, the text is gibberish")
         logger.warning("!" * 78)
         return resolve_model(RANDOM_PREFIX + DEFAULT_MODEL, models_dir)
-
-
-def load_full_model(
-    path: Path, attn: str = "sdpa", dtype: torch.dtype = torch.float32, device: str = "cpu"
-) -> GPT2LMHeadModel:
-    """The unsplit Hugging Face model from a checkpoint directory, in eval mode."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # a per-tensor bar on every start is noise; downloads keep theirs
-    try:
-        model = GPT2LMHeadModel.from_pretrained(str(path), attn_implementation=attn, dtype=dtype)
-    finally:
-        hf_logging.enable_progress_bar()
-    return model.to(device).eval()

@@ -1,19 +1,16 @@
-"""Cut GPT-2 into bottom (embeddings + first blocks), trunk (middle blocks) and top (last blocks + head)."""
+"""Cut GPT-2 into bottom (embeddings + first blocks), trunk (middle blocks) and top (last blocks + head), and
+load the full model alike: every one of them is a splitcore.gpt2.GPT2 over its run of blocks."""
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
-from torch import nn
-from transformers import DynamicCache, GPT2Config
-from transformers.masking_utils import create_causal_mask
-from transformers.models.gpt2.modeling_gpt2 import GPT2Block
 
 from splitcore.errors import InvalidInput, LimitExceeded
-from splitcore.kvcache import growing_cache
+from splitcore.gpt2 import GPT2, GPT2Config, from_state
+from splitcore.kvcache import KVCache
 from splitcore.models import ResolvedModel
 from splitcore.weights import is_weight, read_tensors
 
@@ -55,98 +52,11 @@ class Split:
         return {"bottom": range(0, self.s1), "trunk": range(self.s1, self.s2), "top": range(self.s2, n_layer)}[part]
 
 
-def part_config(config: GPT2Config, attn: str) -> GPT2Config:
-    """A copy of the config with the attention implementation set explicitly (unset means no causal mask)."""
-    if attn not in ("sdpa", "eager"):
-        raise InvalidInput(f"attention implementation must be 'sdpa' or 'eager', got '{attn}'")
-    cfg = copy.deepcopy(config)
-    cfg._attn_implementation = attn
-    return cfg
-
-
-class _Part(nn.Module):
-    """Blocks of one part, renumbered 0..k-1 so each part's own KV cache starts at slot 0."""
-
-    def __init__(self, config: GPT2Config, layers: range, state: dict[str, torch.Tensor]):
-        super().__init__()
-        self.config = config
-        self.layers = layers
-        blocks = []
-        for local, layer in enumerate(layers):
-            with torch.device("meta"):
-                block = GPT2Block(config, layer_idx=layer)  # real index: keeps any layer-dependent scale
-            prefix = f"h.{layer}."
-            block.load_state_dict(
-                {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}, strict=True, assign=True
-            )
-            block.attn.layer_idx = local  # cache slot inside this part
-            blocks.append(block)
-        self.h = nn.ModuleList(blocks)
-
-    @property
-    def n_positions(self) -> int:
-        return self.config.n_positions
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
-
-    def new_cache(self, capacity: int = 0) -> DynamicCache:
-        """An empty KV cache with room for `capacity` positions (0: it grows as needed)."""
-        return growing_cache(capacity)
-
-    def _check_room(self, cache: DynamicCache, t: int) -> int:
-        past = cache.get_seq_length()
-        if past + t > self.n_positions:
-            raise LimitExceeded(
-                f"sequence of {past + t} tokens ({past} cached + {t} new) is past the model's context of "
-                f"{self.n_positions} tokens"
-            )
-        return past
-
-    def _run_blocks(self, h: torch.Tensor, cache: DynamicCache, past: int) -> torch.Tensor:
-        if h.shape[1] == 1:
-            # One new token attends to every cached position: nothing to mask. Building the (empty) mask costs
-            # ~0.1 ms of cold Python per part, and a split step has three parts against the full model's one.
-            mask = position_ids = None
-        else:
-            position_ids = torch.arange(past, past + h.shape[1], device=h.device).unsqueeze(0)
-            # The mask must be built before the blocks grow the cache.
-            mask = create_causal_mask(
-                config=self.config,
-                inputs_embeds=h,
-                attention_mask=None,
-                past_key_values=cache,
-                position_ids=position_ids,
-            )
-        for block in self.h:
-            h = block(h, past_key_values=cache, attention_mask=mask, use_cache=True, position_ids=position_ids)
-        return h
-
-
-class Bottom(_Part):
+class Bottom(GPT2):
     """Token + position embeddings and blocks [0, s1): token ids in, hidden states out."""
 
-    def __init__(self, config: GPT2Config, layers: range, state: dict[str, torch.Tensor]):
-        super().__init__(config, layers, state)
-        self.wte = nn.Embedding.from_pretrained(state["wte.weight"], freeze=True)
-        self.wpe = nn.Embedding.from_pretrained(state["wpe.weight"], freeze=True)
 
-    @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
-        if input_ids.ndim != 2 or input_ids.shape[1] == 0:
-            raise InvalidInput(f"token ids must have shape [batch, seq>0], got {list(input_ids.shape)}")
-        past = self._check_room(cache, input_ids.shape[1])
-        positions = torch.arange(past, past + input_ids.shape[1], device=input_ids.device)
-        h = self.wte(input_ids) + self.wpe(positions)  # (B, T, C)
-        return self._run_blocks(h, cache, past)
-
-
-class Trunk(_Part):
+class Trunk(GPT2):
     """Blocks [s1, s2): hidden states in, hidden states out. Runs on the server (or in-process)."""
 
     def check_hidden(self, h: torch.Tensor, check_finite: bool = True) -> None:
@@ -165,18 +75,14 @@ class Trunk(_Part):
         if check_finite and not bool(torch.isfinite(h).all()):
             raise InvalidInput("hidden states contain NaN or infinite values")
 
-    @torch.inference_mode()
-    def forward(self, h: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, cache: KVCache | None = None, rows: int | None = None, **kw) -> torch.Tensor:
         """Trusted input (from our own bottom); a server checks what it receives with check_hidden first."""
-        past = self._check_room(cache, h.shape[1])
-        return self._run_blocks(h.to(self.device, self.dtype), cache, past)
+        return super().forward(h.to(self.device, self.dtype), cache, rows, **kw)
 
     def kv_shape(self, batch: int, seq: int) -> list[int]:
         """Shape of the stacked trunk KV cache: [blocks, 2 (key, value), batch, heads, seq, head_dim]."""
-        heads = self.config.n_head
-        return [len(self.h), 2, batch, heads, seq, self.config.n_embd // heads]
+        return [len(self.h), 2, batch, self.config.n_head, seq, self.config.head_dim]
 
-    @torch.inference_mode()
     def forward_stateless(
         self, h: torch.Tensor, kv: torch.Tensor | None, check_finite: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -192,42 +98,37 @@ class Trunk(_Part):
             if check_finite and not bool(torch.isfinite(kv).all()):
                 raise InvalidInput("trunk KV cache contains NaN or infinite values")
             past = kv.shape[4]
-        cache = self.new_cache(past + h.shape[1])  # room for the new positions too: one copy of the KV, no regrowth
+        if past + h.shape[1] > self.n_positions:
+            raise LimitExceeded(
+                f"sequence of {past + h.shape[1]} tokens ({past} cached + {h.shape[1]} new) is past the model's "
+                f"context of {self.n_positions} tokens"
+            )
+        # room for the new positions too: one copy of the client's KV, no regrowth
+        cache = self.new_cache(past + h.shape[1], rows=h.shape[0])
         if past:
             kv = kv.to(self.device, self.dtype)
             for i in range(len(self.h)):
-                cache.update(kv[i, 0], kv[i, 1], i)
-        self._check_room(cache, h.shape[1])
-        out = self._run_blocks(h.to(self.device, self.dtype), cache, past)
-        new = torch.stack([torch.stack([layer.keys[:, :, past:], layer.values[:, :, past:]]) for layer in cache.layers])
-        return out, new
+                cache.k[i][:, :, :past] = kv[i, 0]
+                cache.v[i][:, :, :past] = kv[i, 1]
+            cache.lengths = [past] * h.shape[0]
+        out = self(h, cache)
+        new = [torch.stack([k[:, :, past:], v[:, :, past:]]) for k, v in zip(cache.k, cache.v, strict=True)]
+        return out, torch.stack(new)
 
 
-class Top(_Part):
+class Top(GPT2):
     """Blocks [s2, n), final layer norm and LM head: hidden states in, logits of the last position out."""
 
-    def __init__(self, config: GPT2Config, layers: range, state: dict[str, torch.Tensor]):
-        super().__init__(config, layers, state)
-        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
-        self.ln_f.load_state_dict({"weight": state["ln_f.weight"], "bias": state["ln_f.bias"]}, assign=True)
-        head = state.get("lm_head.weight", state.get("wte.weight"))  # GPT-2 ties the head to wte
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False, device="meta")
-        self.lm_head.weight = nn.Parameter(head, requires_grad=False)
+    def forward(self, h: torch.Tensor, cache: KVCache | None = None, rows: int | None = None, **kw) -> torch.Tensor:
+        return super().forward(h.to(self.device, self.dtype), cache, rows, **kw)
 
-    @torch.inference_mode()
-    def forward(self, h: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
-        return self.head(self.blocks(h, cache))
-
-    @torch.inference_mode()
-    def blocks(self, h: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
+    def blocks(self, h: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """The top's blocks alone: hidden states of every new position."""
-        past = self._check_room(cache, h.shape[1])
-        return self._run_blocks(h.to(self.device, self.dtype), cache, past)
+        return self.hidden(h.to(self.device, self.dtype), cache)
 
-    @torch.inference_mode()
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Final layer norm and LM head on the last position: (B, vocab)."""
-        return self.lm_head(self.ln_f(h[:, -1:, :]))[:, -1, :]  # the head only where it's needed
+        return self.logits(h)
 
 
 _PART_CLASSES = {"bottom": Bottom, "trunk": Trunk, "top": Top}
@@ -251,6 +152,11 @@ def _wanted_keys(parts: Iterable[str], split: Split, n_layer: int):
     return keep
 
 
+def _read_state(model: ResolvedModel, keep, device, dtype) -> dict[str, torch.Tensor]:
+    state = read_tensors(model.path, keep)
+    return {k: v.to(device=device, dtype=dtype) for k, v in state.items()}  # wte shared by bottom and top
+
+
 def load_parts(
     model: ResolvedModel,
     split: Split | str | tuple[int, int],
@@ -258,7 +164,7 @@ def load_parts(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     attn: str = "sdpa",
-) -> dict[str, _Part]:
+) -> dict[str, GPT2]:
     """Build the requested parts, reading only their weights from the checkpoint. All parts in eval()."""
     parts = tuple(parts)
     unknown = set(parts) - set(PART_NAMES)
@@ -266,7 +172,17 @@ def load_parts(
         raise InvalidInput(f"unknown part(s) {sorted(unknown)}; parts are {PART_NAMES}")
     n_layer = model.config.n_layer
     split = Split.parse(split, n_layer)
-    config = part_config(model.config, attn)
-    state = read_tensors(model.path, _wanted_keys(parts, split, n_layer))
-    state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}  # wte shared by bottom and top
-    return {p: _PART_CLASSES[p](config, split.layers(p, n_layer), state).eval() for p in parts}
+    cfg = GPT2Config.from_hf(model.config)
+    state = _read_state(model, _wanted_keys(parts, split, n_layer), device, dtype)
+    out = {}
+    for p in parts:
+        out[p] = from_state(cfg, state, split.layers(p, n_layer), p == "bottom", p == "top", attn, _PART_CLASSES[p])
+    return out
+
+
+def load_full(
+    model: ResolvedModel, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, attn: str = "sdpa"
+) -> GPT2:
+    """The whole model, unsplit, on the same code as the parts (in eval mode)."""
+    state = _read_state(model, is_weight, device, dtype)
+    return from_state(GPT2Config.from_hf(model.config), state, range(model.config.n_layer), True, True, attn)

@@ -34,6 +34,26 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+def use_cuda_graphs(setting: str, device: torch.device) -> bool:
+    """'on' (the default) captures decode steps as CUDA graphs on a CUDA device and means nothing elsewhere."""
+    if setting not in ("on", "off"):
+        raise InvalidInput(f"cuda graphs must be 'on' or 'off', got '{setting}'")
+    return setting == "on" and device.type == "cuda"
+
+
+def configure_attention(device: torch.device) -> str:
+    """Pin the attention kernels on CUDA and say which: cuDNN's SDPA builds an execution plan per new key length
+    (~35 ms of CPU per decode step of every fresh generation, measured on an H100), so it is switched off and
+    torch picks among flash, memory-efficient and math, which have no per-shape plans. `scripts/bench_attention.py`
+    measures each backend. Returns a line for the logs."""
+    if device.type != "cuda":
+        return "attention: SDPA on the CPU"
+    if os.environ.get("GPT2_SDPA_CUDNN", "0") == "1":
+        return "attention: SDPA with cuDNN allowed (GPT2_SDPA_CUDNN=1)"
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    return "attention: SDPA flash / memory-efficient / math; cuDNN off (a plan per key length stalls decode)"
+
+
 def configure_threads(threads: int | None) -> int:
     """Set torch's intra-op threads (None keeps torch's default) and return what is in force.
 

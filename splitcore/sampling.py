@@ -31,8 +31,9 @@ class SamplingParams:
             raise InvalidInput(f"top-p must be in (0, 1], got {self.top_p}")
 
 
-def make_generator(seed: int | None) -> torch.Generator:
-    g = torch.Generator()
+def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator on the logits' device, so that sampling never moves the vocabulary to the host."""
+    g = torch.Generator(device=device)
     if seed is None:
         g.seed()
     else:
@@ -40,19 +41,19 @@ def make_generator(seed: int | None) -> torch.Generator:
     return g
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
-    """One token id from a (vocab,) logits vector."""
-    logits = logits.float().cpu()
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> int:
+    """One token id from a (vocab,) logits vector, computed where the logits are: only the id reaches the host.
+
+    Top-k keeps the k largest (sorted), top-p then keeps the smallest prefix of those whose probability
+    reaches top_p; the token is drawn from what is left, renormalised."""
     if params.greedy:
         return int(torch.argmax(logits))
-    logits = logits / params.temperature
-    if params.top_k < logits.numel():
-        kth = torch.topk(logits, params.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if generator is None:
+        generator = make_generator(params.seed, logits.device)
+    values, ids = torch.topk(logits.float() / params.temperature, min(params.top_k, logits.numel()))
     if params.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
-        drop = cum - torch.softmax(sorted_logits, dim=-1) >= params.top_p  # keeps at least the first token
-        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+        probs = torch.softmax(values, dim=-1)
+        drop = probs.cumsum(dim=-1) - probs >= params.top_p  # keeps at least the first token
+        values = values.masked_fill(drop, float("-inf"))
+    choice = torch.multinomial(torch.softmax(values, dim=-1), 1, generator=generator)
+    return int(ids[choice])

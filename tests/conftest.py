@@ -12,7 +12,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from splitcore.models import ResolvedModel, load_full_model, resolve_model  # noqa: E402
+from splitcore.models import ResolvedModel, resolve_model  # noqa: E402
 
 TINY = "random:tiny"
 
@@ -29,9 +29,19 @@ def tiny(models_dir) -> ResolvedModel:
     return resolve_model(TINY, models_dir)
 
 
+def load_hf_model(path, attn: str = "sdpa", dtype: torch.dtype = torch.float32):
+    """Hugging Face's GPT2LMHeadModel from a checkpoint directory: the reference the core is tested against."""
+    from transformers import GPT2LMHeadModel
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    return GPT2LMHeadModel.from_pretrained(str(path), attn_implementation=attn, dtype=dtype).eval()
+
+
 @pytest.fixture(scope="session")
 def full_model(tiny):
-    return load_full_model(tiny.path, "sdpa", torch.float32, "cpu")
+    """The HF reference model for random:tiny."""
+    return load_hf_model(tiny.path)
 
 
 @pytest.fixture(scope="session")

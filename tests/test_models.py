@@ -13,9 +13,9 @@ import torch
 from splitcore import models
 from splitcore.errors import ModelSpecError
 from splitcore.fingerprint import model_fingerprint
-from splitcore.models import bundled_tokenizer, load_full_model, resolve_model, resolve_with_fallback
+from splitcore.models import bundled_tokenizer, resolve_model, resolve_with_fallback
 from splitcore.parts import Split
-from tests.conftest import ROOT, subprocess_env
+from tests.conftest import ROOT, load_hf_model, subprocess_env
 
 
 def test_bundled_tokenizer_is_real_gpt2():
@@ -51,7 +51,7 @@ def test_saved_model_reloads_with_same_fingerprint_and_outputs(tiny, full_model,
     assert a.weights == b.weights and a.digest == b.digest
     ids = torch.tensor([[15496, 995, 11]])
     with torch.inference_mode():
-        assert torch.equal(full_model(ids).logits, load_full_model(copy.path)(ids).logits)
+        assert torch.equal(full_model(ids).logits, load_hf_model(copy.path)(ids).logits)
 
 
 def test_fingerprint_names_what_differs(tiny, tmp_path):
@@ -59,7 +59,7 @@ def test_fingerprint_names_what_differs(tiny, tmp_path):
     b = model_fingerprint(tiny, Split(3, 10))
     assert a.digest != b.digest
     assert a.differences(b) == ["split points (2,10 vs 3,10)"]
-    m = load_full_model(tiny.path)
+    m = load_hf_model(tiny.path)
     with torch.no_grad():
         m.transformer.h[5].mlp.c_fc.bias.add_(1.0)
     m.save_pretrained(tmp_path / "changed")

@@ -12,7 +12,6 @@ import grpc
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from transformers import DynamicCache
 
 from splitcomm.codec import encode
 from splitcomm.errors import TrunkUnavailable
@@ -50,38 +49,39 @@ def full_engine(tiny):
 
 
 @torch.inference_mode()
-def logit_diffs(engine, full_model, prompt_ids, steps=32):
+def logit_diffs(engine, full_engine, prompt_ids, steps=32):
     """Per-step max |split - full| logit difference and whether greedy picks agree, stepping both in lockstep."""
     stepper = engine.new_stepper(len(prompt_ids) + steps + 3)
-    cache = DynamicCache()
+    full = full_engine.new_stepper(len(prompt_ids) + steps + 3)
     chunk = torch.tensor([prompt_ids])
     diffs, agree = [], []
     try:
         for i in range(steps + 1):
-            ref = full_model(chunk, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[0, -1]
+            ref = full.step(chunk).logits
             got = stepper.step(chunk).logits
             diffs.append(float((ref - got.float()).abs().max()))
             agree.append(int(ref.argmax()) == int(got.argmax()))
             chunk = torch.tensor([[int(ref.argmax())]]) if i < steps - 1 else torch.tensor([[464, 2068, 7586]])
     finally:
         stepper.close()
+        full.close()
     return diffs, agree
 
 
 @pytest.mark.parametrize("mode", ["session", "stateless"])
-def test_split_over_grpc_matches_full_model(engines, full_engine, full_model, mode):
+def test_split_over_grpc_matches_full_model(engines, full_engine, mode):
     engine = engines[mode]
     ids = engine.encode(PROMPT)
-    diffs, _ = logit_diffs(engine, full_model, ids)
+    diffs, _ = logit_diffs(engine, full_engine, ids)
     print(f"{mode}: max |logit diff| over {len(diffs)} steps = {max(diffs)}")
     assert max(diffs) == 0.0
     assert engine.run(PROMPT, 40, GREEDY).token_ids == full_engine.run(PROMPT, 40, GREEDY).token_ids
 
 
 @pytest.mark.parametrize("wire", ["fp16", "bf16"])
-def test_half_precision_wire_measured(engines, full_model, wire):
+def test_half_precision_wire_measured(engines, full_engine, wire):
     ids = engines[wire].encode(PROMPT)
-    diffs, agree = logit_diffs(engines[wire], full_model, ids, steps=40)
+    diffs, agree = logit_diffs(engines[wire], full_engine, ids, steps=40)
     print(f"{wire} wire: max |logit diff| {max(diffs):.3g}, greedy agreement {sum(agree)}/{len(agree)}")
     assert 0 < max(diffs) < 0.5
     assert sum(agree) >= len(agree) - 2

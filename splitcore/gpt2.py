@@ -1,0 +1,323 @@
+"""GPT-2 in one file: config, attention over an explicit KV cache, MLP, block, and a model that holds any run
+of blocks [first, last) with the embeddings (first == 0) and/or the final norm and LM head (last == n_layer).
+
+The full model and the split parts (bottom, trunk, top) are all this one class, so a split computes exactly
+what the full model computes. Module names are Hugging Face's (`wte`, `wpe`, `h.3.attn.c_attn`, `ln_f`,
+`lm_head`), blocks keep their global index, and HF-format checkpoints load by tensor name (HF's Conv1D weights
+are [in, out]; here they are nn.Linear's [out, in]). HF's GPT2LMHeadModel is the reference in the tests.
+
+Two ways to run the blocks:
+- `forward` (eager): any number of new positions, rows at the same or at different positions, with or without
+  a cache (without one it is a plain causal forward that trains under autograd);
+- `decode_static`: one new position per row with shapes fixed by the cache's capacity and no host values, so
+  that a CUDA graph can capture it (splitcore/cudagraph.py). It runs on the CPU too, where the tests check it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from splitcore.errors import InvalidInput, ModelSpecError
+from splitcore.kvcache import KVCache
+
+_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_fast": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu": F.gelu,
+    "relu": F.relu,
+    "silu": F.silu,
+    "swish": F.silu,
+}
+
+
+@dataclass(frozen=True)
+class GPT2Config:
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    n_positions: int = 1024  # the context
+    vocab_size: int = 50257
+    n_inner: int | None = None  # MLP width; None = 4 * n_embd
+    activation: str = "gelu_new"
+    layer_norm_epsilon: float = 1e-5
+    scale_attn_weights: bool = True  # scores / sqrt(head_dim)
+    scale_attn_by_inverse_layer_idx: bool = False  # and / (layer index + 1)
+    embd_pdrop: float = 0.1  # dropout probabilities, used only in training mode
+    attn_pdrop: float = 0.1
+    resid_pdrop: float = 0.1
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @classmethod
+    def from_hf(cls, hf) -> GPT2Config:
+        """From a transformers GPT2Config (or anything with its attribute names)."""
+        act = getattr(hf, "activation_function", "gelu_new")
+        if act not in _ACTIVATIONS:
+            raise ModelSpecError(f"activation '{act}' is not supported; supported: {', '.join(_ACTIVATIONS)}")
+        if hf.n_embd % hf.n_head:
+            raise ModelSpecError(f"width {hf.n_embd} is not a multiple of {hf.n_head} heads")
+        return cls(
+            n_layer=hf.n_layer,
+            n_head=hf.n_head,
+            n_embd=hf.n_embd,
+            n_positions=hf.n_positions,
+            vocab_size=hf.vocab_size,
+            n_inner=getattr(hf, "n_inner", None),
+            activation=act,
+            layer_norm_epsilon=hf.layer_norm_epsilon,
+            scale_attn_weights=getattr(hf, "scale_attn_weights", True),
+            scale_attn_by_inverse_layer_idx=getattr(hf, "scale_attn_by_inverse_layer_idx", False),
+            embd_pdrop=getattr(hf, "embd_pdrop", 0.1),
+            attn_pdrop=getattr(hf, "attn_pdrop", 0.1),
+            resid_pdrop=getattr(hf, "resid_pdrop", 0.1),
+        )
+
+
+@dataclass
+class Step:
+    """What every block of one forward needs to know about the cache; built once per forward."""
+
+    cache: KVCache | None
+    rows: int | None  # the cache row taking part (None = all rows)
+    past: list[int]  # cached positions of each row before this step
+    end: int  # keys the attention reads: positions [0, end)
+    mask: torch.Tensor | None  # bool, True = attend: (T, end) or (B, 1, T, end); None with `causal` or one token
+    causal: bool  # the keys are exactly the new positions: a plain causal mask
+
+
+def _attend(q, k, v, mask, causal: bool, scale: float, impl: str, dropout: float) -> torch.Tensor:
+    if impl == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal, scale=scale)
+    att = (q @ k.transpose(-2, -1)) * scale  # eager: (B, heads, T, L)
+    if causal:
+        t = q.shape[-2]
+        mask = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+    if mask is not None:
+        att = att.masked_fill(~mask, float("-inf"))
+    att = F.dropout(torch.softmax(att, dim=-1), dropout) if dropout else torch.softmax(att, dim=-1)
+    return att @ v
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: GPT2Config, layer: int, impl: str):
+        super().__init__()
+        self.n_head, self.head_dim, self.impl = cfg.n_head, cfg.head_dim, impl
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.scale = (1 / math.sqrt(cfg.head_dim) if cfg.scale_attn_weights else 1.0) / (
+            layer + 1 if cfg.scale_attn_by_inverse_layer_idx else 1
+        )
+        self.attn_pdrop, self.resid_pdrop = cfg.attn_pdrop, cfg.resid_pdrop
+
+    def _qkv(self, x: torch.Tensor):
+        b, t, c = x.shape
+        q, k, v = self.c_attn(x).split(c, dim=2)
+        return [y.view(b, t, self.n_head, self.head_dim).transpose(1, 2) for y in (q, k, v)]  # (B, heads, T, hd)
+
+    def _out(self, y: torch.Tensor) -> torch.Tensor:
+        b, _, t, _ = y.shape
+        y = self.c_proj(y.transpose(1, 2).reshape(b, t, -1))  # (B, T, C)
+        return F.dropout(y, self.resid_pdrop) if self.training and self.resid_pdrop else y
+
+    def forward(self, x: torch.Tensor, step: Step, slot: int) -> torch.Tensor:
+        q, k, v = self._qkv(x)
+        if step.cache is not None:
+            k, v = step.cache.write(slot, k, v, step.rows, step.past, step.end)
+        dropout = self.attn_pdrop if self.training else 0.0
+        return self._out(_attend(q, k, v, step.mask, step.causal, self.scale, self.impl, dropout))
+
+    def forward_static(self, x: torch.Tensor, cache: KVCache, slot: int, positions, mask) -> torch.Tensor:
+        q, k, v = self._qkv(x)
+        k, v = cache.write_static(slot, k, v, positions)
+        return self._out(_attend(q, k, v, mask, False, self.scale, self.impl, 0.0))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPT2Config):
+        super().__init__()
+        inner = cfg.n_inner or 4 * cfg.n_embd
+        self.c_fc, self.c_proj = nn.Linear(cfg.n_embd, inner), nn.Linear(inner, cfg.n_embd)
+        self.act, self.resid_pdrop = _ACTIVATIONS[cfg.activation], cfg.resid_pdrop
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.c_proj(self.act(self.c_fc(x)))
+        return F.dropout(y, self.resid_pdrop) if self.training and self.resid_pdrop else y
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPT2Config, layer: int, impl: str):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
+        self.attn = Attention(cfg, layer, impl)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, step: Step, slot: int) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), step, slot)
+        return x + self.mlp(self.ln_2(x))
+
+    def forward_static(self, x, cache: KVCache, slot: int, positions, mask) -> torch.Tensor:
+        x = x + self.attn.forward_static(self.ln_1(x), cache, slot, positions, mask)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT2(nn.Module):
+    """Blocks `layers` of GPT-2, with the token and position embeddings (`embed`) and/or the final layer norm
+    and LM head (`head`). Input: token ids (B, T) with `embed`, else hidden states (B, T, C). Output: logits
+    with `head`, else hidden states (B, T, C)."""
+
+    def __init__(self, cfg: GPT2Config, layers: range, embed: bool, head: bool, attn: str = "sdpa"):
+        super().__init__()
+        if attn not in ("sdpa", "eager"):
+            raise InvalidInput(f"attention implementation must be 'sdpa' or 'eager', got '{attn}'")
+        self.config, self.layers, self.has_embed, self.has_head = cfg, layers, embed, head
+        if embed:
+            self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+            self.wpe = nn.Embedding(cfg.n_positions, cfg.n_embd)
+        self.h = nn.ModuleDict({str(i): Block(cfg, i, attn) for i in layers})  # global names: h.2, h.3, ...
+        if head:
+            self.ln_f = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
+            self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+            if embed:
+                self.lm_head.weight = self.wte.weight  # tied, as in GPT-2
+        self._where: tuple[torch.device, torch.dtype] | None = None  # of the parameters, looked up once
+
+    @property
+    def n_positions(self) -> int:
+        return self.config.n_positions
+
+    @property
+    def device(self) -> torch.device:
+        return self._placement()[0]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._placement()[1]
+
+    def _placement(self) -> tuple[torch.device, torch.dtype]:
+        if self._where is None:
+            p = next(self.parameters())
+            self._where = (p.device, p.dtype)
+        return self._where
+
+    def _apply(self, fn, recurse=True):  # .to(), .half(), ...: look the placement up again
+        self._where = None
+        return super()._apply(fn, recurse)
+
+    def new_cache(self, capacity: int = 0, rows: int = 1, static: bool = False) -> KVCache:
+        """An empty cache for this model's blocks: room for `capacity` positions (0: grows from a minimum);
+        `static` fixes the room (CUDA graphs need buffers that never move)."""
+        c = self.config
+        return KVCache(
+            len(self.h), rows, c.n_head, c.head_dim, capacity, self.device, self.dtype, not static, c.n_positions
+        )
+
+    # --- eager ---------------------------------------------------------------------------------------
+    def _step(self, cache: KVCache | None, rows: int | None, t: int, device: torch.device) -> Step:
+        if cache is None:
+            return Step(None, None, [0], t, None, True)
+        past, end = cache.start(rows, t)
+        if len(set(past)) == 1:
+            p = past[0]
+            if t == 1:  # one new token attends to everything cached: no mask to build
+                return Step(cache, rows, past, end, None, False)
+            if p == 0:
+                return Step(cache, rows, past, end, None, True)
+            q = torch.arange(p, p + t, device=device)
+            return Step(cache, rows, past, end, torch.arange(end, device=device) <= q[:, None], False)  # (T, L)
+        q = torch.tensor(past, device=device)[:, None] + torch.arange(t, device=device)  # (B, T) query positions
+        mask = torch.arange(end, device=device) <= q[:, :, None]  # (B, T, L)
+        return Step(cache, rows, past, end, mask.unsqueeze(1), False)
+
+    def _embed(self, ids: torch.Tensor, step: Step) -> torch.Tensor:
+        t = ids.shape[1]
+        if len(set(step.past)) == 1:
+            pos = torch.arange(step.past[0], step.past[0] + t, device=ids.device)  # (T,)
+        else:
+            pos = torch.tensor(step.past, device=ids.device)[:, None] + torch.arange(t, device=ids.device)  # (B, T)
+        h = self.wte(ids) + self.wpe(pos)  # (B, T, C)
+        return F.dropout(h, self.config.embd_pdrop) if self.training and self.config.embd_pdrop else h
+
+    def hidden(self, x: torch.Tensor, cache: KVCache | None = None, rows: int | None = None) -> torch.Tensor:
+        """Embeddings (if any) and blocks: hidden states (B, T, C) of every new position. With a cache the new
+        positions follow each row's cached ones; `rows` picks one row of a multi-row cache."""
+        if self.has_embed and (x.ndim != 2 or x.shape[1] == 0):
+            raise InvalidInput(f"token ids must have shape [batch, seq>0], got {list(x.shape)}")
+        if cache is None and x.shape[1] > self.n_positions:
+            raise InvalidInput(f"sequence of {x.shape[1]} tokens is past the model's context of {self.n_positions}")
+        step = self._step(cache, rows, x.shape[1], x.device)
+        h = self._embed(x, step) if self.has_embed else x
+        for slot, block in enumerate(self.h.values()):
+            h = block(h, step, slot)
+        if cache is not None:
+            cache.advance(rows, x.shape[1])
+        return h
+
+    def logits(self, h: torch.Tensor, all_positions: bool = False) -> torch.Tensor:
+        """Final norm and LM head: (B, vocab) for the last position, or (B, T, vocab) for all of them."""
+        if not all_positions:
+            return self.lm_head(self.ln_f(h[:, -1, :]))  # the head only where it's needed
+        return self.lm_head(self.ln_f(h))
+
+    def forward(
+        self, x: torch.Tensor, cache: KVCache | None = None, rows: int | None = None, all_positions: bool = False
+    ) -> torch.Tensor:
+        h = self.hidden(x, cache, rows)
+        return self.logits(h, all_positions) if self.has_head else h
+
+    # --- static shapes -------------------------------------------------------------------------------
+    def decode_static(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One new position for every row of `cache`, at the positions held on the device; shapes depend only
+        on the cache's rows and capacity, and nothing is read back to the host, so a CUDA graph can capture it.
+        Input (rows, 1) ids or (rows, 1, C) hidden states; output (rows, vocab) logits or (rows, 1, C)."""
+        positions = cache.positions  # (B,) filled positions = where the new one goes
+        keys = torch.arange(cache.capacity, device=positions.device)
+        mask = (keys <= positions[:, None]).view(positions.shape[0], 1, 1, -1)  # (B, 1, 1, capacity)
+        h = self.wte(x) + self.wpe(positions)[:, None, :] if self.has_embed else x
+        for slot, block in enumerate(self.h.values()):
+            h = block.forward_static(h, cache, slot, positions, mask)
+        positions.add_(1)
+        return self.logits(h) if self.has_head else h
+
+
+# --- loading ------------------------------------------------------------------------------------------------
+_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def from_state(
+    cfg: GPT2Config,
+    state: dict[str, torch.Tensor],
+    layers: range,
+    embed: bool,
+    head: bool,
+    attn: str = "sdpa",
+    cls: type[GPT2] = GPT2,
+) -> GPT2:
+    """A model of class `cls` (in eval mode, frozen) holding `layers`, built from a checkpoint's tensors by HF
+    name ('h.3.mlp.c_fc.weight', 'wte.weight'...; wrapper prefixes already stripped). Tensors are used as
+    given, not copied, except that HF's Conv1D weights are transposed; the LM head is the checkpoint's
+    `lm_head.weight`, else the tied `wte.weight`."""
+    with torch.device("meta"):
+        model = cls(cfg, layers, embed, head, attn)
+    wanted = {}
+    for name in model.state_dict():
+        key = name
+        if name == "lm_head.weight" and "lm_head.weight" not in state:
+            key = "wte.weight"
+        if key not in state:
+            raise ModelSpecError(f"the checkpoint has no tensor '{key}'")
+        t = state[key]
+        wanted[name] = t.t().contiguous() if name.endswith(_CONV1D) else t
+    model.load_state_dict(wanted, strict=True, assign=True)
+    if head and embed:
+        model.lm_head.weight = model.wte.weight  # assign=True replaced the tied parameter: tie it again
+    return model.requires_grad_(False).eval()  # inference by default; a trainer turns on what it trains
