@@ -176,8 +176,8 @@ class SplitEngine(Engine):
     """Tokeniser, bottom and top here; the trunk where the config says."""
 
     def __init__(self, cfg: ClientConfig, notify: Callable[[str], None] | None = None):
+        device = resolve_device(cfg.device)  # a wrong device fails before any model is fetched or built
         model = resolve_with_fallback(cfg.model, cfg.models_dir, cfg.fallback_random)
-        device = resolve_device(cfg.device)
         super().__init__(model, device, resolve_dtype(cfg.dtype, device))
         self.cfg = cfg
         self.split = Split.parse(cfg.split, model.config.n_layer)

@@ -7,6 +7,10 @@ markdown table, writes JSON (--json) and a plotly chart of latency against conte
     python scripts/bench.py                 # random:gpt2 (GPT-2 small shape), prompts of 8/64/128/512 tokens
     python scripts/bench.py --quick         # under a minute
     python scripts/bench.py --profile       # where a decode step's time goes, part by part
+    python scripts/bench.py --device cuda --dtype float16   # on a GPU, the trunk server on the same GPU
+
+Each prompt length is new to every engine when its first run starts (the warm-up uses another length), so the
+first run's decode median against the later runs' shows any cost of a first-seen length (`fresh / repeat`).
 """
 
 from __future__ import annotations
@@ -30,9 +34,10 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from client.engine import ClientConfig, SplitEngine  # noqa: E402
+from client.engine import ClientConfig, SessionLink, SplitEngine  # noqa: E402
 from splitcore.engine import Engine, FullEngine  # noqa: E402
 from splitcore.models import resolve_model  # noqa: E402
+from splitcore.runtime import resolve_device, resolve_dtype, use_cuda_graphs  # noqa: E402
 from splitcore.sampling import SamplingParams  # noqa: E402
 from splitcore.stats import GenerationStats, percentile  # noqa: E402
 
@@ -69,7 +74,11 @@ class Result:
             "decode_p90_ms": percentile(decode, 90),
             "decode_p99_ms": percentile(decode, 99),
             "tokens_per_s": statistics.fmean(r.tokens_per_s for r in self.runs),
+            "first_run_decode_median_ms": percentile(self.runs[0].decode_ms, 50),
         }
+        if len(self.runs) > 1:
+            d["repeat_decode_median_ms"] = percentile([t for r in self.runs[1:] for t in r.decode_ms], 50)
+            d["fresh_vs_repeat"] = d["first_run_decode_median_ms"] / d["repeat_decode_median_ms"]
         toks = [t for r in self.runs for t in r.tokens[1:]]
         if toks and toks[0].server_ms is not None:
             d |= {
@@ -90,7 +99,7 @@ def prompt_ids(engine: Engine, n: int) -> list[int]:
     return ids[:n]
 
 
-def start_server(model: str, models_dir: str, threads: int | None) -> tuple[subprocess.Popen, str]:
+def start_server(model: str, models_dir: str, threads: int | None, device: list[str]) -> tuple[subprocess.Popen, str]:
     cmd = [
         sys.executable,
         "-m",
@@ -110,6 +119,7 @@ def start_server(model: str, models_dir: str, threads: int | None) -> tuple[subp
     ]
     if threads:
         cmd += ["--threads", str(threads)]
+    cmd += device
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)
     line = p.stdout.readline()
@@ -143,7 +153,8 @@ PROFILE_PARTS = [
     ("transport", "gRPC transport, both ways"),
     ("codec", "client: encode + decode"),
     ("top", "client: top blocks"),
-    ("head", "client: final norm + LM head + argmax"),
+    ("head", "client: final norm + LM head"),
+    ("other", "the rest: argmax, stepper and link overhead"),
     ("total", "total per token"),
 ]
 
@@ -165,10 +176,8 @@ def profile_steps(engine: Engine, ids: list[int], n: int) -> list[dict[str, floa
                 continue
             step = {"total": total}
             if r.server_ms is not None:  # a split: the full model is one piece
-                top = stepper.last_top_ms
-                head = total - stepper.last_bottom_ms - r.trunk_wall_ms - top  # with the argmax
-                step |= {"bottom": stepper.last_bottom_ms, "top": top, "head": head}
-                last = getattr(getattr(stepper.link, "session", None), "last", None)
+                step |= {"bottom": stepper.last_bottom_ms, "top": stepper.last_top_ms, "head": stepper.last_head_ms}
+                last = stepper.link.session.last if isinstance(stepper.link, SessionLink) else None
                 if last is None:  # trunk in-process
                     step["trunk"] = r.trunk_wall_ms
                 else:
@@ -178,7 +187,7 @@ def profile_steps(engine: Engine, ids: list[int], n: int) -> list[dict[str, floa
                         "transport": last.transport_ms,
                         "codec": last.codec_ms,
                     }
-                    step["head"] -= last.wall_ms - r.trunk_wall_ms  # link overhead outside the call: with the head
+                step["other"] = total - sum(v for k, v in step.items() if k != "total")
             steps.append(step)
     finally:
         stepper.close()
@@ -268,6 +277,9 @@ def main() -> None:
     p.add_argument("--delays", default="5,25", help="one-way delays (ms) to simulate a remote trunk; '' = none")
     p.add_argument("--threads", type=int, default=None, help="torch threads in each process (default: torch's)")
     p.add_argument("--only", default="", help="comma-separated names of split configs to run (full always runs)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto: the client's and the trunk server's")
+    p.add_argument("--dtype", default="auto", help="auto (float16 on a GPU, float32 on the CPU), float32, ...")
+    p.add_argument("--cuda-graphs", default="on", choices=["on", "off"], help="decode steps as CUDA graphs")
     p.add_argument("--quick", action="store_true", help="fewer tokens and repeats: under a minute")
     p.add_argument(
         "--profile",
@@ -285,8 +297,13 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    graphs = use_cuda_graphs(args.cuda_graphs, device)
+    placement = dict(device=str(device), dtype=str(dtype).removeprefix("torch."), cuda_graphs=args.cuda_graphs)
     model = resolve_model(args.model, args.models_dir)  # built or downloaded once, before the server starts
-    server, target = start_server(args.model, args.models_dir, args.threads)
+    server_flags = ["--device", placement["device"], "--dtype", placement["dtype"], "--cuda-graphs", args.cuda_graphs]
+    server, target = start_server(args.model, args.models_dir, args.threads, server_flags)
     try:
 
         def split(**kw) -> SplitEngine:
@@ -296,13 +313,14 @@ def main() -> None:
                     models_dir=args.models_dir,
                     split=args.split,
                     server=target,
-                    device="cpu",
                     reconnect_s=0,
+                    **placement,
                     **kw,
                 )
             )
 
-        configs = [Config("full", FullEngine(model, torch.device("cpu"), torch.float32), split=False)]
+        full = FullEngine(model, device, dtype, cuda_graphs=graphs)
+        configs = [Config("full", full, split=False)]
         if args.profile:
             configs += [Config("split, trunk in-process", split(local_trunk=True)), Config("split over gRPC", split())]
         else:
@@ -315,28 +333,33 @@ def main() -> None:
         if args.only:
             keep = {x.strip() for x in args.only.split(",")}
             configs = [c for c in configs if c.name == "full" or any(k in c.name for k in keep)]
-        for c in configs:  # warm up every path once
-            c.engine.run(prompt_ids(c.engine, 8), 4, GREEDY)
+        for c in configs:  # warm up every path once, at a length no row uses: the rows' lengths stay first-seen
+            c.engine.run(prompt_ids(c.engine, 3), 4, GREEDY)
 
         started = time.time()
         if args.profile:
             output = {"profile": profile(configs, lengths, args.new_tokens, args.repeats)}
         else:
             output = compare(configs, lengths, args.new_tokens, args.repeats)
+            output["checks"] = checks(model, full, device, dtype, graphs, lengths, args.new_tokens)
         elapsed = time.time() - started
     finally:
         server.terminate()
         server.wait(timeout=30)
 
+    m = machine(device)
+    where = f"{m['gpu']}, CUDA {m['cuda']}" if device.type == "cuda" else f"{m['processor']}, {m['cpus']} CPUs"
     print(
         f"\nmodel {args.model}, split {args.split}, {args.new_tokens} new tokens x {args.repeats} repeats, "
-        f"greedy; {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch "
-        f"{torch.__version__}, {torch.get_num_threads()} threads; measured in {elapsed:.0f} s\n"
+        f"greedy; {placement['device']} {placement['dtype']}, CUDA graphs {'on' if graphs else 'off'}; {where}, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; measured in {elapsed:.0f} s\n"
     )
     if args.profile:
         print(profile_table(output["profile"]))
     else:
         print(table(output["results"]))
+        for n, c in output["checks"].items():
+            print(f"  prompt {n}: " + ", ".join(f"{k} {v}" for k, v in c.items()))
         print("\nfloat16 wire vs float32 wire, same greedy path:")
         for n, a in output["fp16_wire"].items():
             print(
@@ -350,12 +373,9 @@ def main() -> None:
             "split": args.split,
             "new_tokens": args.new_tokens,
             "repeats": args.repeats,
-            "machine": {
-                "cpus": os.cpu_count(),
-                "processor": platform.processor(),
-                "torch": torch.__version__,
-                "threads": torch.get_num_threads(),
-            },
+            "machine": machine(device),
+            "placement": placement,
+            "date": time.strftime("%Y-%m-%d"),
             "command": " ".join(sys.argv),
         }
         args.json.write_text(json.dumps(meta | output, indent=2))
@@ -363,6 +383,37 @@ def main() -> None:
     if args.plot and not args.profile:
         plot(output["results"], args.plot)
         print(f"wrote {args.plot}")
+
+
+def machine(device: torch.device) -> dict:
+    m = {
+        "cpus": os.cpu_count(),
+        "processor": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+    if device.type == "cuda":
+        m |= {"gpu": torch.cuda.get_device_name(device), "cuda": torch.version.cuda}
+    return m
+
+
+def checks(model, full: FullEngine, device, dtype, graphs: bool, lengths: list[int], n: int) -> dict:
+    """Greedy tokens with CUDA graphs against without, and at this dtype against float32 (full model)."""
+    out: dict[int, dict] = {n_: {} for n_ in lengths}
+    others = {}
+    if graphs:
+        others["graphs on vs off: identical tokens"] = FullEngine(model, device, dtype, cuda_graphs=False)
+    if dtype != torch.float32:
+        label = f"{str(dtype).removeprefix('torch.')} vs float32: same greedy tokens until the first difference"
+        others[label] = FullEngine(model, device, torch.float32, cuda_graphs=graphs)
+    for length in lengths:
+        ids = prompt_ids(full, length)
+        want = full.run(ids, n, GREEDY).token_ids
+        for label, engine in others.items():
+            got = engine.run(ids, n, GREEDY).token_ids
+            same = next((i for i, (a, b) in enumerate(zip(want, got, strict=True)) if a != b), len(want))
+            out[length][label] = got == want if "identical" in label else f"{same}/{len(want)} tokens"
+    return out
 
 
 def compare(configs: list[Config], lengths: list[int], new_tokens: int, repeats: int) -> dict:

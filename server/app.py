@@ -35,9 +35,9 @@ class TrunkServer:
 
     def __init__(self, cfg: ServerConfig):
         self.cfg = cfg
+        device = resolve_device(cfg.device)  # a wrong device fails before any model is fetched or built
         model = resolve_with_fallback(cfg.model, cfg.models_dir, cfg.fallback_random)
         split = Split.parse(cfg.split, model.config.n_layer)
-        device = resolve_device(cfg.device)
         dtype = resolve_dtype(cfg.dtype, device)
         logger.info("%s", configure_attention(device))
         self.trunk = load_parts(model, split, ("trunk",), device, dtype, cfg.attn)["trunk"]  # trunk weights only

@@ -6,8 +6,6 @@ import json
 import subprocess
 import sys
 
-import pytest
-
 from tests.conftest import ROOT, TINY, subprocess_env
 
 
@@ -45,17 +43,21 @@ def test_bench_compares_every_config(tmp_path, models_dir, tiny):
         assert agreement["steps"] == d["new_tokens"] and 0 <= agreement["greedy_agreement"] <= agreement["steps"]
         assert 0 < agreement["max_abs_logit_diff"] < 0.05
     assert "| 64 | split session fp32 |" in d["stdout"]
+    assert d["placement"] == {"device": "cpu", "dtype": "float32", "cuda_graphs": "on"}
+    assert d["checks"] == {"8": {}, "64": {}}  # graphs and float16 checks run where they mean something: a GPU
     assert (tmp_path / "p.html").read_text().count("plotly") > 1
 
 
-def test_bench_profile_parts_add_up(tmp_path, models_dir, tiny):
+def test_bench_profile_measures_each_part(tmp_path, models_dir, tiny):
     d = run_bench(tmp_path, models_dir, "--profile", "--prompt-lengths", "8", "--new-tokens", "8", "--repeats", "2")
     prof = d["profile"]["8"]
     assert set(prof) == {"full", "split, trunk in-process", "split over gRPC"}
     grpc_ = prof["split over gRPC"]
     parts = ["bottom", "trunk", "server_handling", "transport", "codec", "top", "head"]
     assert all(grpc_[k] > 0 for k in parts)
-    assert sum(grpc_[k] for k in parts) == pytest.approx(grpc_["total"], rel=1e-6)
+    # each part is timed where it happens; what no timer covers (argmax, stepper and link overhead) is small
+    assert 0 <= grpc_["other"] < 0.25 * grpc_["total"]
     local = prof["split, trunk in-process"]
-    assert sum(local[k] for k in ("bottom", "trunk", "top", "head")) == pytest.approx(local["total"], rel=1e-6)
+    assert all(local[k] > 0 for k in ("bottom", "trunk", "top", "head"))
+    assert 0 <= local["other"] < 0.25 * local["total"]
     assert "gRPC transport, both ways" in d["stdout"]
