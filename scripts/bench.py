@@ -120,7 +120,8 @@ def start_server(model: str, models_dir: str, threads: int | None, device: list[
     if threads:
         cmd += ["--threads", str(threads)]
     cmd += device
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)  # keep what's there
+    env = dict(os.environ, PYTHONPATH=path)
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)
     line = p.stdout.readline()
     if "ready on" not in line:

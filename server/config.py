@@ -47,7 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default=env("GPT2_SERVER_HOST", d.host))
     p.add_argument("--port", type=int, default=int(env("GPT2_SERVER_PORT", str(d.port))))
     p.add_argument("--device", default=env("GPT2_DEVICE", d.device))
-    p.add_argument("--dtype", default=env("GPT2_SERVER_DTYPE", d.dtype))
+    p.add_argument(  # GPT2_DTYPE as every process; GPT2_SERVER_DTYPE, the older name, still wins on the server
+        "--dtype", default=env("GPT2_SERVER_DTYPE", env("GPT2_DTYPE", d.dtype)), help="auto, float32, float16, bfloat16"
+    )
     p.add_argument("--attn", default=env("GPT2_ATTN", d.attn), choices=["sdpa", "eager"])
     p.add_argument(
         "--cuda-graphs",

@@ -116,7 +116,8 @@ class TrunkServicer(pb_grpc.TrunkServicer):
         decoder's (a CUDA graph) for one row on a GPU, else a cache of its own with room for max_length."""
         if session.cache is None:
             if self.decoders is not None and batch == 1:
-                session.decoder = self.decoders.acquire(session.max_length)
+                with self.compute_lock:  # a capture (the first time this bucket is used) while no step runs
+                    session.decoder = self.decoders.acquire(session.max_length)
                 session.cache = session.decoder.cache
             else:
                 session.cache = self.trunk.new_cache(session.max_length, rows=batch)
@@ -195,6 +196,12 @@ class TrunkServicer(pb_grpc.TrunkServicer):
             kv = None
             if request.kv.dtype:  # read once, into the call's cache: no copy of its own
                 kv = codec.decode(request.kv, self.max_elements, finite="the trunk KV cache", copy=False)
+            length = (kv.shape[4] if kv is not None and kv.ndim == 6 else 0) + (h.shape[1] if h.ndim == 3 else 0)
+            if length > self.max_length:
+                raise LimitExceeded(
+                    f"call would hold {length} tokens, past this server's limit of {self.max_length} "
+                    f"(model context / max session tokens)"
+                )
             with self.compute_lock, torch.inference_mode():
                 t0 = time.perf_counter()
                 out, new_kv = self.trunk.forward_stateless(h, kv, check_finite=False)

@@ -23,6 +23,7 @@ from splitcore.gpt2 import GPT2
 logger = logging.getLogger(__name__)
 
 MIN_BUCKET = 64  # smallest capacity captured; buckets double up to the model's context
+_CAPTURE = threading.Lock()  # one capture at a time in a process
 
 
 def bucket(length: int, n_positions: int) -> int:
@@ -55,6 +56,10 @@ class StaticDecoder:
 
     @torch.inference_mode()
     def _capture(self) -> None:
+        with _CAPTURE:
+            self._capture_locked()
+
+    def _capture_locked(self) -> None:
         try:
             side = torch.cuda.Stream(self.model.device)
             side.wait_stream(torch.cuda.current_stream(self.model.device))
@@ -63,7 +68,7 @@ class StaticDecoder:
                     self.model.decode_static(self.x, self.cache)
             torch.cuda.current_stream(self.model.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # other threads may decode meanwhile
                 self.out = self.model.decode_static(self.x, self.cache)
             self.graph = graph
         except Exception as e:  # capture is an optimisation: say why once, then decode eagerly
@@ -82,7 +87,8 @@ class StaticDecoder:
     @torch.inference_mode()
     def step(self, x: torch.Tensor) -> torch.Tensor:
         """One new position per row: x is (rows, 1) token ids or (rows, 1, C) hidden states. Returns logits
-        (rows, vocab) or hidden states (rows, 1, C); with a graph, a buffer that the next step overwrites."""
+        (rows, vocab) or hidden states (rows, 1, C), the caller's to keep (a graph's output buffer is copied:
+        the next replay overwrites it, and a link may keep what it sent for a replay after a trunk restart)."""
         if max(self.cache.lengths) + 1 > self.capacity:
             raise LimitExceeded(f"decode past this cache's fixed room of {self.capacity} positions")
         self.cache.device_positions()  # refresh after eager prefill steps
@@ -91,7 +97,7 @@ class StaticDecoder:
         else:
             self.x.copy_(x, non_blocking=True)
             self.graph.replay()
-            out = self.out
+            out = self.out.clone()
         self.cache.count_static_step()
         return out
 

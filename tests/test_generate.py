@@ -60,7 +60,7 @@ def test_stream_yields_tokens_as_they_come(local_split):
 
 
 def test_generation_stops_at_eos(full_engine, monkeypatch):
-    # Make the first sampled token EOS by sampling with top_k=1 from logits that favour it.
+    # The loop must stop at EOS whatever picked it: the sampler is replaced by one that always returns EOS.
     from splitcore import generate as gen
 
     monkeypatch.setattr(gen, "sample", lambda logits, params, g: 50256)
@@ -90,10 +90,22 @@ def test_sampling_rules():
     g = make_generator(0)
     assert sample(logits, SamplingParams(temperature=0), g) == 1
     assert sample(logits, SamplingParams(top_k=0), g) == 1
-    assert {sample(logits, SamplingParams(temperature=1.0, top_k=1, seed=1), g) for _ in range(20)} == {1}
+    assert {sample(logits, SamplingParams(temperature=1.0, top_k=1), g) for _ in range(20)} == {1}
     assert {sample(logits, SamplingParams(temperature=1.0, top_k=4, top_p=0.01), g) for _ in range(20)} == {1}
     two = {sample(logits, SamplingParams(temperature=5.0, top_k=2), g) for _ in range(200)}
     assert two == {1, 3}
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])  # top-p 0.7 keeps the first two (0.5 < 0.7 <= 0.8)
+    kept = [sample(probs.log(), SamplingParams(temperature=1.0, top_k=4, top_p=0.7), g) for _ in range(400)]
+    assert set(kept) == {0, 1} and 0.5 < kept.count(0) / 400 < 0.75  # renormalised: 0.5 / 0.8 = 0.625
+
+
+def test_seed_makes_sampling_reproducible():
+    logits = torch.randn(1000, generator=torch.Generator().manual_seed(0))
+    params = SamplingParams(temperature=1.0, top_k=500, top_p=0.9, seed=3)
+    runs = [[sample(logits, params, g) for _ in range(30)] for g in (make_generator(3), make_generator(3))]
+    assert runs[0] == runs[1] and len(set(runs[0])) > 5
+    other = make_generator(4)
+    assert [sample(logits, params, other) for _ in range(30)] != runs[0]
 
 
 def test_incremental_decoder_holds_partial_characters(tokenizer):

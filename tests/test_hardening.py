@@ -14,6 +14,7 @@ import psutil
 import pytest
 import torch
 
+from server.sessions import SessionRegistry
 from splitcomm.errors import TrunkError, TrunkUnavailable
 from splitcomm.proto import trunk_pb2 as pb
 from splitcomm.proto import trunk_pb2_grpc as pb_grpc
@@ -109,6 +110,25 @@ def test_max_session_tokens_limit(limited):
     with pytest.raises(TrunkError, match="past its limit of 64"):
         s.step(torch.zeros(1, 5, 64))
     s.close()
+
+
+def test_stateless_forward_keeps_the_token_limit(limited):
+    _, client, fp = limited
+    out, kv, *_ = client.forward(fp, torch.zeros(1, 60, 64), None, torch.float32)
+    assert kv.shape[4] == 60
+    with pytest.raises(TrunkError, match="65 tokens, past this server's limit of 64") as e:
+        client.forward(fp, torch.zeros(1, 5, 64), kv, torch.float32)
+    assert e.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_reaper_leaves_the_cache_to_the_session_thread():
+    """Closing a session (the idle reaper does) marks it; the cache a step may be using stays until the session's
+    own thread frees it, so a step in flight never finds it gone."""
+    reg = SessionRegistry(max_sessions=2, idle_timeout_s=0)
+    s = reg.open("peer", 16, lambda: None)
+    s.cache = cache = object()
+    reg.close(s.id, "closed for idleness")
+    assert s.closed and s.cache is cache and reg.active() == 0
 
 
 def test_max_message_size_limit(limited):
