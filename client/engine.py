@@ -187,6 +187,8 @@ class SplitEngine(Engine):
         self.parts = load_parts(model, self.split, parts, device, self.dtype, cfg.attn)
         graphs = use_cuda_graphs(cfg.cuda_graphs, device)
         self.pools = {name: DecoderPool(part) for name, part in self.parts.items()} if graphs else {}
+        for pool in self.pools.values():
+            pool.warm()  # every capacity bucket captured now, not in some generation's time to first token
         fp = model_fingerprint(model, self.split)
         self.fingerprint = pb.Fingerprint(**fp.to_dict(), digest=fp.digest)
         self.trunk_client = None if cfg.local_trunk else TrunkClient(cfg.trunk_client_config())

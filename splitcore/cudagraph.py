@@ -121,6 +121,19 @@ class DecoderPool:
             self.captured += 1
         return StaticDecoder(self.model, key[0], rows, self.graphs)
 
+    def warm(self, rows: int = 1) -> int:
+        """Build (capture) one idle decoder per capacity bucket now, so that no generation pays for a capture
+        in its time to first token. Returns how many were built."""
+        built, cap = [], MIN_BUCKET
+        while True:
+            built.append(self.acquire(cap, rows))
+            if cap >= self.model.n_positions:
+                break
+            cap *= 2
+        for d in built:
+            self.release(d)
+        return len(built)
+
     def release(self, decoder: StaticDecoder) -> None:
         """Give a decoder back once nothing runs on it any more; its cache is emptied."""
         decoder.cache.reset()

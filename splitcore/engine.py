@@ -109,6 +109,8 @@ class FullEngine(Engine):
         logger.info("%s", configure_attention(device))
         self.full = load_full(model, device, dtype, attn)
         self.pool = DecoderPool(self.full) if cuda_graphs else None  # decode steps as CUDA graphs
+        if self.pool is not None:
+            self.pool.warm()  # every capacity bucket captured now, not in some generation's time to first token
 
     def new_stepper(self, max_length: int = 0, notify: Notify | None = None) -> Stepper:
         return FullStepper(self.full, max_length, self.pool)

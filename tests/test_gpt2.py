@@ -150,6 +150,9 @@ def test_decoder_pool_reuses_an_emptied_decoder(tiny):
     b = pool.acquire(70)
     assert b is a and b.cache.length == 0 and pool.captured == 1
     assert pool.acquire(70) is not a and pool.captured == 2  # a second one while the first is in use
+    warm = DecoderPool(load_full(tiny), graphs=False)
+    assert warm.warm() == 5 and warm.captured == 5  # 64, 128, 256, 512, 1024
+    assert warm.acquire(1000).capacity == 1024 and warm.captured == 5  # taken from the idle ones
 
 
 def test_greedy_identical_with_static_decoders_and_without(tiny):
