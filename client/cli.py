@@ -6,8 +6,18 @@ import argparse
 from dataclasses import fields
 
 from client.engine import ClientConfig, SplitEngine
+from client.train import TrainConfig
 from splitcomm.errors import TrunkError
-from splitcore.cli import add_model_args, app_parser, env, main_guard, parse_app_args, run_generate, setup_logging
+from splitcore.cli import (
+    add_model_args,
+    app_parser,
+    dataclass_flags,
+    env,
+    main_guard,
+    parse_app_args,
+    run_generate,
+    setup_logging,
+)
 from splitcore.runtime import configure_threads
 
 
@@ -50,6 +60,19 @@ def add_split_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_train_command(sub) -> None:
+    t = sub.add_parser(
+        "train",
+        help="fine-tune a LoRA adapter across the split (data and labels stay here)",
+        description="Fine-tune GPT-2 across the split: the trunk server trains a LoRA adapter on its blocks from "
+        "hidden states and gradients; text, token ids and labels never leave this machine. The adapter is saved "
+        "in PEFT's format in --out.",
+    )
+    add_split_args(t)
+    dataclass_flags(t, TrainConfig)
+    t.add_argument("--local", action="store_true", help="everything in this process, no server: the reference")
+
+
 def build_parser() -> argparse.ArgumentParser:
     return app_parser(
         "python -m client",
@@ -59,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
         7860,
         "GPT2_CLIENT_LOG",
         "logs/gpt2_client.log",
+        add_train_command,
     )
 
 
@@ -71,7 +95,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_app_args(build_parser(), argv)
 
     def body() -> None:
-        if args.command == "generate":
+        if args.command == "train":
+            setup_logging("logs/gpt2_train.log", args.verbose)
+            configure_threads(args.threads)
+            from client.train_cli import run_train
+
+            run_train(args, client_config(args))
+        elif args.command == "generate":
             setup_logging(None, args.verbose)
             configure_threads(args.threads)
             engine = SplitEngine(client_config(args))

@@ -81,6 +81,7 @@ class TrunkServer:
             monitor_interval_s=cfg.monitor_interval_s,
             max_monitors=cfg.max_monitors,
             decoders=decoders,
+            train_recompute=cfg.train_recompute,
         )
         # Each session and monitor stream holds a thread for its life; unary calls need a few more.
         self.grpc_server = make_server(cfg.max_sessions + cfg.max_monitors + 8, cfg.max_message_bytes, cfg.auth_token)

@@ -26,6 +26,7 @@ class ServerConfig:
     max_session_tokens: int = 0  # tokens per session; 0 = the model's context
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES  # largest message either way, bytes
     idle_timeout_s: float = 300.0  # a silent session is closed after this long, s (0 = never)
+    train_recompute: bool = False  # training sessions keep only the input and run the forward again at backward
     max_monitors: int = 16  # concurrent monitor streams
     monitor_interval_s: float = 1.0  # default time between monitor samples, s
     grace_s: float = 10.0  # on shutdown, in-flight work gets this long, s
@@ -70,6 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
         dest="idle_timeout_s",
         type=float,
         default=float(env("GPT2_IDLE_TIMEOUT", str(d.idle_timeout_s))),
+    )
+    p.add_argument(
+        "--train-recompute",
+        action="store_true",
+        default=env("GPT2_TRAIN_RECOMPUTE", "0") == "1",
+        help="training sessions keep no activations between forward and backward: the forward runs again "
+        "(less memory, one more forward per step)",
     )
     p.add_argument("--monitor-interval", dest="monitor_interval_s", type=float, default=d.monitor_interval_s)
     p.add_argument("--log-file", default=env("GPT2_SERVER_LOG", d.log_file))

@@ -2,62 +2,25 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
 
-import grpc
 import torch
 
 from server.sessions import ServerDraining, SessionRegistry
+from server.status import check_fingerprint, status_on_error
+from server.training import TrainHandler
 from splitcomm import codec
 from splitcomm.monitor import GpuProbe, Sampler
 from splitcomm.proto import trunk_pb2 as pb
 from splitcomm.proto import trunk_pb2_grpc as pb_grpc
 from splitcore.cudagraph import DecoderPool
-from splitcore.errors import InvalidInput, LimitExceeded, Mismatch, SplitError
+from splitcore.errors import InvalidInput, LimitExceeded
 from splitcore.fingerprint import Fingerprint
 from splitcore.parts import Trunk
 
 logger = logging.getLogger(__name__)
-
-_STATUS = [
-    (Mismatch, grpc.StatusCode.FAILED_PRECONDITION),
-    (LimitExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (ServerDraining, grpc.StatusCode.UNAVAILABLE),
-    (InvalidInput, grpc.StatusCode.INVALID_ARGUMENT),
-    (codec.CodecError, grpc.StatusCode.INVALID_ARGUMENT),
-]
-
-
-@contextlib.contextmanager
-def status_on_error(context: grpc.ServicerContext, what: str):
-    """The one place exceptions become gRPC status codes; unexpected ones are logged with a traceback."""
-    try:
-        yield
-    except grpc.RpcError:  # the client cancelled or disconnected: the stream just ends
-        logger.debug("%s from %s ended by the client", what, context.peer())
-    except (SplitError, codec.CodecError) as e:
-        code = next(c for t, c in _STATUS if isinstance(e, t))
-        logger.info("%s from %s rejected: %s %s", what, context.peer(), code.name, e)
-        context.abort(code, str(e))
-    except Exception as e:
-        logger.exception("%s from %s failed", what, context.peer())
-        context.abort(grpc.StatusCode.INTERNAL, f"internal error in the trunk server: {type(e).__name__}: {e}")
-
-
-def check_fingerprint(ours: Fingerprint, theirs: pb.Fingerprint) -> None:
-    if not theirs.digest:
-        raise InvalidInput("no model fingerprint sent: the first message must carry the client's fingerprint")
-    if theirs.digest == ours.digest:
-        return
-    other = Fingerprint(theirs.arch, theirs.split, theirs.weights, theirs.n_layer, theirs.n_embd)
-    diffs = ours.differences(other) or ["fingerprint digest"]
-    raise Mismatch(
-        f"client and server models differ in {'; '.join(diffs)} (server vs client); start both "
-        f"with the same --model and --split"
-    )
 
 
 class TrunkServicer(pb_grpc.TrunkServicer):
@@ -74,6 +37,7 @@ class TrunkServicer(pb_grpc.TrunkServicer):
         monitor_interval_s: float,
         max_monitors: int,
         decoders: DecoderPool | None = None,
+        train_recompute: bool = False,
     ):
         self.trunk, self.info, self.fingerprint, self.sessions = trunk, info, fingerprint, sessions
         self.max_length = min(max_session_tokens or trunk.n_positions, trunk.n_positions)
@@ -85,6 +49,9 @@ class TrunkServicer(pb_grpc.TrunkServicer):
         self.stopping = threading.Event()
         self._monitors = 0
         self._monitors_lock = threading.Lock()
+        self.training = TrainHandler(
+            trunk, fingerprint, sessions, self.compute_lock, max_elements, self.max_length, train_recompute
+        )
         self._gpu = GpuProbe(trunk.device.index or 0) if trunk.device.type == "cuda" else None
 
     # --- Info -------------------------------------------------------------------------------------------
@@ -210,6 +177,11 @@ class TrunkServicer(pb_grpc.TrunkServicer):
             resp = pb.ForwardResponse(hidden=codec.encode(out, h.dtype), kv=codec.encode(new_kv, h.dtype), server_ms=ms)
             resp.server_wall_ms = (time.perf_counter() - arrived) * 1e3
             return resp
+
+    # --- Train ------------------------------------------------------------------------------------------
+    def Train(self, request_iterator, context):
+        with status_on_error(context, "training session"):
+            yield from self.training.stream(request_iterator, context)
 
     # --- Monitor ----------------------------------------------------------------------------------------
     def Monitor(self, request, context):

@@ -1,4 +1,4 @@
-"""Client side of the trunk service: server info, sessions, stateless forward and the monitor stream."""
+"""Client side of the trunk service: server info, sessions, training sessions, stateless forward, monitor."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from splitcomm.proto import trunk_pb2_grpc as pb_grpc
 
 logger = logging.getLogger(__name__)
 
-FRAME_BYTES = 5  # gRPC's length prefix on every message; counted in bytes per step
+FRAME_OVERHEAD = 17  # per message: gRPC's 5-byte length prefix and the protobuf fields around the tensor's bytes
 _END = object()  # closes a session's request stream
 
 
@@ -59,6 +59,57 @@ class CallTimes:
         return max(0.0, self.server_wall_ms - self.server_ms)
 
 
+class _Stream:
+    """A bidi stream driven one request, one response at a time, with a watchdog per exchange and RPC errors
+    mapped to TrunkError. Sessions and training sessions are each one of these."""
+
+    def __init__(self, method, first, cfg: TrunkClientConfig, what: str):
+        self.cfg, self.what = cfg, what
+        self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self._q.put(first)  # sent at once; its answer (if any) is read by the first exchange
+        self._call = method(iter(self._q.get, _END), metadata=auth_metadata(cfg.token))
+        self._started: float | None = None
+        self.closed = self._timed_out = False
+        if cfg.step_timeout_s > 0:
+            threading.Thread(target=self._watchdog, daemon=True, name=f"{what}-watchdog").start()
+
+    def _watchdog(self) -> None:
+        while not self.closed:
+            started = self._started
+            if started is not None and time.monotonic() - started > self.cfg.step_timeout_s:
+                self._timed_out = True
+                self._call.cancel()
+                return
+            time.sleep(0.25)
+
+    def exchange(self, req=None):
+        """Send `req` (None: only read the answer to what was sent already) and return the response."""
+        if self.closed:
+            raise TrunkError(f"{self.what} is closed")
+        self._started = time.monotonic()
+        if req is not None:
+            self._q.put(req)
+        try:
+            return next(self._call)
+        except StopIteration:
+            raise TrunkUnavailable(f"trunk server at {self.cfg.target} ended the {self.what}") from None
+        except grpc.RpcError as e:
+            if self._timed_out:
+                raise TrunkUnavailable(
+                    f"trunk server at {self.cfg.target} did not answer within {self.cfg.step_timeout_s:g} s",
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                ) from e
+            raise from_rpc_error(e, self.cfg.target) from e
+        finally:
+            self._started = None
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._q.put(_END)
+            self._call.cancel()  # the server frees what the stream held at once
+
+
 class TrunkSession:
     """One session: a bidi stream with a KV cache on the server. Use as a context manager or call close()."""
 
@@ -68,59 +119,71 @@ class TrunkSession:
         self.cfg, self.wire_dtype = cfg, wire_dtype
         self.steps = 0
         self.last: CallTimes | None = None  # of the latest step
-        self._q: queue.SimpleQueue = queue.SimpleQueue()
-        self._q.put(pb.StepRequest(open=open_msg))  # sent with the first step: no extra round trip
-        self._call = stub.Session(iter(self._q.get, _END), metadata=auth_metadata(cfg.token))
-        self._step_started: float | None = None
-        self._closed = self._timed_out = False
-        if cfg.step_timeout_s > 0:
-            threading.Thread(target=self._watchdog, daemon=True, name="session-watchdog").start()
-
-    def _watchdog(self) -> None:
-        while not self._closed:
-            started = self._step_started
-            if started is not None and time.monotonic() - started > self.cfg.step_timeout_s:
-                self._timed_out = True
-                self._call.cancel()
-                return
-            time.sleep(0.25)
+        # the open message goes out with the first step: no extra round trip
+        self._stream = _Stream(stub.Session, pb.StepRequest(open=open_msg), cfg, "session")
 
     def step(self, hidden: torch.Tensor) -> tuple[torch.Tensor, float, int, int]:
         """Send hidden states [1, T, d]; returns (trunk output, server ms, bytes sent, bytes received)."""
-        if self._closed:
-            raise TrunkError("session is closed")
         t0 = time.perf_counter()
         req = pb.StepRequest(step=pb.Step(step=self.steps, hidden=encode(hidden, self.wire_dtype)))
         t1 = time.perf_counter()
-        self._step_started = time.monotonic()
-        self._q.put(req)
-        try:
-            resp = next(self._call)
-            t2 = time.perf_counter()
-        except StopIteration:
-            raise TrunkUnavailable(f"trunk server at {self.cfg.target} ended the session") from None
-        except grpc.RpcError as e:
-            if self._timed_out:
-                raise TrunkUnavailable(
-                    f"trunk server at {self.cfg.target} did not answer within {self.cfg.step_timeout_s:g} s",
-                    grpc.StatusCode.DEADLINE_EXCEEDED,
-                ) from e
-            raise from_rpc_error(e, self.cfg.target) from e
-        finally:
-            self._step_started = None
+        resp = self._stream.exchange(req)
+        t2 = time.perf_counter()
         self.steps += 1
         out = decode(resp.hidden)
         t3 = time.perf_counter()
         self.last = CallTimes((t3 - t0) * 1e3, (t1 - t0 + t3 - t2) * 1e3, resp.server_wall_ms, resp.server_ms)
-        return out, resp.server_ms, req.ByteSize() + FRAME_BYTES, resp.ByteSize() + FRAME_BYTES
+        sent, received = len(req.step.hidden.data), len(resp.hidden.data)  # the tensors' bytes, plus framing
+        return out, resp.server_ms, sent + FRAME_OVERHEAD, received + FRAME_OVERHEAD
 
     def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self._q.put(_END)
-            self._call.cancel()  # the server frees this session's cache at once
+        self._stream.close()
 
     def __enter__(self) -> TrunkSession:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+@dataclass
+class TrainCall:
+    """What one training exchange moved and cost."""
+
+    tensor: torch.Tensor  # the trunk's output (forward) or the gradient at its input (backward)
+    server_ms: float
+    bytes_out: int
+    bytes_in: int
+
+
+class TrainingSession:
+    """One training session: a bidi stream with an adapter and its optimizer on the server."""
+
+    def __init__(self, stub: pb_grpc.TrunkStub, open_msg: pb.TrainOpen, wire_dtype: torch.dtype, cfg):
+        self.wire_dtype = wire_dtype
+        self._stream = _Stream(stub.Train, pb.TrainRequest(open=open_msg), cfg, "training session")
+        self.trainable_parameters = self._stream.exchange().opened.trainable_parameters
+
+    def _call(self, req: pb.TrainRequest, out: pb.Tensor, resp_field: str) -> TrainCall:
+        resp = self._stream.exchange(req)
+        got = getattr(resp, resp_field)
+        return TrainCall(decode(got), resp.server_ms, len(out.data) + FRAME_OVERHEAD, len(got.data) + FRAME_OVERHEAD)
+
+    def forward(self, step: int, hidden: torch.Tensor, eval: bool = False) -> TrainCall:
+        t = encode(hidden, self.wire_dtype)
+        return self._call(pb.TrainRequest(forward=pb.TrainForward(step=step, hidden=t, eval=eval)), t, "hidden")
+
+    def backward(self, step: int, grad: torch.Tensor) -> TrainCall:
+        t = encode(grad, self.wire_dtype)
+        return self._call(pb.TrainRequest(backward=pb.TrainBackward(step=step, grad=t)), t, "grad")
+
+    def export(self) -> pb.AdapterState:
+        return self._stream.exchange(pb.TrainRequest(export=pb.TrainExport())).adapter
+
+    def close(self) -> None:
+        self._stream.close()
+
+    def __enter__(self) -> TrainingSession:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -148,6 +211,10 @@ class TrunkClient:
         """The server's model, split, limits and fingerprint; fails fast when the server is unreachable."""
         return self._unary(self.stub.Info, pb.InfoRequest(), timeout or self.cfg.connect_timeout_s)
 
+    def training(self, open_msg: pb.TrainOpen, wire_dtype: torch.dtype = torch.float32) -> TrainingSession:
+        """Open a training session (waits for the server to accept it)."""
+        return TrainingSession(self.stub, open_msg, wire_dtype, self.cfg)
+
     def session(
         self, fingerprint: pb.Fingerprint, max_length: int = 0, wire_dtype: torch.dtype = torch.float32
     ) -> TrunkSession:
@@ -173,8 +240,8 @@ class TrunkClient:
             decode(resp.hidden),
             decode(resp.kv),
             resp.server_ms,
-            req.ByteSize() + FRAME_BYTES,
-            resp.ByteSize() + FRAME_BYTES,
+            len(req.hidden.data) + len(req.kv.data) + 2 * FRAME_OVERHEAD,  # counted, not serialised again
+            len(resp.hidden.data) + len(resp.kv.data) + 2 * FRAME_OVERHEAD,
         )
 
     def monitor(self, interval_s: float = 0.0, max_samples: int = 0) -> Iterator[pb.MonitorSample]:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import inspect
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -67,10 +70,14 @@ def app_parser(
     default_port: int,
     log_env: str,
     default_log: str,
+    more: Callable[[argparse._SubParsersAction], None] | None = None,
 ) -> argparse.ArgumentParser:
-    """`generate` (text or JSON on stdout) and `serve` (the Gradio app), both with the model options of `add_args`."""
+    """`generate` (text or JSON on stdout) and `serve` (the Gradio app), both with the model options of `add_args`;
+    `more` adds further subcommands."""
     p = argparse.ArgumentParser(prog=prog, description=description)
     sub = p.add_subparsers(dest="command")
+    if more is not None:
+        more(sub)
     g = sub.add_parser("generate", help="generate text from a prompt")
     add_args(g)
     add_generate_args(g)
@@ -85,9 +92,27 @@ def app_parser(
 def parse_app_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
     """No subcommand (nothing, or options only) means `serve`."""
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] not in ("generate", "serve", "-h", "--help"):
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    if not argv or argv[0] not in (*commands, "-h", "--help"):
         argv = ["serve", *argv]
     return parser.parse_args(argv)
+
+
+def dataclass_flags(p: argparse.ArgumentParser, cls, positional: tuple[str, ...] = ()) -> None:
+    """One flag per field of a settings dataclass: `--batch-size`, typed and defaulted from the field, its help
+    the field's comment (`batch_size: int = 8  # windows per step`). Booleans are switches."""
+    comments = dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.+)$", inspect.getsource(cls), re.M))
+    for f in dataclasses.fields(cls):
+        kind = type(f.default) if f.default is not dataclasses.MISSING else str
+        text = comments.get(f.name, "")
+        if f.name in positional:
+            p.add_argument(f.name, help=text)
+        elif kind is bool:
+            p.add_argument(f"--{f.name.replace('_', '-')}", action="store_true", help=text)
+        else:
+            p.add_argument(
+                f"--{f.name.replace('_', '-')}", type=kind, default=f.default, help=f"{text} (default %(default)s)"
+            )
 
 
 def add_generate_args(p: argparse.ArgumentParser) -> None:

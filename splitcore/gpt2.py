@@ -179,7 +179,7 @@ class GPT2(nn.Module):
         super().__init__()
         if attn not in ("sdpa", "eager"):
             raise InvalidInput(f"attention implementation must be 'sdpa' or 'eager', got '{attn}'")
-        self.config, self.layers, self.has_embed, self.has_head = cfg, layers, embed, head
+        self.config, self.layers, self.has_embed, self.has_head, self.attn_impl = cfg, layers, embed, head, attn
         if embed:
             self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
             self.wpe = nn.Embedding(cfg.n_positions, cfg.n_embd)

@@ -202,3 +202,119 @@ class MonitorSample(_message.Message):
     mean_compute_ms: float
     uptime_s: float
     def __init__(self, timestamp: _Optional[float] = ..., cpu_percent: _Optional[float] = ..., mem_used_bytes: _Optional[int] = ..., mem_total_bytes: _Optional[int] = ..., process_rss_bytes: _Optional[int] = ..., gpu_available: _Optional[bool] = ..., gpu_status: _Optional[str] = ..., gpu_util_percent: _Optional[float] = ..., gpu_mem_used_bytes: _Optional[int] = ..., gpu_mem_total_bytes: _Optional[int] = ..., gpu_temperature_c: _Optional[float] = ..., active_sessions: _Optional[int] = ..., total_sessions: _Optional[int] = ..., total_steps: _Optional[int] = ..., steps_per_s: _Optional[float] = ..., mean_compute_ms: _Optional[float] = ..., uptime_s: _Optional[float] = ...) -> None: ...
+
+class LoraSpec(_message.Message):
+    __slots__ = ("rank", "alpha", "dropout", "target_modules")
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    ALPHA_FIELD_NUMBER: _ClassVar[int]
+    DROPOUT_FIELD_NUMBER: _ClassVar[int]
+    TARGET_MODULES_FIELD_NUMBER: _ClassVar[int]
+    rank: int
+    alpha: float
+    dropout: float
+    target_modules: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, rank: _Optional[int] = ..., alpha: _Optional[float] = ..., dropout: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class OptimizerSpec(_message.Message):
+    __slots__ = ("name", "lr", "weight_decay", "beta1", "beta2", "eps")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    LR_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_DECAY_FIELD_NUMBER: _ClassVar[int]
+    BETA1_FIELD_NUMBER: _ClassVar[int]
+    BETA2_FIELD_NUMBER: _ClassVar[int]
+    EPS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    lr: float
+    weight_decay: float
+    beta1: float
+    beta2: float
+    eps: float
+    def __init__(self, name: _Optional[str] = ..., lr: _Optional[float] = ..., weight_decay: _Optional[float] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., eps: _Optional[float] = ...) -> None: ...
+
+class NamedTensor(_message.Message):
+    __slots__ = ("name", "tensor")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    tensor: Tensor
+    def __init__(self, name: _Optional[str] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class AdapterState(_message.Message):
+    __slots__ = ("weights", "optimizer", "optimizer_steps")
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_STEPS_FIELD_NUMBER: _ClassVar[int]
+    weights: _containers.RepeatedCompositeFieldContainer[NamedTensor]
+    optimizer: _containers.RepeatedCompositeFieldContainer[NamedTensor]
+    optimizer_steps: int
+    def __init__(self, weights: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., optimizer: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., optimizer_steps: _Optional[int] = ...) -> None: ...
+
+class TrainOpen(_message.Message):
+    __slots__ = ("fingerprint", "lora", "optimizer", "seed", "resume")
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    LORA_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    RESUME_FIELD_NUMBER: _ClassVar[int]
+    fingerprint: Fingerprint
+    lora: LoraSpec
+    optimizer: OptimizerSpec
+    seed: int
+    resume: AdapterState
+    def __init__(self, fingerprint: _Optional[_Union[Fingerprint, _Mapping]] = ..., lora: _Optional[_Union[LoraSpec, _Mapping]] = ..., optimizer: _Optional[_Union[OptimizerSpec, _Mapping]] = ..., seed: _Optional[int] = ..., resume: _Optional[_Union[AdapterState, _Mapping]] = ...) -> None: ...
+
+class TrainForward(_message.Message):
+    __slots__ = ("step", "hidden", "eval")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    EVAL_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    hidden: Tensor
+    eval: bool
+    def __init__(self, step: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., eval: _Optional[bool] = ...) -> None: ...
+
+class TrainBackward(_message.Message):
+    __slots__ = ("step", "grad")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    GRAD_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    grad: Tensor
+    def __init__(self, step: _Optional[int] = ..., grad: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class TrainExport(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class TrainRequest(_message.Message):
+    __slots__ = ("open", "forward", "backward", "export")
+    OPEN_FIELD_NUMBER: _ClassVar[int]
+    FORWARD_FIELD_NUMBER: _ClassVar[int]
+    BACKWARD_FIELD_NUMBER: _ClassVar[int]
+    EXPORT_FIELD_NUMBER: _ClassVar[int]
+    open: TrainOpen
+    forward: TrainForward
+    backward: TrainBackward
+    export: TrainExport
+    def __init__(self, open: _Optional[_Union[TrainOpen, _Mapping]] = ..., forward: _Optional[_Union[TrainForward, _Mapping]] = ..., backward: _Optional[_Union[TrainBackward, _Mapping]] = ..., export: _Optional[_Union[TrainExport, _Mapping]] = ...) -> None: ...
+
+class TrainOpened(_message.Message):
+    __slots__ = ("trainable_parameters",)
+    TRAINABLE_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    trainable_parameters: int
+    def __init__(self, trainable_parameters: _Optional[int] = ...) -> None: ...
+
+class TrainResponse(_message.Message):
+    __slots__ = ("step", "opened", "hidden", "grad", "adapter", "server_ms")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    OPENED_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    GRAD_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    SERVER_MS_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    opened: TrainOpened
+    hidden: Tensor
+    grad: Tensor
+    adapter: AdapterState
+    server_ms: float
+    def __init__(self, step: _Optional[int] = ..., opened: _Optional[_Union[TrainOpened, _Mapping]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., grad: _Optional[_Union[Tensor, _Mapping]] = ..., adapter: _Optional[_Union[AdapterState, _Mapping]] = ..., server_ms: _Optional[float] = ...) -> None: ...

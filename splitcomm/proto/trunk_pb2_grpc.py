@@ -55,6 +55,11 @@ class TrunkStub:
                 request_serializer=trunk__pb2.MonitorRequest.SerializeToString,
                 response_deserializer=trunk__pb2.MonitorSample.FromString,
                 _registered_method=True)
+        self.Train = channel.stream_stream(
+                '/gpt2split.v1.Trunk/Train',
+                request_serializer=trunk__pb2.TrainRequest.SerializeToString,
+                response_deserializer=trunk__pb2.TrainResponse.FromString,
+                _registered_method=True)
 
 
 class TrunkServicer:
@@ -85,6 +90,13 @@ class TrunkServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Train(self, request_iterator, context):
+        """One bidirectional stream is one training session: an adapter and its optimizer, freed when it ends.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrunkServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -107,6 +119,11 @@ def add_TrunkServicer_to_server(servicer, server):
                     servicer.Monitor,
                     request_deserializer=trunk__pb2.MonitorRequest.FromString,
                     response_serializer=trunk__pb2.MonitorSample.SerializeToString,
+            ),
+            'Train': grpc.stream_stream_rpc_method_handler(
+                    servicer.Train,
+                    request_deserializer=trunk__pb2.TrainRequest.FromString,
+                    response_serializer=trunk__pb2.TrainResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -217,6 +234,33 @@ class Trunk:
             '/gpt2split.v1.Trunk/Monitor',
             trunk__pb2.MonitorRequest.SerializeToString,
             trunk__pb2.MonitorSample.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Train(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/gpt2split.v1.Trunk/Train',
+            trunk__pb2.TrainRequest.SerializeToString,
+            trunk__pb2.TrainResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,299 @@
+"""Split learning on the client: the data, the labels, the embeddings, the bottom and the top stay here; the
+trunk server trains a LoRA adapter on its blocks from the hidden states and gradients that cross the cut.
+
+SplitTrainer drives a training session over gRPC; LocalTrainer is the reference (the whole model in this
+process, plain autograd); `train` runs either over text files with evaluation, checkpoints and resume, and
+yields events that the CLI's progress bar and the app's Fine-tune tab show.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from splitcomm.codec import decode, encode
+from splitcomm.proto import trunk_pb2 as pb
+from splitcore.lora import LoraSettings, Optimizer, adapter_weights, add_lora, load_adapter_weights, save_peft, twin
+from splitcore.parts import load_full
+from splitcore.training import TextData, lm_loss, perplexity
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one fine-tuning run (the `train` command and the Fine-tune tab)."""
+
+    data: str = ""  # a text file or a directory of them
+    steps: int = 200  # optimizer steps
+    batch_size: int = 8  # windows per step (B)
+    block_size: int = 128  # tokens per window (T)
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: str = "attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj"  # module kinds in each adapted block
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    eval_every: int = 50  # steps between held-out evaluations (and checkpoints); 0 = only at the end
+    eval_batches: int = 8  # held-out batches per evaluation
+    out: str = "adapters/run"  # where checkpoints and the final adapter go
+    client_train: str = "none"  # the client's own blocks: none (frozen) or lora
+    seed: int = 0  # adapter initialisation and batch order
+    resume: bool = False  # go on from the latest checkpoint in `out`
+
+    def lora(self) -> LoraSettings:
+        targets = tuple(t.strip() for t in self.lora_targets.split(",") if t.strip())
+        return LoraSettings(
+            self.lora_rank, self.lora_alpha, self.lora_dropout, targets, self.lr, self.weight_decay, seed=self.seed
+        )
+
+
+@dataclass
+class StepStats:
+    step: int
+    loss: float
+    ms: float  # wall time of the step
+    server_ms: float = 0.0  # trunk compute, forward + backward
+    bytes_out: int = 0  # this step's bytes to the server
+    bytes_in: int = 0
+
+
+@dataclass
+class TrainEvent:
+    """One thing a run did: a step, an evaluation, a checkpoint, the end."""
+
+    kind: str  # "step", "eval", "checkpoint", "stopped", "done"
+    step: int
+    stats: StepStats | None = None
+    eval_loss: float | None = None
+    path: str | None = None
+
+    @property
+    def perplexity(self) -> float | None:
+        return None if self.eval_loss is None else perplexity(self.eval_loss)
+
+
+class LocalTrainer:
+    """The reference: the whole model in one process, an adapter on the same blocks, one loss.backward()."""
+
+    def __init__(
+        self, model, layers: list[int], settings: LoraSettings, resume=None, device="cpu", dtype=torch.float32
+    ):
+        self.model = add_lora(load_full(model, device, dtype or torch.float32), settings, layers)
+        self.optimizer = Optimizer(self.model, settings)
+        if resume is not None:
+            weights, moments, steps = resume
+            load_adapter_weights(self.model, weights)
+            self.optimizer.load_state(moments, steps)
+
+    def step(self, step: int, ids: torch.Tensor) -> StepStats:
+        t0 = time.perf_counter()
+        with torch.enable_grad():
+            loss = lm_loss(self.model(ids.to(self.model.device), all_positions=True), ids.to(self.model.device))
+            loss.backward()
+        self.optimizer.step()
+        return StepStats(step, float(loss.detach()), (time.perf_counter() - t0) * 1e3)
+
+    @torch.no_grad()
+    def eval_loss(self, ids: torch.Tensor) -> float:
+        return float(lm_loss(self.model(ids.to(self.model.device), all_positions=True), ids.to(self.model.device)))
+
+    def adapter(self) -> dict[str, torch.Tensor]:
+        return adapter_weights(self.model)
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], int]:
+        return self.adapter(), self.optimizer.state(), self.optimizer.steps
+
+    def close(self) -> None:
+        pass
+
+
+class SplitTrainer:
+    """Bottom and top here (frozen, or with adapters of their own), the trunk's adapter on the server."""
+
+    def __init__(self, engine, settings: LoraSettings, client_train: str = "none", resume=None):
+        if engine.trunk_client is None:
+            raise ValueError("split training needs a trunk server (or use --local for the in-process reference)")
+        self.engine, self.settings = engine, settings
+        self.bottom, self.top = twin(engine.parts["bottom"]), twin(engine.parts["top"])
+        self.client_opts: list[Optimizer] = []
+        if client_train == "lora":
+            for part in (self.bottom, self.top):
+                self.client_opts.append(Optimizer(add_lora(part, settings), settings))
+        elif client_train != "none":
+            raise ValueError(f"client training must be 'none' or 'lora', got '{client_train}'")
+        weights, moments, steps = resume or ({}, {}, 0)
+        trunk_layers = set(engine.split.layers("trunk", engine.model.config.n_layer))
+        mine = {k: v for k, v in weights.items() if int(k.split(".")[1]) not in trunk_layers}
+        theirs = {k: v for k, v in weights.items() if k not in mine}
+        open_msg = pb.TrainOpen(
+            fingerprint=engine.fingerprint,
+            lora=pb.LoraSpec(
+                rank=settings.rank, alpha=settings.alpha, dropout=settings.dropout, target_modules=settings.targets
+            ),
+            optimizer=pb.OptimizerSpec(
+                name="adamw",
+                lr=settings.lr,
+                weight_decay=settings.weight_decay,
+                beta1=settings.betas[0],
+                beta2=settings.betas[1],
+                eps=settings.eps,
+            ),
+            seed=settings.seed,
+            resume=_adapter_state(theirs, {k: v for k, v in moments.items() if _base(k) in theirs}, steps),
+        )
+        if mine:
+            for part, opt in zip((self.bottom, self.top), self.client_opts, strict=True):
+                part_weights = {k: v for k, v in mine.items() if int(k.split(".")[1]) in part.layers}
+                load_adapter_weights(part, part_weights)
+                opt.load_state({k: v for k, v in moments.items() if _base(k) in part_weights}, steps)
+        self.remote = engine.trunk_client.training(open_msg, engine.wire_dtype)
+        self.client_trains = bool(self.client_opts)
+
+    def step(self, step: int, ids: torch.Tensor) -> StepStats:
+        t0 = time.perf_counter()
+        with torch.set_grad_enabled(self.client_trains):
+            h1 = self.bottom(ids.to(self.bottom.device), all_positions=True)  # (B, T, C)
+        fwd = self.remote.forward(step, h1.detach())
+        h2 = fwd.tensor.to(self.top.device, self.top.dtype).requires_grad_(True)
+        with torch.enable_grad():
+            loss = lm_loss(self.top(h2, all_positions=True), ids.to(self.top.device))  # labels never leave
+            loss.backward()
+        back = self.remote.backward(step, h2.grad)
+        if self.client_trains:
+            h1.backward(back.tensor.to(h1.device, h1.dtype))
+            for opt in self.client_opts:
+                opt.step()
+        return StepStats(
+            step,
+            float(loss.detach()),
+            (time.perf_counter() - t0) * 1e3,
+            fwd.server_ms + back.server_ms,
+            fwd.bytes_out + back.bytes_out,
+            fwd.bytes_in + back.bytes_in,
+        )
+
+    @torch.no_grad()
+    def eval_loss(self, ids: torch.Tensor) -> float:
+        h = self.remote.forward(0, self.bottom(ids.to(self.bottom.device), all_positions=True), eval=True).tensor
+        return float(lm_loss(self.top(h.to(self.top.device, self.top.dtype), all_positions=True), ids))
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], int]:
+        remote = self.remote.export()
+        weights = {n.name: decode(n.tensor) for n in remote.weights}
+        moments = {n.name: decode(n.tensor) for n in remote.optimizer}
+        for part, opt in zip((self.bottom, self.top), self.client_opts, strict=False):
+            weights |= adapter_weights(part)
+            moments |= opt.state()
+        return weights, moments, int(remote.optimizer_steps)
+
+    def adapter(self) -> dict[str, torch.Tensor]:
+        return self.state()[0]
+
+    def close(self) -> None:
+        self.remote.close()
+
+
+def _base(moment_name: str) -> str:
+    return moment_name.rsplit(".", 1)[0]
+
+
+def _adapter_state(weights, moments, steps) -> pb.AdapterState:
+    named = lambda d: [pb.NamedTensor(name=k, tensor=encode(v)) for k, v in sorted(d.items())]  # noqa: E731
+    return pb.AdapterState(weights=named(weights), optimizer=named(moments), optimizer_steps=steps)
+
+
+# --- checkpoints ------------------------------------------------------------------------------------------
+@dataclass
+class RunLog:
+    """What a run measured, saved with every checkpoint and at the end (training_log.json)."""
+
+    config: dict = field(default_factory=dict)
+    losses: list[list[float]] = field(default_factory=list)  # [step, loss]
+    evals: list[list[float]] = field(default_factory=list)  # [step, held-out loss]
+    seconds: float = 0.0
+
+
+def save_checkpoint(out: Path, step: int, trainer, settings: LoraSettings, base: str, log: RunLog) -> Path:
+    from safetensors.torch import save_file
+
+    weights, moments, opt_steps = trainer.state()
+    path = out / f"checkpoint-{step}"
+    save_peft(path, weights, settings, base)
+    save_file({k: v.contiguous().cpu() for k, v in moments.items()}, str(path / "optimizer.safetensors"))
+    (path / "trainer_state.json").write_text(
+        json.dumps({"step": step, "optimizer_steps": opt_steps} | asdict(log), indent=1)
+    )
+    return path
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    found = [p for p in out.glob("checkpoint-*") if p.name.removeprefix("checkpoint-").isdigit()]
+    return max(found, key=lambda p: int(p.name.removeprefix("checkpoint-")), default=None)
+
+
+def load_checkpoint(path: Path):
+    from safetensors.torch import load_file
+
+    from splitcore.lora import load_peft
+
+    weights, _ = load_peft(path)
+    moments = load_file(str(path / "optimizer.safetensors"))
+    state = json.loads((path / "trainer_state.json").read_text())
+    log = RunLog(state["config"], state["losses"], state["evals"], state["seconds"])
+    return weights, moments, state["optimizer_steps"], state["step"], log
+
+
+# --- the loop ---------------------------------------------------------------------------------------------
+class Run:
+    """Steps start+1..cfg.steps of a trainer over `data`, evaluating on the held-out part and checkpointing every
+    cfg.eval_every steps; iterate it for TrainEvents. `stop()` (Ctrl-C, the app's Stop button) ends it after the
+    step in progress, with a checkpoint to resume from."""
+
+    def __init__(self, trainer, data: TextData, cfg: TrainConfig, base: str, start: int = 0, log: RunLog | None = None):
+        self.trainer, self.data, self.cfg, self.base = trainer, data, cfg, base
+        self.log = log or RunLog(asdict(cfg))
+        self.last_step, self.out, self.settings = start, Path(cfg.out), cfg.lora()
+        self._eval = data.eval_batches(cfg.batch_size, cfg.eval_batches)
+        self._stop = False
+
+    def stop(self) -> None:
+        self._stop = True
+
+    def evaluate(self) -> float:
+        losses = [self.trainer.eval_loss(b) for b in self._eval]
+        return sum(losses) / len(losses)
+
+    def checkpoint(self) -> Path:
+        return save_checkpoint(self.out, self.last_step, self.trainer, self.settings, self.base, self.log)
+
+    def __iter__(self) -> Iterator[TrainEvent]:
+        if self.last_step == 0:
+            loss = self.evaluate()
+            self.log.evals.append([0, loss])
+            yield TrainEvent("eval", 0, eval_loss=loss)
+        started = time.perf_counter() - self.log.seconds
+        for step in range(self.last_step + 1, self.cfg.steps + 1):
+            if self._stop:
+                yield TrainEvent("stopped", self.last_step, path=str(self.checkpoint()))
+                return
+            stats = self.trainer.step(step, self.data.batch(step, self.cfg.batch_size, self.cfg.seed))
+            self.last_step = step
+            self.log.losses.append([step, stats.loss])
+            self.log.seconds = time.perf_counter() - started
+            yield TrainEvent("step", step, stats=stats)
+            if step == self.cfg.steps or (self.cfg.eval_every and step % self.cfg.eval_every == 0):
+                loss = self.evaluate()
+                self.log.evals.append([step, loss])
+                yield TrainEvent("eval", step, eval_loss=loss)
+                yield TrainEvent("checkpoint", step, path=str(self.checkpoint()))
+        weights = self.trainer.adapter()
+        save_peft(self.out, weights, self.settings, self.base)
+        (self.out / "training_log.json").write_text(json.dumps(asdict(self.log), indent=1))
+        yield TrainEvent("done", self.last_step, path=str(self.out))

@@ -1,0 +1,153 @@
+"""Training sessions of the trunk server: a Train stream's messages decoded, run on the session's PartTrainer
+(a LoRA adapter on a twin of the trunk that shares its frozen weights), and encoded. The base weights never
+change; each session's adapter, optimizer and saved activations are freed when its stream ends."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import weakref
+
+import torch
+
+from server.sessions import Session, SessionRegistry
+from server.status import check_fingerprint
+from splitcomm import codec
+from splitcomm.proto import trunk_pb2 as pb
+from splitcore.errors import InvalidInput, LimitExceeded
+from splitcore.fingerprint import Fingerprint
+from splitcore.lora import LoraSettings, add_lora, load_adapter_weights, twin
+from splitcore.parts import Trunk
+from splitcore.training import PartTrainer
+
+logger = logging.getLogger(__name__)
+
+
+def settings_from_pb(lora: pb.LoraSpec, opt: pb.OptimizerSpec, seed: int) -> LoraSettings:
+    """The session's adapter and optimizer; a field left at 0 takes the default."""
+    d = LoraSettings()
+    if opt.name and opt.name.lower() != "adamw":
+        raise InvalidInput(f"optimizer '{opt.name}' is not supported; use adamw")
+    return LoraSettings(
+        rank=lora.rank or d.rank,
+        alpha=lora.alpha or d.alpha,
+        dropout=lora.dropout,
+        targets=tuple(lora.target_modules) or d.targets,
+        lr=opt.lr or d.lr,
+        weight_decay=opt.weight_decay,
+        betas=(opt.beta1 or d.betas[0], opt.beta2 or d.betas[1]),
+        eps=opt.eps or d.eps,
+        seed=seed,
+    )
+
+
+def _named(tensors: dict[str, torch.Tensor]) -> list[pb.NamedTensor]:
+    return [pb.NamedTensor(name=k, tensor=codec.encode(v)) for k, v in sorted(tensors.items())]
+
+
+def _unnamed(items, max_elements: int, what: str) -> dict[str, torch.Tensor]:
+    return {n.name: codec.decode(n.tensor, max_elements, finite=f"{what} {n.name}") for n in items}
+
+
+class TrainHandler:
+    """The Train RPC: one stream, one training session, counted with the inference sessions."""
+
+    def __init__(
+        self,
+        trunk: Trunk,
+        fingerprint: Fingerprint,
+        sessions: SessionRegistry,
+        compute_lock: threading.Lock,
+        max_elements: int,
+        max_length: int,
+        recompute: bool = False,
+    ):
+        self.trunk, self.fingerprint, self.sessions, self.lock = trunk, fingerprint, sessions, compute_lock
+        self.max_elements, self.max_length, self.recompute = max_elements, max_length, recompute
+        self.live: weakref.WeakValueDictionary[str, PartTrainer] = weakref.WeakValueDictionary()  # for tests
+
+    def _open(self, first: pb.TrainRequest | None, context) -> tuple[Session, PartTrainer]:
+        if first is None or first.WhichOneof("kind") != "open":
+            raise InvalidInput("the first message of a training session must be 'open' with the model fingerprint")
+        o = first.open
+        check_fingerprint(self.fingerprint, o.fingerprint)
+        settings = settings_from_pb(o.lora, o.optimizer, o.seed)
+        settings.check(self.trunk.config.n_embd)
+        weights = _unnamed(o.resume.weights, self.max_elements, "adapter tensor")
+        moments = _unnamed(o.resume.optimizer, self.max_elements, "optimizer state")
+        session = self.sessions.open(context.peer(), self.max_length, context.cancel)
+        try:
+            with self.lock:
+                trainer = PartTrainer(add_lora(twin(self.trunk), settings), settings, self.recompute)
+                if weights:
+                    load_adapter_weights(trainer.part, weights)
+                trainer.optimizer.load_state(moments, o.resume.optimizer_steps)
+        except Exception:
+            self.sessions.close(session.id, "refused")
+            raise
+        self.live[session.id] = trainer
+        logger.info(
+            "training session %s: LoRA rank %d on %s, lr %g%s",
+            session.id,
+            settings.rank,
+            ",".join(settings.targets),
+            settings.lr,
+            f", resumed at step {o.resume.optimizer_steps}" if weights else "",
+        )
+        return session, trainer
+
+    def _forward(self, trainer: PartTrainer, msg: pb.TrainForward) -> pb.TrainResponse:
+        h = codec.decode(msg.hidden, self.max_elements, finite="hidden states")
+        self.trunk.check_hidden(h, check_finite=False)
+        if h.shape[1] > self.max_length:
+            raise LimitExceeded(f"batch of {h.shape[1]} tokens a row is past this server's limit of {self.max_length}")
+        with self.lock:
+            t0 = time.perf_counter()
+            out = trainer.forward(msg.step, h, msg.eval)
+            ms = (time.perf_counter() - t0) * 1e3
+        return pb.TrainResponse(step=msg.step, hidden=codec.encode(out, h.dtype), server_ms=ms)
+
+    def _backward(self, trainer: PartTrainer, msg: pb.TrainBackward) -> pb.TrainResponse:
+        g = codec.decode(msg.grad, self.max_elements)  # NaN/inf: checked by the trainer, which names it
+        with self.lock:
+            t0 = time.perf_counter()
+            grad = trainer.backward(msg.step, g)
+            ms = (time.perf_counter() - t0) * 1e3
+        return pb.TrainResponse(step=msg.step, grad=codec.encode(grad, g.dtype), server_ms=ms)
+
+    def _export(self, trainer: PartTrainer) -> pb.TrainResponse:
+        from splitcore.lora import adapter_weights
+
+        opt = trainer.optimizer
+        state = pb.AdapterState(
+            weights=_named(adapter_weights(trainer.part)), optimizer=_named(opt.state()), optimizer_steps=opt.steps
+        )
+        return pb.TrainResponse(adapter=state)
+
+    def stream(self, request_iterator, context):
+        session, trainer = self._open(next(request_iterator, None), context)
+        try:
+            yield pb.TrainResponse(
+                opened=pb.TrainOpened(
+                    trainable_parameters=sum(p.numel() for p in trainer.part.parameters() if p.requires_grad)
+                )
+            )
+            for req in request_iterator:
+                if session.closed:  # by the idle reaper
+                    break
+                kind = req.WhichOneof("kind")
+                if kind == "forward":
+                    yield self._forward(trainer, req.forward)
+                elif kind == "backward":
+                    yield self._backward(trainer, req.backward)
+                elif kind == "export":
+                    yield self._export(trainer)
+                else:
+                    raise InvalidInput(f"expected forward, backward or export in a training session, got '{kind}'")
+                session.last_active = time.monotonic()
+                session.next_step += 1
+        finally:
+            self.sessions.close(session.id)
+            trainer.drop_pending()
+            del trainer  # the adapter, its optimizer and any saved activations go with the last reference
