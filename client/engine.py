@@ -6,17 +6,20 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from splitcomm.codec import parse_wire_dtype
+from splitcomm.codec import encode, parse_wire_dtype
 from splitcomm.errors import TrunkError, TrunkUnavailable
 from splitcomm.proto import trunk_pb2 as pb
 from splitcomm.trunk_client import TrunkClient, TrunkClientConfig, TrunkSession
 from splitcore.cudagraph import DecoderPool
 from splitcore.engine import Engine, Notify
-from splitcore.fingerprint import model_fingerprint
+from splitcore.errors import InvalidInput
+from splitcore.fingerprint import Fingerprint, model_fingerprint
 from splitcore.generate import LocalTrunkLink, SplitStepper, Stepper
+from splitcore.lora import adapted, adapter_digest, adapter_layers, load_peft, only_layers
 from splitcore.models import resolve_with_fallback
 from splitcore.parts import Split, load_parts
 from splitcore.runtime import configure_attention, resolve_device, resolve_dtype, use_cuda_graphs
@@ -48,6 +51,7 @@ class ClientConfig:
     tls_key: str | None = None
     tls_server_name: str | None = None
     auth_token: str | None = None
+    adapter: str | None = None  # a LoRA adapter directory in PEFT's format (from `train`) to generate with
     added_delay_ms: float = 0.0  # sleep this long each way on every trunk call: simulates a remote trunk, ms
 
     def trunk_client_config(self) -> TrunkClientConfig:
@@ -77,14 +81,15 @@ class SessionLink:
         wire_dtype: torch.dtype,
         reconnect_s: float,
         notify: Callable[[str], None],
+        adapter: tuple[pb.LoraSpec, pb.AdapterState] | None = None,
     ):
-        self.client, self.fingerprint, self.max_length = client, fingerprint, max_length
+        self.client, self.fingerprint, self.max_length, self.adapter = client, fingerprint, max_length, adapter
         self.wire_dtype, self.reconnect_s, self.notify = wire_dtype, reconnect_s, notify
         self.history: list[torch.Tensor] = []
         self.session: TrunkSession | None = self._open()
 
     def _open(self) -> TrunkSession:
-        return self.client.session(self.fingerprint, self.max_length, self.wire_dtype)
+        return self.client.session(self.fingerprint, self.max_length, self.wire_dtype, self.adapter)
 
     def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, float | None, int, int]:
         try:
@@ -172,6 +177,39 @@ class DelayedLink:
         self.link.close()
 
 
+@dataclass
+class Adapter:
+    """A LoRA adapter loaded for generation: the client's parts with it, and the trunk's share to upload."""
+
+    path: str
+    digest: str  # of the whole adapter
+    layers: list[int]  # blocks it adapts
+    parts: dict  # the client's parts (and an in-process trunk) running it
+    pools: dict  # their CUDA-graph pools, if any
+    trunk_open: tuple[pb.LoraSpec, pb.AdapterState] | None  # what a session opens with; None: nothing on the trunk
+    session_fingerprint: pb.Fingerprint | None  # the base fingerprint plus the trunk share's digest
+
+
+def load_adapter(path: str, engine, base: Fingerprint, graphs: bool) -> Adapter:
+    weights, settings = load_peft(Path(path))
+    n_layer = engine.model.config.n_layer
+    layers = sorted(adapter_layers(weights))
+    if not layers or layers[-1] >= n_layer:
+        raise InvalidInput(f"adapter {path} adapts blocks {layers}; this model has blocks 0-{n_layer - 1}")
+    parts = {name: adapted(part, weights, settings) for name, part in engine.parts.items()}
+    pools = {name: DecoderPool(part) for name, part in parts.items()} if graphs else {}
+    share = only_layers(weights, engine.split.layers("trunk", n_layer))
+    trunk_open = fp = None
+    if share and not engine.cfg.local_trunk:
+        lora = pb.LoraSpec(rank=settings.rank, alpha=settings.alpha, target_modules=settings.targets)
+        named = [pb.NamedTensor(name=k, tensor=encode(v)) for k, v in sorted(share.items())]
+        trunk_open = (lora, pb.AdapterState(weights=named))
+        f = base.with_adapter(adapter_digest(share))
+        fp = pb.Fingerprint(**f.to_dict(), digest=f.digest)
+    logger.info("adapter %s: LoRA rank %d on blocks %s", path, settings.rank, layers)
+    return Adapter(path, adapter_digest(weights), layers, parts, pools, trunk_open, fp)
+
+
 class SplitEngine(Engine):
     """Tokeniser, bottom and top here; the trunk where the config says."""
 
@@ -190,7 +228,9 @@ class SplitEngine(Engine):
         for pool in self.pools.values():
             pool.warm()  # every capacity bucket captured now, not in some generation's time to first token
         fp = model_fingerprint(model, self.split)
-        self.fingerprint = pb.Fingerprint(**fp.to_dict(), digest=fp.digest)
+        self.fingerprint = pb.Fingerprint(**fp.to_dict(), digest=fp.digest)  # the base model's
+        self.adapter = load_adapter(cfg.adapter, self, fp, graphs) if cfg.adapter else None
+        self.use_adapter = self.adapter is not None  # the app can switch it off to compare
         self.trunk_client = None if cfg.local_trunk else TrunkClient(cfg.trunk_client_config())
         self.notify = notify or (lambda msg: logger.warning("%s", msg))
 
@@ -219,22 +259,27 @@ class SplitEngine(Engine):
         return info
 
     def new_stepper(self, max_length: int = 0, notify: Notify | None = None) -> Stepper:
+        a = self.adapter if self.use_adapter else None
+        parts, pools = (a.parts, a.pools) if a else (self.parts, self.pools)
         if self.trunk_client is None:
-            link = LocalTrunkLink(self.parts["trunk"], max_length, self.pools.get("trunk"))
+            link = LocalTrunkLink(parts["trunk"], max_length, pools.get("trunk"))
         elif self.cfg.stateless:
+            if a and a.trunk_open:
+                raise InvalidInput("the stateless mode does not carry an adapter: generate in a session instead")
             link = StatelessLink(self.trunk_client, self.fingerprint, self.wire_dtype, max_length)
         else:
             link = SessionLink(
                 self.trunk_client,
-                self.fingerprint,
+                a.session_fingerprint if a and a.trunk_open else self.fingerprint,
                 max_length,
                 self.wire_dtype,
                 self.cfg.reconnect_s,
                 self._notify_both(notify),
+                a.trunk_open if a else None,
             )
         if self.cfg.added_delay_ms > 0:
             link = DelayedLink(link, self.cfg.added_delay_ms)
-        return SplitStepper(self.parts["bottom"], self.parts["top"], link, max_length, self.pools)
+        return SplitStepper(parts["bottom"], parts["top"], link, max_length, pools)
 
     def _notify_both(self, notify: Notify | None) -> Notify:
         """The engine's listener (a log line by default) and this generation's."""

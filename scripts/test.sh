@@ -2,11 +2,15 @@
 # Run the whole test suite (lint, stub check, unit, gRPC and browser tests) on a machine with nothing set up.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/ensure_env.sh" dev
-# The browser tests drive Debian's chromium (no browser download); install it when we can.
-if ! command -v chromium >/dev/null 2>&1 && [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1; then
-  echo "[test] installing chromium (apt-get)" >&2
-  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } >&2 \
-    || echo "[test] could not install chromium: browser tests will skip (or fail under CI)" >&2
+# The browser tests drive Debian's chromium (no browser download); the trained:kjv preset reads the King James
+# Bible from Debian's bible-kjv. Install them when we can.
+missing=()
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v bible >/dev/null 2>&1 || missing+=(bible-kjv)
+if (( ${#missing[@]} )) && [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1; then
+  echo "[test] installing ${missing[*]} (apt-get)" >&2
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"; } >&2 \
+    || echo "[test] could not install ${missing[*]}: their tests will skip (or fail under CI)" >&2
 fi
 echo "[test] ruff" >&2
 ruff check . && ruff format --check -q .

@@ -10,7 +10,7 @@ import torch
 
 from server.sessions import ServerDraining, SessionRegistry
 from server.status import check_fingerprint, status_on_error
-from server.training import TrainHandler
+from server.training import TrainHandler, settings_from_pb
 from splitcomm import codec
 from splitcomm.monitor import GpuProbe, Sampler
 from splitcomm.proto import trunk_pb2 as pb
@@ -18,6 +18,7 @@ from splitcomm.proto import trunk_pb2_grpc as pb_grpc
 from splitcore.cudagraph import DecoderPool
 from splitcore.errors import InvalidInput, LimitExceeded
 from splitcore.fingerprint import Fingerprint
+from splitcore.lora import adapted, adapter_digest, only_layers
 from splitcore.parts import Trunk
 
 logger = logging.getLogger(__name__)
@@ -67,8 +68,11 @@ class TrunkServicer(pb_grpc.TrunkServicer):
             raise InvalidInput("session stream ended before its first message")
         if first.WhichOneof("kind") != "open":
             raise InvalidInput("the first message of a session must be 'open' with the model fingerprint")
-        check_fingerprint(self.fingerprint, first.open.fingerprint)
-        want = first.open.max_length or self.max_length
+        o = first.open
+        weights = {n.name: codec.decode(n.tensor, self.max_elements, finite="adapter") for n in o.adapter.weights}
+        ours = self.fingerprint.with_adapter(adapter_digest(weights)) if weights else self.fingerprint
+        check_fingerprint(ours, o.fingerprint)
+        want = o.max_length or self.max_length
         if want < 0:
             raise InvalidInput(f"max_length must be >= 0, got {want}")
         if want > self.max_length:
@@ -76,13 +80,28 @@ class TrunkServicer(pb_grpc.TrunkServicer):
                 f"session asks for {want} tokens; this server allows at most {self.max_length} "
                 f"per session (model context {self.trunk.n_positions}, max session tokens)"
             )
-        return self.sessions.open(context.peer(), want, context.cancel)
+        model = self._adapted(weights, o.lora) if weights else None
+        session = self.sessions.open(context.peer(), want, context.cancel)
+        session.model = model
+        return session
+
+    def _adapted(self, weights: dict[str, torch.Tensor], lora: pb.LoraSpec):
+        """The trunk with the client's adapter: a twin sharing the base weights, its own LoRA tensors."""
+        if only_layers(weights, self.trunk.layers).keys() != weights.keys():
+            raise InvalidInput(
+                f"adapter tensors for blocks outside the trunk ({self.trunk.layers.start}-"
+                f"{self.trunk.layers.stop - 1}): send only the trunk's share"
+            )
+        settings = settings_from_pb(lora, pb.OptimizerSpec(), 0)
+        settings.check(self.trunk.config.n_embd)
+        with self.compute_lock:
+            return adapted(self.trunk, weights, settings)
 
     def _cache(self, session, batch: int):
         """The session's KV cache, made at its first step (when its batch size is known): a pooled static
         decoder's (a CUDA graph) for one row on a GPU, else a cache of its own with room for max_length."""
         if session.cache is None:
-            if self.decoders is not None and batch == 1:
+            if self.decoders is not None and batch == 1 and session.model is None:
                 with self.compute_lock:  # a capture (the first time this bucket is used) while no step runs
                     session.decoder = self.decoders.acquire(session.max_length)
                 session.cache = session.decoder.cache
@@ -98,13 +117,13 @@ class TrunkServicer(pb_grpc.TrunkServicer):
         if session is not None and session.decoder is not None:
             self.decoders.release(session.decoder)
         if session is not None:
-            session.cache = session.decoder = None
+            session.cache = session.decoder = session.model = None
 
     @torch.inference_mode()
     def _compute(self, session, h: torch.Tensor) -> torch.Tensor:
         if session.decoder is not None and h.shape[1] == 1:
             return session.decoder.step(h)
-        return self.trunk(h, session.cache)
+        return (session.model or self.trunk)(h, session.cache)
 
     def _step(self, session, req: pb.StepRequest) -> pb.StepResponse:
         arrived = time.perf_counter()

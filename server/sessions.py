@@ -29,6 +29,7 @@ class Session:
     cancel: callable  # ends the RPC (used by the idle reaper)
     cache: object = None  # the trunk's KVCache, made at the first step; only the session's own thread touches it
     decoder: object = None  # the pooled StaticDecoder whose cache this is (CUDA graphs), or None
+    model: object = None  # the trunk with this session's adapter (a twin sharing the base weights), or None
     batch: int | None = None  # fixed by the first step
     closed: bool = False  # set by close(); the session's thread then ends the stream and frees the cache
     next_step: int = 0

@@ -45,7 +45,7 @@ def check_fingerprint(ours: Fingerprint, theirs: pb.Fingerprint) -> None:
         raise InvalidInput("no model fingerprint sent: the first message must carry the client's fingerprint")
     if theirs.digest == ours.digest:
         return
-    other = Fingerprint(theirs.arch, theirs.split, theirs.weights, theirs.n_layer, theirs.n_embd)
+    other = Fingerprint(theirs.arch, theirs.split, theirs.weights, theirs.n_layer, theirs.n_embd, theirs.adapter)
     diffs = ours.differences(other) or ["fingerprint digest"]
     raise Mismatch(
         f"client and server models differ in {'; '.join(diffs)} (server vs client); start both "

@@ -216,11 +216,18 @@ class TrunkClient:
         return TrainingSession(self.stub, open_msg, wire_dtype, self.cfg)
 
     def session(
-        self, fingerprint: pb.Fingerprint, max_length: int = 0, wire_dtype: torch.dtype = torch.float32
+        self,
+        fingerprint: pb.Fingerprint,
+        max_length: int = 0,
+        wire_dtype: torch.dtype = torch.float32,
+        adapter: tuple[pb.LoraSpec, pb.AdapterState] | None = None,
     ) -> TrunkSession:
-        return TrunkSession(
-            self.stub, pb.SessionOpen(fingerprint=fingerprint, max_length=max_length), wire_dtype, self.cfg
-        )
+        """A session; with `adapter` (its settings and the trunk's share of its weights) the trunk runs it."""
+        msg = pb.SessionOpen(fingerprint=fingerprint, max_length=max_length)
+        if adapter is not None:
+            msg.lora.CopyFrom(adapter[0])
+            msg.adapter.CopyFrom(adapter[1])
+        return TrunkSession(self.stub, msg, wire_dtype, self.cfg)
 
     def forward(
         self,

@@ -48,6 +48,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--attn", default=env("GPT2_ATTN", "sdpa"), choices=["sdpa", "eager"])
     p.add_argument(
+        "--adapter",
+        default=env("GPT2_ADAPTER", "") or None,
+        help="a LoRA adapter directory in PEFT's format (from `python -m client train`) to generate with",
+    )
+    p.add_argument(
         "--cuda-graphs",
         default=env("GPT2_CUDA_GRAPHS", "on"),
         choices=["on", "off"],

@@ -5,11 +5,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from splitcore.cudagraph import DecoderPool
 from splitcore.generate import FullStepper, Stepper, TokenEvent, check_request, generate
+from splitcore.lora import adapted, load_peft
 from splitcore.models import ResolvedModel, load_tokenizer
 from splitcore.parts import load_full
 from splitcore.runtime import configure_attention
@@ -104,13 +106,22 @@ class FullEngine(Engine):
         dtype: torch.dtype,
         attn: str = "sdpa",
         cuda_graphs: bool = False,
+        adapter: str | None = None,
     ):
         super().__init__(model, device, dtype)
         logger.info("%s", configure_attention(device))
         self.full = load_full(model, device, dtype, attn)
-        self.pool = DecoderPool(self.full) if cuda_graphs else None  # decode steps as CUDA graphs
-        if self.pool is not None:
-            self.pool.warm()  # every capacity bucket captured now, not in some generation's time to first token
+        self.adapted = self.adapter_path = None
+        if adapter:  # the same model with a LoRA adapter (a twin sharing the weights), for comparison
+            weights, settings = load_peft(Path(adapter))
+            self.adapted, self.adapter_path = adapted(self.full, weights, settings), adapter
+        self.use_adapter = self.adapted is not None
+        self.pools = {}
+        for m in (self.full, self.adapted) if cuda_graphs else ():
+            if m is not None:
+                self.pools[id(m)] = DecoderPool(m)  # decode steps as CUDA graphs
+                self.pools[id(m)].warm()  # every capacity bucket captured now, not in a generation's TTFT
 
     def new_stepper(self, max_length: int = 0, notify: Notify | None = None) -> Stepper:
-        return FullStepper(self.full, max_length, self.pool)
+        model = self.adapted if self.use_adapter and self.adapted is not None else self.full
+        return FullStepper(model, max_length, self.pools.get(id(model)))

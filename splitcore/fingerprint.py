@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import asdict, dataclass
@@ -38,10 +39,15 @@ class Fingerprint:
     weights: str  # digest of every weight tensor as stored
     n_layer: int
     n_embd: int
+    adapter: str = ""  # digest of a LoRA adapter the model runs with; "" = none
 
     @property
     def digest(self) -> str:
-        return hashlib.blake2b(f"{self.arch}|{self.split}|{self.weights}".encode(), digest_size=8).hexdigest()
+        text = f"{self.arch}|{self.split}|{self.weights}" + (f"|{self.adapter}" if self.adapter else "")
+        return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
+
+    def with_adapter(self, adapter: str) -> Fingerprint:
+        return dataclasses.replace(self, adapter=adapter)
 
     def differences(self, other: Fingerprint) -> list[str]:
         """Human-readable list of what differs ('' when nothing does)."""
@@ -57,6 +63,8 @@ class Fingerprint:
             out.append(f"split points ({self.split} vs {other.split})")
         if self.weights != other.weights:
             out.append(f"weights (digest {self.weights[:12]} vs {other.weights[:12]})")
+        if self.adapter != other.adapter:
+            out.append(f"adapter (digest {self.adapter[:12] or 'none'} vs {other.adapter[:12] or 'none'})")
         return out
 
     def to_dict(self) -> dict:

@@ -8,6 +8,7 @@ with `peft.PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(base), dir)
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import zlib
@@ -189,3 +190,30 @@ def load_peft(path: Path) -> tuple[dict[str, torch.Tensor], LoraSettings]:
 
 def adapter_layers(weights: dict[str, torch.Tensor]) -> set[int]:
     return {int(k.split(".")[1]) for k in weights if k.startswith("h.")}
+
+
+def only_layers(weights: dict[str, torch.Tensor], layers) -> dict[str, torch.Tensor]:
+    """The adapter's tensors for the blocks in `layers`."""
+    keep = set(layers)
+    return {k: v for k, v in weights.items() if int(k.split(".")[1]) in keep}
+
+
+def adapter_digest(weights: dict[str, torch.Tensor]) -> str:
+    """A hash of an adapter's tensors (names, shapes, float32 bytes): the same on both sides of the wire."""
+    h = hashlib.blake2b(digest_size=16)
+    for k in sorted(weights):
+        t = weights[k].detach().to("cpu", torch.float32).contiguous()
+        h.update(f"{k}|{tuple(t.shape)}|".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def adapted(part: GPT2, weights: dict[str, torch.Tensor], settings: LoraSettings) -> GPT2:
+    """A twin of `part` (sharing its weights) running the adapter's share for its blocks; `part` itself if the
+    adapter has nothing for them."""
+    mine = only_layers(weights, part.layers)
+    if not mine:
+        return part
+    model = add_lora(twin(part), settings, sorted(adapter_layers(mine)))
+    load_adapter_weights(model, mine)
+    return model.requires_grad_(False)

@@ -18,6 +18,7 @@ from splitcore.errors import ModelSpecError
 logger = logging.getLogger(__name__)
 
 RANDOM_PREFIX = "random:"
+TRAINED_PREFIX = "trained:"  # small models trained here on public-domain text (splitcore/presets.py)
 RANDOM_SEED = 20261122  # every process builds the same random weights from this seed
 RANDOM_PRESETS: dict[str, dict[str, int]] = {
     "gpt2": dict(n_layer=12, n_embd=768, n_head=12, n_positions=1024),
@@ -127,6 +128,35 @@ def _materialise_random(name: str, models_dir: Path) -> Path:
     return target
 
 
+def _materialise_trained(name: str, models_dir: Path) -> Path:
+    from splitcore import presets
+
+    if name not in presets.RECIPES:
+        raise ModelSpecError(
+            f"unknown trained preset '{TRAINED_PREFIX}{name}'; choose one of "
+            + ", ".join(TRAINED_PREFIX + p for p in presets.RECIPES)
+        )
+    target = models_dir / f"trained-{name}"
+    if (target / "config.json").exists():
+        return target
+    models_dir.mkdir(parents=True, exist_ok=True)
+    recipe = presets.RECIPES[name]
+    logger.info("building the trained preset %s%s in %s (once)", TRAINED_PREFIX, name, target)
+    from tqdm import tqdm
+
+    with tqdm(total=recipe.steps, desc=f"training {TRAINED_PREFIX}{name} (once)", unit="step") as bar:
+        report = presets.build(name, target, recipe, lambda step, loss: (bar.update(1), bar.set_postfix(loss=loss)))
+    logger.info(
+        "%s%s: held-out perplexity %.1f -> %.1f in %.0f s",
+        TRAINED_PREFIX,
+        name,
+        report["held_out_perplexity_before"],
+        report["held_out_perplexity_after"],
+        report["train_seconds"],
+    )
+    return target
+
+
 def _download(repo_id: str, models_dir: Path) -> Path:
     target = models_dir / repo_id.replace("/", "--")
     if (target / "config.json").exists():
@@ -159,6 +189,9 @@ def resolve_model(spec: str, models_dir: Path | str = "models") -> ResolvedModel
     if spec.startswith(RANDOM_PREFIX):
         path = _materialise_random(spec[len(RANDOM_PREFIX) :], models_dir)
         return ResolvedModel(spec, path, True, _read_config(path))
+    if spec.startswith(TRAINED_PREFIX):
+        path = _materialise_trained(spec[len(TRAINED_PREFIX) :], models_dir)
+        return ResolvedModel(spec, path, False, _read_config(path))
     local = Path(spec).expanduser()
     if local.is_dir():
         return ResolvedModel(spec, local, False, _read_config(local))

@@ -277,3 +277,37 @@ def test_train_cli_ctrl_c_saves_and_resume_finishes(models_dir, tiny, tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_trained_preset_recipe_lowers_perplexity_and_loads(tmp_path):
+    """The recipe behind trained:kjv, shortened: real text in, a checkpoint that loads like any model out."""
+    import os
+    import shutil
+
+    from splitcore import presets
+    from splitcore.models import resolve_model
+    from splitcore.parts import load_full
+
+    if shutil.which("bible") is None:
+        if os.environ.get("CI"):
+            pytest.fail("Debian's bible-kjv is not installed (scripts/test.sh installs it)")
+        pytest.skip("Debian's bible-kjv is not installed")
+    recipe = presets.Recipe(n_embd=64, n_head=4, steps=30, batch_size=4, block_size=64, warmup=5, lr=3e-3)
+    report = presets.build("kjv", tmp_path / "trained-kjv", recipe)
+    assert report["held_out_perplexity_after"] < 0.5 * report["held_out_perplexity_before"]
+    assert report["train_tokens"] > 500_000 and "public domain" in report["text"]
+    model = resolve_model(str(tmp_path / "trained-kjv"), tmp_path)  # saved in HF's layout: both read it alike
+    ids = torch.tensor([[818, 262, 3726, 1793, 2727, 262, 9538]])  # "In the beginning God created the heaven"
+    with torch.no_grad():
+        assert (
+            float((load_hf_model(model.path)(ids).logits - load_full(model)(ids, all_positions=True)).abs().max())
+            < 1e-4
+        )
+
+
+def test_unknown_trained_preset_is_a_clear_error(tmp_path):
+    from splitcore.errors import ModelSpecError
+    from splitcore.models import resolve_model
+
+    with pytest.raises(ModelSpecError, match="unknown trained preset 'trained:nope'; choose one of trained:kjv"):
+        resolve_model("trained:nope", tmp_path)

@@ -32,20 +32,22 @@ class Tensor(_message.Message):
     def __init__(self, data: _Optional[bytes] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
 
 class Fingerprint(_message.Message):
-    __slots__ = ("digest", "arch", "split", "weights", "n_layer", "n_embd")
+    __slots__ = ("digest", "arch", "split", "weights", "n_layer", "n_embd", "adapter")
     DIGEST_FIELD_NUMBER: _ClassVar[int]
     ARCH_FIELD_NUMBER: _ClassVar[int]
     SPLIT_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     N_LAYER_FIELD_NUMBER: _ClassVar[int]
     N_EMBD_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
     digest: str
     arch: str
     split: str
     weights: str
     n_layer: int
     n_embd: int
-    def __init__(self, digest: _Optional[str] = ..., arch: _Optional[str] = ..., split: _Optional[str] = ..., weights: _Optional[str] = ..., n_layer: _Optional[int] = ..., n_embd: _Optional[int] = ...) -> None: ...
+    adapter: str
+    def __init__(self, digest: _Optional[str] = ..., arch: _Optional[str] = ..., split: _Optional[str] = ..., weights: _Optional[str] = ..., n_layer: _Optional[int] = ..., n_embd: _Optional[int] = ..., adapter: _Optional[str] = ...) -> None: ...
 
 class Limits(_message.Message):
     __slots__ = ("max_sessions", "max_session_tokens", "max_message_bytes", "idle_timeout_s")
@@ -98,12 +100,16 @@ class ServerInfo(_message.Message):
     def __init__(self, model: _Optional[str] = ..., random_weights: _Optional[bool] = ..., n_layer: _Optional[int] = ..., n_embd: _Optional[int] = ..., n_head: _Optional[int] = ..., n_positions: _Optional[int] = ..., split_start: _Optional[int] = ..., split_end: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., attn: _Optional[str] = ..., fingerprint: _Optional[_Union[Fingerprint, _Mapping]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., version: _Optional[str] = ..., active_sessions: _Optional[int] = ...) -> None: ...
 
 class SessionOpen(_message.Message):
-    __slots__ = ("fingerprint", "max_length")
+    __slots__ = ("fingerprint", "max_length", "lora", "adapter")
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    LORA_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
     fingerprint: Fingerprint
     max_length: int
-    def __init__(self, fingerprint: _Optional[_Union[Fingerprint, _Mapping]] = ..., max_length: _Optional[int] = ...) -> None: ...
+    lora: LoraSpec
+    adapter: AdapterState
+    def __init__(self, fingerprint: _Optional[_Union[Fingerprint, _Mapping]] = ..., max_length: _Optional[int] = ..., lora: _Optional[_Union[LoraSpec, _Mapping]] = ..., adapter: _Optional[_Union[AdapterState, _Mapping]] = ...) -> None: ...
 
 class Step(_message.Message):
     __slots__ = ("step", "hidden")

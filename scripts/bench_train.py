@@ -1,0 +1,171 @@
+"""Split learning, measured: time and bytes per training step (split against local, fp32 and fp16 wire, the
+server keeping activations or recomputing them), and how far a few hundred steps over the split lower the
+held-out perplexity. Starts trunk servers on loopback; prints markdown tables and writes JSON (--json).
+
+    python scripts/bench_train.py                      # trained:kjv (12 blocks, width 128), B x T = 8x128, 8x512
+    python scripts/bench_train.py --model random:gpt2  # the GPT-2 small shape (slow on a CPU)
+    python scripts/bench_train.py --learn 300          # and 300 steps over the split on the KJV
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as every entry point: before torch loads
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from client.engine import ClientConfig, SplitEngine  # noqa: E402
+from client.train import LocalTrainer, Run, SplitTrainer, TrainConfig  # noqa: E402
+from scripts.bench import start_server  # noqa: E402
+from splitcore.models import load_tokenizer, resolve_model  # noqa: E402
+from splitcore.presets import kjv_text  # noqa: E402
+from splitcore.training import TextData, perplexity  # noqa: E402
+
+
+def step_table(args, targets: dict[str, str], data: TextData) -> list[dict]:
+    """Median ms and bytes per step for each config and shape, configs interleaved."""
+    model = resolve_model(args.model, args.models_dir)
+    layers = list(range(args.split_s1, args.split_s2))
+    settings = TrainConfig(lora_rank=8, lr=1e-3).lora()
+    engines = {
+        name: SplitEngine(
+            ClientConfig(model=args.model, models_dir=args.models_dir, server=target, device="cpu", wire_dtype=wire)
+        )
+        for name, (target, wire) in targets.items()
+    }
+    rows = []
+    for b, t in args.shapes:
+        trainers = {"local (one process)": LocalTrainer(model, layers, settings)}
+        trainers |= {name: SplitTrainer(e, settings) for name, e in engines.items()}
+        times: dict[str, list[float]] = {n: [] for n in trainers}
+        last = {}
+        for step in range(args.repeats + 1):
+            batch = data.batch(step, b, seed=1)[:, :t]
+            for name, tr in trainers.items():
+                s = tr.step(step, batch)
+                if step:  # the first is a warm-up
+                    times[name].append(s.ms)
+                last[name] = s
+        for name, tr in trainers.items():
+            s = last[name]
+            rows.append(
+                {
+                    "batch": f"{b}x{t}",
+                    "config": name,
+                    "step_ms": statistics.median(times[name]),
+                    "server_ms": s.server_ms,
+                    "bytes_out": s.bytes_out,
+                    "bytes_in": s.bytes_in,
+                }
+            )
+            tr.close()
+    for e in engines.values():
+        e.close()
+    return rows
+
+
+def learn(args, target: str, text_file: Path) -> dict:
+    """args.learn steps over the split from the model as it is; held-out perplexity before and after."""
+    engine = SplitEngine(ClientConfig(model=args.learn_model, models_dir=args.models_dir, server=target, device="cpu"))
+    cfg = TrainConfig(
+        data=str(text_file),
+        steps=args.learn,
+        batch_size=8,
+        block_size=128,
+        lora_rank=16,
+        lora_alpha=32,
+        lr=2e-3,
+        eval_every=0,
+        eval_batches=16,
+        client_train="lora",
+        out=tempfile.mkdtemp(prefix="bench-train-"),
+    )
+    data = TextData.from_path(text_file, engine.encode, cfg.block_size)
+    trainer = SplitTrainer(engine, cfg.lora(), cfg.client_train)
+    evals, t0 = [], time.perf_counter()
+    for ev in Run(trainer, data, cfg, args.learn_model):
+        if ev.kind == "eval":
+            evals.append(ev.eval_loss)
+            print(f"  step {ev.step}: held-out perplexity {perplexity(ev.eval_loss):,.1f}", file=sys.stderr)
+    trainer.close()
+    engine.close()
+    return {
+        "model": args.learn_model,
+        "steps": args.learn,
+        "batch": "8x128",
+        "adapter": "LoRA rank 16 on every block (trunk on the server, bottom and top here)",
+        "perplexity_before": perplexity(evals[0]),
+        "perplexity_after": perplexity(evals[-1]),
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="trained:kjv")
+    p.add_argument("--models-dir", default=os.environ.get("GPT2_MODELS_DIR", "models"))
+    p.add_argument("--shapes", default="8x128,8x512", help="batch x block sizes")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--learn", type=int, default=0, help="also train this many steps over the split and report")
+    p.add_argument("--learn-model", default="random:tiny", help="the model --learn starts from")
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args()
+    args.shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
+    model = resolve_model(args.model, args.models_dir)
+    args.split_s1, args.split_s2 = 2, 10
+    text = Path(tempfile.mkdtemp(prefix="kjv-")) / "kjv.txt"
+    text.write_text(kjv_text(), encoding="utf-8")
+    data = TextData.from_path(text, load_tokenizer(model.path).encode, max(t for _, t in args.shapes))
+    servers = [
+        start_server(args.model, args.models_dir, None, []),
+        start_server(args.model, args.models_dir, None, ["--train-recompute"]),
+    ]
+    try:
+        (_, keep), (_, recompute) = servers
+        targets = {
+            "split fp32 wire": (keep, "float32"),
+            "split fp16 wire": (keep, "float16"),
+            "split fp32, server recomputes": (recompute, "float32"),
+        }
+        out = {"model": args.model, "steps": step_table(args, targets, data)}
+        if args.learn:
+            learn_server = start_server(args.learn_model, args.models_dir, None, [])
+            servers.append(learn_server)
+            out["learn"] = learn(args, learn_server[1], text)
+    finally:
+        for proc, _ in servers:
+            proc.terminate()
+            proc.wait(timeout=30)
+    print(f"\nmodel {args.model}, LoRA rank 8 on the trunk's blocks, median of {args.repeats} steps\n")
+    print("| B x T | config | ms / step | x local | server ms | bytes out / in per step |")
+    print("|---|---|---:|---:|---:|---:|")
+    local = {r["batch"]: r["step_ms"] for r in out["steps"] if r["config"].startswith("local")}
+    for r in out["steps"]:
+        print(
+            f"| {r['batch']} | {r['config']} | {r['step_ms']:.0f} | {r['step_ms'] / local[r['batch']]:.2f} | "
+            f"{r['server_ms']:.0f} | {r['bytes_out']:,} / {r['bytes_in']:,} |"
+        )
+    if "learn" in out:
+        lr = out["learn"]
+        print(
+            f"\n{lr['steps']} steps over the split from {lr['model']} ({lr['adapter']}, {lr['batch']}): held-out "
+            f"perplexity {lr['perplexity_before']:,.1f} -> {lr['perplexity_after']:,.1f} in {lr['seconds']:.0f} s"
+        )
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(out | {"command": " ".join(sys.argv)}, indent=2))
+        print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""Trained offline presets: small GPT-2 models trained here on public-domain text, for what needs a real
+distribution where no weights can be downloaded (benchmarks, speculative decoding, fine-tuning demos).
+
+`trained:kjv` is the GPT-2 tokenizer and a 12-block GPT-2 of width 128 trained from scratch on the King James
+Version of the Bible (1611; public domain), whose text comes from Debian's `bible-kjv` package
+(`apt-get install bible-kjv`; its `bible` program prints it). The recipe runs once (a few minutes on a laptop
+CPU) and the result is cached in the models directory in Hugging Face format, like any downloaded model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from splitcore.errors import ModelSpecError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    n_layer: int = 12
+    n_embd: int = 128
+    n_head: int = 4
+    steps: int = 400  # optimizer steps
+    batch_size: int = 8
+    block_size: int = 128
+    lr: float = 2e-3  # peak, after a linear warm-up, then cosine to a tenth
+    warmup: int = 20
+    seed: int = 20261122
+
+
+RECIPES = {"kjv": Recipe()}
+
+
+def kjv_text() -> str:
+    """The KJV as plain prose: Debian's `bible` program prints it; verse numbers and headings are dropped."""
+    if shutil.which("bible") is None:
+        raise ModelSpecError(
+            "the trained:kjv preset is built from the King James Bible in Debian's bible-kjv package, which is not "
+            "installed: apt-get install bible-kjv (scripts/test.sh does it when it can)"
+        )
+    raw = subprocess.run(["bible", "Gen1:1-Rev22:21"], capture_output=True, text=True, check=True).stdout
+    lines = [re.sub(r"^\s*\d+\s+", "", line) for line in raw.splitlines() if line.strip()]
+    lines = [line for line in lines if not re.fullmatch(r"[1-3]?\s?[A-Z][A-Za-z ]+ \d+", line.strip())]
+    return " ".join(lines)
+
+
+def build(
+    name: str, target: Path, recipe: Recipe | None = None, progress: Callable[[int, float], None] | None = None
+) -> dict:
+    """Train the preset `name` and save it at `target` (HF format with the tokenizer); returns what was measured."""
+    from transformers import GPT2Config as HFConfig
+    from transformers import GPT2LMHeadModel
+
+    from splitcore.gpt2 import GPT2Config, from_state
+    from splitcore.models import bundled_tokenizer
+    from splitcore.training import TextData, lm_loss
+
+    r = recipe or RECIPES[name]
+    tok = bundled_tokenizer()
+    data = TextData.from_path(_text_file(kjv_text()), tok.encode, r.block_size, eval_fraction=0.05)
+    hf_cfg = HFConfig(n_layer=r.n_layer, n_embd=r.n_embd, n_head=r.n_head, n_positions=1024, vocab_size=50257)
+    torch.manual_seed(r.seed)
+    hf = GPT2LMHeadModel(hf_cfg)  # HF's initialisation, then trained as our core
+    state = {k.removeprefix("transformer."): v.clone() for k, v in hf.state_dict().items()}
+    cfg = GPT2Config.from_hf(hf_cfg)
+    model = from_state(cfg, state, range(r.n_layer), True, True).requires_grad_(True)
+    opt = torch.optim.AdamW(model.parameters(), lr=r.lr, weight_decay=0.1, betas=(0.9, 0.95))
+    evals = data.eval_batches(r.batch_size, 8)
+
+    def held_out() -> float:
+        with torch.no_grad():
+            return sum(float(lm_loss(model(b, all_positions=True), b)) for b in evals) / len(evals)
+
+    before, t0 = held_out(), time.perf_counter()
+    for step in range(1, r.steps + 1):
+        lr = r.lr * min(1.0, step / r.warmup) * (0.55 + 0.45 * math.cos(math.pi * step / r.steps))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        batch = data.batch(step, r.batch_size, r.seed)
+        with torch.enable_grad():
+            loss = lm_loss(model(batch, all_positions=True), batch)
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if progress is not None:
+            progress(step, float(loss.detach()))
+    after = held_out()
+    report = {
+        "recipe": asdict(r),
+        "text": "King James Version (1611, public domain), from Debian's bible-kjv package",
+        "train_tokens": len(data.train),
+        "held_out_tokens": len(data.held_out),
+        "held_out_perplexity_before": math.exp(before),
+        "held_out_perplexity_after": math.exp(after),
+        "train_seconds": time.perf_counter() - t0,
+    }
+    _save(model, hf, target, tok, report)
+    return report
+
+
+def _text_file(text: str) -> Path:
+    f = Path(tempfile.mkdtemp(prefix="kjv-")) / "kjv.txt"
+    f.write_text(text, encoding="utf-8")
+    return f
+
+
+def _save(model, hf, target: Path, tok, report: dict) -> None:
+    """Back into HF's layout (Conv1D weights are [in, out]) and HF's files, published atomically."""
+    from splitcore.gpt2 import _CONV1D
+
+    ours = model.state_dict()
+    theirs = {}
+    for k in hf.state_dict():
+        name = k.removeprefix("transformer.")
+        t = ours["wte.weight" if name == "lm_head.weight" else name].detach()
+        theirs[k] = t.t().contiguous() if name.endswith(_CONV1D) else t.clone()
+    hf.load_state_dict(theirs)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    hf.save_pretrained(str(tmp))
+    tok.save_pretrained(str(tmp))
+    (tmp / "preset.json").write_text(json.dumps(report, indent=1))
+    try:
+        tmp.rename(target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)  # another process built it meanwhile

@@ -1,0 +1,121 @@
+"""Generating with a fine-tuned adapter: over the split (the trunk's share uploaded at session open), unsplit,
+and with HF + PEFT, all alike; the fingerprint covers the adapter; bad uploads are refused."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+import torch
+
+from client.train import Run, SplitTrainer, TrainConfig
+from splitcomm.codec import decode, encode
+from splitcomm.errors import TrunkError
+from splitcomm.proto import trunk_pb2 as pb
+from splitcore.engine import FullEngine
+from splitcore.errors import InvalidInput
+from splitcore.fingerprint import model_fingerprint
+from splitcore.lora import adapter_digest
+from splitcore.sampling import SamplingParams
+from splitcore.training import TextData
+from tests.conftest import ROOT, load_hf_model, start_tiny_server, tiny_split_engine, wait_for
+
+GREEDY = SamplingParams(temperature=0.0)
+PROMPT = "The history of natural language processing"
+
+
+@pytest.fixture(scope="module")
+def served(models_dir, tiny):
+    srv = start_tiny_server(models_dir, max_sessions=8, grace_s=0.5)
+    yield srv, f"127.0.0.1:{srv.port}"
+    srv.stop(0.5)
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(models_dir, served, tmp_path_factory):
+    """An adapter on every block (trunk over the split, bottom and top here), trained enough to change greedy text."""
+    out = tmp_path_factory.mktemp("adapter")
+    engine = tiny_split_engine(models_dir, served[1])
+    cfg = TrainConfig(steps=8, eval_every=0, eval_batches=1, batch_size=4, block_size=32, lora_rank=4, lr=3e-2)
+    cfg.out, cfg.client_train = str(out), "lora"
+    data = TextData.from_path(ROOT / "README.md", engine.encode, block=32)
+    trainer = SplitTrainer(engine, cfg.lora(), "lora")
+    list(Run(trainer, data, cfg, "random:tiny"))
+    trainer.close()
+    engine.close()
+    return out
+
+
+def test_split_with_adapter_generates_as_full_model_and_hf_peft(models_dir, tiny, served, adapter_dir):
+    from peft import PeftModel
+
+    split = tiny_split_engine(models_dir, served[1], adapter=str(adapter_dir))
+    full = FullEngine(tiny, torch.device("cpu"), torch.float32, adapter=str(adapter_dir))
+    got = split.run(PROMPT, 30, GREEDY).token_ids
+    assert got == full.run(PROMPT, 30, GREEDY).token_ids
+
+    ids = full.encode(PROMPT)
+    hf = PeftModel.from_pretrained(load_hf_model(tiny.path), str(adapter_dir)).eval()
+    want = hf.generate(torch.tensor([ids]), max_new_tokens=30, do_sample=False, pad_token_id=50256)[0, len(ids) :]
+    assert got == want.tolist()
+
+    split.use_adapter = full.use_adapter = False  # the app's switch: the base model again
+    base = split.run(PROMPT, 30, GREEDY).token_ids
+    assert base == full.run(PROMPT, 30, GREEDY).token_ids and base != got
+    split.close()
+    wait_for(lambda: served[0].sessions.active() == 0, what="sessions freed")
+
+
+@torch.inference_mode()
+def test_split_with_adapter_logits_equal_full_with_adapter(models_dir, tiny, served, adapter_dir):
+    split = tiny_split_engine(models_dir, served[1], adapter=str(adapter_dir))
+    full = FullEngine(tiny, torch.device("cpu"), torch.float32, adapter=str(adapter_dir))
+    a, b = split.new_stepper(60), full.new_stepper(60)
+    chunk, worst = torch.tensor([split.encode(PROMPT)]), 0.0
+    for _ in range(20):
+        la, lb = a.step(chunk).logits, b.step(chunk).logits
+        worst = max(worst, float((la - lb).abs().max()))
+        chunk = torch.tensor([[int(lb.argmax())]])
+    a.close()
+    b.close()
+    split.close()
+    assert worst < 1e-5
+
+
+def test_adapter_digest_is_in_the_session_fingerprint(models_dir, served, adapter_dir):
+    split = tiny_split_engine(models_dir, served[1], adapter=str(adapter_dir))
+    fp = split.adapter.session_fingerprint
+    assert fp.adapter and fp.digest != split.fingerprint.digest and split.adapter.layers == list(range(12))
+    lora, state = split.adapter.trunk_open
+    assert {int(n.name.split(".")[1]) for n in state.weights} == set(range(2, 10))  # only the trunk's share goes
+
+    client = split.trunk_client
+    tampered = pb.AdapterState()
+    tampered.CopyFrom(state)
+    tampered.weights[0].tensor.CopyFrom(encode(torch.zeros(list(tampered.weights[0].tensor.shape))))
+    with pytest.raises(TrunkError, match="adapter") as e:
+        client.session(fp, 20, adapter=(lora, tampered)).step(torch.zeros(1, 2, 64))
+    assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION
+
+    outside = pb.AdapterState()
+    outside.CopyFrom(state)
+    outside.weights[0].name = outside.weights[0].name.replace("h.2.", "h.0.", 1)
+    claim = model_fingerprint(split.model, split.split).with_adapter(
+        adapter_digest({n.name: decode(n.tensor) for n in outside.weights})
+    )
+    claim_pb = pb.Fingerprint(**claim.to_dict(), digest=claim.digest)  # an honest digest of a wrong upload
+    with pytest.raises(TrunkError, match="blocks outside the trunk") as e:
+        client.session(claim_pb, 20, adapter=(lora, outside)).step(torch.zeros(1, 2, 64))
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    split.close()
+
+
+def test_stateless_with_an_adapter_on_the_trunk_is_a_clear_error(models_dir, served, adapter_dir):
+    split = tiny_split_engine(models_dir, served[1], adapter=str(adapter_dir), stateless=True)
+    with pytest.raises(InvalidInput, match="stateless mode does not carry an adapter"):
+        split.run(PROMPT, 3, GREEDY)
+    split.close()
+
+
+def test_bad_adapter_path_is_one_line(models_dir, served, tmp_path):
+    with pytest.raises(InvalidInput, match="is not a PEFT adapter"):
+        tiny_split_engine(models_dir, served[1], adapter=str(tmp_path))
