@@ -1,4 +1,4 @@
-"""The split client's Gradio app (port 7860): generation, trunk server monitoring, latency analysis."""
+"""The split client's Gradio app (port 7860): generation, trunk server monitoring, latency analysis, fine-tuning."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import gradio as gr
 
 from client import charts, ui
 from client.engine import SplitEngine
+from client.finetune_tab import finetune_tab
 from client.monitor_feed import MonitorFeed
 
 logger = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ def build_app(engine: SplitEngine, monitor_interval_s: float = 1.0) -> tuple[gr.
         )
         with gr.Tabs():
             with gr.Tab("Text generation"):
-                ui.generation_tab(engine, history)
+                adapter_switch = ui.generation_tab(engine, history)
             with gr.Tab("Server monitoring"):
                 info_md = gr.Markdown()
                 status_md = gr.Markdown(elem_classes="error-banner")
@@ -65,6 +66,9 @@ def build_app(engine: SplitEngine, monitor_interval_s: float = 1.0) -> tuple[gr.
                 demo.load(refresh_monitor, None, outs)
             with gr.Tab("Latency analysis"):
                 ui.latency_tab(history)
+            if engine.trunk_client is not None:
+                with gr.Tab("Fine-tune"):
+                    finetune_tab(engine, adapter_switch)
     return demo, feed
 
 

@@ -229,10 +229,20 @@ class SplitEngine(Engine):
             pool.warm()  # every capacity bucket captured now, not in some generation's time to first token
         fp = model_fingerprint(model, self.split)
         self.fingerprint = pb.Fingerprint(**fp.to_dict(), digest=fp.digest)  # the base model's
+        self._base_fp, self._graphs = fp, graphs
         self.adapter = load_adapter(cfg.adapter, self, fp, graphs) if cfg.adapter else None
         self.use_adapter = self.adapter is not None  # the app can switch it off to compare
         self.trunk_client = None if cfg.local_trunk else TrunkClient(cfg.trunk_client_config())
         self.notify = notify or (lambda msg: logger.warning("%s", msg))
+
+    @property
+    def has_adapter(self) -> bool:
+        return self.adapter is not None
+
+    def set_adapter(self, path: str) -> None:
+        """Generate with the adapter in `path` from now on (the Fine-tune tab, when a run ends)."""
+        self.adapter = load_adapter(path, self, self._base_fp, self._graphs)
+        self.use_adapter = True
 
     @property
     def trunk_label(self) -> str:

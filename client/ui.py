@@ -42,8 +42,9 @@ def header(title: str, model: ResolvedModel, details: str) -> None:
         )
 
 
-def generation_tab(engine: Engine, history: gr.State) -> None:
-    """Prompt and settings in, streamed text and a statistics panel out; Stop cancels mid-generation."""
+def generation_tab(engine: Engine, history: gr.State) -> gr.Checkbox:
+    """Prompt and settings in, streamed text and a statistics panel out; Stop cancels mid-generation. Returns the
+    adapter switch (the Fine-tune tab turns it on when a run ends)."""
     with gr.Row():
         with gr.Column(scale=3):
             prompt = gr.Textbox(label="Prompt", lines=4, value="The history of the Roman Empire")
@@ -58,6 +59,12 @@ def generation_tab(engine: Engine, history: gr.State) -> None:
             top_k = gr.Slider(0, 500, value=50, step=1, label="Top-k (0 = greedy)")
             top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.01, label="Top-p")
             seed = gr.Number(value=-1, precision=0, label="Seed (-1 = random)")
+            adapter_switch = gr.Checkbox(
+                label="Use the fine-tuned adapter",
+                value=engine.has_adapter and engine.use_adapter,
+                interactive=engine.has_adapter,
+                info="LoRA adapter from the Fine-tune tab or --adapter; off = the base model, to compare",
+            )
             stats_panel = gr.Markdown("_Statistics appear here after a run._")
 
     def on_generate(prompt_text, n, temp, k, p, seed_value, hist):
@@ -95,6 +102,12 @@ def generation_tab(engine: Engine, history: gr.State) -> None:
     ev_click = run.click(on_generate, inputs, outputs)
     ev_submit = prompt.submit(on_generate, inputs, outputs)
     stop.click(None, cancels=[ev_click, ev_submit])
+
+    def on_switch(on: bool) -> None:
+        engine.use_adapter = bool(on) and engine.has_adapter
+
+    adapter_switch.change(on_switch, [adapter_switch], None)
+    return adapter_switch
 
 
 class BackgroundStream:

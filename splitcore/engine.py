@@ -50,6 +50,12 @@ class Engine:
         self.tokenizer = load_tokenizer(model.path)
         self.n_positions = model.config.n_positions
 
+    use_adapter = False  # generate with the loaded adapter (when there is one)
+
+    @property
+    def has_adapter(self) -> bool:
+        return False
+
     def new_stepper(self, max_length: int = 0, notify: Notify | None = None) -> Stepper:
         """A fresh stepper (fresh caches) for one generation of at most `max_length` tokens.
 
@@ -121,6 +127,10 @@ class FullEngine(Engine):
             if m is not None:
                 self.pools[id(m)] = DecoderPool(m)  # decode steps as CUDA graphs
                 self.pools[id(m)].warm()  # every capacity bucket captured now, not in a generation's TTFT
+
+    @property
+    def has_adapter(self) -> bool:
+        return self.adapted is not None
 
     def new_stepper(self, max_length: int = 0, notify: Notify | None = None) -> Stepper:
         model = self.adapted if self.use_adapter and self.adapted is not None else self.full

@@ -260,3 +260,55 @@ def test_generation_survives_trunk_loss_mid_way_and_says_so(browser, trunk, mode
         feed.stop()
         demo.close()
         engine.close()
+
+
+def test_finetune_tab_trains_then_generation_uses_the_adapter(browser, trunk, models_dir, tiny, tmp_path):
+    """Fine-tune from the app: curves while it trains, then the generation tab generates with the adapter (the
+    text the full model with that adapter gives) and, switched off, with the base model again."""
+    import torch
+
+    from client.app import build_app
+    from splitcore.engine import FullEngine
+    from splitcore.sampling import SamplingParams
+
+    engine = tiny_split_engine(models_dir, f"127.0.0.1:{trunk['port']}")
+    demo, feed = build_app(engine, monitor_interval_s=0.5)
+    port = _free_port()
+    ui.launch(demo, "127.0.0.1", port, block=False)
+    page = browser.new_page(viewport={"width": 1400, "height": 1200})
+    out = tmp_path / "adapter"
+    try:
+        page.goto(f"http://127.0.0.1:{port}")
+        page.get_by_role("tab", name="Fine-tune").click()
+        page.get_by_label("…or a path on this machine (file or directory)").fill(str(ROOT / "README.md"))
+        for label, value in [("Steps", "6"), ("Batch size", "2"), ("Block size", "32"), ("LoRA rank", "4")]:
+            page.get_by_label(label, exact=True).fill(value)
+        page.get_by_label("Learning rate", exact=True).fill("0.03")
+        page.get_by_label("Evaluate every (steps)", exact=True).fill("3")
+        page.get_by_label("Save the adapter in", exact=True).fill(str(out))
+        page.get_by_role("button", name="Start fine-tuning").click()
+        page.get_by_text("Done: adapter saved in").first.wait_for(timeout=120_000)
+        _wait_for_plot(page)
+        assert page.locator(".js-plotly-plot").count() >= 2
+        _shot(page, "client_finetune")
+        assert (out / "adapter_model.safetensors").exists()
+
+        greedy = SamplingParams(0.0)
+        full = FullEngine(tiny, torch.device("cpu"), torch.float32, adapter=str(out))
+        tuned = full.run(PROMPT, 20, greedy).text
+        full.use_adapter = False
+        base = full.run(PROMPT, 20, greedy).text
+        assert tuned != base
+
+        page.get_by_role("tab", name="Text generation").click()
+        switch = page.get_by_label("Use the fine-tuned adapter")
+        assert switch.is_checked()
+        assert _generate(page, PROMPT) == tuned
+        switch.uncheck()
+        time.sleep(0.5)
+        assert _generate(page, PROMPT) == base
+    finally:
+        page.close()
+        feed.stop()
+        demo.close()
+        engine.close()

@@ -1,0 +1,177 @@
+"""The split client app's Fine-tune tab: data by upload or path, the settings, Start and Stop, live loss and
+held-out perplexity curves; when a run ends, the generation tab can use its adapter (a switch turns it off)."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from pathlib import Path
+
+import gradio as gr
+import plotly.graph_objects as go
+
+from client.train import Run, SplitTrainer, TrainConfig, TrainEvent
+from splitcomm.errors import TrunkError
+from splitcore.errors import SplitError
+from splitcore.training import TextData, perplexity
+
+logger = logging.getLogger(__name__)
+
+
+class BackgroundRun:
+    """A training run on a worker thread; `events()` yields its TrainEvents and re-raises its error."""
+
+    def __init__(self, engine, cfg: TrainConfig):
+        self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self.run: Run | None = None
+        self._stop = threading.Event()
+        threading.Thread(target=self._work, args=(engine, cfg), daemon=True, name="fine-tune").start()
+
+    def _work(self, engine, cfg: TrainConfig) -> None:
+        trainer = None
+        try:
+            data = TextData.from_path(cfg.data, engine.encode, cfg.block_size)
+            trainer = SplitTrainer(engine, cfg.lora(), cfg.client_train)
+            self.run = Run(trainer, data, cfg, engine.model.spec)
+            if self._stop.is_set():
+                self.run.stop()
+            for ev in self.run:
+                self._q.put(ev)
+            self._q.put(None)
+        except BaseException as e:  # handed to the UI thread, which shows it
+            self._q.put(e)
+        finally:
+            if trainer is not None:
+                trainer.close()
+
+    def events(self):
+        while True:
+            item = self._q.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self.run is not None:
+            self.run.stop()
+
+
+def curves(losses: list[list[float]], evals: list[list[float]]) -> tuple[go.Figure, go.Figure]:
+    loss = go.Figure(go.Scatter(x=[s for s, _ in losses], y=[v for _, v in losses], mode="lines", name="loss"))
+    loss.update_layout(title="Training loss", xaxis_title="step", yaxis_title="loss", template="plotly_white")
+    ppl = go.Figure(
+        go.Scatter(x=[s for s, _ in evals], y=[perplexity(v) for _, v in evals], mode="lines+markers", name="ppl")
+    )
+    ppl.update_layout(
+        title="Held-out perplexity", xaxis_title="step", yaxis_title="perplexity", template="plotly_white"
+    )
+    return loss, ppl
+
+
+def _status(ev: TrainEvent, cfg: TrainConfig) -> str:
+    if ev.kind == "step":
+        s = ev.stats
+        tok_s = cfg.batch_size * cfg.block_size / (s.ms / 1e3)
+        kb = (s.bytes_out + s.bytes_in) / 1e3
+        return f"step {ev.step}/{cfg.steps} · loss {s.loss:.3f} · {tok_s:,.0f} tokens/s · {kb:,.0f} kB/step"
+    if ev.kind == "eval":
+        return f"step {ev.step}/{cfg.steps} · held-out perplexity {ev.perplexity:,.2f}"
+    if ev.kind == "stopped":
+        return f"Stopped at step {ev.step}: checkpoint saved in `{ev.path}`."
+    return f"Done: adapter saved in `{ev.path}` (PEFT format). The generation tab now uses it."
+
+
+def finetune_tab(engine, adapter_switch: gr.Checkbox) -> None:
+    """The tab's components and callbacks; `adapter_switch` is the generation tab's checkbox."""
+    with gr.Row():
+        with gr.Column(scale=2):
+            upload = gr.File(label="Training text (.txt files)", file_count="multiple", file_types=[".txt"])
+            path = gr.Textbox(label="…or a path on this machine (file or directory)", value="")
+            with gr.Row():
+                steps = gr.Number(value=200, precision=0, label="Steps")
+                batch = gr.Number(value=8, precision=0, label="Batch size")
+                block = gr.Number(value=128, precision=0, label="Block size")
+            with gr.Row():
+                rank = gr.Number(value=8, precision=0, label="LoRA rank")
+                lr = gr.Number(value=2e-4, label="Learning rate")
+                every = gr.Number(value=50, precision=0, label="Evaluate every (steps)")
+            client_train = gr.Dropdown(["none", "lora"], value="none", label="Client blocks")
+            out = gr.Textbox(label="Save the adapter in", value="adapters/app-run")
+            with gr.Row():
+                start = gr.Button("Start fine-tuning", variant="primary")
+                stop = gr.Button("Stop", variant="stop")
+            status = gr.Markdown("_Choose some text and press Start._")
+        with gr.Column(scale=3):
+            loss_plot = gr.Plot(label="Loss")
+            ppl_plot = gr.Plot(label="Held-out perplexity")
+    state = gr.State(None)
+
+    def on_start(files, data_path, n, b, t, r, rate, k, ct, out_dir):
+        data = _data_path(files, data_path)
+        cfg = TrainConfig(
+            data=data,
+            steps=int(n),
+            batch_size=int(b),
+            block_size=int(t),
+            lora_rank=int(r),
+            lr=float(rate),
+            eval_every=int(k),
+            client_train=ct,
+            out=_fresh(out_dir),
+        )
+        bg = BackgroundRun(engine, cfg)
+        losses, evals = [], []
+        yield f"Starting: {cfg.steps} steps on `{data}` …", *curves(losses, evals), bg, gr.update()
+        try:
+            for ev in bg.events():
+                if ev.kind == "step":
+                    losses.append([ev.step, ev.stats.loss])
+                elif ev.kind == "eval":
+                    evals.append([ev.step, ev.eval_loss])
+                elif ev.kind == "done":
+                    engine.set_adapter(ev.path)
+                    yield _status(ev, cfg), *curves(losses, evals), bg, gr.update(value=True, interactive=True)
+                    return
+                if ev.kind != "checkpoint":
+                    yield _status(ev, cfg), *curves(losses, evals), bg, gr.update()
+        except (SplitError, TrunkError, ValueError) as e:
+            logger.warning("fine-tuning failed: %s", e)
+            yield f"⚠️ {e}", *curves(losses, evals), bg, gr.update()
+
+    def on_stop(bg):
+        if bg is not None:
+            bg.stop()
+        return "Stopping after the current step …"
+
+    inputs = [upload, path, steps, batch, block, rank, lr, every, client_train, out]
+    start.click(on_start, inputs, [status, loss_plot, ppl_plot, state, adapter_switch])
+    stop.click(on_stop, [state], [status])
+
+
+def _data_path(files, typed: str) -> str:
+    if files:
+        paths = [Path(f if isinstance(f, str) else f.name) for f in files]
+        if len(paths) == 1:
+            return str(paths[0])
+        folder = Path(paths[0]).parent / "training-text"  # several uploads: one folder of them
+        folder.mkdir(exist_ok=True)
+        for p in paths:
+            (folder / p.name).write_bytes(p.read_bytes())
+        return str(folder)
+    if not typed.strip():
+        raise gr.Error("Upload some .txt files or give a path to train on.")
+    return typed.strip()
+
+
+def _fresh(out: str) -> str:
+    """The output directory, or a numbered sibling when it already holds a run."""
+    base, n = Path(out), 1
+    candidate = base
+    while candidate.exists() and any(candidate.iterdir()):
+        n += 1
+        candidate = base.with_name(f"{base.name}-{n}")
+    return str(candidate)
