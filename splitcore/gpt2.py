@@ -290,7 +290,7 @@ class GPT2(nn.Module):
 
 
 # --- loading ------------------------------------------------------------------------------------------------
-_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
 def from_state(
@@ -316,7 +316,7 @@ def from_state(
         if key not in state:
             raise ModelSpecError(f"the checkpoint has no tensor '{key}'")
         t = state[key]
-        wanted[name] = t.t().contiguous() if name.endswith(_CONV1D) else t
+        wanted[name] = t.t().contiguous() if name.endswith(CONV1D_WEIGHTS) else t
     model.load_state_dict(wanted, strict=True, assign=True)
     if head and embed:
         model.lm_head.weight = model.wte.weight  # assign=True replaced the tied parameter: tie it again

@@ -1,9 +1,10 @@
 """Trained offline presets: small GPT-2 models trained here on public-domain text, for what needs a real
 distribution where no weights can be downloaded (benchmarks, speculative decoding, fine-tuning demos).
 
-`trained:kjv` is the GPT-2 tokenizer and a 12-block GPT-2 of width 128 trained from scratch on the King James
-Version of the Bible (1611; public domain), whose text comes from Debian's `bible-kjv` package
-(`apt-get install bible-kjv`; its `bible` program prints it). The recipe runs once (a few minutes on a laptop
+`trained:kjv` is the GPT-2 tokenizer and a 12-block GPT-2 of width 128 trained from scratch on the Old Testament
+of the King James Version of the Bible (1611; public domain), whose text comes from Debian's `bible-kjv`
+package (`apt-get install bible-kjv`; its `bible` program prints it). The New Testament stays unseen, for
+fine-tuning demos: new text in the same language. The recipe runs once (a few minutes on a laptop
 CPU) and the result is cached in the models directory in Hugging Face format, like any downloaded model.
 """
 
@@ -44,14 +45,18 @@ class Recipe:
 RECIPES = {"kjv": Recipe()}
 
 
-def kjv_text() -> str:
+OLD_TESTAMENT = "Gen1:1-Mal4:6"  # what trained:kjv learns from
+NEW_TESTAMENT = "Matt1:1-Rev22:21"  # left unseen, for fine-tuning demos and benchmarks
+
+
+def kjv_text(passages: str = "Gen1:1-Rev22:21") -> str:
     """The KJV as plain prose: Debian's `bible` program prints it; verse numbers and headings are dropped."""
     if shutil.which("bible") is None:
         raise ModelSpecError(
             "the trained:kjv preset is built from the King James Bible in Debian's bible-kjv package, which is not "
             "installed: apt-get install bible-kjv (scripts/test.sh does it when it can)"
         )
-    raw = subprocess.run(["bible", "Gen1:1-Rev22:21"], capture_output=True, text=True, check=True).stdout
+    raw = subprocess.run(["bible", passages], capture_output=True, text=True, check=True).stdout
     lines = [re.sub(r"^\s*\d+\s+", "", line) for line in raw.splitlines() if line.strip()]
     lines = [line for line in lines if not re.fullmatch(r"[1-3]?\s?[A-Z][A-Za-z ]+ \d+", line.strip())]
     return " ".join(lines)
@@ -70,7 +75,7 @@ def build(
 
     r = recipe or RECIPES[name]
     tok = bundled_tokenizer()
-    data = TextData.from_path(_text_file(kjv_text()), tok.encode, r.block_size, eval_fraction=0.05)
+    data = TextData.from_path(_text_file(kjv_text(OLD_TESTAMENT)), tok.encode, r.block_size, eval_fraction=0.05)
     hf_cfg = HFConfig(n_layer=r.n_layer, n_embd=r.n_embd, n_head=r.n_head, n_positions=1024, vocab_size=50257)
     torch.manual_seed(r.seed)
     hf = GPT2LMHeadModel(hf_cfg)  # HF's initialisation, then trained as our core
@@ -101,7 +106,7 @@ def build(
     after = held_out()
     report = {
         "recipe": asdict(r),
-        "text": "King James Version (1611, public domain), from Debian's bible-kjv package",
+        "text": "King James Version (1611, public domain), Old Testament, from Debian's bible-kjv package",
         "train_tokens": len(data.train),
         "held_out_tokens": len(data.held_out),
         "held_out_perplexity_before": math.exp(before),
@@ -120,14 +125,14 @@ def _text_file(text: str) -> Path:
 
 def _save(model, hf, target: Path, tok, report: dict) -> None:
     """Back into HF's layout (Conv1D weights are [in, out]) and HF's files, published atomically."""
-    from splitcore.gpt2 import _CONV1D
+    from splitcore.gpt2 import CONV1D_WEIGHTS
 
     ours = model.state_dict()
     theirs = {}
     for k in hf.state_dict():
         name = k.removeprefix("transformer.")
         t = ours["wte.weight" if name == "lm_head.weight" else name].detach()
-        theirs[k] = t.t().contiguous() if name.endswith(_CONV1D) else t.clone()
+        theirs[k] = t.t().contiguous() if name.endswith(CONV1D_WEIGHTS) else t.clone()
     hf.load_state_dict(theirs)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     hf.save_pretrained(str(tmp))
