@@ -170,18 +170,24 @@ def check_request(prompt_ids: list[int], max_new_tokens: int, n_positions: int, 
 
 
 class IncrementalDecoder:
-    """Turns a growing list of token ids into text deltas, holding back incomplete UTF-8 characters."""
+    """Turns a growing list of token ids into text deltas, holding back incomplete UTF-8 characters.
+
+    Each push decodes only a short window (the ids since the last emitted text, plus the few before them for
+    context), not every id so far: TGI's prefix/read offsets. Linear in the generation's length."""
 
     def __init__(self, decode: Callable[[list[int]], str]):
-        self.decode, self.ids, self.emitted = decode, [], ""
+        self.decode, self.ids = decode, []
+        self.prefix, self.read = 0, 0  # ids[prefix:read] were decoded and emitted last time
 
     def push(self, token_id: int, last: bool = False) -> str:
         """Text completed by this token; with `last`, everything still held back too."""
         self.ids.append(token_id)
-        text = self.decode(self.ids)
+        before = self.decode(self.ids[self.prefix : self.read])
+        text = self.decode(self.ids[self.prefix :])
         if text.endswith("\ufffd") and not last:
             return ""
-        delta, self.emitted = text[len(self.emitted) :], text
+        delta = text[len(before) :] if text.startswith(before) else text
+        self.prefix, self.read = self.read, len(self.ids)
         return delta
 
 

@@ -128,3 +128,21 @@ def test_incremental_decoder_flushes_on_last_token(tokenizer):
     assert len(ids) > 1  # an emoji is several byte tokens
     dec = IncrementalDecoder(tokenizer.decode)
     assert dec.push(ids[0], last=True) == tokenizer.decode(ids[:1])  # nothing held back at the end
+
+
+def test_incremental_decoder_equals_decoding_everything(tokenizer):
+    """Random token ids (many of them partial UTF-8 bytes): the deltas add up to the whole decode, and no delta
+    shows a replacement character that a later token completes."""
+    import random
+
+    rng = random.Random(0)
+
+    def decode(ids):
+        return tokenizer.decode(ids, skip_special_tokens=True)
+
+    for _ in range(100):
+        ids = [rng.randrange(len(tokenizer)) for _ in range(rng.randrange(1, 60))]
+        dec = IncrementalDecoder(decode)
+        pieces = [dec.push(t, last=i == len(ids) - 1) for i, t in enumerate(ids)]
+        assert "".join(pieces) == decode(ids)
+        assert all(not p.endswith("\ufffd") for p in pieces[:-1])
