@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from server.sessions import ServerDraining, SessionRegistry
+from server.sessions import SessionRegistry
 from server.status import check_fingerprint, status_on_error
 from server.training import TrainHandler, settings_from_pb
 from splitcomm import codec
@@ -174,8 +174,6 @@ class TrunkServicer(pb_grpc.TrunkServicer):
     # --- Forward (stateless) ----------------------------------------------------------------------------
     def Forward(self, request, context):
         with status_on_error(context, "forward"):
-            if self.sessions.draining:
-                raise ServerDraining("the trunk server is shutting down")
             arrived = time.perf_counter()
             check_fingerprint(self.fingerprint, request.fingerprint)
             h = codec.decode(request.hidden, self.max_elements, finite="hidden states")
@@ -188,7 +186,7 @@ class TrunkServicer(pb_grpc.TrunkServicer):
                     f"call would hold {length} tokens, past this server's limit of {self.max_length} "
                     f"(model context / max session tokens)"
                 )
-            with self.compute_lock, torch.inference_mode():
+            with self.sessions.call(), self.compute_lock, torch.inference_mode():
                 t0 = time.perf_counter()
                 out, new_kv = self.trunk.forward_stateless(h, kv, check_finite=False)
                 ms = (time.perf_counter() - t0) * 1e3

@@ -3,6 +3,7 @@ only the session's own thread creates, uses and frees (so the reaper never pulls
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import threading
@@ -48,6 +49,7 @@ class SessionRegistry:
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self._stop = threading.Event()
+        self._calls = 0  # stateless calls in progress: each holds a slot like a session while it runs
         if idle_timeout_s > 0:
             threading.Thread(target=self._reaper, daemon=True, name="idle-reaper").start()
 
@@ -55,7 +57,7 @@ class SessionRegistry:
         with self._lock:
             if self.draining:
                 raise ServerDraining("the trunk server is shutting down; retry on another server or later")
-            if len(self._sessions) >= self.max_sessions:
+            if len(self._sessions) + self._calls >= self.max_sessions:
                 raise LimitExceeded(f"too many sessions: the server's limit (max sessions) is {self.max_sessions}")
             s = Session(f"s{next(self._ids)}", peer, max_length, cancel)
             self._sessions[s.id] = s
@@ -65,6 +67,24 @@ class SessionRegistry:
             "session %s opened by %s (max %d tokens); %d active", s.id, peer, max_length, self.counters.active_sessions
         )
         return s
+
+    @contextlib.contextmanager
+    def call(self):
+        """A stateless call holds a slot of max sessions while it runs, so it cannot get past the limit."""
+        with self._lock:
+            if self.draining:
+                raise ServerDraining("the trunk server is shutting down; retry on another server or later")
+            if len(self._sessions) + self._calls >= self.max_sessions:
+                raise LimitExceeded(
+                    f"too many sessions: the server's limit (max sessions) is {self.max_sessions}, and stateless "
+                    f"calls count while they run"
+                )
+            self._calls += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._calls -= 1
 
     def close(self, sid: SessionId, reason: str = "closed") -> None:
         with self._lock:
