@@ -19,6 +19,7 @@ import torch
 
 from splitcomm.codec import decode, encode
 from splitcomm.proto import trunk_pb2 as pb
+from splitcore.errors import InvalidInput
 from splitcore.lora import LoraSettings, Optimizer, adapter_weights, add_lora, load_adapter_weights, save_peft, twin
 from splitcore.parts import load_full
 from splitcore.training import TextData, lm_loss, perplexity
@@ -119,7 +120,7 @@ class SplitTrainer:
 
     def __init__(self, engine, settings: LoraSettings, client_train: str = "none", resume=None):
         if engine.trunk_client is None:
-            raise ValueError("split training needs a trunk server (or use --local for the in-process reference)")
+            raise InvalidInput("split training needs a trunk server (or use --local for the in-process reference)")
         self.engine, self.settings = engine, settings
         self.bottom, self.top = twin(engine.parts["bottom"]), twin(engine.parts["top"])
         self.client_opts: list[Optimizer] = []
@@ -127,7 +128,7 @@ class SplitTrainer:
             for part in (self.bottom, self.top):
                 self.client_opts.append(Optimizer(add_lora(part, settings), settings))
         elif client_train != "none":
-            raise ValueError(f"client training must be 'none' or 'lora', got '{client_train}'")
+            raise InvalidInput(f"--client-train must be 'none' or 'lora', got '{client_train}'")
         weights, moments, steps = resume or ({}, {}, 0)
         trunk_layers = set(engine.split.layers("trunk", engine.model.config.n_layer))
         mine = {k: v for k, v in weights.items() if int(k.split(".")[1]) not in trunk_layers}

@@ -29,6 +29,8 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
             f"need --steps >= 1, --batch-size >= 1, --block-size >= 2, --eval-every >= 0 and --eval-batches >= 1; "
             f"got {cfg.steps}, {cfg.batch_size}, {cfg.block_size}, {cfg.eval_every}, {cfg.eval_batches}"
         )
+    if cfg.client_train not in ("none", "lora"):
+        raise InvalidInput(f"--client-train must be 'none' or 'lora', got '{cfg.client_train}'")
     return cfg
 
 
