@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from splitcomm.codec import encode, parse_wire_dtype
+from splitcomm.codec import encode_named, parse_wire_dtype
 from splitcomm.errors import TrunkError, TrunkUnavailable
 from splitcomm.proto import trunk_pb2 as pb
 from splitcomm.trunk_client import TrunkClient, TrunkClientConfig, TrunkSession
@@ -181,8 +181,6 @@ class DelayedLink:
 class Adapter:
     """A LoRA adapter loaded for generation: the client's parts with it, and the trunk's share to upload."""
 
-    path: str
-    digest: str  # of the whole adapter
     layers: list[int]  # blocks it adapts
     parts: dict  # the client's parts (and an in-process trunk) running it
     pools: dict  # their CUDA-graph pools, if any
@@ -197,17 +195,16 @@ def load_adapter(path: str, engine, base: Fingerprint, graphs: bool) -> Adapter:
     if not layers or layers[-1] >= n_layer:
         raise InvalidInput(f"adapter {path} adapts blocks {layers}; this model has blocks 0-{n_layer - 1}")
     parts = {name: adapted(part, weights, settings) for name, part in engine.parts.items()}
-    pools = {name: DecoderPool(part) for name, part in parts.items()} if graphs else {}
+    pools = {name: DecoderPool.warmed(part) for name, part in parts.items()} if graphs else {}
     share = only_layers(weights, engine.split.layers("trunk", n_layer))
     trunk_open = fp = None
     if share and not engine.cfg.local_trunk:
         lora = pb.LoraSpec(rank=settings.rank, alpha=settings.alpha, target_modules=settings.targets)
-        named = [pb.NamedTensor(name=k, tensor=encode(v)) for k, v in sorted(share.items())]
-        trunk_open = (lora, pb.AdapterState(weights=named))
+        trunk_open = (lora, pb.AdapterState(weights=encode_named(share)))
         f = base.with_adapter(adapter_digest(share))
         fp = pb.Fingerprint(**f.to_dict(), digest=f.digest)
     logger.info("adapter %s: LoRA rank %d on blocks %s", path, settings.rank, layers)
-    return Adapter(path, adapter_digest(weights), layers, parts, pools, trunk_open, fp)
+    return Adapter(layers, parts, pools, trunk_open, fp)
 
 
 class SplitEngine(Engine):
@@ -224,9 +221,7 @@ class SplitEngine(Engine):
         logger.info("%s", configure_attention(device))
         self.parts = load_parts(model, self.split, parts, device, self.dtype, cfg.attn)
         graphs = use_cuda_graphs(cfg.cuda_graphs, device)
-        self.pools = {name: DecoderPool(part) for name, part in self.parts.items()} if graphs else {}
-        for pool in self.pools.values():
-            pool.warm()  # every capacity bucket captured now, not in some generation's time to first token
+        self.pools = {name: DecoderPool.warmed(part) for name, part in self.parts.items()} if graphs else {}
         fp = model_fingerprint(model, self.split)
         self.fingerprint = pb.Fingerprint(**fp.to_dict(), digest=fp.digest)  # the base model's
         self._base_fp, self._graphs = fp, graphs

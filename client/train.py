@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from splitcomm.codec import decode, encode
+from splitcomm.codec import decode_named, encode_named
 from splitcomm.proto import trunk_pb2 as pb
 from splitcore.errors import InvalidInput
 from splitcore.lora import LoraSettings, Optimizer, adapter_weights, add_lora, load_adapter_weights, save_peft, twin
@@ -187,8 +187,7 @@ class SplitTrainer:
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], int]:
         remote = self.remote.export()
-        weights = {n.name: decode(n.tensor) for n in remote.weights}
-        moments = {n.name: decode(n.tensor) for n in remote.optimizer}
+        weights, moments = decode_named(remote.weights), decode_named(remote.optimizer)
         for part, opt in zip((self.bottom, self.top), self.client_opts, strict=False):
             weights |= adapter_weights(part)
             moments |= opt.state()
@@ -206,8 +205,7 @@ def _base(moment_name: str) -> str:
 
 
 def _adapter_state(weights, moments, steps) -> pb.AdapterState:
-    named = lambda d: [pb.NamedTensor(name=k, tensor=encode(v)) for k, v in sorted(d.items())]  # noqa: E731
-    return pb.AdapterState(weights=named(weights), optimizer=named(moments), optimizer_steps=steps)
+    return pb.AdapterState(weights=encode_named(weights), optimizer=encode_named(moments), optimizer_steps=steps)
 
 
 # --- checkpoints ------------------------------------------------------------------------------------------

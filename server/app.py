@@ -42,9 +42,9 @@ class TrunkServer:
         logger.info("%s", configure_attention(device))
         self.trunk = load_parts(model, split, ("trunk",), device, dtype, cfg.attn)["trunk"]  # trunk weights only
         self.graphs = use_cuda_graphs(cfg.cuda_graphs, device)
-        decoders = DecoderPool(self.trunk, max_idle=cfg.max_sessions) if self.graphs else None
+        decoders = DecoderPool.warmed(self.trunk, max_idle=cfg.max_sessions) if self.graphs else None
         if decoders is not None:
-            logger.info("captured CUDA graphs for %d capacity buckets", decoders.warm())
+            logger.info("captured CUDA graphs for %d capacity buckets", decoders.captured)
         self.fingerprint = model_fingerprint(model, split)
         self.model, self.split = model, split
         self.sessions = SessionRegistry(cfg.max_sessions, cfg.idle_timeout_s)

@@ -69,7 +69,7 @@ class TrunkServicer(pb_grpc.TrunkServicer):
         if first.WhichOneof("kind") != "open":
             raise InvalidInput("the first message of a session must be 'open' with the model fingerprint")
         o = first.open
-        weights = {n.name: codec.decode(n.tensor, self.max_elements, finite="adapter") for n in o.adapter.weights}
+        weights = codec.decode_named(o.adapter.weights, self.max_elements, "adapter tensor")
         ours = self.fingerprint.with_adapter(adapter_digest(weights)) if weights else self.fingerprint
         check_fingerprint(ours, o.fingerprint)
         want = o.max_length or self.max_length

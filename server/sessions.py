@@ -55,10 +55,7 @@ class SessionRegistry:
 
     def open(self, peer: str, max_length: int, cancel: callable) -> Session:
         with self._lock:
-            if self.draining:
-                raise ServerDraining("the trunk server is shutting down; retry on another server or later")
-            if len(self._sessions) + self._calls >= self.max_sessions:
-                raise LimitExceeded(f"too many sessions: the server's limit (max sessions) is {self.max_sessions}")
+            self._admit()
             s = Session(f"s{next(self._ids)}", peer, max_length, cancel)
             self._sessions[s.id] = s
             self.counters.active_sessions = len(self._sessions)
@@ -68,17 +65,21 @@ class SessionRegistry:
         )
         return s
 
+    def _admit(self) -> None:
+        """Under the lock: room for one more session or stateless call, or the reason why not."""
+        if self.draining:
+            raise ServerDraining("the trunk server is shutting down; retry on another server or later")
+        if len(self._sessions) + self._calls >= self.max_sessions:
+            raise LimitExceeded(
+                f"too many sessions: the server's limit (max sessions) is {self.max_sessions}; sessions, training "
+                f"sessions and stateless calls in progress all count"
+            )
+
     @contextlib.contextmanager
     def call(self):
         """A stateless call holds a slot of max sessions while it runs, so it cannot get past the limit."""
         with self._lock:
-            if self.draining:
-                raise ServerDraining("the trunk server is shutting down; retry on another server or later")
-            if len(self._sessions) + self._calls >= self.max_sessions:
-                raise LimitExceeded(
-                    f"too many sessions: the server's limit (max sessions) is {self.max_sessions}, and stateless "
-                    f"calls count while they run"
-                )
+            self._admit()
             self._calls += 1
         try:
             yield

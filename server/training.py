@@ -9,15 +9,13 @@ import threading
 import time
 import weakref
 
-import torch
-
 from server.sessions import Session, SessionRegistry
 from server.status import check_fingerprint
 from splitcomm import codec
 from splitcomm.proto import trunk_pb2 as pb
 from splitcore.errors import InvalidInput, LimitExceeded
 from splitcore.fingerprint import Fingerprint
-from splitcore.lora import LoraSettings, add_lora, load_adapter_weights, twin
+from splitcore.lora import LoraSettings, adapter_weights, add_lora, load_adapter_weights, twin
 from splitcore.parts import Trunk
 from splitcore.training import PartTrainer
 
@@ -40,14 +38,6 @@ def settings_from_pb(lora: pb.LoraSpec, opt: pb.OptimizerSpec, seed: int) -> Lor
         eps=opt.eps or d.eps,
         seed=seed,
     )
-
-
-def _named(tensors: dict[str, torch.Tensor]) -> list[pb.NamedTensor]:
-    return [pb.NamedTensor(name=k, tensor=codec.encode(v)) for k, v in sorted(tensors.items())]
-
-
-def _unnamed(items, max_elements: int, what: str) -> dict[str, torch.Tensor]:
-    return {n.name: codec.decode(n.tensor, max_elements, finite=f"{what} {n.name}") for n in items}
 
 
 class TrainHandler:
@@ -74,8 +64,8 @@ class TrainHandler:
         check_fingerprint(self.fingerprint, o.fingerprint)
         settings = settings_from_pb(o.lora, o.optimizer, o.seed)
         settings.check(self.trunk.config.n_embd)
-        weights = _unnamed(o.resume.weights, self.max_elements, "adapter tensor")
-        moments = _unnamed(o.resume.optimizer, self.max_elements, "optimizer state")
+        weights = codec.decode_named(o.resume.weights, self.max_elements, "adapter tensor")
+        moments = codec.decode_named(o.resume.optimizer, self.max_elements, "optimizer state")
         session = self.sessions.open(context.peer(), self.max_length, context.cancel)
         try:
             with self.lock:
@@ -117,11 +107,11 @@ class TrainHandler:
         return pb.TrainResponse(step=msg.step, grad=codec.encode(grad, g.dtype), server_ms=ms)
 
     def _export(self, trainer: PartTrainer) -> pb.TrainResponse:
-        from splitcore.lora import adapter_weights
-
         opt = trainer.optimizer
         state = pb.AdapterState(
-            weights=_named(adapter_weights(trainer.part)), optimizer=_named(opt.state()), optimizer_steps=opt.steps
+            weights=codec.encode_named(adapter_weights(trainer.part)),
+            optimizer=codec.encode_named(opt.state()),
+            optimizer_steps=opt.steps,
         )
         return pb.TrainResponse(adapter=state)
 

@@ -92,6 +92,16 @@ def decode(msg: pb.Tensor, max_elements: int = 1 << 31, finite: str | None = Non
     return t.view(shape)
 
 
+def encode_named(tensors: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> list[pb.NamedTensor]:
+    """Named tensors (an adapter's weights, an optimizer's state) -> messages, sorted by name."""
+    return [pb.NamedTensor(name=k, tensor=encode(v, dtype)) for k, v in sorted(tensors.items())]
+
+
+def decode_named(items, max_elements: int = 1 << 31, finite: str | None = None) -> dict[str, torch.Tensor]:
+    """Messages -> named tensors, each checked as `decode` does (`finite` names what they are)."""
+    return {n.name: decode(n.tensor, max_elements, finite and f"{finite} {n.name}") for n in items}
+
+
 def _all_finite(a: np.ndarray, wire: int) -> bool:
     if wire == pb.INT64:
         return True

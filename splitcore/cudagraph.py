@@ -134,6 +134,13 @@ class DecoderPool:
             self.release(d)
         return len(built)
 
+    @classmethod
+    def warmed(cls, model: GPT2, max_idle: int = 4) -> DecoderPool:
+        """A pool with every capacity bucket captured already: what an engine or a server builds at start."""
+        pool = cls(model, max_idle=max_idle)
+        pool.warm()
+        return pool
+
     def release(self, decoder: StaticDecoder) -> None:
         """Give a decoder back once nothing runs on it any more; its cache is emptied."""
         decoder.cache.reset()

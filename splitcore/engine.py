@@ -117,16 +117,12 @@ class FullEngine(Engine):
         super().__init__(model, device, dtype)
         logger.info("%s", configure_attention(device))
         self.full = load_full(model, device, dtype, attn)
-        self.adapted = self.adapter_path = None
+        self.adapted = None
         if adapter:  # the same model with a LoRA adapter (a twin sharing the weights), for comparison
-            weights, settings = load_peft(Path(adapter))
-            self.adapted, self.adapter_path = adapted(self.full, weights, settings), adapter
+            self.adapted = adapted(self.full, *load_peft(Path(adapter)))
         self.use_adapter = self.adapted is not None
-        self.pools = {}
-        for m in (self.full, self.adapted) if cuda_graphs else ():
-            if m is not None:
-                self.pools[id(m)] = DecoderPool(m)  # decode steps as CUDA graphs
-                self.pools[id(m)].warm()  # every capacity bucket captured now, not in a generation's TTFT
+        models = [m for m in (self.full, self.adapted) if m is not None] if cuda_graphs else []
+        self.pools = {id(m): DecoderPool.warmed(m) for m in models}  # decode steps as CUDA graphs
 
     @property
     def has_adapter(self) -> bool:

@@ -88,7 +88,8 @@ class Step:
 
     cache: KVCache | None
     rows: int | None  # the cache row taking part (None = all rows)
-    past: list[int]  # cached positions of each row before this step
+    start: int | None  # where the new positions start when every row is at the same place, else None
+    positions: torch.Tensor | None  # (B, T) the new positions of each row, when rows are at different places
     end: int  # keys the attention reads: positions [0, end)
     mask: torch.Tensor | None  # bool, True = attend: (T, end) or (B, 1, T, end); None with `causal` or one token
     causal: bool  # the keys are exactly the new positions: a plain causal mask
@@ -131,7 +132,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, step: Step, slot: int) -> torch.Tensor:
         q, k, v = self._qkv(x)
         if step.cache is not None:
-            k, v = step.cache.write(slot, k, v, step.rows, step.past, step.end)
+            k, v = step.cache.write(slot, k, v, step.rows, step.start, step.positions, step.end)
         dropout = self.attn_pdrop if self.training else 0.0
         return self._out(_attend(q, k, v, step.mask, step.causal, self.scale, self.impl, dropout))
 
@@ -224,26 +225,23 @@ class GPT2(nn.Module):
     # --- eager ---------------------------------------------------------------------------------------
     def _step(self, cache: KVCache | None, rows: int | None, t: int, device: torch.device) -> Step:
         if cache is None:
-            return Step(None, None, [0], t, None, True)
+            return Step(None, None, 0, None, t, None, True)
         past, end = cache.start(rows, t)
         if len(set(past)) == 1:
             p = past[0]
             if t == 1:  # one new token attends to everything cached: no mask to build
-                return Step(cache, rows, past, end, None, False)
+                return Step(cache, rows, p, None, end, None, False)
             if p == 0:
-                return Step(cache, rows, past, end, None, True)
+                return Step(cache, rows, p, None, end, None, True)
             q = torch.arange(p, p + t, device=device)
-            return Step(cache, rows, past, end, torch.arange(end, device=device) <= q[:, None], False)  # (T, L)
+            return Step(cache, rows, p, None, end, torch.arange(end, device=device) <= q[:, None], False)  # (T, L)
         q = torch.tensor(past, device=device)[:, None] + torch.arange(t, device=device)  # (B, T) query positions
         mask = torch.arange(end, device=device) <= q[:, :, None]  # (B, T, L)
-        return Step(cache, rows, past, end, mask.unsqueeze(1), False)
+        return Step(cache, rows, None, q, end, mask.unsqueeze(1), False)
 
     def _embed(self, ids: torch.Tensor, step: Step) -> torch.Tensor:
         t = ids.shape[1]
-        if len(set(step.past)) == 1:
-            pos = torch.arange(step.past[0], step.past[0] + t, device=ids.device)  # (T,)
-        else:
-            pos = torch.tensor(step.past, device=ids.device)[:, None] + torch.arange(t, device=ids.device)  # (B, T)
+        pos = step.positions if step.start is None else torch.arange(step.start, step.start + t, device=ids.device)
         h = self.wte(ids) + self.wpe(pos)  # (B, T, C)
         return F.dropout(h, self.config.embd_pdrop) if self.training and self.config.embd_pdrop else h
 
@@ -321,3 +319,15 @@ def from_state(
     if head and embed:
         model.lm_head.weight = model.wte.weight  # assign=True replaced the tied parameter: tie it again
     return model.requires_grad_(False).eval()  # inference by default; a trainer turns on what it trains
+
+
+def to_state(model: GPT2) -> dict[str, torch.Tensor]:
+    """The inverse of from_state: the model's tensors by HF name, Conv1D weights back to [in, out]; no lm_head
+    when it is tied to wte (GPT-2 saves it once)."""
+    out = {}
+    for name, t in model.state_dict().items():
+        if name == "lm_head.weight" and model.has_embed:
+            continue
+        t = t.detach()
+        out[name] = t.t().contiguous() if name.endswith(CONV1D_WEIGHTS) else t.clone()
+    return out

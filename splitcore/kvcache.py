@@ -102,22 +102,17 @@ class KVCache:
         self.reserve(end)
         return past, end
 
-    def write(self, block: int, k: torch.Tensor, v: torch.Tensor, rows: int | None, past: list[int], end: int):
-        """Write a block's new keys/values (B, heads, T, head_dim) at each row's position; return the views
-        (B, heads, end, head_dim) the attention reads."""
-        t = k.shape[2]
+    def write(self, block: int, k, v, rows: int | None, start: int | None, positions, end: int):
+        """Write a block's new keys/values (B, heads, T, head_dim): from `start` in every row, or, for rows at
+        different places, at `positions` (B, T). Returns the views (B, heads, end, head_dim) the attention reads."""
         kb, vb = self.k[block], self.v[block]
         if rows is not None:
             kb, vb = kb[rows : rows + 1], vb[rows : rows + 1]
-        if len(set(past)) == 1:  # every row at the same position: a plain slice
-            p = past[0]
-            kb[:, :, p : p + t] = k
-            vb[:, :, p : p + t] = v
-        else:  # rows at different positions
-            idx = torch.tensor(past, device=k.device).view(-1, 1, 1, 1) + torch.arange(t, device=k.device).view(
-                1, 1, t, 1
-            )
-            idx = idx.expand(-1, k.shape[1], -1, k.shape[3])
+        if start is not None:  # every row at the same position: a plain slice
+            kb[:, :, start : start + k.shape[2]] = k
+            vb[:, :, start : start + k.shape[2]] = v
+        else:
+            idx = positions[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
             kb.scatter_(2, idx, k)
             vb.scatter_(2, idx, v)
         return kb[:, :, :end], vb[:, :, :end]

@@ -124,16 +124,11 @@ def _text_file(text: str) -> Path:
 
 
 def _save(model, hf, target: Path, tok, report: dict) -> None:
-    """Back into HF's layout (Conv1D weights are [in, out]) and HF's files, published atomically."""
-    from splitcore.gpt2 import CONV1D_WEIGHTS
+    """Back into HF's layout and HF's files, published atomically."""
+    from splitcore.gpt2 import to_state
 
-    ours = model.state_dict()
-    theirs = {}
-    for k in hf.state_dict():
-        name = k.removeprefix("transformer.")
-        t = ours["wte.weight" if name == "lm_head.weight" else name].detach()
-        theirs[k] = t.t().contiguous() if name.endswith(CONV1D_WEIGHTS) else t.clone()
-    hf.load_state_dict(theirs)
+    hf.transformer.load_state_dict(to_state(model))
+    hf.tie_weights()
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     hf.save_pretrained(str(tmp))
     tok.save_pretrained(str(tmp))

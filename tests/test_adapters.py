@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from client.train import Run, SplitTrainer, TrainConfig
-from splitcomm.codec import decode, encode
+from splitcomm.codec import decode_named, encode
 from splitcomm.errors import TrunkError
 from splitcomm.proto import trunk_pb2 as pb
 from splitcore.engine import FullEngine
@@ -99,9 +99,7 @@ def test_adapter_digest_is_in_the_session_fingerprint(models_dir, served, adapte
     outside = pb.AdapterState()
     outside.CopyFrom(state)
     outside.weights[0].name = outside.weights[0].name.replace("h.2.", "h.0.", 1)
-    claim = model_fingerprint(split.model, split.split).with_adapter(
-        adapter_digest({n.name: decode(n.tensor) for n in outside.weights})
-    )
+    claim = model_fingerprint(split.model, split.split).with_adapter(adapter_digest(decode_named(outside.weights)))
     claim_pb = pb.Fingerprint(**claim.to_dict(), digest=claim.digest)  # an honest digest of a wrong upload
     with pytest.raises(TrunkError, match="blocks outside the trunk") as e:
         client.session(claim_pb, 20, adapter=(lora, outside)).step(torch.zeros(1, 2, 64))

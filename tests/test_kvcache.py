@@ -16,7 +16,11 @@ def _kv(rows: int, t: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _append(cache: KVCache, k, v, rows=None):
     past, end = cache.start(rows, k.shape[2])
-    out = cache.write(0, k, v, rows, past, end)
+    t = k.shape[2]
+    if len(set(past)) == 1:
+        out = cache.write(0, k, v, rows, past[0], None, end)
+    else:
+        out = cache.write(0, k, v, rows, None, torch.tensor(past)[:, None] + torch.arange(t), end)
     cache.advance(rows, k.shape[2])
     return out
 
