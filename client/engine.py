@@ -19,7 +19,7 @@ from splitcore.engine import Engine, Notify
 from splitcore.errors import InvalidInput
 from splitcore.fingerprint import Fingerprint, model_fingerprint
 from splitcore.generate import LocalTrunkLink, SplitStepper, Stepper
-from splitcore.lora import adapted, adapter_digest, adapter_layers, load_peft, only_layers
+from splitcore.lora import adapted, adapter_digest, adapter_layers, load_client_weights, load_peft, only_layers
 from splitcore.models import resolve_with_fallback
 from splitcore.parts import Split, load_parts
 from splitcore.runtime import configure_attention, resolve_device, resolve_dtype, use_cuda_graphs
@@ -190,11 +190,12 @@ class Adapter:
 
 def load_adapter(path: str, engine, base: Fingerprint, graphs: bool) -> Adapter:
     weights, settings = load_peft(Path(path))
+    client = load_client_weights(Path(path))  # the client's own weights, if the run trained them in full
     n_layer = engine.model.config.n_layer
     layers = sorted(adapter_layers(weights))
     if not layers or layers[-1] >= n_layer:
         raise InvalidInput(f"adapter {path} adapts blocks {layers}; this model has blocks 0-{n_layer - 1}")
-    parts = {name: adapted(part, weights, settings) for name, part in engine.parts.items()}
+    parts = {name: adapted(part, weights, settings, client) for name, part in engine.parts.items()}
     pools = {name: DecoderPool.warmed(part) for name, part in parts.items()} if graphs else {}
     share = only_layers(weights, engine.split.layers("trunk", n_layer))
     trunk_open = fp = None
@@ -203,7 +204,13 @@ def load_adapter(path: str, engine, base: Fingerprint, graphs: bool) -> Adapter:
         trunk_open = (lora, pb.AdapterState(weights=encode_named(share)))
         f = base.with_adapter(adapter_digest(share))
         fp = pb.Fingerprint(**f.to_dict(), digest=f.digest)
-    logger.info("adapter %s: LoRA rank %d on blocks %s", path, settings.rank, layers)
+    logger.info(
+        "adapter %s: LoRA rank %d on blocks %s%s",
+        path,
+        settings.rank,
+        layers,
+        f", the client's weights trained in full ({len(client)} tensors)" if client else "",
+    )
     return Adapter(layers, parts, pools, trunk_open, fp)
 
 

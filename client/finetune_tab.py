@@ -11,7 +11,7 @@ from pathlib import Path
 import gradio as gr
 import plotly.graph_objects as go
 
-from client.train import Run, SplitTrainer, TrainConfig, TrainEvent
+from client.train import CLIENT_TRAIN, Run, SplitTrainer, TrainConfig, TrainEvent
 from splitcomm.errors import TrunkError
 from splitcore.errors import SplitError
 from splitcore.training import TextData, perplexity
@@ -99,7 +99,7 @@ def finetune_tab(engine, adapter_switch: gr.Checkbox) -> None:
                 rank = gr.Number(value=8, precision=0, label="LoRA rank")
                 lr = gr.Number(value=2e-4, label="Learning rate")
                 every = gr.Number(value=50, precision=0, label="Evaluate every (steps)")
-            client_train = gr.Dropdown(["none", "lora"], value="none", label="Client blocks")
+            client_train = gr.Dropdown(list(CLIENT_TRAIN), value="none", label="Client blocks")
             out = gr.Textbox(label="Save the adapter in", value="adapters/app-run")
             with gr.Row():
                 start = gr.Button("Start fine-tuning", variant="primary")

@@ -20,7 +20,18 @@ import torch
 from splitcomm.codec import decode_named, encode_named
 from splitcomm.proto import trunk_pb2 as pb
 from splitcore.errors import InvalidInput
-from splitcore.lora import LoraSettings, Optimizer, adapter_weights, add_lora, load_adapter_weights, save_peft, twin
+from splitcore.gpt2 import to_state, with_weights
+from splitcore.lora import (
+    LoraSettings,
+    Optimizer,
+    adapter_weights,
+    add_lora,
+    is_lora,
+    load_adapter_weights,
+    only_layers,
+    save_trained,
+    twin,
+)
 from splitcore.parts import load_full
 from splitcore.training import TextData, lm_loss, perplexity
 
@@ -44,7 +55,7 @@ class TrainConfig:
     eval_every: int = 50  # steps between held-out evaluations (and checkpoints); 0 = only at the end
     eval_batches: int = 8  # held-out batches per evaluation
     out: str = "adapters/run"  # where checkpoints and the final adapter go
-    client_train: str = "none"  # the client's own blocks: none (frozen) or lora
+    client_train: str = "none"  # the client's own parts: none (frozen), lora (adapters), full (every weight)
     seed: int = 0  # adapter initialisation and batch order
     resume: bool = False  # go on from the latest checkpoint in `out`
 
@@ -80,18 +91,51 @@ class TrainEvent:
         return None if self.eval_loss is None else perplexity(self.eval_loss)
 
 
+CLIENT_TRAIN = ("none", "lora", "full")
+
+
+def check_client_train(value: str) -> None:
+    if value not in CLIENT_TRAIN:
+        raise InvalidInput(f"--client-train must be one of {', '.join(CLIENT_TRAIN)}; got '{value}'")
+
+
+def full_weights(*parts) -> dict[str, torch.Tensor]:
+    """The trained (non-LoRA) weights of `parts` by HF name, Conv1D layout, the tied head left out."""
+    out = {}
+    for part in parts:
+        trained = {n for n, p in part.named_parameters() if p.requires_grad and not is_lora(n)}
+        out |= {k: v for k, v in to_state(part).items() if k in trained and k != "lm_head.weight"}
+    return out
+
+
 class LocalTrainer:
-    """The reference: the whole model in one process, an adapter on the same blocks, one loss.backward()."""
+    """The reference: the whole model in one process, an adapter on the same blocks, one loss.backward().
+    With `train_rest`, every weight outside the adapted blocks trains too (the split's `--client-train full`)."""
 
     def __init__(
-        self, model, layers: list[int], settings: LoraSettings, resume=None, device="cpu", dtype=torch.float32
+        self,
+        model,
+        layers: list[int],
+        settings: LoraSettings,
+        resume=None,
+        device="cpu",
+        dtype=torch.float32,
+        train_rest: bool = False,
     ):
-        self.model = add_lora(load_full(model, device, dtype or torch.float32), settings, layers)
+        weights, moments, steps = resume or ({}, {}, 0)
+        full = load_full(model, device, dtype or torch.float32)
+        if train_rest:
+            full = with_weights(full, {k: v for k, v in weights.items() if not is_lora(k)})
+        self.model = add_lora(full, settings, layers)
+        if train_rest:
+            adapted = {f"h.{i}." for i in layers}
+            for name, p in self.model.named_parameters():
+                if not is_lora(name) and not name.startswith(tuple(adapted)):
+                    p.requires_grad_(True)
         self.optimizer = Optimizer(self.model, settings)
-        if resume is not None:
-            weights, moments, steps = resume
-            load_adapter_weights(self.model, weights)
-            self.optimizer.load_state(moments, steps)
+        if weights:
+            load_adapter_weights(self.model, {k: v for k, v in weights.items() if is_lora(k)})
+        self.optimizer.load_state(moments, steps)
 
     def step(self, step: int, ids: torch.Tensor) -> StepStats:
         t0 = time.perf_counter()
@@ -106,7 +150,7 @@ class LocalTrainer:
         return float(lm_loss(self.model(ids.to(self.model.device), all_positions=True), ids.to(self.model.device)))
 
     def adapter(self) -> dict[str, torch.Tensor]:
-        return adapter_weights(self.model)
+        return adapter_weights(self.model) | full_weights(self.model)
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], int]:
         return self.adapter(), self.optimizer.state(), self.optimizer.steps
@@ -116,23 +160,32 @@ class LocalTrainer:
 
 
 class SplitTrainer:
-    """Bottom and top here (frozen, or with adapters of their own), the trunk's adapter on the server."""
+    """Bottom and top here (frozen, with adapters of their own, or trained in full), the trunk's adapter on the
+    server. Trained in full, the bottom's embedding and the top's head stay one tied weight, as in GPT-2."""
 
     def __init__(self, engine, settings: LoraSettings, client_train: str = "none", resume=None):
+        check_client_train(client_train)
         if engine.trunk_client is None:
             raise InvalidInput("split training needs a trunk server (or use --local for the in-process reference)")
         self.engine, self.settings = engine, settings
-        self.bottom, self.top = twin(engine.parts["bottom"]), twin(engine.parts["top"])
-        self.client_opts: list[Optimizer] = []
-        if client_train == "lora":
-            for part in (self.bottom, self.top):
-                self.client_opts.append(Optimizer(add_lora(part, settings), settings))
-        elif client_train != "none":
-            raise InvalidInput(f"--client-train must be 'none' or 'lora', got '{client_train}'")
         weights, moments, steps = resume or ({}, {}, 0)
-        trunk_layers = set(engine.split.layers("trunk", engine.model.config.n_layer))
-        mine = {k: v for k, v in weights.items() if int(k.split(".")[1]) not in trunk_layers}
-        theirs = {k: v for k, v in weights.items() if k not in mine}
+        trunk_layers = engine.split.layers("trunk", engine.model.config.n_layer)
+        theirs = only_layers({k: v for k, v in weights.items() if is_lora(k)}, trunk_layers)
+        mine = {k: v for k, v in weights.items() if k not in theirs}
+        if client_train == "full":
+            self.bottom, self.top = (with_weights(engine.parts[p], mine) for p in ("bottom", "top"))
+            self.top.lm_head.weight = self.bottom.wte.weight
+            self.bottom.requires_grad_(True), self.top.requires_grad_(True)
+        else:
+            self.bottom, self.top = twin(engine.parts["bottom"]), twin(engine.parts["top"])
+            if client_train == "lora":
+                for part in (self.bottom, self.top):
+                    add_lora(part, settings)
+                    if mine:
+                        load_adapter_weights(part, only_layers(mine, part.layers))
+        self.client_opt = None if client_train == "none" else Optimizer((self.bottom, self.top), settings)
+        if self.client_opt is not None:
+            self.client_opt.load_state({k: v for k, v in moments.items() if _base(k) not in theirs}, steps)
         open_msg = pb.TrainOpen(
             fingerprint=engine.fingerprint,
             lora=pb.LoraSpec(
@@ -149,13 +202,8 @@ class SplitTrainer:
             seed=settings.seed,
             resume=_adapter_state(theirs, {k: v for k, v in moments.items() if _base(k) in theirs}, steps),
         )
-        if mine:
-            for part, opt in zip((self.bottom, self.top), self.client_opts, strict=True):
-                part_weights = {k: v for k, v in mine.items() if int(k.split(".")[1]) in part.layers}
-                load_adapter_weights(part, part_weights)
-                opt.load_state({k: v for k, v in moments.items() if _base(k) in part_weights}, steps)
         self.remote = engine.trunk_client.training(open_msg, engine.wire_dtype)
-        self.client_trains = bool(self.client_opts)
+        self.client_trains = self.client_opt is not None
 
     def step(self, step: int, ids: torch.Tensor) -> StepStats:
         t0 = time.perf_counter()
@@ -169,8 +217,7 @@ class SplitTrainer:
         back = self.remote.backward(step, h2.grad)
         if self.client_trains:
             h1.backward(back.tensor.to(h1.device, h1.dtype))
-            for opt in self.client_opts:
-                opt.step()
+            self.client_opt.step()
         return StepStats(
             step,
             float(loss.detach()),
@@ -188,9 +235,9 @@ class SplitTrainer:
     def state(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], int]:
         remote = self.remote.export()
         weights, moments = decode_named(remote.weights), decode_named(remote.optimizer)
-        for part, opt in zip((self.bottom, self.top), self.client_opts, strict=False):
-            weights |= adapter_weights(part)
-            moments |= opt.state()
+        if self.client_opt is not None:
+            weights |= adapter_weights(self.bottom) | adapter_weights(self.top) | full_weights(self.bottom, self.top)
+            moments |= self.client_opt.state()
         return weights, moments, int(remote.optimizer_steps)
 
     def adapter(self) -> dict[str, torch.Tensor]:
@@ -224,7 +271,7 @@ def save_checkpoint(out: Path, step: int, trainer, settings: LoraSettings, base:
 
     weights, moments, opt_steps = trainer.state()
     path = out / f"checkpoint-{step}"
-    save_peft(path, weights, settings, base)
+    save_trained(path, weights, settings, base)
     save_file({k: v.contiguous().cpu() for k, v in moments.items()}, str(path / "optimizer.safetensors"))
     (path / "trainer_state.json").write_text(
         json.dumps({"step": step, "optimizer_steps": opt_steps} | asdict(log), indent=1)
@@ -240,9 +287,9 @@ def latest_checkpoint(out: Path) -> Path | None:
 def load_checkpoint(path: Path):
     from safetensors.torch import load_file
 
-    from splitcore.lora import load_peft
+    from splitcore.lora import load_client_weights, load_peft
 
-    weights, _ = load_peft(path)
+    weights = load_peft(path)[0] | load_client_weights(path)
     moments = load_file(str(path / "optimizer.safetensors"))
     state = json.loads((path / "trainer_state.json").read_text())
     log = RunLog(state["config"], state["losses"], state["evals"], state["seconds"])
@@ -293,6 +340,6 @@ class Run:
                 yield TrainEvent("eval", step, eval_loss=loss)
                 yield TrainEvent("checkpoint", step, path=str(self.checkpoint()))
         weights = self.trainer.adapter()
-        save_peft(self.out, weights, self.settings, self.base)
+        save_trained(self.out, weights, self.settings, self.base)
         (self.out / "training_log.json").write_text(json.dumps(asdict(self.log), indent=1))
         yield TrainEvent("done", self.last_step, path=str(self.out))

@@ -12,7 +12,15 @@ from pathlib import Path
 from tqdm import tqdm
 
 from client.engine import ClientConfig, SplitEngine
-from client.train import LocalTrainer, Run, SplitTrainer, TrainConfig, latest_checkpoint, load_checkpoint
+from client.train import (
+    LocalTrainer,
+    Run,
+    SplitTrainer,
+    TrainConfig,
+    check_client_train,
+    latest_checkpoint,
+    load_checkpoint,
+)
 from splitcore.errors import InvalidInput
 from splitcore.models import load_tokenizer, resolve_with_fallback
 from splitcore.parts import Split
@@ -29,8 +37,7 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
             f"need --steps >= 1, --batch-size >= 1, --block-size >= 2, --eval-every >= 0 and --eval-batches >= 1; "
             f"got {cfg.steps}, {cfg.batch_size}, {cfg.block_size}, {cfg.eval_every}, {cfg.eval_batches}"
         )
-    if cfg.client_train not in ("none", "lora"):
-        raise InvalidInput(f"--client-train must be 'none' or 'lora', got '{cfg.client_train}'")
+    check_client_train(cfg.client_train)
     return cfg
 
 
@@ -58,7 +65,8 @@ def _trainer(args: argparse.Namespace, ccfg: ClientConfig, cfg: TrainConfig, res
         n_layer = model.config.n_layer
         split = Split.parse(ccfg.split, n_layer)
         layers = list(range(n_layer)) if cfg.client_train == "lora" else list(split.layers("trunk", n_layer))
-        trainer = LocalTrainer(model, layers, cfg.lora(), resume, device, resolve_dtype(ccfg.dtype, device))
+        dtype, full = resolve_dtype(ccfg.dtype, device), cfg.client_train == "full"
+        trainer = LocalTrainer(model, layers, cfg.lora(), resume, device, dtype, train_rest=full)
         return trainer, load_tokenizer(model.path).encode, model.spec, model.config.n_positions
     if ccfg.local_trunk:
         raise InvalidInput("train runs the trunk on a server; for everything in this process use --local")

@@ -22,15 +22,19 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import torch  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from client.engine import ClientConfig, SplitEngine  # noqa: E402
 from client.train import LocalTrainer, Run, SplitTrainer, TrainConfig  # noqa: E402
 from scripts.bench import start_server  # noqa: E402
+from splitcore.lora import add_lora, twin  # noqa: E402
 from splitcore.models import load_tokenizer, resolve_model  # noqa: E402
+from splitcore.parts import load_parts  # noqa: E402
 from splitcore.presets import NEW_TESTAMENT, kjv_text  # noqa: E402
-from splitcore.training import TextData, perplexity  # noqa: E402
+from splitcore.training import TextData, held_bytes, perplexity  # noqa: E402
 
 
 def step_table(args, targets: dict[str, str], data: TextData) -> list[dict]:
@@ -112,6 +116,25 @@ def learn(args, target: str, text_file: Path) -> dict:
     }
 
 
+def memory_table(args) -> list[dict]:
+    """What a training session of the trunk holds between a batch's forward and its backward, keeping the
+    activations against recomputing them (the input only), for each model and shape; counted from what autograd
+    saves (held_bytes), in float32 (float16 halves it)."""
+    rows = []
+    for spec in args.memory_models:
+        model = resolve_model(spec, args.models_dir)
+        trunk = load_parts(model, (args.split_s1, args.split_s2), ["trunk"])["trunk"]
+        part = add_lora(twin(trunk), TrainConfig(lora_rank=8).lora())
+        for b, t in args.shapes:
+            x = torch.randn(b, t, model.config.n_embd)
+            keep, again = held_bytes(part, x), held_bytes(part, x, recompute=True)
+            rows.append({"model": spec, "batch": f"{b}x{t}", "keep_bytes": keep, "recompute_bytes": again})
+            print(
+                f"  memory {spec} {b}x{t}: keep {keep / 2**20:.1f} MiB, recompute {again / 2**20:.1f}", file=sys.stderr
+            )
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="trained:kjv")
@@ -122,8 +145,12 @@ def main() -> None:
     p.add_argument(
         "--learn-model", default="trained:kjv", help="the model --learn starts from (it trains on the New Testament)"
     )
+    p.add_argument(
+        "--memory-models", default="trained:kjv,random:gpt2", help="models of the memory table (keep vs recompute)"
+    )
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
+    args.memory_models = [m for m in args.memory_models.split(",") if m.strip()]
     args.shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",") if s.strip()]
     model = resolve_model(args.model, args.models_dir)
     args.split_s1, args.split_s2 = 2, 10
@@ -144,6 +171,7 @@ def main() -> None:
             "split fp32, server recomputes": (recompute, "float32"),
         }
         out = {"model": args.model, "steps": step_table(args, targets, data) if args.shapes else []}
+        out["memory"] = memory_table(args)
         if args.learn:
             learn_server = start_server(args.learn_model, args.models_dir, None, [])
             servers.append(learn_server)
@@ -163,6 +191,13 @@ def main() -> None:
             f"| {r['batch']} | {r['config']} | {r['step_ms']:.0f} | {r['step_ms'] / local[r['batch']]:.2f} | "
             f"{r['server_ms']:.0f} | {r['bytes_out']:,} / {r['bytes_in']:,} |"
         )
+    if out["memory"]:
+        print("\nheld by a training session between forward and backward (trunk blocks, LoRA rank 8, float32)\n")
+        print("| model | B x T | keep activations | recompute (input only) | keep / recompute |")
+        print("|---|---|---:|---:|---:|")
+        for r in out["memory"]:
+            k, c = r["keep_bytes"], r["recompute_bytes"]
+            print(f"| {r['model']} | {r['batch']} | {k / 2**20:,.1f} MiB | {c / 2**20:,.1f} MiB | {k / c:.1f} |")
     if "learn" in out:
         lr = out["learn"]
         print(

@@ -11,7 +11,7 @@ import torch
 
 from splitcore.cudagraph import DecoderPool
 from splitcore.generate import FullStepper, Stepper, TokenEvent, check_request, generate
-from splitcore.lora import adapted, load_peft
+from splitcore.lora import adapted, load_client_weights, load_peft
 from splitcore.models import ResolvedModel, load_tokenizer
 from splitcore.parts import load_full
 from splitcore.runtime import configure_attention
@@ -119,7 +119,7 @@ class FullEngine(Engine):
         self.full = load_full(model, device, dtype, attn)
         self.adapted = None
         if adapter:  # the same model with a LoRA adapter (a twin sharing the weights), for comparison
-            self.adapted = adapted(self.full, *load_peft(Path(adapter)))
+            self.adapted = adapted(self.full, *load_peft(Path(adapter)), load_client_weights(Path(adapter)))
         self.use_adapter = self.adapted is not None
         models = [m for m in (self.full, self.adapted) if m is not None] if cuda_graphs else []
         self.pools = {id(m): DecoderPool.warmed(m) for m in models}  # decode steps as CUDA graphs

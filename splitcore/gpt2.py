@@ -331,3 +331,16 @@ def to_state(model: GPT2) -> dict[str, torch.Tensor]:
         t = t.detach()
         out[name] = t.t().contiguous() if name.endswith(CONV1D_WEIGHTS) else t.clone()
     return out
+
+
+def with_weights(model: GPT2, state: dict[str, torch.Tensor]) -> GPT2:
+    """A copy of `model` (same class, blocks, device and dtype; frozen) whose tensors named in `state` (by HF
+    name, as to_state writes them) are replaced and the rest copied. A part with a head and no embeddings takes
+    `wte.weight` as its head, as GPT-2 ties them."""
+    merged = to_state(model)
+    for name, t in state.items():
+        if name in merged:
+            merged[name] = t.to(model.device, model.dtype)
+    if "wte.weight" in state and "lm_head.weight" in merged:
+        merged["lm_head.weight"] = state["wte.weight"].to(model.device, model.dtype)
+    return from_state(model.config, merged, model.layers, model.has_embed, model.has_head, model.attn_impl, type(model))

@@ -19,11 +19,14 @@ import torch
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
 
 from splitcore.errors import InvalidInput
-from splitcore.gpt2 import GPT2
+from splitcore.gpt2 import GPT2, with_weights
 
 MODULE_KINDS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 MAX_RANK = 256
 HF_PREFIX = "base_model.model.transformer."  # where GPT2LMHeadModel's blocks sit under a PeftModel
+# The client's own weights when a run trains them fully, beside the adapter, by GPT2LMHeadModel's names
+# ('transformer.h.0.attn.c_attn.weight', Conv1D layout): `model.load_state_dict(load_file(f), strict=False)`.
+CLIENT_WEIGHTS = "client_model.safetensors"
 
 
 @dataclass(frozen=True)
@@ -86,7 +89,9 @@ def add_lora(part: GPT2, settings: LoraSettings, layers: range | list[int] | Non
 
 
 def adapter_weights(part: GPT2) -> dict[str, torch.Tensor]:
-    """The adapter's tensors by PEFT name ('h.3.attn.c_attn.lora_A.weight')."""
+    """The adapter's tensors by PEFT name ('h.3.attn.c_attn.lora_A.weight'); {} for a part without one."""
+    if not hasattr(part, "peft_config"):
+        return {}
     return {k: v.detach() for k, v in get_peft_model_state_dict(part).items()}
 
 
@@ -105,12 +110,18 @@ def load_adapter_weights(part: GPT2, weights: dict[str, torch.Tensor]) -> None:
 class Optimizer:
     """AdamW over a part's trainable weights, with its state by weight name (so it can cross the wire)."""
 
-    part: GPT2
+    part: GPT2 | tuple[GPT2, ...]  # several parts: one optimizer over them, a weight they share stepped once
     settings: LoraSettings
     names: list[str] = field(init=False)
 
     def __post_init__(self):
-        named = [(n, p) for n, p in self.part.named_parameters() if p.requires_grad]
+        parts = self.part if isinstance(self.part, tuple) else (self.part,)
+        named, seen = [], set()
+        for part in parts:
+            for n, p in part.named_parameters():
+                if p.requires_grad and id(p) not in seen:
+                    seen.add(id(p))
+                    named.append((n, p))
         self.names = [_peft_name(n) for n, _ in named]
         s = self.settings
         self.opt = torch.optim.AdamW(
@@ -170,6 +181,32 @@ def save_peft(out: Path, weights: dict[str, torch.Tensor], settings: LoraSetting
     save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
 
 
+def is_lora(name: str) -> bool:
+    return ".lora_" in name
+
+
+def save_trained(out: Path, weights: dict[str, torch.Tensor], settings: LoraSettings, base: str) -> None:
+    """What a training run made: the LoRA tensors as a PEFT adapter, and the client's own fully trained weights
+    (`--client-train full`), if any, beside it as CLIENT_WEIGHTS."""
+    save_peft(out, {k: v for k, v in weights.items() if is_lora(k)}, settings, base)
+    full = {k: v for k, v in weights.items() if not is_lora(k)}
+    (out / CLIENT_WEIGHTS).unlink(missing_ok=True)
+    if full:
+        from safetensors.torch import save_file
+
+        tensors = {"transformer." + k: v.detach().to("cpu", torch.float32).contiguous() for k, v in full.items()}
+        save_file(tensors, str(out / CLIENT_WEIGHTS), metadata={"format": "pt"})
+
+
+def load_client_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The fully trained client weights saved beside an adapter, by core HF name ('wte.weight', 'h.0.mlp.c_fc.weight'
+    in Conv1D layout); {} when the run trained none."""
+    from safetensors.torch import load_file
+
+    f = path / CLIENT_WEIGHTS
+    return {k.removeprefix("transformer."): v for k, v in load_file(str(f)).items()} if f.is_file() else {}
+
+
 def load_peft(path: Path) -> tuple[dict[str, torch.Tensor], LoraSettings]:
     """Read an adapter saved by save_peft (or by PEFT on GPT2LMHeadModel): weights by core name, and settings."""
     from safetensors.torch import load_file
@@ -208,12 +245,19 @@ def adapter_digest(weights: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def adapted(part: GPT2, weights: dict[str, torch.Tensor], settings: LoraSettings) -> GPT2:
-    """A twin of `part` (sharing its weights) running the adapter's share for its blocks; `part` itself if the
-    adapter has nothing for them."""
+def adapted(
+    part: GPT2, weights: dict[str, torch.Tensor], settings: LoraSettings, client: dict[str, torch.Tensor] | None = None
+) -> GPT2:
+    """`part` running the adapter's share for its blocks: a twin sharing its weights, or a copy with the trained
+    weights of `client` (load_client_weights) where they touch it; `part` itself if neither has anything for it."""
+    own = set(part.state_dict()) | ({"wte.weight"} if part.has_head else set())  # names are HF's
+    changed = {k: v for k, v in (client or {}).items() if k in own}
     mine = only_layers(weights, part.layers)
-    if not mine:
+    if not mine and not changed:
         return part
-    model = add_lora(twin(part), settings, sorted(adapter_layers(mine)))
+    base = with_weights(part, changed) if changed else twin(part)
+    if not mine:
+        return base.requires_grad_(False)
+    model = add_lora(base, settings, sorted(adapter_layers(mine)))
     load_adapter_weights(model, mine)
     return model.requires_grad_(False)

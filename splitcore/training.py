@@ -77,6 +77,27 @@ class PartTrainer:
         self.pending = None
 
 
+def held_bytes(part: GPT2, x: torch.Tensor, recompute: bool = False) -> int:
+    """Bytes a training session holds between a batch's forward and its backward: what autograd saves from a
+    forward of `part` over `x` (activations: the frozen and adapter weights it also saves are not counted,
+    they are held anyway), or with `recompute` the input alone. Counted by storage, as allocated."""
+    if recompute:
+        return x.untyped_storage().nbytes()
+    weights = {p.untyped_storage().data_ptr() for p in part.parameters()}
+    held: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights:
+            held[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    x = x.detach().requires_grad_(x.is_floating_point())
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.enable_grad():
+        part(x, all_positions=True)
+    return sum(held.values())
+
+
 @dataclass
 class TextData:
     """Token ids of some text files, the last `eval_fraction` held out; batches of random windows."""

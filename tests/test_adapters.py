@@ -6,6 +6,7 @@ from __future__ import annotations
 import grpc
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from client.train import Run, SplitTrainer, TrainConfig
 from splitcomm.codec import decode_named, encode
@@ -14,7 +15,7 @@ from splitcomm.proto import trunk_pb2 as pb
 from splitcore.engine import FullEngine
 from splitcore.errors import InvalidInput
 from splitcore.fingerprint import model_fingerprint
-from splitcore.lora import adapter_digest
+from splitcore.lora import CLIENT_WEIGHTS, adapter_digest
 from splitcore.sampling import SamplingParams
 from splitcore.training import TextData
 from tests.conftest import ROOT, load_hf_model, start_tiny_server, tiny_split_engine, wait_for
@@ -30,15 +31,17 @@ def served(models_dir, tiny):
     srv.stop(0.5)
 
 
-@pytest.fixture(scope="module")
-def adapter_dir(models_dir, served, tmp_path_factory):
-    """An adapter on every block (trunk over the split, bottom and top here), trained enough to change greedy text."""
-    out = tmp_path_factory.mktemp("adapter")
+@pytest.fixture(scope="module", params=["lora", "full"])
+def adapter_dir(models_dir, served, tmp_path_factory, request):
+    """The trunk's adapter over the split, and the client's parts with adapters of their own (lora) or trained
+    in full (full: client_model.safetensors beside the adapter), trained enough to change greedy text."""
+    out = tmp_path_factory.mktemp(f"adapter-{request.param}")
     engine = tiny_split_engine(models_dir, served[1])
-    cfg = TrainConfig(steps=8, eval_every=0, eval_batches=1, batch_size=4, block_size=32, lora_rank=4, lr=3e-2)
-    cfg.out, cfg.client_train = str(out), "lora"
+    lr = 3e-2 if request.param == "lora" else 3e-3
+    cfg = TrainConfig(steps=8, eval_every=0, eval_batches=1, batch_size=4, block_size=32, lora_rank=4, lr=lr)
+    cfg.out, cfg.client_train = str(out), request.param
     data = TextData.from_path(ROOT / "README.md", engine.encode, block=32)
-    trainer = SplitTrainer(engine, cfg.lora(), "lora")
+    trainer = SplitTrainer(engine, cfg.lora(), request.param)
     list(Run(trainer, data, cfg, "random:tiny"))
     trainer.close()
     engine.close()
@@ -54,7 +57,12 @@ def test_split_with_adapter_generates_as_full_model_and_hf_peft(models_dir, tiny
     assert got == full.run(PROMPT, 30, GREEDY).token_ids
 
     ids = full.encode(PROMPT)
-    hf = PeftModel.from_pretrained(load_hf_model(tiny.path), str(adapter_dir)).eval()
+    base = load_hf_model(tiny.path)
+    client = adapter_dir / CLIENT_WEIGHTS  # HF's names and layout: a plain load_state_dict takes them
+    assert client.is_file() == (adapter_dir.name.startswith("adapter-full"))
+    if client.is_file():
+        assert base.load_state_dict(load_file(str(client)), strict=False).unexpected_keys == []
+    hf = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
     want = hf.generate(torch.tensor([ids]), max_new_tokens=30, do_sample=False, pad_token_id=50256)[0, len(ids) :]
     assert got == want.tolist()
 
@@ -84,7 +92,8 @@ def test_split_with_adapter_logits_equal_full_with_adapter(models_dir, tiny, ser
 def test_adapter_digest_is_in_the_session_fingerprint(models_dir, served, adapter_dir):
     split = tiny_split_engine(models_dir, served[1], adapter=str(adapter_dir))
     fp = split.adapter.session_fingerprint
-    assert fp.adapter and fp.digest != split.fingerprint.digest and split.adapter.layers == list(range(12))
+    adapted = range(12) if adapter_dir.name.startswith("adapter-lora") else range(2, 10)  # full: no LoRA here
+    assert fp.adapter and fp.digest != split.fingerprint.digest and split.adapter.layers == list(adapted)
     lora, state = split.adapter.trunk_open
     assert {int(n.name.split(".")[1]) for n in state.weights} == set(range(2, 10))  # only the trunk's share goes
 

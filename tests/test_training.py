@@ -14,9 +14,9 @@ from splitcomm.codec import encode
 from splitcomm.errors import TrunkError
 from splitcomm.proto import trunk_pb2 as pb
 from splitcomm.proto import trunk_pb2_grpc as pb_grpc
-from splitcore.lora import load_peft
+from splitcore.lora import add_lora, load_peft, twin
 from splitcore.sampling import SamplingParams
-from splitcore.training import TextData
+from splitcore.training import TextData, held_bytes
 from tests.conftest import ROOT, load_hf_model, start_tiny_server, tiny_split_engine, wait_for
 
 SETTINGS = TrainConfig(lora_rank=4, lr=1e-2, seed=3, batch_size=2, block_size=32).lora()
@@ -45,10 +45,10 @@ def _trunk_layers(engine) -> list[int]:
     return list(engine.split.layers("trunk", engine.model.config.n_layer))
 
 
-@pytest.mark.parametrize("client_train", ["none", "lora"])
+@pytest.mark.parametrize("client_train", ["none", "lora", "full"])
 def test_split_training_equals_local_training(engine, data, trunk_server, client_train):
     layers = list(range(12)) if client_train == "lora" else _trunk_layers(engine)
-    local = LocalTrainer(engine.model, layers, SETTINGS)
+    local = LocalTrainer(engine.model, layers, SETTINGS, train_rest=client_train == "full")
     split = SplitTrainer(engine, SETTINGS, client_train)
     try:
         for step in range(1, 6):
@@ -57,8 +57,15 @@ def test_split_training_equals_local_training(engine, data, trunk_server, client
             assert abs(a.loss - b.loss) <= 1e-5 * abs(a.loss), (step, a.loss, b.loss)
             assert b.bytes_out > 2 * 32 * 64 * 4 and b.server_ms > 0  # hidden states and a gradient went out
         want, got = local.adapter(), split.adapter()
-        assert set(want) == set(got) and len(want) == 2 * 4 * len(layers)
+        lora = [k for k in want if ".lora_" in k]
+        assert set(want) == set(got) and len(lora) == 2 * 4 * len(layers)
         assert max(float((want[k] - got[k]).abs().max()) for k in want) <= 1e-5
+        if client_train == "full":  # every client weight trained, the tied embedding/head once; the trunk's not
+            client = set(want) - set(lora)
+            assert "wte.weight" in client and "lm_head.weight" not in client and "h.0.attn.c_attn.weight" in client
+            assert not any(k.startswith(("h.2.", "h.9.")) for k in client)
+            base = engine.parts["bottom"].wte.weight
+            assert float((got["wte.weight"] - base).abs().max()) > 0
         assert max(float(v.abs().max()) for k, v in got.items() if "lora_B" in k) > 0  # it did train
     finally:
         split.close()
@@ -194,15 +201,16 @@ def test_wrong_fingerprint_is_refused(engine, trunk_server):
     assert code == grpc.StatusCode.FAILED_PRECONDITION and "split points" in details
 
 
-def test_resume_from_checkpoint_goes_on_as_if_never_stopped(engine, data, tmp_path):
+@pytest.mark.parametrize("client_train", ["none", "full"])
+def test_resume_from_checkpoint_goes_on_as_if_never_stopped(engine, data, tmp_path, client_train):
     base = TrainConfig(steps=4, eval_every=2, eval_batches=1, batch_size=2, block_size=32, lora_rank=4, lr=1e-2)
-    base.out = str(tmp_path / "straight")
-    split = SplitTrainer(engine, base.lora())
+    base.out, base.client_train = str(tmp_path / "straight"), client_train
+    split = SplitTrainer(engine, base.lora(), client_train)
     straight = [e.stats.loss for e in Run(split, data, base, "random:tiny") if e.kind == "step"]
     split.close()
 
     cfg = TrainConfig(**{**base.__dict__, "out": str(tmp_path / "stopped")})
-    split = SplitTrainer(engine, cfg.lora())
+    split = SplitTrainer(engine, cfg.lora(), client_train)
     run = Run(split, data, cfg, "random:tiny")
     first = []
     for e in run:
@@ -214,7 +222,7 @@ def test_resume_from_checkpoint_goes_on_as_if_never_stopped(engine, data, tmp_pa
     assert len(first) == 2
     weights, moments, opt_steps, step, log = load_checkpoint(latest_checkpoint(tmp_path / "stopped"))
     assert step == 2 and opt_steps == 2 and moments
-    split = SplitTrainer(engine, cfg.lora(), resume=(weights, moments, opt_steps))
+    split = SplitTrainer(engine, cfg.lora(), client_train, resume=(weights, moments, opt_steps))
     rest = [e.stats.loss for e in Run(split, data, cfg, "random:tiny", start=step, log=log) if e.kind == "step"]
     split.close()
     assert first + rest == pytest.approx(straight, rel=1e-6)
@@ -311,3 +319,16 @@ def test_unknown_trained_preset_is_a_clear_error(tmp_path):
 
     with pytest.raises(ModelSpecError, match="unknown trained preset 'trained:nope'; choose one of trained:kjv"):
         resolve_model("trained:nope", tmp_path)
+
+
+def test_held_bytes_counts_activations_not_weights(engine):
+    """What bench_train's memory table reports: activations scale with the batch, weights are not counted, and
+    recomputing holds the input alone."""
+    part = add_lora(twin(engine.parts["bottom"]), SETTINGS)
+    ids = torch.randint(0, 1000, (2, 32))
+    keep2, keep4 = held_bytes(part, ids), held_bytes(part, torch.cat([ids, ids]))
+    assert keep4 == 2 * keep2  # every saved tensor has the batch dimension: no weight among them
+    weights = sum(p.numel() * 4 for p in part.parameters())
+    assert 0 < keep2 < weights  # the tiny model's weights would dwarf this batch's activations
+    h = torch.randn(2, 32, 64)
+    assert held_bytes(part, h, recompute=True) == h.nbytes
