@@ -8,16 +8,19 @@ import sys
 import threading
 
 import grpc
+import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from server.config import ServerConfig, parse_config
+from server.metrics import Metrics
+from server.runtime import TrunkRuntime
 from server.servicer import TrunkServicer
 from server.sessions import SessionRegistry
 from splitcomm.channel import add_port, make_server
 from splitcomm.proto import trunk_pb2 as pb
 from splitcomm.proto import trunk_pb2_grpc as pb_grpc
 from splitcore.cli import main_guard, setup_logging
-from splitcore.cudagraph import DecoderPool
+from splitcore.errors import InvalidInput
 from splitcore.fingerprint import model_fingerprint
 from splitcore.models import resolve_with_fallback
 from splitcore.parts import Split, load_parts
@@ -42,9 +45,21 @@ class TrunkServer:
         logger.info("%s", configure_attention(device))
         self.trunk = load_parts(model, split, ("trunk",), device, dtype, cfg.attn)["trunk"]  # trunk weights only
         self.graphs = use_cuda_graphs(cfg.cuda_graphs, device)
-        decoders = DecoderPool.warmed(self.trunk, max_idle=cfg.max_sessions) if self.graphs else None
-        if decoders is not None:
-            logger.info("captured CUDA graphs for %d capacity buckets", decoders.captured)
+        max_length = min(cfg.max_session_tokens or model.config.n_positions, model.config.n_positions)
+        slots = self._slots(cfg, max_length)
+        self.runtime = TrunkRuntime(
+            self.trunk, slots, max_length, cfg.max_batch, cfg.batch_wait_ms, cfg.prefill_chunk, self.graphs
+        )
+        logger.info(
+            "KV pool: %d slots x %d positions, %.1f MiB each, %.1f MiB in all; decode batches of up to %d, "
+            "waiting up to %g ms",
+            slots,
+            max_length,
+            self.runtime.slot_bytes / 2**20,
+            self.runtime.cache.nbytes() / 2**20,
+            cfg.max_batch,
+            cfg.batch_wait_ms,
+        )
         self.fingerprint = model_fingerprint(model, split)
         self.model, self.split = model, split
         self.sessions = SessionRegistry(cfg.max_sessions, cfg.idle_timeout_s)
@@ -69,8 +84,11 @@ class TrunkServer:
                 max_session_tokens=min(cfg.max_session_tokens or c.n_positions, c.n_positions),
                 max_message_bytes=cfg.max_message_bytes,
                 idle_timeout_s=cfg.idle_timeout_s,
+                kv_slots=slots,
+                max_batch=cfg.max_batch,
             ),
         )
+        self.metrics = Metrics(self.runtime, self.sessions) if cfg.metrics_port else None
         self.servicer = TrunkServicer(
             self.trunk,
             info,
@@ -80,8 +98,9 @@ class TrunkServer:
             max_elements=cfg.max_message_bytes // 2,
             monitor_interval_s=cfg.monitor_interval_s,
             max_monitors=cfg.max_monitors,
-            decoders=decoders,
+            runtime=self.runtime,
             train_recompute=cfg.train_recompute,
+            metrics=self.metrics,
         )
         # Each session and monitor stream holds a thread for its life; unary calls need a few more.
         self.grpc_server = make_server(cfg.max_sessions + cfg.max_monitors + 8, cfg.max_message_bytes, cfg.auth_token)
@@ -90,6 +109,20 @@ class TrunkServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
         self.port: int | None = None
         self._stopped = threading.Event()
+
+    def _slots(self, cfg: ServerConfig, max_length: int) -> int:
+        """--kv-slots, or as many as --kv-memory-mb holds."""
+        if cfg.kv_memory_mb <= 0:
+            return cfg.kv_slots
+        c, t = self.trunk.config, self.trunk
+        per_slot = 2 * len(t.h) * c.n_embd * (max_length + 1) * torch.tensor([], dtype=t.dtype).element_size()
+        slots = int(cfg.kv_memory_mb * 2**20 // per_slot)
+        if slots < 1:
+            raise InvalidInput(
+                f"--kv-memory-mb {cfg.kv_memory_mb:g} holds no slot: one takes {per_slot / 2**20:.1f} MiB "
+                f"({max_length} positions); raise it or lower --max-session-tokens"
+            )
+        return slots
 
     def start(self) -> int:
         host = self.cfg.host
@@ -102,6 +135,8 @@ class TrunkServer:
                 address,
             )
         self.grpc_server.start()
+        if self.metrics is not None:
+            self.metrics.serve(self.cfg.metrics_host, self.cfg.metrics_port)
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         logger.info(
@@ -120,6 +155,7 @@ class TrunkServer:
         weights = " [RANDOM WEIGHTS]" if self.model.is_random else ""
         device = f"{self.trunk.device}" + (" (picked by --device auto)" if self.cfg.device == "auto" else "")
         graphs = ", CUDA graphs" if self.graphs else ""
+        graphs += f", {self.runtime.slots} KV slots"
         return (
             f"trunk server ready on {self.cfg.host}:{self.port}: {self.model.spec}{weights}, blocks "
             f"{self.split.s1}-{self.split.s2 - 1}, {device}, "
@@ -135,6 +171,9 @@ class TrunkServer:
         self.servicer.stopping.set()
         self.health.enter_graceful_shutdown()
         self.grpc_server.stop(self.cfg.grace_s if grace is None else grace).wait()
+        self.runtime.stop()
+        if self.metrics is not None:
+            self.metrics.stop()
         self.sessions.shutdown()
         logger.info("trunk server stopped")
 

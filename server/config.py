@@ -24,6 +24,13 @@ class ServerConfig:
     threads: int | None = None  # torch intra-op threads; None = torch's default
     max_sessions: int = 32  # concurrent sessions
     max_session_tokens: int = 0  # tokens per session; 0 = the model's context
+    kv_slots: int = 16  # KV cache rows allocated at start, one per open inference session
+    kv_memory_mb: float = 0.0  # or: as many slots as fit in this many MiB (0 = use kv_slots)
+    max_batch: int = 32  # decode steps of different sessions in one forward, at most
+    batch_wait_ms: float = 2.0  # a decode step waits at most this long for the other sessions' steps, ms
+    prefill_chunk: int = 128  # prompt positions computed at a time, decode batches running between chunks
+    metrics_port: int = 0  # Prometheus /metrics on this port (0 = off)
+    metrics_host: str = "0.0.0.0"  # interface of the metrics endpoint
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES  # largest message either way, bytes
     idle_timeout_s: float = 300.0  # a silent session is closed after this long, s (0 = never)
     train_recompute: bool = False  # training sessions keep only the input and run the forward again at backward
@@ -63,6 +70,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-session-tokens", type=int, default=int(env("GPT2_MAX_SESSION_TOKENS", str(d.max_session_tokens)))
     )
+    p.add_argument(
+        "--kv-slots",
+        type=int,
+        default=int(env("GPT2_KV_SLOTS", str(d.kv_slots))),
+        help="KV cache rows allocated at start, one per open inference session (default %(default)s)",
+    )
+    p.add_argument(
+        "--kv-memory-mb",
+        type=float,
+        default=float(env("GPT2_KV_MEMORY_MB", "0")),
+        help="instead of --kv-slots: as many slots as fit in this many MiB",
+    )
+    p.add_argument(
+        "--max-batch",
+        type=int,
+        default=int(env("GPT2_MAX_BATCH", str(d.max_batch))),
+        help="decode steps of different sessions in one forward, at most (default %(default)s; 1 = no batching)",
+    )
+    p.add_argument(
+        "--batch-wait-ms",
+        type=float,
+        default=float(env("GPT2_BATCH_WAIT_MS", str(d.batch_wait_ms))),
+        help="how long a decode step waits for the other decoding sessions' steps (default %(default)s ms)",
+    )
+    p.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=int(env("GPT2_PREFILL_CHUNK", str(d.prefill_chunk))),
+        help="prompt positions computed at a time, decode batches running between chunks (default %(default)s)",
+    )
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=int(env("GPT2_METRICS_PORT", "0")),
+        help="serve Prometheus metrics on this port (0 = off)",
+    )
+    p.add_argument("--metrics-host", default=env("GPT2_METRICS_HOST", d.metrics_host))
     p.add_argument(
         "--max-message-bytes", type=int, default=int(env("GPT2_MAX_MESSAGE_BYTES", str(d.max_message_bytes)))
     )

@@ -8,6 +8,8 @@ import time
 
 import torch
 
+from server.metrics import Metrics
+from server.runtime import TrunkRuntime
 from server.sessions import SessionRegistry
 from server.status import check_fingerprint, status_on_error
 from server.training import TrainHandler, settings_from_pb
@@ -15,7 +17,6 @@ from splitcomm import codec
 from splitcomm.monitor import GpuProbe, Sampler
 from splitcomm.proto import trunk_pb2 as pb
 from splitcomm.proto import trunk_pb2_grpc as pb_grpc
-from splitcore.cudagraph import DecoderPool
 from splitcore.errors import InvalidInput, LimitExceeded
 from splitcore.fingerprint import Fingerprint
 from splitcore.lora import adapted, adapter_digest, only_layers
@@ -37,21 +38,22 @@ class TrunkServicer(pb_grpc.TrunkServicer):
         max_elements: int,
         monitor_interval_s: float,
         max_monitors: int,
-        decoders: DecoderPool | None = None,
+        runtime: TrunkRuntime,
         train_recompute: bool = False,
+        metrics: Metrics | None = None,
     ):
         self.trunk, self.info, self.fingerprint, self.sessions = trunk, info, fingerprint, sessions
-        self.max_length = min(max_session_tokens or trunk.n_positions, trunk.n_positions)
+        self.max_length = min(max_session_tokens or trunk.n_positions, trunk.n_positions, runtime.max_length)
         self.max_elements = max_elements
-        self.decoders = decoders  # decode steps as CUDA graphs, one pooled static cache per session
+        self.runtime, self.metrics = runtime, metrics  # all compute runs on the runtime's scheduler thread
+        self._count = metrics.error if metrics is not None else None
         self.monitor_interval_s, self.max_monitors = monitor_interval_s, max_monitors
-        self.compute_lock = threading.Lock()  # one forward at a time: parallel ones only fight over cores
         self.started = time.time()
         self.stopping = threading.Event()
         self._monitors = 0
         self._monitors_lock = threading.Lock()
         self.training = TrainHandler(
-            trunk, fingerprint, sessions, self.compute_lock, max_elements, self.max_length, train_recompute
+            trunk, fingerprint, sessions, runtime.run_timed, max_elements, self.max_length, train_recompute
         )
         self._gpu = GpuProbe(trunk.device.index or 0) if trunk.device.type == "cuda" else None
 
@@ -82,6 +84,11 @@ class TrunkServicer(pb_grpc.TrunkServicer):
             )
         model = self._adapted(weights, o.lora) if weights else None
         session = self.sessions.open(context.peer(), want, context.cancel)
+        try:
+            session.slot = self.runtime.acquire_slot()
+        except LimitExceeded:
+            self.sessions.close(session.id, "refused: no free KV slot")
+            raise
         session.model = model
         return session
 
@@ -94,36 +101,40 @@ class TrunkServicer(pb_grpc.TrunkServicer):
             )
         settings = settings_from_pb(lora, pb.OptimizerSpec(), 0)
         settings.check(self.trunk.config.n_embd)
-        with self.compute_lock:
-            return adapted(self.trunk, weights, settings)
-
-    def _cache(self, session, batch: int):
-        """The session's KV cache, made at its first step (when its batch size is known): a pooled static
-        decoder's (a CUDA graph) for one row on a GPU, else a cache of its own with room for max_length."""
-        if session.cache is None:
-            if self.decoders is not None and batch == 1 and session.model is None:
-                with self.compute_lock:  # a capture (the first time this bucket is used) while no step runs
-                    session.decoder = self.decoders.acquire(session.max_length)
-                session.cache = session.decoder.cache
-            else:
-                session.cache = self.trunk.new_cache(session.max_length, rows=batch)
-            session.batch = batch
-        elif batch != session.batch:
-            raise InvalidInput(f"batch size changed from {session.batch} to {batch} within a session")
-        return session.cache
+        return self.runtime.run(lambda: adapted(self.trunk, weights, settings))
 
     def _release(self, session) -> None:
-        """Free the session's cache; called on the session's own thread, so no step of it is in flight."""
-        if session is not None and session.decoder is not None:
-            self.decoders.release(session.decoder)
-        if session is not None:
-            session.cache = session.decoder = session.model = None
+        """Give the session's slot back and drop its cache; called on the session's own thread once the stream
+        ends, so nothing of it is queued or running."""
+        if session is None:
+            return
+        if session.slot is not None:
+            self.runtime.release_slot(session.slot)
+        session.slot = session.cache = session.model = None
 
-    @torch.inference_mode()
-    def _compute(self, session, h: torch.Tensor) -> torch.Tensor:
-        if session.decoder is not None and h.shape[1] == 1:
-            return session.decoder.step(h)
-        return (session.model or self.trunk)(h, session.cache)
+    def _length(self, session) -> int:
+        return self.runtime.length(session.slot) if session.cache is None else session.cache.length
+
+    def _compute(self, session, h: torch.Tensor) -> tuple[torch.Tensor, float, int]:
+        """(output on the CPU, compute ms, rows of the forward it ran in)"""
+        if session.batch is None:
+            session.batch = h.shape[0]
+        elif h.shape[0] != session.batch:
+            raise InvalidInput(f"batch size changed from {session.batch} to {h.shape[0]} within a session")
+        if session.batch == 1:  # the session's row of the KV pool
+            if h.shape[1] == 1 and session.model is None:
+                return self.runtime.decode(session.slot, h)
+            out, ms = self.runtime.prefill(session.slot, h, session.model)
+            return out, ms, 1
+        if session.cache is None:  # several rows: a cache of its own (its slot held for the count)
+            session.cache = self.trunk.new_cache(session.max_length, rows=session.batch)
+
+        def several_rows():
+            with torch.inference_mode():
+                return (session.model or self.trunk)(h, session.cache).cpu()
+
+        out, ms = self.runtime.run_timed(several_rows)
+        return out, ms, 1
 
     def _step(self, session, req: pb.StepRequest) -> pb.StepResponse:
         arrived = time.perf_counter()
@@ -133,33 +144,30 @@ class TrunkServicer(pb_grpc.TrunkServicer):
             raise InvalidInput(f"step {req.step.step} out of order: expected step {session.next_step}")
         h = codec.decode(req.step.hidden, self.max_elements, finite="hidden states")  # cheaper here than in torch
         self.trunk.check_hidden(h, check_finite=False)
-        cached = self._cache(session, h.shape[0]).length
+        cached = self._length(session)
         if cached + h.shape[1] > session.max_length:
             raise LimitExceeded(
                 f"session would hold {cached + h.shape[1]} tokens, past its limit of "
                 f"{session.max_length} (model context / max session tokens)"
             )
-        with self.compute_lock:
-            t0 = time.perf_counter()
-            out = self._compute(session, h)
-            if out.is_cuda:
-                torch.cuda.synchronize(out.device)
-            ms = (time.perf_counter() - t0) * 1e3
+        out, ms, rows = self._compute(session, h)
         session.next_step += 1
         session.last_active = time.monotonic()
-        self.sessions.record_step(ms)
+        self.sessions.record_step(ms / rows)  # its share of the forward it ran in
+        if self.metrics is not None:
+            self.metrics.step("decode" if h.shape[1] == 1 else "prefill", h.shape[0] * h.shape[1])
         resp = pb.StepResponse(
             step=req.step.step,
             hidden=codec.encode(out, h.dtype),
             server_ms=ms,
-            cache_length=session.cache.length,
+            cache_length=self._length(session),
         )
         resp.server_wall_ms = (time.perf_counter() - arrived) * 1e3
         return resp
 
     def Session(self, request_iterator, context):
         session = None
-        with status_on_error(context, "session"):
+        with status_on_error(context, "session", self._count):
             session = self._open(next(request_iterator, None), context)
             context.add_callback(lambda: self.sessions.close(session.id, "ended by the client"))
             try:
@@ -173,7 +181,7 @@ class TrunkServicer(pb_grpc.TrunkServicer):
 
     # --- Forward (stateless) ----------------------------------------------------------------------------
     def Forward(self, request, context):
-        with status_on_error(context, "forward"):
+        with status_on_error(context, "forward", self._count):
             arrived = time.perf_counter()
             check_fingerprint(self.fingerprint, request.fingerprint)
             h = codec.decode(request.hidden, self.max_elements, finite="hidden states")
@@ -186,23 +194,29 @@ class TrunkServicer(pb_grpc.TrunkServicer):
                     f"call would hold {length} tokens, past this server's limit of {self.max_length} "
                     f"(model context / max session tokens)"
                 )
-            with self.sessions.call(), self.compute_lock, torch.inference_mode():
-                t0 = time.perf_counter()
-                out, new_kv = self.trunk.forward_stateless(h, kv, check_finite=False)
-                ms = (time.perf_counter() - t0) * 1e3
+
+            def stateless():
+                with torch.inference_mode():
+                    out, new_kv = self.trunk.forward_stateless(h, kv, check_finite=False)
+                    return out.cpu(), new_kv.cpu()
+
+            with self.sessions.call():
+                (out, new_kv), ms = self.runtime.run_timed(stateless)
             self.sessions.record_step(ms)
+            if self.metrics is not None:
+                self.metrics.step("stateless", h.shape[0] * h.shape[1])
             resp = pb.ForwardResponse(hidden=codec.encode(out, h.dtype), kv=codec.encode(new_kv, h.dtype), server_ms=ms)
             resp.server_wall_ms = (time.perf_counter() - arrived) * 1e3
             return resp
 
     # --- Train ------------------------------------------------------------------------------------------
     def Train(self, request_iterator, context):
-        with status_on_error(context, "training session"):
+        with status_on_error(context, "training session", self._count):
             yield from self.training.stream(request_iterator, context)
 
     # --- Monitor ----------------------------------------------------------------------------------------
     def Monitor(self, request, context):
-        with status_on_error(context, "monitor"):
+        with status_on_error(context, "monitor", self._count):
             with self._monitors_lock:
                 if self._monitors >= self.max_monitors:
                     raise LimitExceeded(f"too many monitor streams: the server's limit is {self.max_monitors}")
@@ -213,7 +227,7 @@ class TrunkServicer(pb_grpc.TrunkServicer):
             sampler = Sampler(self._gpu or _NoGpu(), self.started)
             sent = 0
             while context.is_active() and not self.stopping.is_set():
-                yield sampler.sample(self.sessions.counters)
+                yield sampler.sample(self.sessions.counters, self.runtime)
                 sent += 1
                 if request.max_samples and sent >= request.max_samples:
                     return

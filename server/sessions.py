@@ -28,8 +28,8 @@ class Session:
     peer: str
     max_length: int  # tokens this session may hold
     cancel: callable  # ends the RPC (used by the idle reaper)
-    cache: object = None  # the trunk's KVCache, made at the first step; only the session's own thread touches it
-    decoder: object = None  # the pooled StaticDecoder whose cache this is (CUDA graphs), or None
+    slot: int | None = None  # its row of the runtime's KV pool, taken at open, given back when the stream ends
+    cache: object = None  # a KVCache of its own, for a session of several rows; only its own thread touches it
     model: object = None  # the trunk with this session's adapter (a twin sharing the base weights), or None
     batch: int | None = None  # fixed by the first step
     closed: bool = False  # set by close(); the session's thread then ends the stream and frees the cache

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable
 
 import grpc
 
@@ -25,18 +26,25 @@ _STATUS = [
 
 
 @contextlib.contextmanager
-def status_on_error(context: grpc.ServicerContext, what: str):
-    """The one place exceptions become gRPC status codes; unexpected ones are logged with a traceback."""
+def status_on_error(context: grpc.ServicerContext, what: str, count: Callable[[str], None] | None = None):
+    """The one place exceptions become gRPC status codes; unexpected ones are logged with a traceback. `count`
+    is told each status code sent (the metrics' errors by code)."""
     try:
         yield
     except grpc.RpcError:  # the client cancelled or disconnected: the stream just ends
         logger.debug("%s from %s ended by the client", what, context.peer())
+        if count is not None:
+            count("CANCELLED")
     except (SplitError, codec.CodecError) as e:
         code = next(c for t, c in _STATUS if isinstance(e, t))
         logger.info("%s from %s rejected: %s %s", what, context.peer(), code.name, e)
+        if count is not None:
+            count(code.name)
         context.abort(code, str(e))
     except Exception as e:
         logger.exception("%s from %s failed", what, context.peer())
+        if count is not None:
+            count("INTERNAL")
         context.abort(grpc.StatusCode.INTERNAL, f"internal error in the trunk server: {type(e).__name__}: {e}")
 
 

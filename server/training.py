@@ -5,9 +5,10 @@ change; each session's adapter, optimizer and saved activations are freed when i
 from __future__ import annotations
 
 import logging
-import threading
 import time
 import weakref
+from collections.abc import Callable
+from typing import Any
 
 from server.sessions import Session, SessionRegistry
 from server.status import check_fingerprint
@@ -40,6 +41,10 @@ def settings_from_pb(lora: pb.LoraSpec, opt: pb.OptimizerSpec, seed: int) -> Lor
     )
 
 
+def _cpu(t):
+    return None if t is None else t.cpu()
+
+
 class TrainHandler:
     """The Train RPC: one stream, one training session, counted with the inference sessions."""
 
@@ -48,12 +53,13 @@ class TrainHandler:
         trunk: Trunk,
         fingerprint: Fingerprint,
         sessions: SessionRegistry,
-        compute_lock: threading.Lock,
+        run: Callable[[Callable[[], Any]], tuple[Any, float]],
         max_elements: int,
         max_length: int,
         recompute: bool = False,
     ):
-        self.trunk, self.fingerprint, self.sessions, self.lock = trunk, fingerprint, sessions, compute_lock
+        self.trunk, self.fingerprint, self.sessions = trunk, fingerprint, sessions
+        self.run = run  # runs a callable on the trunk runtime's scheduler thread: (result, compute ms)
         self.max_elements, self.max_length, self.recompute = max_elements, max_length, recompute
         self.live: weakref.WeakValueDictionary[str, PartTrainer] = weakref.WeakValueDictionary()  # for tests
 
@@ -68,11 +74,15 @@ class TrainHandler:
         moments = codec.decode_named(o.resume.optimizer, self.max_elements, "optimizer state")
         session = self.sessions.open(context.peer(), self.max_length, context.cancel)
         try:
-            with self.lock:
+
+            def build() -> PartTrainer:
                 trainer = PartTrainer(add_lora(twin(self.trunk), settings), settings, self.recompute)
                 if weights:
                     load_adapter_weights(trainer.part, weights)
                 trainer.optimizer.load_state(moments, o.resume.optimizer_steps)
+                return trainer
+
+            trainer = self.run(build)[0]
         except Exception:
             self.sessions.close(session.id, "refused")
             raise
@@ -92,18 +102,12 @@ class TrainHandler:
         self.trunk.check_hidden(h, check_finite=False)
         if h.shape[1] > self.max_length:
             raise LimitExceeded(f"batch of {h.shape[1]} tokens a row is past this server's limit of {self.max_length}")
-        with self.lock:
-            t0 = time.perf_counter()
-            out = trainer.forward(msg.step, h, msg.eval)
-            ms = (time.perf_counter() - t0) * 1e3
+        out, ms = self.run(lambda: trainer.forward(msg.step, h, msg.eval).cpu())
         return pb.TrainResponse(step=msg.step, hidden=codec.encode(out, h.dtype), server_ms=ms)
 
     def _backward(self, trainer: PartTrainer, msg: pb.TrainBackward) -> pb.TrainResponse:
         g = codec.decode(msg.grad, self.max_elements)  # NaN/inf: checked by the trainer, which names it
-        with self.lock:
-            t0 = time.perf_counter()
-            grad = trainer.backward(msg.step, g)
-            ms = (time.perf_counter() - t0) * 1e3
+        grad, ms = self.run(lambda: _cpu(trainer.backward(msg.step, g)))
         return pb.TrainResponse(step=msg.step, grad=codec.encode(grad, g.dtype), server_ms=ms)
 
     def _export(self, trainer: PartTrainer) -> pb.TrainResponse:

@@ -76,8 +76,11 @@ class Sampler:
         self.process = psutil.Process(os.getpid())
         self._cpu = _busy_total()
         self._prev: tuple[float, int, float] | None = None  # time, steps, compute ms
+        self._batches: tuple[int, int, dict, float, int] | None = None  # batches, rows, sizes, wait ms, waited
 
-    def sample(self, c: Counters) -> pb.MonitorSample:
+    def sample(self, c: Counters, runtime=None) -> pb.MonitorSample:
+        """A sample of the host and of the counters; with the server's runtime (server/runtime.py), its decode
+        batches, queue wait and KV slots too."""
         now = time.time()
         busy, total = _busy_total()
         cpu = 100.0 * (busy - self._cpu[0]) / (total - self._cpu[1]) if total > self._cpu[1] else 0.0
@@ -99,5 +102,21 @@ class Sampler:
             s.steps_per_s = dsteps / dt if dt > 0 else 0.0
             s.mean_compute_ms = (c.total_compute_ms - self._prev[2]) / dsteps if dsteps else 0.0
         self._prev = (now, c.total_steps, c.total_compute_ms)
+        if runtime is not None:
+            self._fill_runtime(s, runtime)
         self.gpu.fill(s)
         return s
+
+    def _fill_runtime(self, s: pb.MonitorSample, runtime) -> None:
+        st = runtime.stats
+        now = (st.batches, st.batched_rows, dict(st.batch_sizes), st.queue_wait_ms, st.waited)
+        s.kv_slots_used = runtime.used_slots()
+        s.kv_slots_free = runtime.slots - s.kv_slots_used
+        if self._batches is not None:
+            batches, rows, sizes, wait, waited = self._batches
+            if now[0] > batches:
+                s.batch_mean = (now[1] - rows) / (now[0] - batches)
+                s.batch_max = max(n for n, k in now[2].items() if k > sizes.get(n, 0))
+            if now[4] > waited:
+                s.queue_wait_ms = (now[3] - wait) / (now[4] - waited)
+        self._batches = now

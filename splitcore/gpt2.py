@@ -139,7 +139,8 @@ class Attention(nn.Module):
     def forward_static(self, x: torch.Tensor, cache: KVCache, slot: int, positions, mask) -> torch.Tensor:
         q, k, v = self._qkv(x)
         k, v = cache.write_static(slot, k, v, positions)
-        return self._out(_attend(q, k, v, mask, False, self.scale, self.impl, 0.0))
+        end = mask.shape[-1]
+        return self._out(_attend(q, k[:, :, :end], v[:, :, :end], mask, False, self.scale, self.impl, 0.0))
 
 
 class MLP(nn.Module):
@@ -277,13 +278,22 @@ class GPT2(nn.Module):
         """One new position for every row of `cache`, at the positions held on the device; shapes depend only
         on the cache's rows and capacity, and nothing is read back to the host, so a CUDA graph can capture it.
         Input (rows, 1) ids or (rows, 1, C) hidden states; output (rows, vocab) logits or (rows, 1, C)."""
-        positions = cache.positions  # (B,) filled positions = where the new one goes
-        keys = torch.arange(cache.capacity, device=positions.device)
-        mask = (keys <= positions[:, None]).view(positions.shape[0], 1, 1, -1)  # (B, 1, 1, capacity)
+        out = self.decode_rows(x, cache, cache.positions)  # (B,) filled positions = where the new one goes
+        cache.positions.add_(1)
+        return out
+
+    def decode_rows(self, x: torch.Tensor, cache: KVCache, positions: torch.Tensor, end: int = 0) -> torch.Tensor:
+        """One new position for each of the first N = len(x) rows of `cache`, written at `positions` (N,) and
+        attending to keys [0, positions[r]] among the first `end` (0: the whole room). The cache's lengths are
+        the caller's to advance. With `end` = 0 the shapes depend only on N and the room, and nothing is read
+        back to the host: capturable. The trunk server batches the decode steps of its sessions this way, a
+        session per row, rows that sit out a step writing where nothing is read."""
+        n, end = x.shape[0], end or cache.capacity
+        keys = torch.arange(end, device=positions.device)
+        mask = (keys <= positions[:, None]).view(n, 1, 1, end)  # (N, 1, 1, end)
         h = self.wte(x) + self.wpe(positions)[:, None, :] if self.has_embed else x
         for slot, block in enumerate(self.h.values()):
             h = block.forward_static(h, cache, slot, positions, mask)
-        positions.add_(1)
         return self.logits(h) if self.has_head else h
 
 

@@ -132,11 +132,14 @@ class KVCache:
         return self.positions
 
     def write_static(self, block: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
-        """Write one new position per row at `positions` (a device tensor), with no host values: capturable."""
+        """Write one new position in each of the first N = len(k) rows, at `positions` (a device tensor), with no
+        host values: capturable. Returns those rows' keys and values over the whole room."""
+        n = k.shape[0]
         idx = positions.view(-1, 1, 1, 1).expand(-1, k.shape[1], 1, k.shape[3])
-        self.k[block].scatter_(2, idx, k)
-        self.v[block].scatter_(2, idx, v)
-        return self.k[block], self.v[block]
+        kb, vb = self.k[block][:n], self.v[block][:n]
+        kb.scatter_(2, idx, k)
+        vb.scatter_(2, idx, v)
+        return kb, vb
 
     def count_static_step(self) -> None:
         """On the host, after a static step ran (or replayed): one more position in every row. The step itself

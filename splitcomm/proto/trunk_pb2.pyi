@@ -50,16 +50,20 @@ class Fingerprint(_message.Message):
     def __init__(self, digest: _Optional[str] = ..., arch: _Optional[str] = ..., split: _Optional[str] = ..., weights: _Optional[str] = ..., n_layer: _Optional[int] = ..., n_embd: _Optional[int] = ..., adapter: _Optional[str] = ...) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_sessions", "max_session_tokens", "max_message_bytes", "idle_timeout_s")
+    __slots__ = ("max_sessions", "max_session_tokens", "max_message_bytes", "idle_timeout_s", "kv_slots", "max_batch")
     MAX_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     MAX_SESSION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     IDLE_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    KV_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
     max_sessions: int
     max_session_tokens: int
     max_message_bytes: int
     idle_timeout_s: float
-    def __init__(self, max_sessions: _Optional[int] = ..., max_session_tokens: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., idle_timeout_s: _Optional[float] = ...) -> None: ...
+    kv_slots: int
+    max_batch: int
+    def __init__(self, max_sessions: _Optional[int] = ..., max_session_tokens: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., idle_timeout_s: _Optional[float] = ..., kv_slots: _Optional[int] = ..., max_batch: _Optional[int] = ...) -> None: ...
 
 class InfoRequest(_message.Message):
     __slots__ = ()
@@ -172,7 +176,7 @@ class MonitorRequest(_message.Message):
     def __init__(self, interval_s: _Optional[float] = ..., max_samples: _Optional[int] = ...) -> None: ...
 
 class MonitorSample(_message.Message):
-    __slots__ = ("timestamp", "cpu_percent", "mem_used_bytes", "mem_total_bytes", "process_rss_bytes", "gpu_available", "gpu_status", "gpu_util_percent", "gpu_mem_used_bytes", "gpu_mem_total_bytes", "gpu_temperature_c", "active_sessions", "total_sessions", "total_steps", "steps_per_s", "mean_compute_ms", "uptime_s")
+    __slots__ = ("timestamp", "cpu_percent", "mem_used_bytes", "mem_total_bytes", "process_rss_bytes", "gpu_available", "gpu_status", "gpu_util_percent", "gpu_mem_used_bytes", "gpu_mem_total_bytes", "gpu_temperature_c", "active_sessions", "total_sessions", "total_steps", "steps_per_s", "mean_compute_ms", "uptime_s", "batch_mean", "batch_max", "queue_wait_ms", "kv_slots_used", "kv_slots_free")
     TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
     CPU_PERCENT_FIELD_NUMBER: _ClassVar[int]
     MEM_USED_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -190,6 +194,11 @@ class MonitorSample(_message.Message):
     STEPS_PER_S_FIELD_NUMBER: _ClassVar[int]
     MEAN_COMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
     UPTIME_S_FIELD_NUMBER: _ClassVar[int]
+    BATCH_MEAN_FIELD_NUMBER: _ClassVar[int]
+    BATCH_MAX_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_WAIT_MS_FIELD_NUMBER: _ClassVar[int]
+    KV_SLOTS_USED_FIELD_NUMBER: _ClassVar[int]
+    KV_SLOTS_FREE_FIELD_NUMBER: _ClassVar[int]
     timestamp: float
     cpu_percent: float
     mem_used_bytes: int
@@ -207,7 +216,12 @@ class MonitorSample(_message.Message):
     steps_per_s: float
     mean_compute_ms: float
     uptime_s: float
-    def __init__(self, timestamp: _Optional[float] = ..., cpu_percent: _Optional[float] = ..., mem_used_bytes: _Optional[int] = ..., mem_total_bytes: _Optional[int] = ..., process_rss_bytes: _Optional[int] = ..., gpu_available: _Optional[bool] = ..., gpu_status: _Optional[str] = ..., gpu_util_percent: _Optional[float] = ..., gpu_mem_used_bytes: _Optional[int] = ..., gpu_mem_total_bytes: _Optional[int] = ..., gpu_temperature_c: _Optional[float] = ..., active_sessions: _Optional[int] = ..., total_sessions: _Optional[int] = ..., total_steps: _Optional[int] = ..., steps_per_s: _Optional[float] = ..., mean_compute_ms: _Optional[float] = ..., uptime_s: _Optional[float] = ...) -> None: ...
+    batch_mean: float
+    batch_max: int
+    queue_wait_ms: float
+    kv_slots_used: int
+    kv_slots_free: int
+    def __init__(self, timestamp: _Optional[float] = ..., cpu_percent: _Optional[float] = ..., mem_used_bytes: _Optional[int] = ..., mem_total_bytes: _Optional[int] = ..., process_rss_bytes: _Optional[int] = ..., gpu_available: _Optional[bool] = ..., gpu_status: _Optional[str] = ..., gpu_util_percent: _Optional[float] = ..., gpu_mem_used_bytes: _Optional[int] = ..., gpu_mem_total_bytes: _Optional[int] = ..., gpu_temperature_c: _Optional[float] = ..., active_sessions: _Optional[int] = ..., total_sessions: _Optional[int] = ..., total_steps: _Optional[int] = ..., steps_per_s: _Optional[float] = ..., mean_compute_ms: _Optional[float] = ..., uptime_s: _Optional[float] = ..., batch_mean: _Optional[float] = ..., batch_max: _Optional[int] = ..., queue_wait_ms: _Optional[float] = ..., kv_slots_used: _Optional[int] = ..., kv_slots_free: _Optional[int] = ...) -> None: ...
 
 class LoraSpec(_message.Message):
     __slots__ = ("rank", "alpha", "dropout", "target_modules")

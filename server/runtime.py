@@ -1,0 +1,355 @@
+"""The trunk runtime: everything the trunk server computes. The servicer decodes a request, hands it here and
+encodes the answer (Petals' handler against its block functions; TGI's router against its Batch).
+
+- **KV slots.** One static cache of `slots` rows x (`max_length` + 1) positions is allocated at start. A
+  session takes a row when it opens and gives it back when it ends (closed, cancelled, reaped). The last
+  position of every row is a spare that nothing reads.
+- **One scheduler thread runs all compute.** Decode steps (one new position of a one-row session on the base
+  trunk) that wait are gathered, up to `max_batch`, into one forward over rows at different positions:
+  rows [0, N) of the pool, where N is one past the highest slot taking part; a row that sits the step out
+  writes to its spare position and its output is dropped. Decode is bound by weight reads, so N rows cost
+  little more than one. The scheduler waits up to `batch_wait_ms` for the sessions that are decoding to send
+  their next step; it stops waiting as soon as all of them have.
+- **Everything else runs alone** (a prefill chunk, a step with an adapter or of several rows, a stateless call,
+  a training step), alternating with decode batches so that neither starves the other. Prefills go in chunks
+  of `prefill_chunk` tokens: a long prompt does not hold 16 decoding sessions back for its whole length.
+- **CUDA graphs** per (batch-size bucket, key-range bucket), captured at start over the pool's first rows.
+"""
+
+from __future__ import annotations
+
+import collections
+import heapq
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from server.sessions import ServerDraining
+from splitcore.cudagraph import MIN_BUCKET
+from splitcore.errors import InvalidInput, LimitExceeded
+from splitcore.gpt2 import GPT2
+
+logger = logging.getLogger(__name__)
+
+_CAPTURE = threading.Lock()
+
+
+@dataclass
+class RuntimeStats:
+    """Running totals of the scheduler (monitor samples and Prometheus read them)."""
+
+    batches: int = 0  # decode batches run
+    batched_rows: int = 0  # decode steps in them
+    batch_sizes: collections.Counter = field(default_factory=collections.Counter)  # rows -> batches
+    jobs: int = 0  # steps run alone
+    queue_wait_ms: float = 0.0  # summed over every step, batched or alone
+    waited: int = 0  # steps whose wait is in queue_wait_ms
+    compute_ms: float = 0.0
+
+
+@dataclass(eq=False)
+class _Work:
+    slot: int | None  # a decode step's slot; None for work that runs alone
+    payload: Any  # the hidden state (1, 1, C) of a decode step, or the callable of work that runs alone
+    arrived: float = field(default_factory=time.perf_counter)
+    done: threading.Event = field(default_factory=threading.Event)
+    result: Any = None
+    error: BaseException | None = None
+    compute_ms: float = 0.0
+    batch: int = 1  # rows of the forward it ran in
+
+    def wait(self):
+        self.done.wait()
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+def _buckets(limit: int, start: int = 1) -> list[int]:
+    """Powers of two from `start` below `limit`, then `limit`."""
+    out, n = [], start
+    while n < limit:
+        out.append(n)
+        n *= 2
+    return out + [limit]
+
+
+def _bucket(n: int, buckets: list[int]) -> int:
+    return next(b for b in buckets if b >= n)
+
+
+class _RowsGraph:
+    """decode_rows over the pool's first `rows` rows and keys [0, end), captured once as a CUDA graph."""
+
+    def __init__(self, model: GPT2, cache, rows: int, end: int, spare: int, pool):
+        self.x = torch.zeros(rows, 1, model.config.n_embd, device=model.device, dtype=model.dtype)
+        self.positions = torch.full((rows,), spare, dtype=torch.long, device=model.device)
+        side = torch.cuda.Stream(model.device)
+        side.wait_stream(torch.cuda.current_stream(model.device))
+        with torch.cuda.stream(side):  # warm-up: lazy init, kernel choice; every row writes to its spare
+            for _ in range(2):
+                model.decode_rows(self.x, cache, self.positions, end)
+        torch.cuda.current_stream(model.device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):  # never two at once
+            self.out = model.decode_rows(self.x, cache, self.positions, end)
+
+    def run(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        self.x.copy_(x, non_blocking=True)
+        self.positions.copy_(positions, non_blocking=True)
+        self.graph.replay()
+        return self.out
+
+
+class TrunkRuntime:
+    """KV slots and the scheduler thread of one trunk (see the module's docstring)."""
+
+    def __init__(
+        self,
+        trunk: GPT2,
+        slots: int,
+        max_length: int,
+        max_batch: int = 32,
+        batch_wait_ms: float = 2.0,
+        prefill_chunk: int = 128,
+        graphs: bool = False,
+    ):
+        if slots < 1 or max_batch < 1 or max_length < 1 or prefill_chunk < 1 or batch_wait_ms < 0:
+            raise InvalidInput(
+                f"need --kv-slots >= 1, --max-batch >= 1, --prefill-chunk >= 1 and --batch-wait-ms >= 0; got "
+                f"{slots}, {max_batch}, {prefill_chunk}, {batch_wait_ms}"
+            )
+        self.trunk, self.slots, self.max_length = trunk, slots, max_length
+        self.max_batch, self.batch_wait_s, self.prefill_chunk = max_batch, batch_wait_ms / 1e3, prefill_chunk
+        self.cache = trunk.new_cache(max_length + 1, rows=slots, static=True)
+        self.spare = max_length  # the position a row writes to when it sits a batched step out
+        self.stats = RuntimeStats()
+        self.on_wait: Callable[[float], None] | None = None  # told each step's queue wait, s (metrics)
+        self._free = list(range(slots))  # a heap: the lowest free slot first, so batches stay short
+        self._decoding: set[int] = set()  # slots whose latest step was a decode step: the batch waits for them
+        self._decodes: list[_Work] = []
+        self._alone: collections.deque[_Work] = collections.deque()
+        self._cv = threading.Condition()
+        self._stopping = False
+        self._alone_next = False  # alternate: a decode batch, then one piece of work alone, ...
+        self._row_buckets = _buckets(slots)
+        self._end_buckets = (
+            _buckets(self.cache.capacity, MIN_BUCKET) if self.cache.capacity > MIN_BUCKET else [self.cache.capacity]
+        )
+        self._graphs: dict[tuple[int, int], _RowsGraph] = {}
+        if graphs and trunk.device.type == "cuda":
+            self._capture()
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="trunk-scheduler")
+        self._thread.start()
+
+    # --- slots ------------------------------------------------------------------------------------------
+    @property
+    def slot_bytes(self) -> int:
+        return self.cache.nbytes() // self.slots
+
+    def used_slots(self) -> int:
+        with self._cv:
+            return self.slots - len(self._free)
+
+    def acquire_slot(self) -> int:
+        with self._cv:
+            if not self._free:
+                raise LimitExceeded(
+                    f"no free KV slot: all {self.slots} are in use (the server's limit, --kv-slots, is {self.slots})"
+                )
+            return heapq.heappop(self._free)
+
+    def release_slot(self, slot: int) -> None:
+        """Give a slot back; called when nothing of its session is queued or running any more."""
+        with self._cv:
+            self.cache.truncate(0, row=slot)
+            self._decoding.discard(slot)
+            heapq.heappush(self._free, slot)
+
+    def length(self, slot: int) -> int:
+        return self.cache.lengths[slot]
+
+    # --- work -------------------------------------------------------------------------------------------
+    def decode(self, slot: int, h: torch.Tensor) -> tuple[torch.Tensor, float, int]:
+        """One new position for the one-row session in `slot` (h: (1, 1, C)), batched with the other sessions'.
+        Returns the trunk's output (1, 1, C) on the CPU, and the compute ms and rows of the batch it ran in."""
+        w = self._submit(_Work(slot, h), decode=True)
+        return w.wait(), w.compute_ms, w.batch
+
+    def prefill(self, slot: int, h: torch.Tensor, model: GPT2 | None = None) -> tuple[torch.Tensor, float]:
+        """Several new positions (or a step with an adapter's `model`) for the session in `slot`, alone, in chunks
+        of `prefill_chunk` positions with decode batches between them. Returns (1, T, C) on the CPU, and the
+        compute ms."""
+        with self._cv:
+            self._decoding.discard(slot)  # not decoding for now: batches do not wait for it
+        model = model or self.trunk
+
+        def chunk_fn(chunk: torch.Tensor):
+            def fn():
+                with torch.inference_mode():
+                    return model(chunk, self.cache, rows=slot).cpu()
+
+            return fn
+
+        outs, ms = [], 0.0
+        for chunk in h.split(self.prefill_chunk, dim=1):
+            out, chunk_ms = self.run_timed(chunk_fn(chunk))
+            outs.append(out)
+            ms += chunk_ms
+        return (outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)), ms
+
+    def run(self, fn: Callable[[], Any]) -> Any:
+        """Run `fn` on the scheduler thread, alone, between decode batches; returns what it returns."""
+        return self.run_timed(fn)[0]
+
+    def run_timed(self, fn: Callable[[], Any]) -> tuple[Any, float]:
+        w = self._submit(_Work(None, fn), decode=False)
+        return w.wait(), w.compute_ms
+
+    def _submit(self, w: _Work, decode: bool) -> _Work:
+        with self._cv:
+            if self._stopping:
+                raise ServerDraining("the trunk server is shutting down; retry on another server or later")
+            if decode:
+                self._decoding.add(w.slot)
+                self._decodes.append(w)
+            else:
+                self._alone.append(w)
+            self._cv.notify_all()
+        return w
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+        self._thread.join(timeout=30)
+
+    # --- the scheduler ----------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not (self._decodes or self._alone or self._stopping):
+                    self._cv.wait()
+                if self._stopping:
+                    for w in [*self._decodes, *self._alone]:
+                        w.error = ServerDraining("the trunk server is shutting down; retry on another server or later")
+                        w.done.set()
+                    return
+                if self._decodes and not (self._alone and self._alone_next):
+                    self._gather()
+                    batch, self._decodes = self._decodes[: self.max_batch], self._decodes[self.max_batch :]
+                    alone = None
+                else:
+                    batch, alone = [], self._alone.popleft()
+                self._alone_next = bool(batch)
+            if batch:
+                self._run_batch(batch)
+            else:
+                self._run_alone(alone)
+            batch = alone = None  # hold no session's tensors or closures while idle
+
+    def _gather(self) -> None:
+        """Under the lock: wait (up to batch_wait_ms from the first arrival) until every decoding session has
+        sent its step or the batch is full; a decode that comes alone waits for no one."""
+        deadline = self._decodes[0].arrived + self.batch_wait_s
+        while len(self._decodes) < min(self.max_batch, len(self._decoding)) and not self._stopping:
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                break
+            self._cv.wait(left)
+
+    def _run_alone(self, w: _Work) -> None:
+        t0 = time.perf_counter()
+        try:
+            w.result = w.payload()
+        except BaseException as e:  # handed to the waiting thread, which maps it to a status
+            w.error = e
+        self._finish([w], t0, 1)
+
+    @torch.inference_mode()
+    def _run_batch(self, batch: list[_Work]) -> None:
+        t0 = time.perf_counter()
+        try:
+            out = self._forward(batch)
+            for w in batch:
+                self.cache.lengths[w.slot] += 1
+                w.result = out[w.slot : w.slot + 1]
+        except BaseException as e:
+            logger.exception("a decode batch of %d failed", len(batch))
+            for w in batch:
+                w.error = e
+        self._finish(batch, t0, len(batch))
+
+    def _forward(self, batch: list[_Work]) -> torch.Tensor:
+        """One forward over rows [0, N) of the pool for the slots in `batch`; (N, 1, C) on the CPU."""
+        lengths = self.cache.lengths
+        n = max(w.slot for w in batch) + 1
+        end = max(lengths[w.slot] for w in batch) + 1
+        for w in batch:
+            if lengths[w.slot] >= self.max_length:
+                raise LimitExceeded(f"slot {w.slot} is full ({self.max_length} positions)")
+        graph = None
+        if self._graphs:
+            n = _bucket(n, self._row_buckets)
+            end = _bucket(end, self._end_buckets)
+            graph = self._graphs.get((n, end))
+        device, slots = self.trunk.device, torch.tensor([w.slot for w in batch])
+        x = torch.zeros(n, 1, self.trunk.config.n_embd, dtype=self.trunk.dtype)
+        x.index_copy_(0, slots, torch.cat([w.payload.to(self.trunk.dtype) for w in batch]))
+        positions = torch.full((n,), self.spare, dtype=torch.long)
+        positions[slots] = torch.tensor([lengths[w.slot] for w in batch])
+        x, positions = x.to(device, non_blocking=True), positions.to(device, non_blocking=True)
+        if graph is not None:
+            out = graph.run(x, positions)
+        else:
+            out = self.trunk.decode_rows(x, self.cache, positions, end)
+        return out.cpu()  # one copy for the whole batch (and the graph's buffer is free again)
+
+    def _finish(self, works: list[_Work], t0: float, rows: int) -> None:
+        ms = (time.perf_counter() - t0) * 1e3
+        with self._cv:
+            s = self.stats
+            s.compute_ms += ms
+            if works[0].slot is not None:
+                s.batches += 1
+                s.batched_rows += rows
+                s.batch_sizes[rows] += 1
+            else:
+                s.jobs += 1
+            for w in works:
+                s.queue_wait_ms += (t0 - w.arrived) * 1e3
+                s.waited += 1
+        for w in works:
+            w.compute_ms, w.batch, w.payload = ms, rows, None
+            w.done.set()
+        if self.on_wait is not None:
+            for w in works:
+                self.on_wait(t0 - w.arrived)
+
+    # --- CUDA graphs ------------------------------------------------------------------------------------
+    def _capture(self) -> None:
+        t0 = time.perf_counter()
+        try:
+            with _CAPTURE, torch.inference_mode():
+                pool = torch.cuda.graph_pool_handle()  # one memory pool: the graphs never run at the same time
+                for n in self._row_buckets:
+                    for end in self._end_buckets:
+                        self._graphs[(n, end)] = _RowsGraph(self.trunk, self.cache, n, end, self.spare, pool)
+        except Exception as e:  # an optimisation: say why once, then batch eagerly
+            logger.warning("CUDA graph capture of batched decode failed (%s: %s); running eagerly", type(e).__name__, e)
+            self._graphs.clear()
+        finally:
+            self.cache.reset()
+        if self._graphs:
+            logger.info(
+                "captured %d CUDA graphs of batched decode (rows %s x keys %s) in %.1f s",
+                len(self._graphs),
+                self._row_buckets,
+                self._end_buckets,
+                time.perf_counter() - t0,
+            )

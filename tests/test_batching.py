@@ -1,0 +1,231 @@
+"""Many sessions, one trunk: decode steps of concurrent sessions batched into one forward over real gRPC give
+each session what it gets alone; slots are taken, given back and refused cleanly; metrics and monitor samples
+say what the scheduler did."""
+
+from __future__ import annotations
+
+import gc
+import re
+import threading
+import urllib.request
+
+import grpc
+import psutil
+import pytest
+import torch
+
+from server.runtime import TrunkRuntime
+from splitcomm.errors import TrunkError
+from splitcomm.proto import trunk_pb2 as pb
+from splitcomm.proto import trunk_pb2_grpc as pb_grpc
+from splitcomm.trunk_client import TrunkClient, TrunkClientConfig
+from splitcore.parts import load_parts
+from tests.conftest import free_port, start_tiny_server, tiny_split_engine, wait_for
+
+PROMPTS = [
+    "The history of natural language processing",
+    "Once upon a time",
+    "In the beginning God created the heaven and the earth. And the earth was without form",
+    "GPT-2",
+    "Split learning keeps the data on the client while",
+    "A",
+    "The quick brown fox jumps over the lazy dog, and then",
+    "Hidden states cross the wire",
+]
+
+
+@pytest.fixture(scope="module")
+def batching_server(models_dir, tiny):
+    # a long wait, so that steps of sessions that are decoding meet in one batch on a busy 2-core machine
+    srv = start_tiny_server(
+        models_dir, max_sessions=24, kv_slots=20, batch_wait_ms=50, grace_s=0.5, metrics_port=free_port()
+    )
+    yield srv
+    srv.stop(0.5)
+
+
+def _greedy(engine, prompt: str, n: int) -> tuple[list[int], list[torch.Tensor]]:
+    stepper = engine.new_stepper(64)
+    chunk, tokens, logits = torch.tensor([engine.encode(prompt)]), [], []
+    for _ in range(n):
+        out = stepper.step(chunk).logits.float()
+        logits.append(out.clone())
+        tokens.append(int(out.argmax()))
+        chunk = torch.tensor([[tokens[-1]]])
+    stepper.close()
+    return tokens, logits
+
+
+def test_sixteen_batched_sessions_get_what_they_get_alone(models_dir, batching_server):
+    srv = batching_server
+    engine = tiny_split_engine(models_dir, f"127.0.0.1:{srv.port}")
+    jobs = [(PROMPTS[i % len(PROMPTS)] + " " * (i // len(PROMPTS)), 12 + i % 5) for i in range(16)]
+    alone = [_greedy(engine, p, n) for p, n in jobs]  # one at a time: every decode step a batch of one
+    before = dict(srv.runtime.stats.batch_sizes)
+    assert set(before) == {1}
+
+    together: list = [None] * len(jobs)
+    start = threading.Barrier(len(jobs))
+
+    def run(i: int) -> None:
+        start.wait()
+        together[i] = _greedy(engine, *jobs[i])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    sizes = {n: k - before.get(n, 0) for n, k in srv.runtime.stats.batch_sizes.items() if k > before.get(n, 0)}
+    assert max(sizes) >= 4, sizes  # the steps did meet in batches
+    worst = 0.0
+    for (tokens, logits), (tokens_b, logits_b) in zip(alone, together, strict=True):
+        assert tokens_b == tokens
+        worst = max(worst, max(float((a - b).abs().max()) for a, b in zip(logits, logits_b, strict=True)))
+    assert worst <= 1e-5
+    engine.close()
+    wait_for(lambda: srv.sessions.active() == 0 and srv.runtime.used_slots() == 0, what="sessions and slots freed")
+
+
+def test_cancelled_session_frees_its_slot_and_disturbs_no_one(models_dir, batching_server, tiny):
+    srv = batching_server
+    trunk = load_parts(tiny, "2,10", ("trunk",))["trunk"]
+    client = TrunkClient(TrunkClientConfig(f"127.0.0.1:{srv.port}"))
+    fp = pb.Fingerprint(**srv.fingerprint.to_dict(), digest=srv.fingerprint.digest)
+    gen = torch.Generator().manual_seed(5)
+    inputs = [
+        [torch.randn(1, 3 + i, 64, generator=gen)] + [torch.randn(1, 1, 64, generator=gen) for _ in range(10)]
+        for i in range(4)
+    ]
+    results: dict[int, list[torch.Tensor]] = {}
+    victim_started = threading.Event()
+
+    def run(i: int) -> None:
+        session = client.session(fp, 40)
+        outs = []
+        try:
+            for j, x in enumerate(inputs[i]):
+                outs.append(session.step(x)[0])
+                if i == 0 and j == 4:
+                    victim_started.set()
+                    session._stream._call.cancel()  # gone mid-generation, its next step never comes
+                    return
+        finally:
+            results[i] = outs
+            session.close()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert victim_started.is_set() and len(results[0]) == 5
+    for i in range(1, 4):  # the others got exactly what the trunk computes for them alone
+        cache = trunk.new_cache()
+        for x, got in zip(inputs[i], results[i], strict=True):
+            assert float((trunk(x, cache) - got).abs().max()) <= 1e-5
+    client.close()
+    wait_for(lambda: srv.sessions.active() == 0 and srv.runtime.used_slots() == 0, what="slot of the cancelled freed")
+
+
+def test_slots_used_up_is_resource_exhausted_naming_the_limit(models_dir, tiny):
+    srv = start_tiny_server(models_dir, max_sessions=8, kv_slots=2, grace_s=0.5)
+    client = TrunkClient(TrunkClientConfig(f"127.0.0.1:{srv.port}"))
+    fp = pb.Fingerprint(**srv.fingerprint.to_dict(), digest=srv.fingerprint.digest)
+    held = [client.session(fp, 20) for _ in range(2)]
+    for s in held:
+        s.step(torch.zeros(1, 2, 64))
+    with pytest.raises(TrunkError, match=r"--kv-slots, is 2") as e:
+        client.session(fp, 20).step(torch.zeros(1, 2, 64))
+    assert e.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    held[0].close()
+    wait_for(lambda: srv.runtime.used_slots() == 1, what="a slot given back")
+    with client.session(fp, 20) as again:  # and taken again
+        again.step(torch.zeros(1, 2, 64))
+    held[1].close()
+    client.close()
+    srv.stop(0.5)
+
+
+def test_open_close_500_sessions_leaves_rss_flat(models_dir, batching_server):
+    srv = batching_server
+    client = TrunkClient(TrunkClientConfig(f"127.0.0.1:{srv.port}"))
+    fp = pb.Fingerprint(**srv.fingerprint.to_dict(), digest=srv.fingerprint.digest)
+    x, y = torch.randn(1, 6, 64), torch.randn(1, 1, 64)
+
+    def cycle(n: int) -> None:
+        for _ in range(n):
+            with client.session(fp, 16) as s:
+                s.step(x)
+                s.step(y)
+
+    cycle(50)  # warm-up: allocator pools, gRPC buffers, logging
+    wait_for(lambda: srv.sessions.active() == 0, what="warm-up sessions closed")
+    gc.collect()
+    rss = psutil.Process().memory_info().rss
+    cycle(500)
+    wait_for(lambda: srv.sessions.active() == 0 and srv.runtime.used_slots() == 0, what="sessions closed")
+    gc.collect()
+    grown = psutil.Process().memory_info().rss - rss
+    assert grown < 20 * 2**20, f"RSS grew {grown / 2**20:.1f} MiB over 500 sessions"
+    client.close()
+
+
+def test_metrics_and_monitor_report_batches_slots_and_errors(models_dir, batching_server):
+    srv = batching_server
+    client = TrunkClient(TrunkClientConfig(f"127.0.0.1:{srv.port}"))
+    fp = pb.Fingerprint(**srv.fingerprint.to_dict(), digest=srv.fingerprint.digest)
+    with client.session(fp, 16) as s:
+        s.step(torch.randn(1, 4, 64))
+        s.step(torch.randn(1, 1, 64))
+        bad = pb.Fingerprint()
+        with pytest.raises(TrunkError):
+            client.session(bad, 16).step(torch.zeros(1, 1, 64))
+        text = urllib.request.urlopen(f"http://127.0.0.1:{srv.metrics.port}/metrics", timeout=10).read().decode()
+        stub = pb_grpc.TrunkStub(grpc.insecure_channel(f"127.0.0.1:{srv.port}"))
+        samples = list(stub.Monitor(pb.MonitorRequest(interval_s=0.2, max_samples=2), timeout=10))
+
+    def value(pattern: str) -> float:
+        m = re.search(rf"^{pattern} ([0-9.e+-]+)$", text, re.M)
+        assert m, f"no {pattern} in the metrics"
+        return float(m.group(1))
+
+    assert value(r'trunk_steps_total\{kind="decode"\}') >= 1
+    assert value(r'trunk_tokens_total\{kind="prefill"\}') >= 4
+    assert value(r'trunk_kv_slots\{state="used"\}') >= 1
+    assert value(r'trunk_errors_total\{code="INVALID_ARGUMENT"\}') >= 1
+    assert value(r"trunk_decode_batch_rows_count") >= 1
+    assert value(r"trunk_kv_slot_bytes") == srv.runtime.slot_bytes
+    assert samples[-1].kv_slots_used >= 1 and samples[-1].kv_slots_used + samples[-1].kv_slots_free == 20
+    client.close()
+
+
+def test_prefill_runs_in_chunks_between_decode_batches(tiny):
+    trunk = load_parts(tiny, "2,10", ("trunk",))["trunk"]
+    rt = TrunkRuntime(trunk, slots=2, max_length=128, prefill_chunk=16, batch_wait_ms=0)
+    try:
+        a, b = rt.acquire_slot(), rt.acquire_slot()
+        rt.prefill(a, torch.randn(1, 5, 64))
+        order: list[str] = []
+        stop = threading.Event()
+
+        def decoding() -> None:
+            while not stop.is_set():
+                rt.decode(a, torch.randn(1, 1, 64))
+                order.append("d")
+
+        t = threading.Thread(target=decoding)
+        t.start()
+        wait_for(lambda: len(order) >= 2, what="decoding under way")
+        jobs = rt.stats.jobs
+        x = torch.randn(1, 70, 64)
+        out, _ = rt.prefill(b, x)
+        order.append("p")
+        stop.set()
+        t.join()
+        assert rt.stats.jobs - jobs == 5  # 70 positions in chunks of 16
+        ref = trunk(x, trunk.new_cache())
+        assert float((out - ref).abs().max()) <= 1e-5  # chunked equals whole
+        assert order.count("d") >= 6  # decode steps went on while the prompt was computed
+    finally:
+        rt.stop()
