@@ -27,7 +27,7 @@ class ServerConfig:
     kv_slots: int = 16  # KV cache rows allocated at start, one per open inference session
     kv_memory_mb: float = 0.0  # or: as many slots as fit in this many MiB (0 = use kv_slots)
     max_batch: int = 32  # decode steps of different sessions in one forward, at most
-    batch_wait_ms: float = 2.0  # a decode step waits at most this long for the other sessions' steps, ms
+    batch_wait_ms: float = 5.0  # a decode batch waits at most this long (and one step's time) for the others, ms
     prefill_chunk: int = 128  # prompt positions computed at a time, decode batches running between chunks
     metrics_port: int = 0  # Prometheus /metrics on this port (0 = off)
     metrics_host: str = "0.0.0.0"  # interface of the metrics endpoint

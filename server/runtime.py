@@ -9,7 +9,8 @@ encodes the answer (Petals' handler against its block functions; TGI's router ag
   rows [0, N) of the pool, where N is one past the highest slot taking part; a row that sits the step out
   writes to its spare position and its output is dropped. Decode is bound by weight reads, so N rows cost
   little more than one. The scheduler waits up to `batch_wait_ms` for the sessions that are decoding to send
-  their next step; it stops waiting as soon as all of them have.
+  their next step, and never much longer than a batch takes to compute (waiting for a straggler should cost
+  at most about one step); it stops waiting as soon as all of them have.
 - **Everything else runs alone** (a prefill chunk, a step with an adapter or of several rows, a stateless call,
   a training step), alternating with decode batches so that neither starves the other. Prefills go in chunks
   of `prefill_chunk` tokens: a long prompt does not hold 16 decoding sessions back for its whole length.
@@ -115,7 +116,7 @@ class TrunkRuntime:
         slots: int,
         max_length: int,
         max_batch: int = 32,
-        batch_wait_ms: float = 2.0,
+        batch_wait_ms: float = 5.0,
         prefill_chunk: int = 128,
         graphs: bool = False,
     ):
@@ -137,6 +138,7 @@ class TrunkRuntime:
         self._cv = threading.Condition()
         self._stopping = False
         self._alone_next = False  # alternate: a decode batch, then one piece of work alone, ...
+        self._step_s = self.batch_wait_s  # a recent decode batch's compute time (a moving average), s
         self._row_buckets = _buckets(slots)
         self._end_buckets = (
             _buckets(self.cache.capacity, MIN_BUCKET) if self.cache.capacity > MIN_BUCKET else [self.cache.capacity]
@@ -254,9 +256,12 @@ class TrunkRuntime:
             batch = alone = None  # hold no session's tensors or closures while idle
 
     def _gather(self) -> None:
-        """Under the lock: wait (up to batch_wait_ms from the first arrival) until every decoding session has
-        sent its step or the batch is full; a decode that comes alone waits for no one."""
-        deadline = self._decodes[0].arrived + self.batch_wait_s
+        """Under the lock: wait (up to batch_wait_ms from now, when the scheduler is free to run a batch) until
+        every decoding session has sent its step or the batch is full; a session decoding alone waits for no
+        one. Counted from now, not from the first arrival: steps that queued while a batch ran would otherwise
+        go at once, without the sessions whose answers that batch just sent, and stay out of step with them."""
+        wait = min(self.batch_wait_s, max(self._step_s, 0.0005))  # waiting costs at most about one step
+        deadline = time.perf_counter() + wait
         while len(self._decodes) < min(self.max_batch, len(self._decoding)) and not self._stopping:
             left = deadline - time.perf_counter()
             if left <= 0:
@@ -316,6 +321,7 @@ class TrunkRuntime:
             s = self.stats
             s.compute_ms += ms
             if works[0].slot is not None:
+                self._step_s = 0.8 * self._step_s + 0.2 * ms / 1e3
                 s.batches += 1
                 s.batched_rows += rows
                 s.batch_sizes[rows] += 1

@@ -12,7 +12,7 @@ import torch
 from splitcore.cudagraph import DecoderPool
 from splitcore.engine import FullEngine
 from splitcore.generate import FullStepper
-from splitcore.parts import load_full
+from splitcore.parts import load_full, load_parts
 from splitcore.sampling import SamplingParams
 from tests.conftest import TINY, start_tiny_server, subprocess_env
 
@@ -69,7 +69,7 @@ def test_split_over_grpc_with_graphs_matches_full_model_on_cuda(models_dir, tiny
         want = FullEngine(tiny, torch.device("cuda"), torch.float32, cuda_graphs=False).run(PROMPT, 40, GREEDY)
         got = engine.run(PROMPT, 40, GREEDY)
         assert got.token_ids == want.token_ids
-        assert srv.servicer.decoders is not None and srv.servicer.decoders.captured >= 1
+        assert srv.runtime._graphs and srv.runtime.stats.batches >= 1  # decode steps ran as captured graphs
         assert all(p.captured >= 1 for p in engine.pools.values())
         engine.close()
     finally:
@@ -82,3 +82,45 @@ def test_sampling_stays_on_the_device(tiny):
     a = engine.run(PROMPT, 20, SamplingParams(temperature=0.9, top_k=40, top_p=0.9, seed=7)).token_ids
     b = engine.run(PROMPT, 20, SamplingParams(temperature=0.9, top_k=40, top_p=0.9, seed=7)).token_ids
     assert a == b
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_batched_decode_graphs_match_eager_and_solo(tiny, dtype):
+    """The runtime's captured (rows, keys) buckets give what the eager batched step and the one-row eager
+    forward give, for sessions at different positions decoding together."""
+    import threading
+
+    from server.runtime import TrunkRuntime
+
+    trunk = load_parts(tiny, "2,10", ("trunk",), "cuda", dtype)["trunk"]
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randn(1, 3 + 7 * i, 64, generator=gen) for i in range(5)]
+    steps = [[torch.randn(1, 1, 64, generator=gen) for _ in range(20)] for _ in prompts]
+    outs = {}
+    for graphs in (True, False):
+        rt = TrunkRuntime(trunk, slots=8, max_length=200, batch_wait_ms=20, graphs=graphs)
+        assert bool(rt._graphs) == graphs, "capture failed (see the log line)"
+        got = [[] for _ in prompts]
+
+        def run(i, rt=rt, got=got):
+            slot = rt.acquire_slot()
+            got[i].append(rt.prefill(slot, prompts[i])[0])
+            for x in steps[i]:
+                got[i].append(rt.decode(slot, x)[0])
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert max(rt.stats.batch_sizes) >= 2
+        rt.stop()
+        outs[graphs] = got
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    for i, p in enumerate(prompts):
+        cache = trunk.new_cache()
+        solo = [trunk(p.to("cuda", dtype), cache).cpu()] + [trunk(x.to("cuda", dtype), cache).cpu() for x in steps[i]]
+        for a, b, c in zip(outs[True][i], outs[False][i], solo, strict=True):
+            assert float((a.float() - b.float()).abs().max()) < tol
+            assert float((b.float() - c.float()).abs().max()) < tol

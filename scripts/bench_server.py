@@ -1,0 +1,252 @@
+"""How the trunk server scales with its clients: N sessions decoding at once against one trunk server.
+
+Hidden states come from a real bottom (the model's own, over a passage of English text), computed once and
+replayed by every session, so that the clients' own compute does not hide the server's capacity. Sessions run
+in client processes (threads within them) on this machine; the server is a separate process, as deployed.
+
+For each N it reports the decode tokens/s served in total, the per-step latency p50 and p99 of the sessions,
+and the time to first token of a newcomer (its open and prompt) while the N decode, against an idle server.
+Prints a markdown table, writes JSON (--json) and a plotly chart (--plot).
+
+    python scripts/bench_server.py                                # random:gpt2, N = 1, 2, 4, 8, 16, 32, 64
+    python scripts/bench_server.py --quick                        # N = 1, 2, 4, 8; fewer steps
+    python scripts/bench_server.py --unbatched                    # and the same with --max-batch 1
+    python scripts/bench_server.py --device cuda --dtype float16  # the server on a GPU
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as every entry point: before torch loads
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import multiprocessing as mp  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from scripts.bench import start_server  # noqa: E402
+from splitcomm.proto import trunk_pb2 as pb  # noqa: E402
+from splitcomm.trunk_client import TrunkClient, TrunkClientConfig  # noqa: E402
+from splitcore.models import load_tokenizer, resolve_model  # noqa: E402
+from splitcore.parts import load_parts  # noqa: E402
+from splitcore.stats import percentile  # noqa: E402
+
+TEXT = (
+    "In the beginning God created the heaven and the earth. And the earth was without form, and void; and "
+    "darkness was upon the face of the deep. And the Spirit of God moved upon the face of the waters. And God "
+    "said, Let there be light: and there was light. And God saw the light, that it was good: and God divided "
+    "the light from the darkness. And God called the light Day, and the darkness he called Night. And the "
+    "evening and the morning were the first day. "
+)
+
+
+def hidden_states(model_spec: str, models_dir: str, prompt: int, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The bottom's output for a prompt of `prompt` tokens and the `steps` tokens after it: (1, P, C), (S, 1, C)."""
+    model = resolve_model(model_spec, models_dir)
+    ids = load_tokenizer(model.path).encode(TEXT * 20)[: prompt + steps]
+    bottom = load_parts(model, "2,10", ("bottom",))["bottom"]
+    with torch.inference_mode():
+        h = bottom(torch.tensor([ids]))  # causal: position i sees what the bottom would see in a generation
+    return h[:, :prompt].clone(), h[0, prompt:].unsqueeze(1).clone()
+
+
+def _fingerprint(client: TrunkClient) -> pb.Fingerprint:
+    info = client.info()
+    return info.fingerprint
+
+
+def worker(target, wire, n_sessions, prompt_h, step_hs, ready, go, done_steps, out) -> None:
+    """One client process: its sessions in threads; each prefills, waits for `go`, then decodes every step."""
+    torch.set_num_threads(1)
+    client = TrunkClient(TrunkClientConfig(target))
+    fp = _fingerprint(client)
+    dtype = getattr(torch, wire)
+    sessions = [client.session(fp, prompt_h.shape[1] + step_hs.shape[0] + 1, dtype) for _ in range(n_sessions)]
+    for s in sessions:
+        s.step(prompt_h)
+    ready.put(n_sessions)
+    go.wait()
+    results = [None] * n_sessions
+
+    def run(i: int) -> None:
+        s, lat = sessions[i], []
+        start = time.monotonic()
+        for x in step_hs:
+            t0 = time.perf_counter()
+            s.step(x.unsqueeze(0))
+            lat.append((time.perf_counter() - t0) * 1e3)
+            with done_steps.get_lock():
+                done_steps.value += 1
+        results[i] = (lat, start, time.monotonic())
+        s.close()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n_sessions)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    client.close()
+    out.put(results)
+
+
+def newcomer_ttft(client: TrunkClient, fp, prompt_h: torch.Tensor, wire: torch.dtype) -> float:
+    """Open a session and send its prompt: ms to the trunk's answer (its share of the time to first token)."""
+    t0 = time.perf_counter()
+    with client.session(fp, prompt_h.shape[1] + 1, wire) as s:
+        s.step(prompt_h)
+        return (time.perf_counter() - t0) * 1e3
+
+
+def run_load(target, args, n: int, prompt_h, step_hs, fp) -> dict:
+    ctx = mp.get_context("spawn")
+    procs_n = max(1, min(n, args.client_procs))
+    shares = [n // procs_n + (i < n % procs_n) for i in range(procs_n)]
+    ready, out, go, done = ctx.Queue(), ctx.Queue(), ctx.Event(), ctx.Value("i", 0)
+    procs = [
+        ctx.Process(target=worker, args=(target, args.wire_dtype, k, prompt_h, step_hs, ready, go, done, out))
+        for k in shares
+    ]
+    for p in procs:
+        p.start()
+    for _ in procs:
+        ready.get(timeout=600)
+    client = TrunkClient(TrunkClientConfig(target))
+    go.set()
+    total = n * step_hs.shape[0]
+    while done.value < total // 4:  # a newcomer arrives while the N are well into decoding
+        time.sleep(0.002)
+    ttft = newcomer_ttft(client, fp, prompt_h, getattr(torch, args.wire_dtype))
+    newcomer_during = done.value < total
+    results = [r for _ in procs for r in out.get(timeout=600)]
+    for p in procs:
+        p.join(timeout=60)
+    client.close()
+    lat = [x for r in results for x in r[0]]
+    wall = max(r[2] for r in results) - min(r[1] for r in results)
+    return {
+        "sessions": n,
+        "tokens_per_s": total / wall,
+        "p50_ms": percentile(lat, 50),
+        "p99_ms": percentile(lat, 99),
+        "newcomer_ttft_ms": ttft,
+        "newcomer_during_decode": newcomer_during,
+        "client_processes": procs_n,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="random:gpt2")
+    p.add_argument("--models-dir", default=os.environ.get("GPT2_MODELS_DIR", "models"))
+    p.add_argument("--sessions", default="1,2,4,8,16,32,64", help="N, comma-separated")
+    p.add_argument("--prompt", type=int, default=32, help="prompt tokens of each session")
+    p.add_argument("--steps", type=int, default=64, help="decode steps of each session")
+    p.add_argument("--device", default="cpu", help="the server's device: cpu, cuda, auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--wire-dtype", default="float32", choices=["float32", "float16"])
+    p.add_argument("--batch-wait-ms", type=float, default=None, help="the server's --batch-wait-ms (its default)")
+    p.add_argument("--max-batch", type=int, default=64)
+    p.add_argument("--unbatched", action="store_true", help="also run every N with --max-batch 1")
+    p.add_argument("--client-procs", type=int, default=max(1, (os.cpu_count() or 2) // 2))
+    p.add_argument("--quick", action="store_true", help="N = 1, 2, 4, 8 and 24 steps")
+    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--plot", type=Path, default=None)
+    args = p.parse_args()
+    if args.quick:
+        args.sessions, args.steps = "1,2,4,8", 24
+    ns = [int(x) for x in args.sessions.split(",") if x.strip()]
+    prompt_h, step_hs = hidden_states(args.model, args.models_dir, args.prompt, args.steps)
+    configs = {"batched": args.max_batch} | ({"unbatched": 1} if args.unbatched else {})
+    rows, t0 = [], time.perf_counter()
+    for name, max_batch in configs.items():
+        flags = ["--device", args.device, "--dtype", args.dtype, "--max-batch", str(max_batch)]
+        flags += ["--kv-slots", str(max(ns) + 2), "--max-session-tokens", str(args.prompt + args.steps + 2)]
+        flags += ["--max-sessions", str(max(ns) + 8)]
+        if args.batch_wait_ms is not None:
+            flags += ["--batch-wait-ms", str(args.batch_wait_ms)]
+        proc, target = start_server(args.model, args.models_dir, None, flags)
+        try:
+            client = TrunkClient(TrunkClientConfig(target))
+            fp = _fingerprint(client)
+            wire = getattr(torch, args.wire_dtype)
+            newcomer_ttft(client, fp, prompt_h, wire)  # warm-up
+            idle = statistics.median(newcomer_ttft(client, fp, prompt_h, wire) for _ in range(5))
+            info = client.info()
+            client.close()
+            for n in ns:
+                r = run_load(target, args, n, prompt_h, step_hs, fp) | {"config": name, "idle_ttft_ms": idle}
+                rows.append(r)
+                print(
+                    f"  {name} N={n}: {r['tokens_per_s']:.1f} tok/s, p50 {r['p50_ms']:.2f} ms, "
+                    f"newcomer TTFT {r['newcomer_ttft_ms']:.1f} ms (idle {idle:.1f})",
+                    file=sys.stderr,
+                )
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+    machine = (
+        f"{info.device} {info.dtype}; {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"torch {torch.__version__}"
+    )
+    if info.device.startswith("cuda"):
+        machine += f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
+    print(
+        f"\nmodel {args.model}, trunk blocks 2-9 on {machine}; prompt {args.prompt}, {args.steps} decode steps a "
+        f"session, {args.wire_dtype} wire; measured in {time.perf_counter() - t0:.0f} s\n"
+    )
+    print("| config | sessions | tokens/s | x one | p50 ms | p50 x one | p99 ms | newcomer TTFT ms | x idle |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        one = next(x for x in rows if x["config"] == r["config"] and x["sessions"] == ns[0])
+        r["x_one"] = r["tokens_per_s"] / one["tokens_per_s"]
+        r["p50_x_one"] = r["p50_ms"] / one["p50_ms"]
+        r["ttft_x_idle"] = r["newcomer_ttft_ms"] / r["idle_ttft_ms"]
+        print(
+            f"| {r['config']} | {r['sessions']} | {r['tokens_per_s']:,.1f} | {r['x_one']:.2f} | {r['p50_ms']:.2f} | "
+            f"{r['p50_x_one']:.2f} | {r['p99_ms']:.2f} | {r['newcomer_ttft_ms']:.1f} | {r['ttft_x_idle']:.2f} |"
+        )
+    out = {"model": args.model, "machine": machine, "command": " ".join(sys.argv), "rows": rows}
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(out, indent=2))
+        print(f"\nwrote {args.json}")
+    if args.plot:
+        plot(rows, args.plot)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    try:
+        import plotly.graph_objects as go
+        from plotly.subplots import make_subplots
+    except ImportError:
+        print("no plot: plotly is not installed here", file=sys.stderr)
+        return
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("tokens/s served", "per-step latency p50 / p99 (ms)"))
+    for name in dict.fromkeys(r["config"] for r in rows):
+        rs = [r for r in rows if r["config"] == name]
+        n = [r["sessions"] for r in rs]
+        fig.add_trace(go.Scatter(x=n, y=[r["tokens_per_s"] for r in rs], name=f"{name} tokens/s"), row=1, col=1)
+        fig.add_trace(go.Scatter(x=n, y=[r["p50_ms"] for r in rs], name=f"{name} p50"), row=1, col=2)
+        fig.add_trace(
+            go.Scatter(x=n, y=[r["p99_ms"] for r in rs], name=f"{name} p99", line={"dash": "dot"}), row=1, col=2
+        )
+    fig.update_xaxes(type="log", title="concurrent sessions")
+    fig.update_layout(template="plotly_white", title="Trunk server under load")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.write_html(str(path))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
