@@ -4,7 +4,7 @@ encodes the answer (Petals' handler against its block functions; TGI's router ag
 - **KV slots.** One static cache of `slots` rows x (`max_length` + 1) positions is allocated at start. A
   session takes a row when it opens and gives it back when it ends (closed, cancelled, reaped). The last
   position of every row is a spare that nothing reads.
-- **One scheduler thread runs all compute.** Decode steps (one new position of a one-row session on the base
+- **One computation at a time, batched.** Decode steps (one new position of a one-row session on the base
   trunk) that wait are gathered, up to `max_batch`, into one forward over rows at different positions:
   rows [0, N) of the pool, where N is one past the highest slot taking part; a row that sits the step out
   writes to its spare position and its output is dropped. Decode is bound by weight reads, so N rows cost
@@ -12,7 +12,10 @@ encodes the answer (Petals' handler against its block functions; TGI's router ag
   their next step, and never much longer than a batch takes to compute (waiting for a straggler should cost
   at most about one step); it stops waiting as soon as all of them have.
 - **Everything else runs alone** (a prefill chunk, a step with an adapter or of several rows, a stateless call,
-  a training step), alternating with decode batches so that neither starves the other. Prefills go in chunks
+  a training step), alternating with decode batches so that neither starves the other.
+- **No scheduler thread.** The session thread that finds the compute free runs the next piece of work (its own
+  or the next batch) and then hands the turn to the thread of the next piece queued: a session alone computes
+  on its own thread with no hand-off, and a batch costs the others one wake-up each. Prefills go in chunks
   of `prefill_chunk` tokens: a long prompt does not hold 16 decoding sessions back for its whole length.
 - **CUDA graphs** per (batch-size bucket, key-range bucket), captured at start over the pool's first rows.
 """
@@ -58,17 +61,12 @@ class _Work:
     slot: int | None  # a decode step's slot; None for work that runs alone
     payload: Any  # the hidden state (1, 1, C) of a decode step, or the callable of work that runs alone
     arrived: float = field(default_factory=time.perf_counter)
-    done: threading.Event = field(default_factory=threading.Event)
+    wake: threading.Event = field(default_factory=threading.Event)  # done, or this thread's turn to compute
+    finished: bool = False
     result: Any = None
     error: BaseException | None = None
     compute_ms: float = 0.0
     batch: int = 1  # rows of the forward it ran in
-
-    def wait(self):
-        self.done.wait()
-        if self.error is not None:
-            raise self.error
-        return self.result
 
 
 def _buckets(limit: int, start: int = 1) -> list[int]:
@@ -108,7 +106,7 @@ class _RowsGraph:
 
 
 class TrunkRuntime:
-    """KV slots and the scheduler thread of one trunk (see the module's docstring)."""
+    """KV slots and the scheduling of one trunk's compute (see the module's docstring)."""
 
     def __init__(
         self,
@@ -146,8 +144,7 @@ class TrunkRuntime:
         self._graphs: dict[tuple[int, int], _RowsGraph] = {}
         if graphs and trunk.device.type == "cuda":
             self._capture()
-        self._thread = threading.Thread(target=self._loop, daemon=True, name="trunk-scheduler")
-        self._thread.start()
+        self._busy = False  # a thread holds the turn to compute
 
     # --- slots ------------------------------------------------------------------------------------------
     @property
@@ -181,7 +178,7 @@ class TrunkRuntime:
         """One new position for the one-row session in `slot` (h: (1, 1, C)), batched with the other sessions'.
         Returns the trunk's output (1, 1, C) on the CPU, and the compute ms and rows of the batch it ran in."""
         w = self._submit(_Work(slot, h), decode=True)
-        return w.wait(), w.compute_ms, w.batch
+        return w.result, w.compute_ms, w.batch
 
     def prefill(self, slot: int, h: torch.Tensor, model: GPT2 | None = None) -> tuple[torch.Tensor, float]:
         """Several new positions (or a step with an adapter's `model`) for the session in `slot`, alone, in chunks
@@ -206,14 +203,17 @@ class TrunkRuntime:
         return (outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)), ms
 
     def run(self, fn: Callable[[], Any]) -> Any:
-        """Run `fn` on the scheduler thread, alone, between decode batches; returns what it returns."""
+        """Run `fn` alone, between decode batches, one computation at a time; returns what it returns."""
         return self.run_timed(fn)[0]
 
     def run_timed(self, fn: Callable[[], Any]) -> tuple[Any, float]:
         w = self._submit(_Work(None, fn), decode=False)
-        return w.wait(), w.compute_ms
+        return w.result, w.compute_ms
 
     def _submit(self, w: _Work, decode: bool) -> _Work:
+        """Queue `w` and return once it has run. No thread of its own computes: the thread that finds the
+        compute free runs the next piece of work (its own or another's), then hands the turn to the thread of
+        the next piece queued, so a session alone runs its steps on its own thread, with no hand-off."""
         with self._cv:
             if self._stopping:
                 raise ServerDraining("the trunk server is shutting down; retry on another server or later")
@@ -222,38 +222,71 @@ class TrunkRuntime:
                 self._decodes.append(w)
             else:
                 self._alone.append(w)
-            self._cv.notify_all()
+            lead = not self._busy
+            self._busy = True
+            self._cv.notify()  # a turn gathering a batch counts the arrivals
+        if lead:
+            self._turn()
+        while not w.finished:
+            w.wake.wait()
+            w.wake.clear()
+            if not w.finished:  # handed the turn
+                self._turn()
+        if w.error is not None:
+            raise w.error
         return w
 
     def stop(self) -> None:
+        """Refuse new work; work queued and not yet run gets ServerDraining."""
         with self._cv:
             self._stopping = True
+            if not self._busy:
+                self._drain()
             self._cv.notify_all()
-        self._thread.join(timeout=30)
 
-    # --- the scheduler ----------------------------------------------------------------------------------
-    def _loop(self) -> None:
-        while True:
-            with self._cv:
-                while not (self._decodes or self._alone or self._stopping):
-                    self._cv.wait()
-                if self._stopping:
-                    for w in [*self._decodes, *self._alone]:
-                        w.error = ServerDraining("the trunk server is shutting down; retry on another server or later")
-                        w.done.set()
-                    return
-                if self._decodes and not (self._alone and self._alone_next):
-                    self._gather()
-                    batch, self._decodes = self._decodes[: self.max_batch], self._decodes[self.max_batch :]
-                    alone = None
-                else:
-                    batch, alone = [], self._alone.popleft()
-                self._alone_next = bool(batch)
+    def _drain(self) -> None:
+        """Under the lock, stopping: fail everything queued."""
+        for w in [*self._decodes, *self._alone]:
+            w.error = ServerDraining("the trunk server is shutting down; retry on another server or later")
+            w.finished = True
+            w.wake.set()
+        self._decodes, self._alone = [], collections.deque()
+
+    # --- the scheduling ---------------------------------------------------------------------------------
+    def _turn(self) -> None:
+        """Holding the turn: run one decode batch or one piece of work alone (alternating when both wait),
+        then pass the turn to the thread of the next piece queued, or give it up."""
+        with self._cv:
+            if self._stopping:
+                self._drain()
+                self._busy = False
+                return
+            if self._decodes and not (self._alone and self._alone_next):
+                self._gather()
+                batch, self._decodes = self._decodes[: self.max_batch], self._decodes[self.max_batch :]
+                alone = None
+            else:
+                batch, alone = [], self._alone.popleft()
+            self._alone_next = bool(batch)
+        try:
             if batch:
                 self._run_batch(batch)
             else:
                 self._run_alone(alone)
-            batch = alone = None  # hold no session's tensors or closures while idle
+        finally:
+            with self._cv:
+                nxt = None
+                if self._stopping:
+                    self._drain()
+                elif self._decodes and not (self._alone and self._alone_next):
+                    nxt = self._decodes[0]
+                elif self._alone:
+                    nxt = self._alone[0]
+                elif self._decodes:
+                    nxt = self._decodes[0]
+                self._busy = nxt is not None
+            if nxt is not None:
+                nxt.wake.set()
 
     def _gather(self) -> None:
         """Under the lock: wait (up to batch_wait_ms from now, when the scheduler is free to run a batch) until
@@ -331,8 +364,8 @@ class TrunkRuntime:
                 s.queue_wait_ms += (t0 - w.arrived) * 1e3
                 s.waited += 1
         for w in works:
-            w.compute_ms, w.batch, w.payload = ms, rows, None
-            w.done.set()
+            w.compute_ms, w.batch, w.payload, w.finished = ms, rows, None, True
+            w.wake.set()
         if self.on_wait is not None:
             for w in works:
                 self.on_wait(t0 - w.arrived)

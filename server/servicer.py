@@ -45,7 +45,7 @@ class TrunkServicer(pb_grpc.TrunkServicer):
         self.trunk, self.info, self.fingerprint, self.sessions = trunk, info, fingerprint, sessions
         self.max_length = min(max_session_tokens or trunk.n_positions, trunk.n_positions, runtime.max_length)
         self.max_elements = max_elements
-        self.runtime, self.metrics = runtime, metrics  # all compute runs on the runtime's scheduler thread
+        self.runtime, self.metrics = runtime, metrics  # all compute goes through the runtime, one at a time
         self._count = metrics.error if metrics is not None else None
         self.monitor_interval_s, self.max_monitors = monitor_interval_s, max_monitors
         self.started = time.time()

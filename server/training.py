@@ -59,7 +59,7 @@ class TrainHandler:
         recompute: bool = False,
     ):
         self.trunk, self.fingerprint, self.sessions = trunk, fingerprint, sessions
-        self.run = run  # runs a callable on the trunk runtime's scheduler thread: (result, compute ms)
+        self.run = run  # runs a callable through the trunk runtime, one at a time: (result, compute ms)
         self.max_elements, self.max_length, self.recompute = max_elements, max_length, recompute
         self.live: weakref.WeakValueDictionary[str, PartTrainer] = weakref.WeakValueDictionary()  # for tests
 

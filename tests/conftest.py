@@ -56,7 +56,8 @@ def start_tiny_server(models_dir, **settings):
     from server.app import TrunkServer
     from server.config import ServerConfig
 
-    cfg = dict(model=TINY, models_dir=str(models_dir), host="127.0.0.1", port=0, idle_timeout_s=0) | settings
+    cfg = dict(model=TINY, models_dir=str(models_dir), host="127.0.0.1", port=0, idle_timeout_s=0, device="cpu")
+    cfg |= settings  # the CPU unless a test asks for a GPU: references are computed on the CPU in float32
     srv = TrunkServer(ServerConfig(**cfg))
     srv.start()
     return srv
@@ -105,7 +106,20 @@ def start_server_process(port: int, *args: str, log_file: str | None = None):
     """A trunk server in its own process on 127.0.0.1:port; returns the Popen once its ready line is out."""
     import subprocess
 
-    cmd = [sys.executable, "-m", "server", "--model", TINY, "--host", "127.0.0.1", "--port", str(port), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "server",
+        "--model",
+        TINY,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--device",
+        "cpu",
+        *args,
+    ]
     if log_file:
         cmd += ["--log-file", log_file]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env(), cwd=ROOT)
