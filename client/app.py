@@ -53,15 +53,16 @@ def build_app(engine: SplitEngine, monitor_interval_s: float = 1.0) -> tuple[gr.
                 with gr.Row():
                     host_plot = gr.Plot(label="CPU and memory")
                     gpu_plot = gr.Plot(label="GPU")
+                batch_plot = gr.Plot(label="Batches and slots")
                 table = gr.Dataframe(label="Last 10 samples", interactive=False)
 
                 def refresh_monitor():
                     line, status = server_markdown(engine, feed)
                     samples = feed.snapshot()[1] if feed else []
                     host, gpu = charts.monitor_figures(samples)
-                    return line, status, host, gpu, charts.monitor_table(samples)
+                    return line, status, host, gpu, charts.batching_figure(samples), charts.monitor_table(samples)
 
-                outs = [info_md, status_md, host_plot, gpu_plot, table]
+                outs = [info_md, status_md, host_plot, gpu_plot, batch_plot, table]
                 gr.Timer(2.0).tick(refresh_monitor, None, outs, show_progress="hidden")
                 demo.load(refresh_monitor, None, outs)
             with gr.Tab("Latency analysis"):

@@ -178,9 +178,26 @@ def monitor_figures(samples: list[dict]) -> tuple[go.Figure, go.Figure]:
     return (_layout(host, "Trunk host: CPU and memory", None, "%"), _layout(gpu, "Trunk host: GPU", None, "%"))
 
 
+def batching_figure(samples: list[dict]) -> go.Figure:
+    """The trunk's scheduler from monitor samples: decode steps per batched forward (mean and max), KV slots in
+    use, and how long a step waited for the compute (right axis)."""
+    df = monitor_frame(samples)
+    fig = go.Figure()
+    if not df.empty and "batch_mean" in df:
+        t = pd.to_datetime(df["timestamp"], unit="s")
+        fig.add_scatter(x=t, y=df["batch_mean"], name="batch size (mean)", mode="lines")
+        fig.add_scatter(x=t, y=df["batch_max"], name="batch size (max)", mode="lines", line=dict(dash="dot"))
+        fig.add_scatter(x=t, y=df["kv_slots_used"], name="KV slots used", mode="lines")
+        fig.add_scatter(x=t, y=df["queue_wait_ms"], name="queue wait (ms)", mode="lines", yaxis="y2")
+        fig.update_layout(yaxis2=dict(overlaying="y", side="right", title="ms", rangemode="tozero"))
+    fig.update_layout(yaxis=dict(rangemode="tozero"))
+    return _layout(fig, "Trunk scheduler: batches, slots and queue wait", None, "rows / slots")
+
+
 def monitor_table(samples: list[dict], n: int = 10) -> pd.DataFrame:
     """The last `n` samples, newest first, in human units."""
     cols = ["time", "cpu_%", "mem_GiB", "rss_GiB", "gpu_%", "gpu_mem_GiB", "sessions", "steps/s", "compute_ms"]
+    cols += ["batch", "slots_used", "wait_ms"]
     rows = [
         {
             "time": time.strftime("%H:%M:%S", time.localtime(s["timestamp"])),
@@ -192,6 +209,9 @@ def monitor_table(samples: list[dict], n: int = 10) -> pd.DataFrame:
             "sessions": s["active_sessions"],
             "steps/s": round(s["steps_per_s"], 1),
             "compute_ms": round(s["mean_compute_ms"], 2),
+            "batch": round(s.get("batch_mean", 0.0), 1),
+            "slots_used": s.get("kv_slots_used", 0),
+            "wait_ms": round(s.get("queue_wait_ms", 0.0), 2),
         }
         for s in reversed(samples[-n:])
     ]

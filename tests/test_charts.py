@@ -108,6 +108,17 @@ def test_monitor_figures_and_table():
     assert table["gpu_%"].isna().all() and table["sessions"].tolist() == [2] * 10
 
 
+def test_batching_figure_charts_batches_slots_and_wait():
+    now = time.time()
+    samples = [
+        _sample(now + i, batch_mean=1.0 + i, batch_max=2 + i, kv_slots_used=i, queue_wait_ms=0.5) for i in range(4)
+    ]
+    fig = charts.batching_figure(samples)
+    assert [tr.name for tr in fig.data] == ["batch size (mean)", "batch size (max)", "KV slots used", "queue wait (ms)"]
+    assert list(fig.data[0].y) == [1.0, 2.0, 3.0, 4.0] and list(fig.data[2].y) == [0, 1, 2, 3]
+    assert charts.monitor_table(samples)["batch"].iloc[0] == 4.0
+
+
 def test_monitor_tab_text_without_server():
     class Local:
         pass
