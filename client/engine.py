@@ -23,6 +23,7 @@ from splitcore.lora import adapted, adapter_digest, adapter_layers, load_client_
 from splitcore.models import resolve_with_fallback
 from splitcore.parts import Split, load_parts
 from splitcore.runtime import configure_attention, resolve_device, resolve_dtype, use_cuda_graphs
+from splitcore.speculative import SelfDraft
 
 logger = logging.getLogger(__name__)
 
@@ -86,19 +87,34 @@ class SessionLink:
         self.client, self.fingerprint, self.max_length, self.adapter = client, fingerprint, max_length, adapter
         self.wire_dtype, self.reconnect_s, self.notify = wire_dtype, reconnect_s, notify
         self.history: list[torch.Tensor] = []
+        self.length = 0  # positions the trunk holds for this link
+        self._truncate_to: int | None = None  # a rollback to send with the next step
         self.session: TrunkSession | None = self._open()
 
     def _open(self) -> TrunkSession:
         return self.client.session(self.fingerprint, self.max_length, self.wire_dtype, self.adapter)
 
+    def truncate(self, length: int) -> None:
+        """Forget the positions from `length` on. Free: the rollback goes to the server with the next step, and
+        a replay after a restart sends only what is kept."""
+        if not 0 <= length <= self.length:
+            raise InvalidInput(f"cannot truncate to {length} positions: the trunk holds {self.length}")
+        if length < self.length:
+            kept = torch.cat(self.history, dim=1)[:, :length]
+            self.history = [kept] if length else []
+            self.length = length
+            self._truncate_to = length
+
     def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, float | None, int, int]:
         try:
-            out = self.session.step(h)
+            out = self.session.step(h, self._truncate_to)
         except TrunkUnavailable as e:
             if self.reconnect_s <= 0:
                 raise
             out = self._recover(h, e)
+        self._truncate_to = None
         self.history.append(h)
+        self.length += h.shape[1]
         return out
 
     def _recover(self, h: torch.Tensor, first_error: TrunkError) -> tuple[torch.Tensor, float, int, int]:
@@ -157,6 +173,12 @@ class StatelessLink:
         self._append(new_kv)
         return out, ms, b_out, b_in
 
+    def truncate(self, length: int) -> None:
+        """Forget the positions from `length` on: the next call sends the cache up to there."""
+        if not 0 <= length <= self.length:
+            raise InvalidInput(f"cannot truncate to {length} positions: the trunk cache holds {self.length}")
+        self.length = length
+
     def close(self) -> None:
         self._buf, self.length = None, 0
 
@@ -172,6 +194,9 @@ class DelayedLink:
         out = self.link.forward(h)
         time.sleep(self.delay_s)
         return out
+
+    def truncate(self, length: int) -> None:
+        self.link.truncate(length)  # travels with the next step: no delay of its own
 
     def close(self) -> None:
         self.link.close()
@@ -292,6 +317,13 @@ class SplitEngine(Engine):
         if self.cfg.added_delay_ms > 0:
             link = DelayedLink(link, self.cfg.added_delay_ms)
         return SplitStepper(parts["bottom"], parts["top"], link, max_length, pools)
+
+    def draft_source(self, name: str, capacity: int):
+        """Prompt lookup, or the client's own bottom and top without the trunk (with the adapter if on)."""
+        if name != "self":
+            return super().draft_source(name, capacity)
+        parts = self.adapter.parts if self.adapter is not None and self.use_adapter else self.parts
+        return SelfDraft(parts["bottom"], parts["top"], capacity)
 
     def _notify_both(self, notify: Notify | None) -> Notify:
         """The engine's listener (a log line by default) and this generation's."""

@@ -54,6 +54,8 @@ class Config:
     name: str
     engine: Engine
     split: bool = True
+    speculate: str = "none"  # a draft source: greedy tokens verified several to a round trip
+    plain: str = ""  # the config without speculation that this one is compared with
 
 
 @dataclass
@@ -76,6 +78,14 @@ class Result:
             "tokens_per_s": statistics.fmean(r.tokens_per_s for r in self.runs),
             "first_run_decode_median_ms": percentile(self.runs[0].decode_ms, 50),
         }
+        spec = [r.speculation for r in self.runs if r.speculation is not None]
+        if spec:
+            d["speculation"] = {
+                "acceptance_rate": statistics.fmean(x.acceptance for x in spec),
+                "tokens_per_round_trip": statistics.fmean(
+                    len(r.tokens) / r.speculation.calls for r in self.runs if r.speculation.calls
+                ),
+            }
         if len(self.runs) > 1:
             d["repeat_decode_median_ms"] = percentile([t for r in self.runs[1:] for t in r.decode_ms], 50)
             d["fresh_vs_repeat"] = d["first_run_decode_median_ms"] / d["repeat_decode_median_ms"]
@@ -232,6 +242,28 @@ def profile_table(prof: dict) -> str:
     return "\n".join(lines)
 
 
+def speculation_table(rows: list[dict], configs: list[Config]) -> str:
+    """tokens/s of each speculative row against the plain split at the same delay, with acceptance."""
+    plain = {c.name: c.plain for c in configs if c.plain}
+    if not plain:
+        return ""
+    by = {(r["config"], r["prompt_tokens"]): r for r in rows}
+    out = [
+        "| prompt | config | tok/s | x plain | acceptance | tokens per round trip |",
+        "|---:|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        if r["config"] in plain:
+            base = by[(plain[r["config"]], r["prompt_tokens"])]
+            s = r["speculation"]
+            out.append(
+                f"| {r['prompt_tokens']} | {r['config']} | {r['tokens_per_s']:.1f} | "
+                f"{r['tokens_per_s'] / base['tokens_per_s']:.2f} | {s['acceptance_rate']:.2f} | "
+                f"{s['tokens_per_round_trip']:.2f} |"
+            )
+    return "\n".join(out)
+
+
 def table(rows: list[dict]) -> str:
     full = {r["prompt_tokens"]: r for r in rows if r["config"] == "full"}
     out = [
@@ -277,6 +309,12 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--delays", default="5,25", help="one-way delays (ms) to simulate a remote trunk; '' = none")
     p.add_argument("--threads", type=int, default=None, help="torch threads in each process (default: torch's)")
+    p.add_argument(
+        "--speculate",
+        default="",
+        help="draft sources to add rows for (lookup,self): each at no delay and at every --delays, against the "
+        "plain split at the same delay",
+    )
     p.add_argument("--only", default="", help="comma-separated names of split configs to run (full always runs)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto: the client's and the trunk server's")
     p.add_argument("--dtype", default="auto", help="auto (float16 on a GPU, float32 on the CPU), float32, ...")
@@ -331,11 +369,16 @@ def main() -> None:
                 Config("split stateless fp32", split(stateless=True)),
             ]
             configs += [Config(f"split session +{d:g} ms each way", split(added_delay_ms=d)) for d in delays]
+            for src in [x for x in args.speculate.split(",") if x.strip()]:
+                for d in [0.0, *delays]:
+                    plain = f"split session +{d:g} ms each way" if d else "split session fp32"
+                    name = f"{plain}, speculate {src}"
+                    configs.append(Config(name, split(added_delay_ms=d), speculate=src, plain=plain))
         if args.only:
             keep = {x.strip() for x in args.only.split(",")}
             configs = [c for c in configs if c.name == "full" or any(k in c.name for k in keep)]
         for c in configs:  # warm up every path once, at a length no row uses: the rows' lengths stay first-seen
-            c.engine.run(prompt_ids(c.engine, 3), 4, GREEDY)
+            c.engine.run(prompt_ids(c.engine, 3), 4, GREEDY, c.speculate)
 
         started = time.time()
         if args.profile:
@@ -367,6 +410,10 @@ def main() -> None:
                 f"  prompt {n}: max |logit diff| {a['max_abs_logit_diff']:.3g}, greedy agreement "
                 f"{a['greedy_agreement']}/{a['steps']}"
             )
+        spec = speculation_table(output["results"], configs)
+        if spec:
+            print("\nspeculative decoding (greedy; the same tokens), against the plain split at the same delay:\n")
+            print(spec)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         meta = {
@@ -423,7 +470,8 @@ def compare(configs: list[Config], lengths: list[int], new_tokens: int, repeats:
     for n in lengths:
         for _ in range(repeats):
             for c in configs:  # interleaved, so drift on a shared machine hits every config alike
-                results[(c.name, n)].runs.append(c.engine.run(prompt_ids(c.engine, n), new_tokens, GREEDY).stats)
+                run = c.engine.run(prompt_ids(c.engine, n), new_tokens, GREEDY, c.speculate)
+                results[(c.name, n)].runs.append(run.stats)
     by_name = {c.name: c.engine for c in configs}
     ref, half = by_name.get("split session fp32"), by_name.get("split session fp16 wire")
     agreement = {}

@@ -170,6 +170,11 @@ class TrunkRuntime:
             self._decoding.discard(slot)
             heapq.heappush(self._free, slot)
 
+    def truncate(self, slot: int, length: int) -> None:
+        """Roll the slot back to `length` positions (its session's thread, nothing of it in flight)."""
+        with self._cv:
+            self.cache.truncate(length, row=slot)
+
     def length(self, slot: int) -> int:
         return self.cache.lengths[slot]
 

@@ -112,6 +112,17 @@ class TrunkServicer(pb_grpc.TrunkServicer):
             self.runtime.release_slot(session.slot)
         session.slot = session.cache = session.model = None
 
+    def _truncate(self, session, length: int) -> None:
+        """Forget the session's positions from `length` on. On the session's own thread: none of its work is
+        queued or running, and no other session's work touches its row."""
+        held = self._length(session)
+        if not 0 <= length <= held:
+            raise InvalidInput(f"cannot truncate to {length} positions: the session holds {held}")
+        if session.cache is not None:
+            session.cache.truncate(length)
+        elif length < held:
+            self.runtime.truncate(session.slot, length)
+
     def _length(self, session) -> int:
         return self.runtime.length(session.slot) if session.cache is None else session.cache.length
 
@@ -142,6 +153,12 @@ class TrunkServicer(pb_grpc.TrunkServicer):
             raise InvalidInput(f"expected a 'step' message, got '{req.WhichOneof('kind')}'")
         if req.step.step != session.next_step:
             raise InvalidInput(f"step {req.step.step} out of order: expected step {session.next_step}")
+        if req.step.HasField("truncate_to"):
+            self._truncate(session, req.step.truncate_to)
+            if not req.step.HasField("hidden"):  # a step that only rolls back
+                session.next_step += 1
+                session.last_active = time.monotonic()
+                return pb.StepResponse(step=req.step.step, cache_length=self._length(session))
         h = codec.decode(req.step.hidden, self.max_elements, finite="hidden states")  # cheaper here than in torch
         self.trunk.check_hidden(h, check_finite=False)
         cached = self._length(session)

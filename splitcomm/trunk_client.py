@@ -122,10 +122,13 @@ class TrunkSession:
         # the open message goes out with the first step: no extra round trip
         self._stream = _Stream(stub.Session, pb.StepRequest(open=open_msg), cfg, "session")
 
-    def step(self, hidden: torch.Tensor) -> tuple[torch.Tensor, float, int, int]:
-        """Send hidden states [1, T, d]; returns (trunk output, server ms, bytes sent, bytes received)."""
+    def step(self, hidden: torch.Tensor, truncate_to: int | None = None) -> tuple[torch.Tensor, float, int, int]:
+        """Send hidden states [1, T, d]; returns (trunk output, server ms, bytes sent, bytes received). With
+        `truncate_to`, the server first rolls the session back to that many positions."""
         t0 = time.perf_counter()
-        req = pb.StepRequest(step=pb.Step(step=self.steps, hidden=encode(hidden, self.wire_dtype)))
+        req = pb.StepRequest(
+            step=pb.Step(step=self.steps, hidden=encode(hidden, self.wire_dtype), truncate_to=truncate_to)
+        )
         t1 = time.perf_counter()
         resp = self._stream.exchange(req)
         t2 = time.perf_counter()
@@ -135,6 +138,12 @@ class TrunkSession:
         self.last = CallTimes((t3 - t0) * 1e3, (t1 - t0 + t3 - t2) * 1e3, resp.server_wall_ms, resp.server_ms)
         sent, received = len(req.step.hidden.data), len(resp.hidden.data)  # the tensors' bytes, plus framing
         return out, resp.server_ms, sent + FRAME_OVERHEAD, received + FRAME_OVERHEAD
+
+    def truncate(self, length: int) -> int:
+        """Roll the session back to `length` positions now (a step of its own); returns what the server holds."""
+        resp = self._stream.exchange(pb.StepRequest(step=pb.Step(step=self.steps, truncate_to=length)))
+        self.steps += 1
+        return resp.cache_length
 
     def close(self) -> None:
         self._stream.close()

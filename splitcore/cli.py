@@ -128,6 +128,13 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling, 1 = off (default %(default)s)")
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    p.add_argument(
+        "--speculate",
+        default="none",
+        choices=["none", "lookup", "self"],
+        help="draft tokens (prompt lookup, or the client's own parts) and verify several per trunk round trip; "
+        "greedy only, the same tokens as without (default %(default)s)",
+    )
 
 
 def setup_logging(log_file: str | None, verbose: bool = False) -> None:
@@ -150,10 +157,10 @@ def run_generate(engine: Engine, args: argparse.Namespace, extra: dict | None = 
     """Generate for the CLI: stream text to stdout, or print one JSON object with --json."""
     params = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
     if args.json:
-        result = engine.run(args.prompt, args.max_tokens, params)
+        result = engine.run(args.prompt, args.max_tokens, params, args.speculate)
         print(json.dumps(result.to_json(**(extra or {}))))
         return
-    events = engine.stream(args.prompt, args.max_tokens, params)
+    events = engine.stream(args.prompt, args.max_tokens, params, speculate=args.speculate)
     first = next(events, None)  # a request that cannot run fails here, before the prompt is echoed
     sys.stdout.write(args.prompt)
     for event in [first, *events] if first is not None else []:

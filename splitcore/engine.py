@@ -10,12 +10,14 @@ from pathlib import Path
 import torch
 
 from splitcore.cudagraph import DecoderPool
+from splitcore.errors import InvalidInput
 from splitcore.generate import FullStepper, Stepper, TokenEvent, check_request, generate
 from splitcore.lora import adapted, load_client_weights, load_peft
 from splitcore.models import ResolvedModel, load_tokenizer
 from splitcore.parts import load_full
 from splitcore.runtime import configure_attention
 from splitcore.sampling import SamplingParams
+from splitcore.speculative import SOURCES, PromptLookup, SpeculationStats, generate_speculative
 from splitcore.stats import GenerationStats
 
 logger = logging.getLogger(__name__)
@@ -75,10 +77,37 @@ class Engine:
         params: SamplingParams,
         stats: GenerationStats | None = None,
         notify: Notify | None = None,
+        speculate: str = "none",
     ) -> Iterator[TokenEvent]:
         """Yield tokens as they are generated; `stats` (if given) fills in as they come; `notify` hears of a lost
-        and regained trunk while the generation waits for it."""
+        and regained trunk while the generation waits for it. `speculate` names a draft source (lookup, self):
+        greedy tokens verified several to a round trip, the same tokens as without."""
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if speculate not in SOURCES:
+            raise InvalidInput(f"--speculate must be one of {', '.join(SOURCES)}; got '{speculate}'")
+        if speculate != "none":
+            stats = stats if stats is not None else GenerationStats()
+            stats.speculation = SpeculationStats(speculate)
+            if not params.greedy:
+                raise InvalidInput("speculative decoding is greedy only for now: use --temperature 0")
+            stepper = self.new_stepper_checked(ids, max_new_tokens, params, notify)
+            try:
+                draft = self.draft_source(speculate, len(ids) + max_new_tokens)
+            except BaseException:
+                stepper.close()
+                raise
+            yield from generate_speculative(
+                stepper,
+                draft,
+                ids,
+                max_new_tokens,
+                params,
+                self.decode,
+                self.tokenizer.eos_token_id,
+                stats,
+                stats.speculation,
+            )
+            return
         yield from generate(
             self.new_stepper_checked(ids, max_new_tokens, params, notify),
             ids,
@@ -89,16 +118,24 @@ class Engine:
             stats,
         )
 
+    def draft_source(self, name: str, capacity: int):
+        """The draft source `name` for speculative decoding (splitcore/speculative.py)."""
+        if name == "lookup":
+            return PromptLookup()
+        raise InvalidInput(f"--speculate {name} needs the split client's own parts; here use lookup")
+
     def new_stepper_checked(
         self, ids: list[int], max_new_tokens: int, params: SamplingParams, notify: Notify | None = None
     ) -> Stepper:
         check_request(ids, max_new_tokens, self.n_positions, params)  # before opening any remote session
         return self.new_stepper(len(ids) + max_new_tokens, notify)
 
-    def run(self, prompt: str | list[int], max_new_tokens: int, params: SamplingParams) -> GenerationResult:
+    def run(
+        self, prompt: str | list[int], max_new_tokens: int, params: SamplingParams, speculate: str = "none"
+    ) -> GenerationResult:
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         stats = GenerationStats()
-        tokens = [e.token_id for e in self.stream(ids, max_new_tokens, params, stats)]
+        tokens = [e.token_id for e in self.stream(ids, max_new_tokens, params, stats, speculate=speculate)]
         return GenerationResult(self.decode(tokens), ids, tokens, stats)
 
 

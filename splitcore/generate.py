@@ -33,7 +33,9 @@ class Stepper(Protocol):
 
     n_positions: int
 
-    def step(self, ids: torch.Tensor) -> StepResult: ...
+    def step(self, ids: torch.Tensor, all_positions: bool = False) -> StepResult: ...
+
+    def truncate(self, length: int) -> None: ...
 
     def close(self) -> None: ...
 
@@ -43,6 +45,10 @@ class TrunkLink(Protocol):
 
     def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, float | None, int, int]:
         """Hidden states out -> (hidden states back, server compute ms or None, bytes out, bytes in)."""
+        ...
+
+    def truncate(self, length: int) -> None:
+        """Forget the positions from `length` on."""
         ...
 
     def close(self) -> None: ...
@@ -57,14 +63,20 @@ class PartRun:
         self.decoder = pool.acquire(capacity) if pool is not None else None
         self.cache = self.decoder.cache if self.decoder is not None else part.new_cache(capacity)
 
-    def run(self, x: torch.Tensor, head: bool = False) -> torch.Tensor:
-        """Hidden states (B, T, C) of the new positions; with `head`, the last position's logits (B, vocab)."""
+    def run(self, x: torch.Tensor, head: bool = False, all_positions: bool = False) -> torch.Tensor:
+        """Hidden states (B, T, C) of the new positions; with `head`, the last position's logits (B, vocab), or
+        with `all_positions` every new position's (B, T, vocab)."""
         d = self.decoder
         if d is not None and x.shape[1] == 1 and x.shape[0] == d.rows and head == self.part.has_head:
-            return self.decoder.step(x)  # the graph of a head part ends in its logits
+            if not all_positions:
+                return self.decoder.step(x)  # the graph of a head part ends in its logits
         x = x.to(self.part.device) if self.part.has_embed else x.to(self.part.device, self.part.dtype)
         h = self.part.hidden(x, self.cache)
-        return self.part.logits(h) if head else h
+        return self.part.logits(h, all_positions) if head else h
+
+    def truncate(self, length: int) -> None:
+        """Forget the positions from `length` on (rejected drafts of speculative decoding)."""
+        self.cache.truncate(length)
 
     def close(self) -> None:
         if self.decoder is not None:
@@ -84,6 +96,9 @@ class LocalTrunkLink:
         out = self.trunk.run(h)
         return out, (time.perf_counter() - t0) * 1e3, 0, 0
 
+    def truncate(self, length: int) -> None:
+        self.trunk.truncate(length)
+
     def close(self) -> None:
         self.trunk.close()
 
@@ -96,10 +111,14 @@ class FullStepper:
         self.n_positions = model.n_positions
 
     @torch.inference_mode()
-    def step(self, ids: torch.Tensor) -> StepResult:
+    def step(self, ids: torch.Tensor, all_positions: bool = False) -> StepResult:
         t0 = time.perf_counter()
-        logits = self.model.run(ids, head=True)[0]
+        logits = self.model.run(ids, head=True, all_positions=all_positions)[0]
         return StepResult(logits, (time.perf_counter() - t0) * 1e3)
+
+    def truncate(self, length: int) -> None:
+        """Forget the positions from `length` on: the next step goes on as if they had never been fed."""
+        self.model.truncate(length)
 
     def close(self) -> None:
         self.model.close()
@@ -119,22 +138,29 @@ class SplitStepper:
         self.last_bottom_ms = self.last_top_ms = self.last_head_ms = 0.0
 
     @torch.inference_mode()
-    def step(self, ids: torch.Tensor) -> StepResult:
+    def step(self, ids: torch.Tensor, all_positions: bool = False) -> StepResult:
+        """Logits of the last new position (vocab,), or with `all_positions` of every new one (T, vocab)."""
         t0 = time.perf_counter()
         h = self.bottom.run(ids)  # (1, T, C)
         t1 = time.perf_counter()
         h, server_ms, b_out, b_in = self.link.forward(h)
         t2 = time.perf_counter()
-        if self.top.decoder is not None and h.shape[1] == 1:
+        if self.top.decoder is not None and h.shape[1] == 1 and not all_positions:
             logits, t3 = self.top.run(h, head=True)[0], None
         else:
             h = self.top.run(h)
             t3 = time.perf_counter()
-            logits = self.top.part.logits(h)[0]
+            logits = self.top.part.logits(h, all_positions)[0]
         t4 = time.perf_counter()
         t3 = t4 if t3 is None else t3
         self.last_bottom_ms, self.last_top_ms, self.last_head_ms = (t1 - t0) * 1e3, (t3 - t2) * 1e3, (t4 - t3) * 1e3
         return StepResult(logits, ((t1 - t0) + (t4 - t2)) * 1e3, server_ms, (t2 - t1) * 1e3, b_out, b_in)
+
+    def truncate(self, length: int) -> None:
+        """Forget the positions from `length` on, here and on the trunk (with its next step)."""
+        self.bottom.truncate(length)
+        self.top.truncate(length)
+        self.link.truncate(length)
 
     def close(self) -> None:
         try:

@@ -49,6 +49,7 @@ class GenerationStats:
     prompt_tokens: int = 0
     tokens: list[TokenTiming] = field(default_factory=list)
     wall_s: float = 0.0  # from request to last token
+    speculation: object = None  # SpeculationStats of a speculative generation (splitcore/speculative.py)
 
     def add(self, t: TokenTiming) -> None:
         self.tokens.append(t)
@@ -88,6 +89,8 @@ class GenerationStats:
                 "bytes_out": col("bytes_out"),
                 "bytes_in": col("bytes_in"),
             }
+        if self.speculation is not None:
+            d["speculation"] = self.speculation.to_dict(len(self.tokens))
         return d
 
     def rows(self) -> list[dict]:

@@ -1,0 +1,176 @@
+"""Speculative decoding across the split, greedy: draft a few tokens on the client, verify them all in one
+trunk round trip, keep the longest prefix the model agrees with, and roll the rest back.
+
+Draft sources (one interface, `propose(ids, k)`):
+- `PromptLookup`: the tokens that followed the latest earlier occurrence of the context's last n-gram; no model.
+- `SelfDraft`: the client's own parts without the trunk (embeddings, bottom blocks, top blocks, head), on caches
+  of their own; no network at all.
+
+Verification feeds the last chosen token and the k drafts in one step and reads the logits of every position:
+draft i is accepted while it is the argmax after the tokens before it, and the first disagreement (or the
+token after the last draft) is the model's own next token. So every round trip yields 1 to k+1 tokens, and the
+output is exactly plain greedy's. Sampling (accept with min(1, p/q)) is still to come.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from splitcore.errors import InvalidInput
+from splitcore.generate import IncrementalDecoder, PartRun, Stepper, TokenEvent, check_request
+from splitcore.gpt2 import GPT2
+from splitcore.sampling import SamplingParams
+from splitcore.stats import GenerationStats, TokenTiming
+
+SOURCES = ("none", "lookup", "self")
+
+
+class PromptLookup:
+    """Draft the tokens that followed the latest earlier occurrence of the context's last n tokens (n from
+    `max_ngram` down to 1)."""
+
+    name = "lookup"
+
+    def __init__(self, max_ngram: int = 3):
+        self.max_ngram = max_ngram
+
+    def propose(self, ids: list[int], k: int) -> list[int]:
+        for n in range(min(self.max_ngram, len(ids) - 1), 0, -1):
+            tail = ids[-n:]
+            for start in range(len(ids) - n - 1, -1, -1):
+                if ids[start : start + n] == tail:
+                    return ids[start + n : start + n + k]
+        return []
+
+    def close(self) -> None:
+        pass
+
+
+class SelfDraft:
+    """The client's bottom and top run as one shallower model, skipping the trunk: greedy drafts at the cost of
+    the client's own blocks, with no round trip. Its caches follow the accepted context."""
+
+    name = "self"
+
+    def __init__(self, bottom: GPT2, top: GPT2, capacity: int):
+        self.bottom, self.top = PartRun(bottom, capacity), PartRun(top, capacity)
+        self.fed: list[int] = []  # the context its caches hold
+
+    @torch.inference_mode()
+    def _step(self, ids: list[int]) -> int:
+        h = self.bottom.run(torch.tensor([ids]))
+        return int(self.top.run(h, head=True)[0].argmax())
+
+    def propose(self, ids: list[int], k: int) -> list[int]:
+        keep = 0  # the longest common prefix of what the caches hold and the context
+        while keep < min(len(self.fed), len(ids) - 1) and self.fed[keep] == ids[keep]:
+            keep += 1
+        self.bottom.truncate(keep)
+        self.top.truncate(keep)
+        self.fed = ids[:keep]
+        drafts = [self._step(ids[keep:])]
+        self.fed = list(ids)
+        for _ in range(k - 1):
+            self.fed.append(drafts[-1])
+            drafts.append(self._step(drafts[-1:]))
+        return drafts
+
+    def close(self) -> None:
+        self.bottom.close()
+        self.top.close()
+
+
+@dataclass
+class SpeculationStats:
+    source: str
+    calls: int = 0  # verification round trips
+    drafted: int = 0
+    accepted: int = 0
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    def to_dict(self, tokens: int) -> dict:
+        return {
+            "source": self.source,
+            "verifications": self.calls,
+            "drafted": self.drafted,
+            "accepted": self.accepted,
+            "acceptance_rate": self.acceptance,
+            "tokens_per_round_trip": tokens / self.calls if self.calls else 0.0,
+        }
+
+
+def generate_speculative(
+    stepper: Stepper,
+    draft,
+    prompt_ids: list[int],
+    max_new_tokens: int,
+    params: SamplingParams,
+    decode: Callable[[list[int]], str],
+    eos_token_id: int | None = None,
+    stats: GenerationStats | None = None,
+    spec: SpeculationStats | None = None,
+    k: int = 4,
+) -> Iterator[TokenEvent]:
+    """Greedy generation with drafts from `draft`, verified `k` at a time; the same tokens as plain greedy.
+    The stepper and the draft source are closed when the loop ends, however it ends."""
+    check_request(prompt_ids, max_new_tokens, stepper.n_positions, params)
+    if not params.greedy:
+        raise InvalidInput("speculative decoding is greedy only for now: use --temperature 0 or --speculate none")
+    text = IncrementalDecoder(decode)
+    stats = stats if stats is not None else GenerationStats()
+    spec = spec if spec is not None else SpeculationStats(draft.name)
+    stats.prompt_tokens = len(prompt_ids)
+    start = time.perf_counter()
+    ids, produced = list(prompt_ids), 0
+    try:
+        feed = list(prompt_ids)
+        while True:
+            t0 = time.perf_counter()
+            room = min(k, max_new_tokens - produced - 1, stepper.n_positions - len(ids) - 1)
+            drafts = draft.propose(ids, room) if produced and room > 0 else []
+            r = stepper.step(torch.tensor([feed + drafts]), all_positions=bool(drafts))  # a prompt: its last only
+            if drafts:
+                preds = r.logits.argmax(dim=-1).tolist()[len(feed) - 1 :]  # the choice after each fed position
+            else:
+                preds = [int(r.logits.argmax())]
+            accepted = 0
+            while accepted < len(drafts) and preds[accepted] == drafts[accepted]:
+                accepted += 1
+            new = drafts[:accepted] + [preds[accepted]]
+            if accepted < len(drafts):  # roll the rejected drafts back, here and on the trunk
+                stepper.truncate(len(ids) + accepted)
+            if drafts:
+                spec.calls += 1
+                spec.drafted += len(drafts)
+                spec.accepted += accepted
+            total = (time.perf_counter() - t0) * 1e3
+            network = None if r.server_ms is None else max(0.0, (r.trunk_wall_ms or 0.0) - r.server_ms)
+            share = len(new)
+            for j, token in enumerate(new):
+                timing = TokenTiming(
+                    total / share,
+                    (total - (r.trunk_wall_ms or 0.0)) / share,
+                    None if r.server_ms is None else r.server_ms / share,
+                    None if network is None else network / share,
+                    r.bytes_out if j == 0 else 0,
+                    r.bytes_in if j == 0 else 0,
+                )
+                stats.add(timing)
+                stats.wall_s = time.perf_counter() - start
+                ids.append(token)
+                produced += 1
+                last = produced == max_new_tokens or (eos_token_id is not None and token == eos_token_id)
+                yield TokenEvent(produced - 1, token, text.push(token, last), timing)
+                if last:
+                    return
+            feed = [new[-1]]  # the model's own token: chosen, not yet fed
+    finally:
+        stepper.close()
+        draft.close()
