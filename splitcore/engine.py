@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -85,38 +86,21 @@ class Engine:
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if speculate not in SOURCES:
             raise InvalidInput(f"--speculate must be one of {', '.join(SOURCES)}; got '{speculate}'")
+        run = generate
         if speculate != "none":
-            stats = stats if stats is not None else GenerationStats()
-            stats.speculation = SpeculationStats(speculate)
             if not params.greedy:
                 raise InvalidInput("speculative decoding is greedy only for now: use --temperature 0")
-            stepper = self.new_stepper_checked(ids, max_new_tokens, params, notify)
+            stats = stats if stats is not None else GenerationStats()
+            stats.speculation = SpeculationStats(speculate)
+        stepper = self.new_stepper_checked(ids, max_new_tokens, params, notify)
+        if speculate != "none":
             try:
                 draft = self.draft_source(speculate, len(ids) + max_new_tokens)
             except BaseException:
                 stepper.close()
                 raise
-            yield from generate_speculative(
-                stepper,
-                draft,
-                ids,
-                max_new_tokens,
-                params,
-                self.decode,
-                self.tokenizer.eos_token_id,
-                stats,
-                stats.speculation,
-            )
-            return
-        yield from generate(
-            self.new_stepper_checked(ids, max_new_tokens, params, notify),
-            ids,
-            max_new_tokens,
-            params,
-            self.decode,
-            self.tokenizer.eos_token_id,
-            stats,
-        )
+            run = functools.partial(generate_speculative, draft=draft, spec=stats.speculation)
+        yield from run(stepper, ids, max_new_tokens, params, self.decode, self.tokenizer.eos_token_id, stats)
 
     def draft_source(self, name: str, capacity: int):
         """The draft source `name` for speculative decoding (splitcore/speculative.py)."""

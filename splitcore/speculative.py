@@ -108,18 +108,19 @@ class SpeculationStats:
 
 def generate_speculative(
     stepper: Stepper,
-    draft,
     prompt_ids: list[int],
     max_new_tokens: int,
     params: SamplingParams,
     decode: Callable[[list[int]], str],
     eos_token_id: int | None = None,
     stats: GenerationStats | None = None,
+    *,
+    draft,
     spec: SpeculationStats | None = None,
     k: int = 4,
 ) -> Iterator[TokenEvent]:
-    """Greedy generation with drafts from `draft`, verified `k` at a time; the same tokens as plain greedy.
-    The stepper and the draft source are closed when the loop ends, however it ends."""
+    """`generate` (splitcore/generate.py) with drafts from `draft`, verified `k` at a time: greedy, the same
+    tokens as plain greedy. The stepper and the draft source are closed when the loop ends, however it ends."""
     check_request(prompt_ids, max_new_tokens, stepper.n_positions, params)
     if not params.greedy:
         raise InvalidInput("speculative decoding is greedy only for now: use --temperature 0 or --speculate none")
