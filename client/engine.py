@@ -100,10 +100,11 @@ class SessionLink:
         if not 0 <= length <= self.length:
             raise InvalidInput(f"cannot truncate to {length} positions: the trunk holds {self.length}")
         if length < self.length:
-            kept = torch.cat(self.history, dim=1)[:, :length]
-            self.history = [kept] if length else []
-            self.length = length
-            self._truncate_to = length
+            while self.history and self.length - self.history[-1].shape[1] >= length:  # whole steps past it go
+                self.length -= self.history.pop().shape[1]
+            if self.length > length:  # and the part of the last one past it
+                self.history[-1] = self.history[-1][:, : self.history[-1].shape[1] - (self.length - length)]
+            self.length = self._truncate_to = length
 
     def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, float | None, int, int]:
         try:

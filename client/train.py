@@ -20,7 +20,7 @@ import torch
 from splitcomm.codec import decode_named, encode_named
 from splitcomm.proto import trunk_pb2 as pb
 from splitcore.errors import InvalidInput
-from splitcore.gpt2 import to_state, with_weights
+from splitcore.gpt2 import hf_layout, with_weights
 from splitcore.lora import (
     LoraSettings,
     Optimizer,
@@ -100,12 +100,14 @@ def check_client_train(value: str) -> None:
 
 
 def full_weights(*parts) -> dict[str, torch.Tensor]:
-    """The trained (non-LoRA) weights of `parts` by HF name, Conv1D layout, the tied head left out."""
-    out = {}
-    for part in parts:
-        trained = {n for n, p in part.named_parameters() if p.requires_grad and not is_lora(n)}
-        out |= {k: v for k, v in to_state(part).items() if k in trained and k != "lm_head.weight"}
-    return out
+    """The trained (non-LoRA) weights of `parts` by HF name, Conv1D layout, the tied head left out ({} when
+    only adapters train: nothing is copied then)."""
+    return {
+        n: hf_layout(n, p)
+        for part in parts
+        for n, p in part.named_parameters()
+        if p.requires_grad and not is_lora(n) and n != "lm_head.weight"
+    }
 
 
 class LocalTrainer:

@@ -36,7 +36,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from scripts.bench import start_server  # noqa: E402
-from splitcomm.proto import trunk_pb2 as pb  # noqa: E402
 from splitcomm.trunk_client import TrunkClient, TrunkClientConfig  # noqa: E402
 from splitcore.models import load_tokenizer, resolve_model  # noqa: E402
 from splitcore.parts import load_parts  # noqa: E402
@@ -61,16 +60,11 @@ def hidden_states(model_spec: str, models_dir: str, prompt: int, steps: int) -> 
     return h[:, :prompt].clone(), h[0, prompt:].unsqueeze(1).clone()
 
 
-def _fingerprint(client: TrunkClient) -> pb.Fingerprint:
-    info = client.info()
-    return info.fingerprint
-
-
 def worker(target, wire, n_sessions, prompt_h, step_hs, ready, go, done_steps, out) -> None:
     """One client process: its sessions in threads; each prefills, waits for `go`, then decodes every step."""
     torch.set_num_threads(1)
     client = TrunkClient(TrunkClientConfig(target))
-    fp = _fingerprint(client)
+    fp = client.info().fingerprint
     dtype = getattr(torch, wire)
     sessions = [client.session(fp, prompt_h.shape[1] + step_hs.shape[0] + 1, dtype) for _ in range(n_sessions)]
     for s in sessions:
@@ -178,7 +172,7 @@ def main() -> None:
         proc, target = start_server(args.model, args.models_dir, None, flags)
         try:
             client = TrunkClient(TrunkClientConfig(target))
-            fp = _fingerprint(client)
+            fp = client.info().fingerprint
             wire = getattr(torch, args.wire_dtype)
             newcomer_ttft(client, fp, prompt_h, wire)  # warm-up
             idle = statistics.median(newcomer_ttft(client, fp, prompt_h, wire) for _ in range(5))

@@ -8,7 +8,6 @@ import sys
 import threading
 
 import grpc
-import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from server.config import ServerConfig, parse_config
@@ -114,8 +113,7 @@ class TrunkServer:
         """--kv-slots, or as many as --kv-memory-mb holds."""
         if cfg.kv_memory_mb <= 0:
             return cfg.kv_slots
-        c, t = self.trunk.config, self.trunk
-        per_slot = 2 * len(t.h) * c.n_embd * (max_length + 1) * torch.tensor([], dtype=t.dtype).element_size()
+        per_slot = self.trunk.cache_bytes(max_length + 1)  # the spare position included, as the runtime's
         slots = int(cfg.kv_memory_mb * 2**20 // per_slot)
         if slots < 1:
             raise InvalidInput(

@@ -48,12 +48,22 @@ class ServerConfig:
 def build_parser() -> argparse.ArgumentParser:
     d = ServerConfig()
     p = argparse.ArgumentParser(prog="python -m server", description="GPT-2 trunk server (split inference).")
+
+    def number(flag: str, env_name: str, default: int | float, text: str, **kw) -> None:
+        """A numeric flag whose default comes from `env_name` (a bad value there is one readable line)."""
+        kind, raw = type(default), env(env_name, "")
+        try:
+            value = kind(raw) if raw else default
+        except ValueError:
+            p.error(f"{env_name}={raw!r} is not a{'n integer' if kind is int else ' number'}")
+        p.add_argument(flag, type=kind, default=value, help=f"{text} (env {env_name}; default %(default)s)", **kw)
+
     p.add_argument("--model", default=env("GPT2_MODEL", d.model), help="hub id, directory or random:NAME")
     p.add_argument("--models-dir", default=env("GPT2_MODELS_DIR", d.models_dir))
     p.add_argument("--fallback-random", action="store_true", default=env("GPT2_FALLBACK_RANDOM", "0") == "1")
     p.add_argument("--split", default=env("GPT2_SPLIT", d.split), help="s1,s2: trunk runs blocks [s1, s2)")
     p.add_argument("--host", default=env("GPT2_SERVER_HOST", d.host))
-    p.add_argument("--port", type=int, default=int(env("GPT2_SERVER_PORT", str(d.port))))
+    number("--port", "GPT2_SERVER_PORT", d.port, "0 = any free port (printed on the ready line)")
     p.add_argument("--device", default=env("GPT2_DEVICE", d.device))
     p.add_argument(  # GPT2_DTYPE as every process; GPT2_SERVER_DTYPE, the older name, still wins on the server
         "--dtype", default=env("GPT2_SERVER_DTYPE", env("GPT2_DTYPE", d.dtype)), help="auto, float32, float16, bfloat16"
@@ -66,56 +76,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="decode steps as CUDA graphs on a GPU (env GPT2_CUDA_GRAPHS; no effect on the CPU)",
     )
     p.add_argument("--threads", type=int, default=int(env("GPT2_THREADS", "0")) or None)
-    p.add_argument("--max-sessions", type=int, default=int(env("GPT2_MAX_SESSIONS", str(d.max_sessions))))
-    p.add_argument(
-        "--max-session-tokens", type=int, default=int(env("GPT2_MAX_SESSION_TOKENS", str(d.max_session_tokens)))
-    )
-    p.add_argument(
-        "--kv-slots",
-        type=int,
-        default=int(env("GPT2_KV_SLOTS", str(d.kv_slots))),
-        help="KV cache rows allocated at start, one per open inference session (default %(default)s)",
-    )
-    p.add_argument(
-        "--kv-memory-mb",
-        type=float,
-        default=float(env("GPT2_KV_MEMORY_MB", "0")),
-        help="instead of --kv-slots: as many slots as fit in this many MiB",
-    )
-    p.add_argument(
-        "--max-batch",
-        type=int,
-        default=int(env("GPT2_MAX_BATCH", str(d.max_batch))),
-        help="decode steps of different sessions in one forward, at most (default %(default)s; 1 = no batching)",
-    )
-    p.add_argument(
-        "--batch-wait-ms",
-        type=float,
-        default=float(env("GPT2_BATCH_WAIT_MS", str(d.batch_wait_ms))),
-        help="how long a decode step waits for the other decoding sessions' steps (default %(default)s ms)",
-    )
-    p.add_argument(
-        "--prefill-chunk",
-        type=int,
-        default=int(env("GPT2_PREFILL_CHUNK", str(d.prefill_chunk))),
-        help="prompt positions computed at a time, decode batches running between chunks (default %(default)s)",
-    )
-    p.add_argument(
-        "--metrics-port",
-        type=int,
-        default=int(env("GPT2_METRICS_PORT", "0")),
-        help="serve Prometheus metrics on this port (0 = off)",
-    )
+    number("--max-sessions", "GPT2_MAX_SESSIONS", d.max_sessions, "concurrent sessions")
+    number("--max-session-tokens", "GPT2_MAX_SESSION_TOKENS", d.max_session_tokens, "0 = the model's context")
+    number("--kv-slots", "GPT2_KV_SLOTS", d.kv_slots, "KV cache rows allocated at start, one per inference session")
+    number("--kv-memory-mb", "GPT2_KV_MEMORY_MB", d.kv_memory_mb, "instead: as many slots as fit in this many MiB")
+    number("--max-batch", "GPT2_MAX_BATCH", d.max_batch, "decode steps in one forward, at most (1 = no batching)")
+    number("--batch-wait-ms", "GPT2_BATCH_WAIT_MS", d.batch_wait_ms, "a decode batch's wait for the others, ms")
+    number("--prefill-chunk", "GPT2_PREFILL_CHUNK", d.prefill_chunk, "prompt positions computed at a time")
+    number("--metrics-port", "GPT2_METRICS_PORT", d.metrics_port, "Prometheus /metrics on this port (0 = off)")
     p.add_argument("--metrics-host", default=env("GPT2_METRICS_HOST", d.metrics_host))
-    p.add_argument(
-        "--max-message-bytes", type=int, default=int(env("GPT2_MAX_MESSAGE_BYTES", str(d.max_message_bytes)))
-    )
-    p.add_argument(
-        "--idle-timeout",
-        dest="idle_timeout_s",
-        type=float,
-        default=float(env("GPT2_IDLE_TIMEOUT", str(d.idle_timeout_s))),
-    )
+    number("--max-message-bytes", "GPT2_MAX_MESSAGE_BYTES", d.max_message_bytes, "largest message either way")
+    number("--idle-timeout", "GPT2_IDLE_TIMEOUT", d.idle_timeout_s, "s; 0 = never", dest="idle_timeout_s")
     p.add_argument(
         "--train-recompute",
         action="store_true",

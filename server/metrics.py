@@ -24,11 +24,8 @@ class _FromRuntime:
         rt = self.runtime
         stats = rt.stats
         sizes = dict(stats.batch_sizes)
-        buckets, seen = [], 0
-        for edge in BATCH_BUCKETS:
-            seen += sum(n for rows, n in sizes.items() if (edge // 2 if edge > 1 else 0) < rows <= edge)
-            buckets.append((str(edge), seen))
-        buckets.append(("+Inf", stats.batches))
+        buckets = [(str(edge), sum(n for rows, n in sizes.items() if rows <= edge)) for edge in BATCH_BUCKETS]
+        buckets.append(("+Inf", stats.batches))  # cumulative counts, as Prometheus wants them
         h = HistogramMetricFamily("trunk_decode_batch_rows", "Decode steps per batched forward")
         h.add_metric([], buckets, sum_value=stats.batched_rows)
         yield h

@@ -23,6 +23,7 @@ encodes the answer (Petals' handler against its block functions; TGI's router ag
 from __future__ import annotations
 
 import collections
+import functools
 import heapq
 import logging
 import threading
@@ -53,7 +54,6 @@ class RuntimeStats:
     jobs: int = 0  # steps run alone
     queue_wait_ms: float = 0.0  # summed over every step, batched or alone
     waited: int = 0  # steps whose wait is in queue_wait_ms
-    compute_ms: float = 0.0
 
 
 @dataclass(eq=False)
@@ -193,19 +193,13 @@ class TrunkRuntime:
             self._decoding.discard(slot)  # not decoding for now: batches do not wait for it
         model = model or self.trunk
 
-        def chunk_fn(chunk: torch.Tensor):
-            def fn():
-                with torch.inference_mode():
-                    return model(chunk, self.cache, rows=slot).cpu()
+        def forward(chunk: torch.Tensor) -> torch.Tensor:
+            with torch.inference_mode():
+                return model(chunk, self.cache, rows=slot).cpu()
 
-            return fn
-
-        outs, ms = [], 0.0
-        for chunk in h.split(self.prefill_chunk, dim=1):
-            out, chunk_ms = self.run_timed(chunk_fn(chunk))
-            outs.append(out)
-            ms += chunk_ms
-        return (outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)), ms
+        done = [self.run_timed(functools.partial(forward, c)) for c in h.split(self.prefill_chunk, dim=1)]
+        outs = [out for out, _ in done]
+        return (outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)), sum(ms for _, ms in done)
 
     def run(self, fn: Callable[[], Any]) -> Any:
         """Run `fn` alone, between decode batches, one computation at a time; returns what it returns."""
@@ -266,7 +260,7 @@ class TrunkRuntime:
                 self._drain()
                 self._busy = False
                 return
-            if self._decodes and not (self._alone and self._alone_next):
+            if self._batch_next():
                 self._gather()
                 batch, self._decodes = self._decodes[: self.max_batch], self._decodes[self.max_batch :]
                 alone = None
@@ -283,15 +277,18 @@ class TrunkRuntime:
                 nxt = None
                 if self._stopping:
                     self._drain()
-                elif self._decodes and not (self._alone and self._alone_next):
+                elif self._batch_next():
                     nxt = self._decodes[0]
                 elif self._alone:
                     nxt = self._alone[0]
-                elif self._decodes:
-                    nxt = self._decodes[0]
                 self._busy = nxt is not None
             if nxt is not None:
                 nxt.wake.set()
+
+    def _batch_next(self) -> bool:
+        """Under the lock: whether a decode batch goes next (else one piece of work alone): they alternate
+        while both wait."""
+        return bool(self._decodes) and not (self._alone and self._alone_next)
 
     def _gather(self) -> None:
         """Under the lock: wait (up to batch_wait_ms from now, when the scheduler is free to run a batch) until
@@ -357,7 +354,6 @@ class TrunkRuntime:
         ms = (time.perf_counter() - t0) * 1e3
         with self._cv:
             s = self.stats
-            s.compute_ms += ms
             if works[0].slot is not None:
                 self._step_s = 0.8 * self._step_s + 0.2 * ms / 1e3
                 s.batches += 1

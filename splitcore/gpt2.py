@@ -215,6 +215,11 @@ class GPT2(nn.Module):
         self._where = None
         return super()._apply(fn, recurse)
 
+    def cache_bytes(self, capacity: int, rows: int = 1) -> int:
+        """What new_cache(capacity, rows) allocates: keys and values of every block."""
+        c = self.config
+        return 2 * len(self.h) * rows * c.n_embd * capacity * torch.empty((), dtype=self.dtype).element_size()
+
     def new_cache(self, capacity: int = 0, rows: int = 1, static: bool = False) -> KVCache:
         """An empty cache for this model's blocks: room for `capacity` positions (0: grows from a minimum);
         `static` fixes the room (CUDA graphs need buffers that never move)."""
@@ -334,13 +339,17 @@ def from_state(
 def to_state(model: GPT2) -> dict[str, torch.Tensor]:
     """The inverse of from_state: the model's tensors by HF name, Conv1D weights back to [in, out]; no lm_head
     when it is tied to wte (GPT-2 saves it once)."""
-    out = {}
-    for name, t in model.state_dict().items():
-        if name == "lm_head.weight" and model.has_embed:
-            continue
-        t = t.detach()
-        out[name] = t.t().contiguous() if name.endswith(CONV1D_WEIGHTS) else t.clone()
-    return out
+    return {
+        name: hf_layout(name, t)
+        for name, t in model.state_dict().items()
+        if not (name == "lm_head.weight" and model.has_embed)
+    }
+
+
+def hf_layout(name: str, t: torch.Tensor) -> torch.Tensor:
+    """A copy of the model's tensor `name` as HF's GPT-2 stores it: Conv1D weights back to [in, out]."""
+    t = t.detach()
+    return t.t().contiguous() if name.endswith(CONV1D_WEIGHTS) else t.clone()
 
 
 def with_weights(model: GPT2, state: dict[str, torch.Tensor]) -> GPT2:

@@ -139,3 +139,21 @@ def test_stepper_truncate_gives_the_logits_of_never_going_past(models_dir, tiny,
     b.close()
     if kind == "split":
         engine.close()
+
+
+def test_session_link_history_keeps_exactly_the_first_p_positions():
+    """The arithmetic of the replay history (whole steps dropped, the last one cut), against a concatenation."""
+    import random
+
+    rng = random.Random(0)
+    for _ in range(300):
+        link = SessionLink.__new__(SessionLink)  # the history alone: no server needed for this
+        link.history, link.length, link._truncate_to = [], 0, None
+        for _ in range(rng.randint(1, 6)):
+            link.history.append(torch.randn(1, rng.randint(1, 6), 2))
+            link.length += link.history[-1].shape[1]
+        full = torch.cat(link.history, dim=1)
+        p = rng.randint(0, link.length)
+        link.truncate(p)
+        kept = torch.cat(link.history, dim=1) if link.history else full[:, :0]
+        assert link.length == p and link._truncate_to in (p, None) and torch.equal(kept, full[:, :p])
