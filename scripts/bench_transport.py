@@ -44,9 +44,7 @@ async def _echo_aio(request_iterator, context):
 
 
 def _handler(fn):
-    return grpc.method_handlers_generic_handler(
-        "bench.Echo", {"Stream": grpc.stream_stream_rpc_method_handler(fn)}
-    )
+    return grpc.method_handlers_generic_handler("bench.Echo", {"Stream": grpc.stream_stream_rpc_method_handler(fn)})
 
 
 def serve(kind: str, port: int, workers: int, ready) -> None:
@@ -142,9 +140,7 @@ def main() -> None:
     p.add_argument("--client-procs", type=int, default=max(1, min(8, (os.cpu_count() or 2) // 2)))
     p.add_argument("--json", help="write the rows here")
     args = p.parse_args()
-    rows = [
-        measure(kind, int(n), args) for kind in args.servers.split(",") for n in args.sessions.split(",")
-    ]
+    rows = [measure(kind, int(n), args) for kind in args.servers.split(",") for n in args.sessions.split(",")]
     one = {r["server"]: r["msgs_per_s"] for r in rows if r["streams"] == 1}
     print("| server | streams | msgs/s | x one stream | rtt p50 ms | rtt p99 ms |")
     print("|---|---:|---:|---:|---:|---:|")

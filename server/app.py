@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
 import sys
@@ -13,11 +14,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from server.config import ServerConfig, parse_config
 from server.metrics import Metrics
 from server.runtime import TrunkRuntime
-from server.servicer import TrunkServicer
+from server.servicer import TrunkServicer, add_to_server
 from server.sessions import SessionRegistry
 from splitcomm.channel import add_port, make_server
 from splitcomm.proto import trunk_pb2 as pb
-from splitcomm.proto import trunk_pb2_grpc as pb_grpc
 from splitcore.cli import main_guard, setup_logging
 from splitcore.errors import InvalidInput
 from splitcore.fingerprint import model_fingerprint
@@ -100,14 +100,27 @@ class TrunkServer:
             runtime=self.runtime,
             train_recompute=cfg.train_recompute,
             metrics=self.metrics,
+            workers=cfg.max_sessions + 4,  # stateless calls and training steps each hold one while they run
         )
-        # Each session and monitor stream holds a thread for its life; unary calls need a few more.
-        self.grpc_server = make_server(cfg.max_sessions + cfg.max_monitors + 8, cfg.max_message_bytes, cfg.auth_token)
-        pb_grpc.add_TrunkServicer_to_server(self.servicer, self.grpc_server)
-        self.health = health.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
+        # gRPC runs on one asyncio event loop in a thread of its own; the runtime's scheduler thread computes.
+        self.loop = asyncio.new_event_loop()
+        self._loop_thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="grpc-loop")
+        self._loop_thread.start()
+        self.grpc_server = self._on_loop(self._build())
         self.port: int | None = None
         self._stopped = threading.Event()
+        self._done = threading.Event()
+
+    def _on_loop(self, coro):
+        """Run a coroutine on the server's event loop and return its result (from any other thread)."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    async def _build(self) -> grpc.aio.Server:
+        server = make_server(self.cfg.max_message_bytes, self.cfg.auth_token)
+        add_to_server(self.servicer, server)
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        return server
 
     def _slots(self, cfg: ServerConfig, max_length: int) -> int:
         """--kv-slots, or as many as --kv-memory-mb holds."""
@@ -132,11 +145,11 @@ class TrunkServer:
                 "use --tls-cert/--tls-key (and --auth-token) on an untrusted network",
                 address,
             )
-        self.grpc_server.start()
+        self._on_loop(self.grpc_server.start())
         if self.metrics is not None:
             self.metrics.serve(self.cfg.metrics_host, self.cfg.metrics_port)
         for name in ("", SERVICE_NAME):
-            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+            self._on_loop(self.health.set(name, health_pb2.HealthCheckResponse.SERVING))
         logger.info(
             "serving %s blocks %d-%d on %s (%s, %s, fingerprint %s)",
             self.model.spec,
@@ -167,16 +180,20 @@ class TrunkServer:
         self._stopped.set()
         self.sessions.draining = True
         self.servicer.stopping.set()
-        self.health.enter_graceful_shutdown()
-        self.grpc_server.stop(self.cfg.grace_s if grace is None else grace).wait()
+        self._on_loop(self.health.enter_graceful_shutdown())
+        self._on_loop(self.grpc_server.stop(self.cfg.grace_s if grace is None else grace))
         self.runtime.stop()
+        self.servicer.pool.shutdown(wait=False, cancel_futures=True)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._loop_thread.join(timeout=10)
         if self.metrics is not None:
             self.metrics.stop()
         self.sessions.shutdown()
         logger.info("trunk server stopped")
+        self._done.set()
 
     def wait(self) -> None:
-        self.grpc_server.wait_for_termination()
+        self._done.wait()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -13,15 +13,17 @@ encodes the answer (Petals' handler against its block functions; TGI's router ag
   at most about one step); it stops waiting as soon as all of them have.
 - **Everything else runs alone** (a prefill chunk, a step with an adapter or of several rows, a stateless call,
   a training step), alternating with decode batches so that neither starves the other.
-- **No scheduler thread.** The session thread that finds the compute free runs the next piece of work (its own
-  or the next batch) and then hands the turn to the thread of the next piece queued: a session alone computes
-  on its own thread with no hand-off, and a batch costs the others one wake-up each. Prefills go in chunks
-  of `prefill_chunk` tokens: a long prompt does not hold 16 decoding sessions back for its whole length.
+- **A scheduler thread** runs all of it. The servicer's event loop (or a caller's thread) queues a piece of work
+  and awaits it; the scheduler gathers, computes, and answers each piece. The gRPC side is one asyncio loop, so
+  no thread per session competes for the GIL (Python gRPC with a thread per stream carried ~2.5x one stream's
+  messages at 64 streams, asyncio ~5.5x: scripts/bench_transport.py). Prefills go in chunks of
+  `prefill_chunk` tokens: a long prompt does not hold 16 decoding sessions back for its whole length.
 - **CUDA graphs** per (batch-size bucket, key-range bucket), captured at start over the pool's first rows.
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import functools
 import heapq
@@ -61,12 +63,31 @@ class _Work:
     slot: int | None  # a decode step's slot; None for work that runs alone
     payload: Any  # the hidden state (1, 1, C) of a decode step, or the callable of work that runs alone
     arrived: float = field(default_factory=time.perf_counter)
-    wake: threading.Event = field(default_factory=threading.Event)  # done, or this thread's turn to compute
+    done: Callable[[], None] | None = None  # told (on the scheduler's thread) once it has run or been dropped
     finished: bool = False
     result: Any = None
     error: BaseException | None = None
     compute_ms: float = 0.0
     batch: int = 1  # rows of the forward it ran in
+
+
+async def settled(fut: asyncio.Future) -> Any:
+    """Await `fut` to the end even if the awaiting task is cancelled meanwhile (then re-raise the cancel): a
+    session's work in flight must finish before its slot or state is given back."""
+    try:
+        return await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        while not fut.done():
+            try:
+                await asyncio.shield(fut)
+            except asyncio.CancelledError:
+                pass
+        raise
+
+
+def _settle(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 def _buckets(limit: int, start: int = 1) -> list[int]:
@@ -144,7 +165,8 @@ class TrunkRuntime:
         self._graphs: dict[tuple[int, int], _RowsGraph] = {}
         if graphs and trunk.device.type == "cuda":
             self._capture()
-        self._busy = False  # a thread holds the turn to compute
+        self._thread = threading.Thread(target=self._schedule, daemon=True, name="trunk-scheduler")
+        self._thread.start()
 
     # --- slots ------------------------------------------------------------------------------------------
     @property
@@ -179,16 +201,19 @@ class TrunkRuntime:
         return self.cache.lengths[slot]
 
     # --- work -------------------------------------------------------------------------------------------
+    # Each kind of work has a blocking form, for a caller's thread, and an awaitable one, for the servicer's event
+    # loop. An awaited piece of work runs to its end even when its awaiter is cancelled (see `settled`).
     def decode(self, slot: int, h: torch.Tensor) -> tuple[torch.Tensor, float, int]:
         """One new position for the one-row session in `slot` (h: (1, 1, C)), batched with the other sessions'.
         Returns the trunk's output (1, 1, C) on the CPU, and the compute ms and rows of the batch it ran in."""
-        w = self._submit(_Work(slot, h), decode=True)
+        w = self._wait(_Work(slot, h), decode=True)
         return w.result, w.compute_ms, w.batch
 
-    def prefill(self, slot: int, h: torch.Tensor, model: GPT2 | None = None) -> tuple[torch.Tensor, float]:
-        """Several new positions (or a step with an adapter's `model`) for the session in `slot`, alone, in chunks
-        of `prefill_chunk` positions with decode batches between them. Returns (1, T, C) on the CPU, and the
-        compute ms."""
+    async def decode_async(self, slot: int, h: torch.Tensor) -> tuple[torch.Tensor, float, int]:
+        w = await self._wait_async(_Work(slot, h), decode=True)
+        return w.result, w.compute_ms, w.batch
+
+    def _chunks(self, slot: int, h: torch.Tensor, model: GPT2 | None) -> list[Callable[[], torch.Tensor]]:
         with self._cv:
             self._decoding.discard(slot)  # not decoding for now: batches do not wait for it
         model = model or self.trunk
@@ -197,22 +222,56 @@ class TrunkRuntime:
             with torch.inference_mode():
                 return model(chunk, self.cache, rows=slot).cpu()
 
-        done = [self.run_timed(functools.partial(forward, c)) for c in h.split(self.prefill_chunk, dim=1)]
+        return [functools.partial(forward, c) for c in h.split(self.prefill_chunk, dim=1)]
+
+    @staticmethod
+    def _joined(done: list[tuple[torch.Tensor, float]]) -> tuple[torch.Tensor, float]:
         outs = [out for out, _ in done]
         return (outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)), sum(ms for _, ms in done)
+
+    def prefill(self, slot: int, h: torch.Tensor, model: GPT2 | None = None) -> tuple[torch.Tensor, float]:
+        """Several new positions (or a step with an adapter's `model`) for the session in `slot`, alone, in chunks
+        of `prefill_chunk` positions with decode batches between them. Returns (1, T, C) on the CPU, and the
+        compute ms."""
+        return self._joined([self.run_timed(f) for f in self._chunks(slot, h, model)])
+
+    async def prefill_async(self, slot: int, h: torch.Tensor, model: GPT2 | None = None) -> tuple[torch.Tensor, float]:
+        return self._joined([await self.run_timed_async(f) for f in self._chunks(slot, h, model)])
 
     def run(self, fn: Callable[[], Any]) -> Any:
         """Run `fn` alone, between decode batches, one computation at a time; returns what it returns."""
         return self.run_timed(fn)[0]
 
     def run_timed(self, fn: Callable[[], Any]) -> tuple[Any, float]:
-        w = self._submit(_Work(None, fn), decode=False)
+        w = self._wait(_Work(None, fn), decode=False)
         return w.result, w.compute_ms
 
-    def _submit(self, w: _Work, decode: bool) -> _Work:
-        """Queue `w` and return once it has run. No thread of its own computes: the thread that finds the
-        compute free runs the next piece of work (its own or another's), then hands the turn to the thread of
-        the next piece queued, so a session alone runs its steps on its own thread, with no hand-off."""
+    async def run_timed_async(self, fn: Callable[[], Any]) -> tuple[Any, float]:
+        w = await self._wait_async(_Work(None, fn), decode=False)
+        return w.result, w.compute_ms
+
+    def _wait(self, w: _Work, decode: bool) -> _Work:
+        ran = threading.Event()
+        w.done = ran.set
+        self._queue(w, decode)
+        ran.wait()
+        return self._outcome(w)
+
+    async def _wait_async(self, w: _Work, decode: bool) -> _Work:
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        w.done = functools.partial(loop.call_soon_threadsafe, _settle, fut)
+        self._queue(w, decode)
+        await settled(fut)
+        return self._outcome(w)
+
+    @staticmethod
+    def _outcome(w: _Work) -> _Work:
+        if w.error is not None:
+            raise w.error
+        return w
+
+    def _queue(self, w: _Work, decode: bool) -> None:
         with self._cv:
             if self._stopping:
                 raise ServerDraining("the trunk server is shutting down; retry on another server or later")
@@ -221,69 +280,54 @@ class TrunkRuntime:
                 self._decodes.append(w)
             else:
                 self._alone.append(w)
-            lead = not self._busy
-            self._busy = True
-            self._cv.notify()  # a turn gathering a batch counts the arrivals
-        if lead:
-            self._turn()
-        while not w.finished:
-            w.wake.wait()
-            w.wake.clear()
-            if not w.finished:  # handed the turn
-                self._turn()
-        if w.error is not None:
-            raise w.error
-        return w
+            self._cv.notify()  # the scheduler: idle, or gathering a batch and counting the arrivals
 
     def stop(self) -> None:
-        """Refuse new work; work queued and not yet run gets ServerDraining."""
+        """Refuse new work; work queued and not yet run gets ServerDraining; the scheduler ends."""
         with self._cv:
             self._stopping = True
-            if not self._busy:
-                self._drain()
             self._cv.notify_all()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=30)
 
     def _drain(self) -> None:
         """Under the lock, stopping: fail everything queued."""
         for w in [*self._decodes, *self._alone]:
             w.error = ServerDraining("the trunk server is shutting down; retry on another server or later")
-            w.finished = True
-            w.wake.set()
+            self._done(w)
         self._decodes, self._alone = [], collections.deque()
 
-    # --- the scheduling ---------------------------------------------------------------------------------
-    def _turn(self) -> None:
-        """Holding the turn: run one decode batch or one piece of work alone (alternating when both wait),
-        then pass the turn to the thread of the next piece queued, or give it up."""
-        with self._cv:
-            if self._stopping:
-                self._drain()
-                self._busy = False
-                return
-            if self._batch_next():
-                self._gather()
-                batch, self._decodes = self._decodes[: self.max_batch], self._decodes[self.max_batch :]
-                alone = None
-            else:
-                batch, alone = [], self._alone.popleft()
-            self._alone_next = bool(batch)
+    @staticmethod
+    def _done(w: _Work) -> None:
+        w.finished = True
+        w.payload = None  # a finished job's closure may hold a whole trainer
         try:
+            w.done()
+        except RuntimeError:  # its event loop has closed (the server is stopping): no one awaits it
+            pass
+
+    # --- the scheduling ---------------------------------------------------------------------------------
+    def _schedule(self) -> None:
+        """The scheduler thread: one decode batch or one piece of work alone at a time (alternating when both
+        wait), until stopped."""
+        while True:
+            with self._cv:
+                while not (self._decodes or self._alone or self._stopping):
+                    self._cv.wait()
+                if self._stopping:
+                    self._drain()
+                    return
+                if self._batch_next():
+                    self._gather()
+                    batch, self._decodes = self._decodes[: self.max_batch], self._decodes[self.max_batch :]
+                    alone = None
+                else:
+                    batch, alone = [], self._alone.popleft()
+                self._alone_next = bool(batch)
             if batch:
                 self._run_batch(batch)
             else:
                 self._run_alone(alone)
-        finally:
-            with self._cv:
-                nxt = None
-                if self._stopping:
-                    self._drain()
-                elif self._batch_next():
-                    nxt = self._decodes[0]
-                elif self._alone:
-                    nxt = self._alone[0]
-                self._busy = nxt is not None
-            if nxt is not None:
-                nxt.wake.set()
 
     def _batch_next(self) -> bool:
         """Under the lock: whether a decode batch goes next (else one piece of work alone): they alternate
@@ -364,12 +408,12 @@ class TrunkRuntime:
             for w in works:
                 s.queue_wait_ms += (t0 - w.arrived) * 1e3
                 s.waited += 1
-        for w in works:
-            w.compute_ms, w.batch, w.payload, w.finished = ms, rows, None, True
-            w.wake.set()
         if self.on_wait is not None:
             for w in works:
                 self.on_wait(t0 - w.arrived)
+        for w in works:
+            w.compute_ms, w.batch = ms, rows
+            self._done(w)
 
     # --- CUDA graphs ------------------------------------------------------------------------------------
     def _capture(self) -> None:

@@ -1,17 +1,27 @@
-"""The gRPC servicer: decode a request, call the trunk, encode the answer; errors become status codes here."""
+"""The gRPC servicer: decode a request, call the trunk, encode the answer; errors become status codes here.
+
+It runs on the server's asyncio event loop. A session's steps are decoded, queued with the runtime, awaited and
+encoded on the loop, with no thread of their own; stateless calls and training steps, whose decoding and
+compute are large, run in a worker thread each."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
+import grpc
 import torch
+from google.protobuf.message import DecodeError
 
 from server.metrics import Metrics
-from server.runtime import TrunkRuntime
+from server.runtime import TrunkRuntime, settled
 from server.sessions import SessionRegistry
-from server.status import check_fingerprint, status_on_error
+from server.status import check_fingerprint, closer, status_on_error
 from server.training import TrainHandler, settings_from_pb
 from splitcomm import codec
 from splitcomm.monitor import GpuProbe, Sampler
@@ -41,6 +51,7 @@ class TrunkServicer(pb_grpc.TrunkServicer):
         runtime: TrunkRuntime,
         train_recompute: bool = False,
         metrics: Metrics | None = None,
+        workers: int = 8,
     ):
         self.trunk, self.info, self.fingerprint, self.sessions = trunk, info, fingerprint, sessions
         self.max_length = min(max_session_tokens or trunk.n_positions, trunk.n_positions, runtime.max_length)
@@ -56,16 +67,28 @@ class TrunkServicer(pb_grpc.TrunkServicer):
             trunk, fingerprint, sessions, runtime.run_timed, max_elements, self.max_length, train_recompute
         )
         self._gpu = GpuProbe(trunk.device.index or 0) if trunk.device.type == "cuda" else None
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc")  # stateless and training calls
+
+    async def in_thread(self, fn: Callable[..., Any], *args, undo: Callable[[Any], None] | None = None) -> Any:
+        """`fn(*args)` in a worker thread, awaited to its end even if the call is cancelled meanwhile (then `undo`
+        gets what it returned, and the cancel goes on)."""
+        fut = asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+        try:
+            return await settled(fut)
+        except asyncio.CancelledError:
+            if undo is not None and fut.done() and fut.exception() is None:
+                undo(fut.result())
+            raise
 
     # --- Info -------------------------------------------------------------------------------------------
-    def Info(self, request, context):
+    async def Info(self, request, context):
         info = pb.ServerInfo()
         info.CopyFrom(self.info)
         info.active_sessions = self.sessions.active()
         return info
 
     # --- Session ----------------------------------------------------------------------------------------
-    def _open(self, first: pb.StepRequest | None, context) -> object:
+    async def _open(self, first: pb.StepRequest | None, context) -> object:
         if first is None:
             raise InvalidInput("session stream ended before its first message")
         if first.WhichOneof("kind") != "open":
@@ -82,8 +105,8 @@ class TrunkServicer(pb_grpc.TrunkServicer):
                 f"session asks for {want} tokens; this server allows at most {self.max_length} "
                 f"per session (model context {self.trunk.n_positions}, max session tokens)"
             )
-        model = self._adapted(weights, o.lora) if weights else None
-        session = self.sessions.open(context.peer(), want, context.cancel)
+        model = await self._adapted(weights, o.lora) if weights else None
+        session = self.sessions.open(context.peer(), want, closer())
         try:
             session.slot = self.runtime.acquire_slot()
         except LimitExceeded:
@@ -92,7 +115,7 @@ class TrunkServicer(pb_grpc.TrunkServicer):
         session.model = model
         return session
 
-    def _adapted(self, weights: dict[str, torch.Tensor], lora: pb.LoraSpec):
+    async def _adapted(self, weights: dict[str, torch.Tensor], lora: pb.LoraSpec):
         """The trunk with the client's adapter: a twin sharing the base weights, its own LoRA tensors."""
         if only_layers(weights, self.trunk.layers).keys() != weights.keys():
             raise InvalidInput(
@@ -101,7 +124,7 @@ class TrunkServicer(pb_grpc.TrunkServicer):
             )
         settings = settings_from_pb(lora, pb.OptimizerSpec(), 0)
         settings.check(self.trunk.config.n_embd)
-        return self.runtime.run(lambda: adapted(self.trunk, weights, settings))
+        return (await self.runtime.run_timed_async(lambda: adapted(self.trunk, weights, settings)))[0]
 
     def _release(self, session) -> None:
         """Give the session's slot back and drop its cache; called on the session's own thread once the stream
@@ -126,7 +149,7 @@ class TrunkServicer(pb_grpc.TrunkServicer):
     def _length(self, session) -> int:
         return self.runtime.length(session.slot) if session.cache is None else session.cache.length
 
-    def _compute(self, session, h: torch.Tensor) -> tuple[torch.Tensor, float, int]:
+    async def _compute(self, session, h: torch.Tensor) -> tuple[torch.Tensor, float, int]:
         """(output on the CPU, compute ms, rows of the forward it ran in)"""
         if session.batch is None:
             session.batch = h.shape[0]
@@ -134,8 +157,8 @@ class TrunkServicer(pb_grpc.TrunkServicer):
             raise InvalidInput(f"batch size changed from {session.batch} to {h.shape[0]} within a session")
         if session.batch == 1:  # the session's row of the KV pool
             if h.shape[1] == 1 and session.model is None:
-                return self.runtime.decode(session.slot, h)
-            out, ms = self.runtime.prefill(session.slot, h, session.model)
+                return await self.runtime.decode_async(session.slot, h)
+            out, ms = await self.runtime.prefill_async(session.slot, h, session.model)
             return out, ms, 1
         if session.cache is None:  # several rows: a cache of its own (its slot held for the count)
             session.cache = self.trunk.new_cache(session.max_length, rows=session.batch)
@@ -144,10 +167,10 @@ class TrunkServicer(pb_grpc.TrunkServicer):
             with torch.inference_mode():
                 return (session.model or self.trunk)(h, session.cache).cpu()
 
-        out, ms = self.runtime.run_timed(several_rows)
+        out, ms = await self.runtime.run_timed_async(several_rows)
         return out, ms, 1
 
-    def _step(self, session, req: pb.StepRequest) -> pb.StepResponse:
+    async def _step(self, session, req: pb.StepRequest) -> pb.StepResponse:
         arrived = time.perf_counter()
         if req.WhichOneof("kind") != "step":
             raise InvalidInput(f"expected a 'step' message, got '{req.WhichOneof('kind')}'")
@@ -167,7 +190,7 @@ class TrunkServicer(pb_grpc.TrunkServicer):
                 f"session would hold {cached + h.shape[1]} tokens, past its limit of "
                 f"{session.max_length} (model context / max session tokens)"
             )
-        out, ms, rows = self._compute(session, h)
+        out, ms, rows = await self._compute(session, h)
         session.next_step += 1
         session.last_active = time.monotonic()
         self.sessions.record_step(ms / rows)  # its share of the forward it ran in
@@ -182,76 +205,125 @@ class TrunkServicer(pb_grpc.TrunkServicer):
         resp.server_wall_ms = (time.perf_counter() - arrived) * 1e3
         return resp
 
-    def Session(self, request_iterator, context):
+    async def Session(self, request_iterator, context):
         session = None
-        with status_on_error(context, "session", self._count):
-            session = self._open(next(request_iterator, None), context)
-            context.add_callback(lambda: self.sessions.close(session.id, "ended by the client"))
+        async with status_on_error(context, "session", self._count):
+            session = await self._open(await anext(request_iterator, None), context)
             try:
-                for req in request_iterator:
-                    if session.closed:  # by the idle reaper, which only marks it and cancels the call
+                async for req in request_iterator:
+                    if session.closed:  # by the idle reaper, which marks it and cancels the call
                         break
-                    yield self._step(session, req)
-            finally:
-                self.sessions.close(session.id)
+                    yield await self._step(session, req)
+            finally:  # nothing of the session is queued or running now (the runtime's awaits run to the end)
+                self.sessions.close(session.id, "ended by the client")
                 self._release(session)
 
     # --- Forward (stateless) ----------------------------------------------------------------------------
-    def Forward(self, request, context):
-        with status_on_error(context, "forward", self._count):
-            arrived = time.perf_counter()
-            check_fingerprint(self.fingerprint, request.fingerprint)
-            h = codec.decode(request.hidden, self.max_elements, finite="hidden states")
-            kv = None
-            if request.kv.dtype:  # read once, into the call's cache: no copy of its own
-                kv = codec.decode(request.kv, self.max_elements, finite="the trunk KV cache", copy=False)
-            length = (kv.shape[4] if kv is not None and kv.ndim == 6 else 0) + (h.shape[1] if h.ndim == 3 else 0)
-            if length > self.max_length:
-                raise LimitExceeded(
-                    f"call would hold {length} tokens, past this server's limit of {self.max_length} "
-                    f"(model context / max session tokens)"
-                )
+    async def Forward(self, request, context):
+        async with status_on_error(context, "forward", self._count):
+            return await self.in_thread(self._forward, request)
 
-            def stateless():
-                with torch.inference_mode():
-                    out, new_kv = self.trunk.forward_stateless(h, kv, check_finite=False)
-                    return out.cpu(), new_kv.cpu()
+    def _forward(self, request: pb.ForwardRequest) -> pb.ForwardResponse:
+        """A stateless call, on a worker thread: its decoding is large (the KV cache comes with it)."""
+        arrived = time.perf_counter()
+        check_fingerprint(self.fingerprint, request.fingerprint)
+        h = codec.decode(request.hidden, self.max_elements, finite="hidden states")
+        kv = None
+        if request.kv.dtype:  # read once, into the call's cache: no copy of its own
+            kv = codec.decode(request.kv, self.max_elements, finite="the trunk KV cache", copy=False)
+        length = (kv.shape[4] if kv is not None and kv.ndim == 6 else 0) + (h.shape[1] if h.ndim == 3 else 0)
+        if length > self.max_length:
+            raise LimitExceeded(
+                f"call would hold {length} tokens, past this server's limit of {self.max_length} "
+                f"(model context / max session tokens)"
+            )
 
-            with self.sessions.call():
-                (out, new_kv), ms = self.runtime.run_timed(stateless)
-            self.sessions.record_step(ms)
-            if self.metrics is not None:
-                self.metrics.step("stateless", h.shape[0] * h.shape[1])
-            resp = pb.ForwardResponse(hidden=codec.encode(out, h.dtype), kv=codec.encode(new_kv, h.dtype), server_ms=ms)
-            resp.server_wall_ms = (time.perf_counter() - arrived) * 1e3
-            return resp
+        def stateless():
+            with torch.inference_mode():
+                out, new_kv = self.trunk.forward_stateless(h, kv, check_finite=False)
+                return out.cpu(), new_kv.cpu()
+
+        with self.sessions.call():
+            (out, new_kv), ms = self.runtime.run_timed(stateless)
+        self.sessions.record_step(ms)
+        if self.metrics is not None:
+            self.metrics.step("stateless", h.shape[0] * h.shape[1])
+        resp = pb.ForwardResponse(hidden=codec.encode(out, h.dtype), kv=codec.encode(new_kv, h.dtype), server_ms=ms)
+        resp.server_wall_ms = (time.perf_counter() - arrived) * 1e3
+        return resp
 
     # --- Train ------------------------------------------------------------------------------------------
-    def Train(self, request_iterator, context):
-        with status_on_error(context, "training session", self._count):
-            yield from self.training.stream(request_iterator, context)
+    async def Train(self, request_iterator, context):
+        async with status_on_error(context, "training session", self._count):
+            async for resp in self.training.stream(request_iterator, context.peer(), closer(), self.in_thread):
+                yield resp
 
     # --- Monitor ----------------------------------------------------------------------------------------
-    def Monitor(self, request, context):
-        with status_on_error(context, "monitor", self._count):
+    async def Monitor(self, request, context):
+        async with status_on_error(context, "monitor", self._count):
+            interval = min(60.0, max(0.2, request.interval_s or self.monitor_interval_s))
+            most = request.max_samples
             with self._monitors_lock:
                 if self._monitors >= self.max_monitors:
                     raise LimitExceeded(f"too many monitor streams: the server's limit is {self.max_monitors}")
                 self._monitors += 1
         try:
-            interval = request.interval_s or self.monitor_interval_s
-            interval = min(60.0, max(0.2, interval))
             sampler = Sampler(self._gpu or _NoGpu(), self.started)
             sent = 0
-            while context.is_active() and not self.stopping.is_set():
+            while not self.stopping.is_set():
                 yield sampler.sample(self.sessions.counters, self.runtime)
                 sent += 1
-                if request.max_samples and sent >= request.max_samples:
+                if most and sent >= most:
                     return
-                self.stopping.wait(interval)
+                deadline = time.monotonic() + interval
+                while not self.stopping.is_set() and time.monotonic() < deadline:  # a stop ends it within 0.2 s
+                    await asyncio.sleep(min(0.2, deadline - time.monotonic()))
         finally:
             with self._monitors_lock:
                 self._monitors -= 1
+
+
+class Malformed:
+    """A request that did not parse: any use of it raises InvalidInput (INVALID_ARGUMENT), inside the handler,
+    where status_on_error sends the status (a failed parse in gRPC itself would be INTERNAL)."""
+
+    def __init__(self, kind: str, error: Exception):
+        self._why = f"malformed {kind} message: {error}"
+
+    def __getattr__(self, name: str):
+        raise InvalidInput(self._why)
+
+
+def _lenient(message_class) -> Callable[[bytes], Any]:
+    def parse(data: bytes):
+        try:
+            return message_class.FromString(data)
+        except DecodeError as e:
+            return Malformed(message_class.__name__, e)
+
+    return parse
+
+
+_HANDLERS = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
+def add_to_server(servicer: TrunkServicer, server: grpc.aio.Server) -> None:
+    """Serve every method of the Trunk service (from the proto's descriptor), with lenient request parsing."""
+    service = pb.DESCRIPTOR.services_by_name["Trunk"]
+    handlers = {
+        m.name: _HANDLERS[m.client_streaming, m.server_streaming](
+            getattr(servicer, m.name),
+            request_deserializer=_lenient(getattr(pb, m.input_type.name)),
+            response_serializer=getattr(pb, m.output_type.name).SerializeToString,
+        )
+        for m in service.methods
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
 
 
 class _NoGpu:

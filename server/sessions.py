@@ -27,7 +27,7 @@ class Session:
     id: SessionId
     peer: str
     max_length: int  # tokens this session may hold
-    cancel: callable  # ends the RPC (used by the idle reaper)
+    cancel: callable  # ends the RPC, given the reason (used by the idle reaper)
     slot: int | None = None  # its row of the runtime's KV pool, taken at open, given back when the stream ends
     cache: object = None  # a KVCache of its own, for a session of several rows; only its own thread touches it
     model: object = None  # the trunk with this session's adapter (a twin sharing the base weights), or None
@@ -118,8 +118,8 @@ class SessionRegistry:
                 idle = [s for s in self._sessions.values() if now - s.last_active > self.idle_timeout_s]
             for s in idle:
                 logger.warning("session %s idle for more than %g s: closing it", s.id, self.idle_timeout_s)
-                s.cancel()
                 self.close(s.id, "closed for idleness")
+                s.cancel(f"idle for more than {self.idle_timeout_s:g} s")
 
     def shutdown(self) -> None:
         self._stop.set()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
@@ -16,6 +17,16 @@ from splitcore.fingerprint import Fingerprint
 
 logger = logging.getLogger(__name__)
 
+CLOSED_BY_SERVER = "closed by the server"
+
+
+def closer() -> Callable[[str], None]:
+    """What ends the current call from another thread (the idle reaper), saying why: cancels the call's task on
+    its event loop, and `status_on_error` sends CANCELLED with the reason."""
+    loop, task = asyncio.get_running_loop(), asyncio.current_task()
+    return lambda reason: loop.call_soon_threadsafe(task.cancel, f"{CLOSED_BY_SERVER}: {reason}")
+
+
 _STATUS = [
     (Mismatch, grpc.StatusCode.FAILED_PRECONDITION),
     (LimitExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
@@ -25,27 +36,33 @@ _STATUS = [
 ]
 
 
-@contextlib.contextmanager
-def status_on_error(context: grpc.ServicerContext, what: str, count: Callable[[str], None] | None = None):
+@contextlib.asynccontextmanager
+async def status_on_error(context: grpc.aio.ServicerContext, what: str, count: Callable[[str], None] | None = None):
     """The one place exceptions become gRPC status codes; unexpected ones are logged with a traceback. `count`
     is told each status code sent (the metrics' errors by code)."""
     try:
         yield
-    except grpc.RpcError:  # the client cancelled or disconnected: the stream just ends
-        logger.debug("%s from %s ended by the client", what, context.peer())
+    except asyncio.CancelledError as e:  # the client cancelled or disconnected, or the server closed the call
+        logger.debug("%s from %s cancelled", what, context.peer())
         if count is not None:
             count("CANCELLED")
+        reason = e.args[0] if e.args and isinstance(e.args[0], str) else ""
+        if reason.startswith(CLOSED_BY_SERVER):  # tell the client why (a cancel alone sends nothing)
+            await context.abort(grpc.StatusCode.CANCELLED, reason)
+        raise
+    except grpc.aio.AbortError:  # a status already sent
+        raise
     except (SplitError, codec.CodecError) as e:
         code = next(c for t, c in _STATUS if isinstance(e, t))
         logger.info("%s from %s rejected: %s %s", what, context.peer(), code.name, e)
         if count is not None:
             count(code.name)
-        context.abort(code, str(e))
+        await context.abort(code, str(e))
     except Exception as e:
         logger.exception("%s from %s failed", what, context.peer())
         if count is not None:
             count("INTERNAL")
-        context.abort(grpc.StatusCode.INTERNAL, f"internal error in the trunk server: {type(e).__name__}: {e}")
+        await context.abort(grpc.StatusCode.INTERNAL, f"internal error in the trunk server: {type(e).__name__}: {e}")
 
 
 def check_fingerprint(ours: Fingerprint, theirs: pb.Fingerprint) -> None:

@@ -63,7 +63,7 @@ class TrainHandler:
         self.max_elements, self.max_length, self.recompute = max_elements, max_length, recompute
         self.live: weakref.WeakValueDictionary[str, PartTrainer] = weakref.WeakValueDictionary()  # for tests
 
-    def _open(self, first: pb.TrainRequest | None, context) -> tuple[Session, PartTrainer]:
+    def _open(self, first: pb.TrainRequest | None, peer: str, cancel) -> tuple[Session, PartTrainer]:
         if first is None or first.WhichOneof("kind") != "open":
             raise InvalidInput("the first message of a training session must be 'open' with the model fingerprint")
         o = first.open
@@ -72,7 +72,7 @@ class TrainHandler:
         settings.check(self.trunk.config.n_embd)
         weights = codec.decode_named(o.resume.weights, self.max_elements, "adapter tensor")
         moments = codec.decode_named(o.resume.optimizer, self.max_elements, "optimizer state")
-        session = self.sessions.open(context.peer(), self.max_length, context.cancel)
+        session = self.sessions.open(peer, self.max_length, cancel)
         try:
 
             def build() -> PartTrainer:
@@ -119,29 +119,37 @@ class TrainHandler:
         )
         return pb.TrainResponse(adapter=state)
 
-    def stream(self, request_iterator, context):
-        session, trainer = self._open(next(request_iterator, None), context)
+    def _close(self, opened: tuple[Session, PartTrainer]) -> None:
+        session, trainer = opened
+        self.sessions.close(session.id)
+        trainer.drop_pending()
+
+    async def stream(self, request_iterator, peer: str, cancel, in_thread):
+        """The training stream, on the server's event loop; each message is handled on a worker thread
+        (`in_thread`), which is awaited to its end, so the session's state is never dropped under it."""
+        first = await anext(request_iterator, None)
+        opened = await in_thread(self._open, first, peer, cancel, undo=self._close)
+        session, trainer = opened
         try:
             yield pb.TrainResponse(
                 opened=pb.TrainOpened(
                     trainable_parameters=sum(p.numel() for p in trainer.part.parameters() if p.requires_grad)
                 )
             )
-            for req in request_iterator:
+            async for req in request_iterator:
                 if session.closed:  # by the idle reaper
                     break
                 kind = req.WhichOneof("kind")
                 if kind == "forward":
-                    yield self._forward(trainer, req.forward)
+                    yield await in_thread(self._forward, trainer, req.forward)
                 elif kind == "backward":
-                    yield self._backward(trainer, req.backward)
+                    yield await in_thread(self._backward, trainer, req.backward)
                 elif kind == "export":
-                    yield self._export(trainer)
+                    yield await in_thread(self._export, trainer)
                 else:
                     raise InvalidInput(f"expected forward, backward or export in a training session, got '{kind}'")
                 session.last_active = time.monotonic()
                 session.next_step += 1
         finally:
-            self.sessions.close(session.id)
-            trainer.drop_pending()
-            del trainer  # the adapter, its optimizer and any saved activations go with the last reference
+            self._close(opened)
+            del trainer, opened  # the adapter, its optimizer and any saved activations go with the last reference

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hmac
 import logging
 from collections.abc import Callable
-from concurrent import futures
 from pathlib import Path
 
 import grpc
@@ -75,26 +74,24 @@ def auth_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
     return ((AUTH_HEADER, f"Bearer {token}"),) if token else ()
 
 
-class TokenAuthInterceptor(grpc.ServerInterceptor):
+class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
     """Rejects calls without the shared token with UNAUTHENTICATED before any handler (or compute) runs."""
 
     def __init__(self, token: str):
         self._expected = f"Bearer {token}".encode()
 
-    def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails):
-        if details.method.startswith(UNAUTHENTICATED_METHODS):
-            return continuation(details)
+    async def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails):
+        handler = await continuation(details)
+        if handler is None or details.method.startswith(UNAUTHENTICATED_METHODS):
+            return handler
         got = dict(details.invocation_metadata or ()).get(AUTH_HEADER, "")
         if hmac.compare_digest(got.encode(), self._expected):
-            return continuation(details)
-        handler = continuation(details)
+            return handler
         message = "missing or wrong authentication token" if got else "no authentication token sent"
 
-        def deny(request, context):
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        async def deny(request, context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
-        if handler is None:
-            return None
         if handler.request_streaming and handler.response_streaming:
             return grpc.stream_stream_rpc_method_handler(deny)
         if handler.request_streaming:
@@ -104,19 +101,14 @@ class TokenAuthInterceptor(grpc.ServerInterceptor):
         return grpc.unary_unary_rpc_method_handler(deny, request_deserializer=handler.request_deserializer)
 
 
-def make_server(
-    max_workers: int, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, token: str | None = None
-) -> grpc.Server:
+def make_server(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, token: str | None = None) -> grpc.aio.Server:
+    """An asyncio gRPC server (call on the event loop that will run it)."""
     interceptors = [TokenAuthInterceptor(token)] if token else []
-    return grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rpc"),
-        options=server_options(max_message_bytes),
-        interceptors=interceptors,
-    )
+    return grpc.aio.server(options=server_options(max_message_bytes), interceptors=interceptors)
 
 
 def add_port(
-    server: grpc.Server,
+    server: grpc.aio.Server,
     address: str,
     tls_cert: str | None = None,
     tls_key: str | None = None,
