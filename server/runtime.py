@@ -63,7 +63,8 @@ class _Work:
     slot: int | None  # a decode step's slot; None for work that runs alone
     payload: Any  # the hidden state (1, 1, C) of a decode step, or the callable of work that runs alone
     arrived: float = field(default_factory=time.perf_counter)
-    done: Callable[[], None] | None = None  # told (on the scheduler's thread) once it has run or been dropped
+    done: Callable[[], None] | None = None  # a thread's: told once it has run or been dropped
+    fut: asyncio.Future | None = None  # or an event loop's: settled then, on its loop
     finished: bool = False
     result: Any = None
     error: BaseException | None = None
@@ -85,9 +86,10 @@ async def settled(fut: asyncio.Future) -> Any:
         raise
 
 
-def _settle(fut: asyncio.Future) -> None:
-    if not fut.done():
-        fut.set_result(None)
+def _settle(futs: list[asyncio.Future]) -> None:
+    for fut in futs:
+        if not fut.done():
+            fut.set_result(None)
 
 
 def _buckets(limit: int, start: int = 1) -> list[int]:
@@ -258,11 +260,9 @@ class TrunkRuntime:
         return self._outcome(w)
 
     async def _wait_async(self, w: _Work, decode: bool) -> _Work:
-        loop = asyncio.get_running_loop()
-        fut = loop.create_future()
-        w.done = functools.partial(loop.call_soon_threadsafe, _settle, fut)
+        w.fut = asyncio.get_running_loop().create_future()
         self._queue(w, decode)
-        await settled(fut)
+        await settled(w.fut)
         return self._outcome(w)
 
     @staticmethod
@@ -275,12 +275,16 @@ class TrunkRuntime:
         with self._cv:
             if self._stopping:
                 raise ServerDraining("the trunk server is shutting down; retry on another server or later")
+            idle = not (self._decodes or self._alone)
             if decode:
                 self._decoding.add(w.slot)
                 self._decodes.append(w)
             else:
                 self._alone.append(w)
-            self._cv.notify()  # the scheduler: idle, or gathering a batch and counting the arrivals
+            # Wake the scheduler when it waits for work, or when the batch it gathers is complete: not at every
+            # arrival, which would take the GIL from the event loop that is receiving the others.
+            if idle or not decode or len(self._decodes) >= min(self.max_batch, len(self._decoding)):
+                self._cv.notify()
 
     def stop(self) -> None:
         """Refuse new work; work queued and not yet run gets ServerDraining; the scheduler ends."""
@@ -292,19 +296,28 @@ class TrunkRuntime:
 
     def _drain(self) -> None:
         """Under the lock, stopping: fail everything queued."""
-        for w in [*self._decodes, *self._alone]:
+        queued = [*self._decodes, *self._alone]
+        for w in queued:
             w.error = ServerDraining("the trunk server is shutting down; retry on another server or later")
-            self._done(w)
+        self._tell(queued)
         self._decodes, self._alone = [], collections.deque()
 
     @staticmethod
-    def _done(w: _Work) -> None:
-        w.finished = True
-        w.payload = None  # a finished job's closure may hold a whole trainer
-        try:
-            w.done()
-        except RuntimeError:  # its event loop has closed (the server is stopping): no one awaits it
-            pass
+    def _tell(works: list[_Work]) -> None:
+        """Tell the waiters of `works` that they have run: one call into each event loop for all of its own."""
+        futs: dict[asyncio.AbstractEventLoop, list[asyncio.Future]] = collections.defaultdict(list)
+        for w in works:
+            w.finished = True
+            w.payload = None  # a finished job's closure may hold a whole trainer
+            if w.fut is not None:
+                futs[w.fut.get_loop()].append(w.fut)
+            else:
+                w.done()
+        for loop, fs in futs.items():
+            try:
+                loop.call_soon_threadsafe(_settle, fs)
+            except RuntimeError:  # the loop has closed (the server is stopping): no one awaits them
+                pass
 
     # --- the scheduling ---------------------------------------------------------------------------------
     def _schedule(self) -> None:
@@ -413,7 +426,7 @@ class TrunkRuntime:
                 self.on_wait(t0 - w.arrived)
         for w in works:
             w.compute_ms, w.batch = ms, rows
-            self._done(w)
+        self._tell(works)
 
     # --- CUDA graphs ------------------------------------------------------------------------------------
     def _capture(self) -> None:
