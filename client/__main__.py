@@ -1,4 +1,4 @@
-"""Entry point: `python -m client` (Gradio app) or `python -m client generate PROMPT`."""
+"""Entry point: `python -m client` (the Gradio app), or its commands: generate, api, train."""
 
 import os
 

@@ -73,6 +73,29 @@ def add_train_command(sub) -> None:
     t.add_argument("--local", action="store_true", help="everything in this process, no server: the reference")
 
 
+def add_api_command(sub) -> None:
+    a = sub.add_parser(
+        "api",
+        help="serve an OpenAI-compatible API (completions, chat completions) on this machine",
+        description="An OpenAI-compatible HTTP API over the split model: point the openai package or curl at "
+        "http://HOST:PORT/v1. Prompts stay on this machine; each request is a trunk session of its own.",
+    )
+    add_split_args(a)
+    a.add_argument("--host", default=env("GPT2_API_HOST", "127.0.0.1"), help="address to listen on")
+    a.add_argument("--port", type=int, default=int(env("GPT2_API_PORT", "8000")), help="(env GPT2_API_PORT)")
+    a.add_argument(
+        "--api-key",
+        default=env("GPT2_API_KEY", "") or None,
+        help="require 'Authorization: Bearer KEY' on every /v1 request (env GPT2_API_KEY)",
+    )
+    a.add_argument("--log-file", default=env("GPT2_API_LOG", "logs/gpt2_api.log"))
+
+
+def add_commands(sub) -> None:
+    add_train_command(sub)
+    add_api_command(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     return app_parser(
         "python -m client",
@@ -82,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
         7860,
         "GPT2_CLIENT_LOG",
         "logs/gpt2_client.log",
-        add_train_command,
+        add_commands,
     )
 
 
@@ -101,6 +124,15 @@ def main(argv: list[str] | None = None) -> None:
             from client.train_cli import run_train
 
             run_train(args, client_config(args))
+        elif args.command == "api":
+            setup_logging(args.log_file, args.verbose)
+            configure_threads(args.threads)
+            from client.api import serve as serve_api
+
+            engine = SplitEngine(client_config(args))
+            if not args.local_trunk:
+                engine.check_server()
+            serve_api(engine, args)
         elif args.command == "generate":
             setup_logging(None, args.verbose)
             configure_threads(args.threads)

@@ -132,8 +132,8 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
         "--speculate",
         default="none",
         choices=["none", "lookup", "self"],
-        help="draft tokens (prompt lookup, or the client's own parts) and verify several per trunk round trip; "
-        "greedy only, the same tokens as without (default %(default)s)",
+        help="draft tokens (prompt lookup, or the client's own parts) and verify several per trunk round trip: "
+        "greedy gives the same tokens as without, sampling the same distribution (default %(default)s)",
     )
 
 

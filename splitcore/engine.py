@@ -79,17 +79,19 @@ class Engine:
         stats: GenerationStats | None = None,
         notify: Notify | None = None,
         speculate: str = "none",
+        logprobs: int | None = None,
     ) -> Iterator[TokenEvent]:
         """Yield tokens as they are generated; `stats` (if given) fills in as they come; `notify` hears of a lost
         and regained trunk while the generation waits for it. `speculate` names a draft source (lookup, self):
-        greedy tokens verified several to a round trip, the same tokens as without."""
+        tokens verified several to a round trip, distributed as without (greedy: the same tokens). `logprobs`: see
+        `generate`."""
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if speculate not in SOURCES:
             raise InvalidInput(f"--speculate must be one of {', '.join(SOURCES)}; got '{speculate}'")
-        run = generate
+        run = functools.partial(generate, logprobs=logprobs)
+        if speculate != "none" and logprobs is not None:
+            raise InvalidInput("log-probabilities come with plain decoding only: leave speculation off")
         if speculate != "none":
-            if not params.greedy:
-                raise InvalidInput("speculative decoding is greedy only for now: use --temperature 0")
             stats = stats if stats is not None else GenerationStats()
             stats.speculation = SpeculationStats(speculate)
         stepper = self.new_stepper_checked(ids, max_new_tokens, params, notify)

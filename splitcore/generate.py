@@ -178,6 +178,8 @@ class TokenEvent:
     token_id: int
     text: str  # new text this token completes (may be "" while a multi-byte character is incomplete)
     timing: TokenTiming
+    logprob: float | None = None  # log-probability of the token under the model (asked for with `logprobs`)
+    top_logprobs: list[tuple[int, float]] | None = None  # the `logprobs` most likely tokens and theirs
 
 
 def check_request(prompt_ids: list[int], max_new_tokens: int, n_positions: int, params: SamplingParams) -> None:
@@ -217,6 +219,13 @@ class IncrementalDecoder:
         return delta
 
 
+def token_logprobs(logits: torch.Tensor, token: int, k: int) -> tuple[float, list[tuple[int, float]]]:
+    """The log-probability of `token` under (vocab,) logits, and the k most likely tokens' (id, log-probability)."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    values, ids = torch.topk(lp, k)
+    return float(lp[token]), list(zip(ids.tolist(), values.tolist(), strict=True))
+
+
 def generate(
     stepper: Stepper,
     prompt_ids: list[int],
@@ -225,8 +234,11 @@ def generate(
     decode: Callable[[list[int]], str],
     eos_token_id: int | None = None,
     stats: GenerationStats | None = None,
+    logprobs: int | None = None,
 ) -> Iterator[TokenEvent]:
-    """Prefill the prompt, then decode one token at a time, yielding each token as it is chosen.
+    """Prefill the prompt, then decode one token at a time, yielding each token as it is chosen. With
+    `logprobs` (0 or more), each event carries the token's log-probability under the model (its logits before
+    temperature, top-k and top-p) and the `logprobs` most likely tokens' (OpenAI's convention).
 
     The stepper is closed when the loop ends, however it ends (EOS, max tokens, error, consumer stops)."""
     check_request(prompt_ids, max_new_tokens, stepper.n_positions, params)
@@ -251,7 +263,10 @@ def generate(
             stats.add(timing)
             stats.wall_s = time.perf_counter() - start
             last = index == max_new_tokens - 1 or (eos_token_id is not None and token == eos_token_id)
-            yield TokenEvent(index, token, text.push(token, last), timing)
+            event = TokenEvent(index, token, text.push(token, last), timing)
+            if logprobs is not None:
+                event.logprob, event.top_logprobs = token_logprobs(r.logits, token, logprobs)
+            yield event
             if last:
                 break
             ids = torch.tensor([[token]], dtype=torch.long)

@@ -41,6 +41,17 @@ def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torc
     return g
 
 
+def _kept(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scaled logits, ids) of the tokens sampling may choose: the top k, then top-p's smallest prefix of them
+    whose probability reaches top_p (at least one); the others' logits are -inf."""
+    values, ids = torch.topk(logits.float() / params.temperature, min(params.top_k, logits.shape[-1]))
+    if params.top_p < 1.0:
+        probs = torch.softmax(values, dim=-1)
+        drop = probs.cumsum(dim=-1) - probs >= params.top_p  # keeps at least the first token
+        values = values.masked_fill(drop, float("-inf"))
+    return values, ids
+
+
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> int:
     """One token id from a (vocab,) logits vector, computed where the logits are: only the id reaches the host.
 
@@ -50,10 +61,16 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         return int(torch.argmax(logits))
     if generator is None:
         generator = make_generator(params.seed, logits.device)
-    values, ids = torch.topk(logits.float() / params.temperature, min(params.top_k, logits.numel()))
-    if params.top_p < 1.0:
-        probs = torch.softmax(values, dim=-1)
-        drop = probs.cumsum(dim=-1) - probs >= params.top_p  # keeps at least the first token
-        values = values.masked_fill(drop, float("-inf"))
+    values, ids = _kept(logits, params)
     choice = torch.multinomial(torch.softmax(values, dim=-1), 1, generator=generator)
     return int(ids[choice])
+
+
+def distribution(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The probabilities (..., vocab), float32, that `sample` draws from, for logits (..., vocab); greedy is
+    all on the argmax. Speculative sampling compares the model's and the draft's."""
+    out = torch.zeros(logits.shape, dtype=torch.float32, device=logits.device)
+    if params.greedy:
+        return out.scatter_(-1, logits.argmax(dim=-1, keepdim=True), 1.0)
+    values, ids = _kept(logits, params)
+    return out.scatter_(-1, ids, torch.softmax(values, dim=-1))

@@ -1,15 +1,20 @@
-"""Speculative decoding across the split, greedy: draft a few tokens on the client, verify them all in one
-trunk round trip, keep the longest prefix the model agrees with, and roll the rest back.
+"""Speculative decoding across the split: draft a few tokens on the client, verify them all in one trunk round
+trip, keep what the model accepts, and roll the rest back.
 
-Draft sources (one interface, `propose(ids, k)`):
+Draft sources (one interface, `propose(ids, k, params, generator)` -> drafts and their probabilities):
 - `PromptLookup`: the tokens that followed the latest earlier occurrence of the context's last n-gram; no model.
 - `SelfDraft`: the client's own parts without the trunk (embeddings, bottom blocks, top blocks, head), on caches
   of their own; no network at all.
 
-Verification feeds the last chosen token and the k drafts in one step and reads the logits of every position:
-draft i is accepted while it is the argmax after the tokens before it, and the first disagreement (or the
-token after the last draft) is the model's own next token. So every round trip yields 1 to k+1 tokens, and the
-output is exactly plain greedy's. Sampling (accept with min(1, p/q)) is still to come.
+Verification feeds the last chosen token and the k drafts in one step and reads the logits of every position
+(`verify`). So every round trip yields 1 to k+1 tokens.
+- Greedy: draft i is accepted while it is the argmax after the tokens before it, and the first disagreement (or
+  the token after the last draft) is the model's own next token. The output is exactly plain greedy's.
+- Sampling (Leviathan et al. 2023; Chen et al. 2023): draft i, drawn from the draft's distribution q, is
+  accepted with probability min(1, p(x)/q(x)), p being the model's distribution after the same tokens with the
+  same temperature, top-k and top-p; at the first rejection the token is drawn from max(0, p - q) renormalised,
+  and after k acceptances one more from p. Each token is then distributed exactly as plain sampling's. A
+  deterministic draft (prompt lookup) has q all on its token.
 """
 
 from __future__ import annotations
@@ -20,10 +25,9 @@ from dataclasses import dataclass
 
 import torch
 
-from splitcore.errors import InvalidInput
 from splitcore.generate import IncrementalDecoder, PartRun, Stepper, TokenEvent, check_request
 from splitcore.gpt2 import GPT2
-from splitcore.sampling import SamplingParams
+from splitcore.sampling import SamplingParams, distribution, make_generator
 from splitcore.stats import GenerationStats, TokenTiming
 
 SOURCES = ("none", "lookup", "self")
@@ -38,13 +42,14 @@ class PromptLookup:
     def __init__(self, max_ngram: int = 3):
         self.max_ngram = max_ngram
 
-    def propose(self, ids: list[int], k: int) -> list[int]:
+    def propose(self, ids: list[int], k: int, params=None, generator=None) -> tuple[list[int], None]:
+        """(drafts, None): deterministic drafts, whose distribution is all on them."""
         for n in range(min(self.max_ngram, len(ids) - 1), 0, -1):
             tail = ids[-n:]
             for start in range(len(ids) - n - 1, -1, -1):
                 if ids[start : start + n] == tail:
-                    return ids[start + n : start + n + k]
-        return []
+                    return ids[start + n : start + n + k], None
+        return [], None
 
     def close(self) -> None:
         pass
@@ -61,23 +66,34 @@ class SelfDraft:
         self.fed: list[int] = []  # the context its caches hold
 
     @torch.inference_mode()
-    def _step(self, ids: list[int]) -> int:
+    def _step(self, ids: list[int], params: SamplingParams, generator) -> tuple[int, torch.Tensor | None]:
         h = self.bottom.run(torch.tensor([ids]))
-        return int(self.top.run(h, head=True)[0].argmax())
+        logits = self.top.run(h, head=True)[0]
+        if params.greedy:
+            return int(logits.argmax()), None
+        q = distribution(logits, params)
+        return int(torch.multinomial(q, 1, generator=generator)), q
 
-    def propose(self, ids: list[int], k: int) -> list[int]:
+    def propose(
+        self, ids: list[int], k: int, params: SamplingParams | None = None, generator=None
+    ) -> tuple[list[int], torch.Tensor | None]:
+        """(drafts, their distributions (k, vocab), or None when greedy)."""
+        params = params or SamplingParams(0.0, 0)
         keep = 0  # the longest common prefix of what the caches hold and the context
         while keep < min(len(self.fed), len(ids) - 1) and self.fed[keep] == ids[keep]:
             keep += 1
         self.bottom.truncate(keep)
         self.top.truncate(keep)
         self.fed = ids[:keep]
-        drafts = [self._step(ids[keep:])]
+        token, q = self._step(ids[keep:], params, generator)
+        drafts, qs = [token], [q]
         self.fed = list(ids)
         for _ in range(k - 1):
             self.fed.append(drafts[-1])
-            drafts.append(self._step(drafts[-1:]))
-        return drafts
+            token, q = self._step(drafts[-1:], params, generator)
+            drafts.append(token)
+            qs.append(q)
+        return drafts, None if params.greedy else torch.stack(qs)
 
     def close(self) -> None:
         self.bottom.close()
@@ -106,6 +122,38 @@ class SpeculationStats:
         }
 
 
+def verify(
+    drafts: list[int],
+    q: torch.Tensor | None,
+    logits: torch.Tensor,
+    params: SamplingParams,
+    generator: torch.Generator | None,
+) -> tuple[list[int], int]:
+    """The tokens a verification yields, and how many drafts it accepted. `logits` (len(drafts) + 1, vocab): the
+    model's after the last chosen token and after each draft; `q` (len(drafts), vocab): the drafts'
+    distributions, or None for deterministic drafts (all on the drafted token)."""
+    if params.greedy:
+        preds = logits.argmax(dim=-1).tolist()
+        accepted = 0
+        while accepted < len(drafts) and preds[accepted] == drafts[accepted]:
+            accepted += 1
+        return drafts[:accepted] + [preds[accepted]], accepted
+    p = distribution(logits, params)
+    if q is None:
+        q = torch.zeros_like(p[: len(drafts)]).scatter_(-1, torch.tensor(drafts, device=p.device)[:, None], 1.0)
+    q = q.to(p.device)
+    u = torch.rand(len(drafts), generator=generator, device=generator.device if generator else "cpu").tolist()
+    for i, x in enumerate(drafts):
+        px, qx = float(p[i, x]), float(q[i, x])
+        if qx > 0 and u[i] * qx < px:  # accept with probability min(1, p(x)/q(x))
+            continue
+        residual = (p[i] - q[i]).clamp_(min=0)
+        if float(residual.sum()) <= 0:  # p == q up to rounding: the rejection cannot happen; draw from p
+            residual = p[i]
+        return drafts[:i] + [int(torch.multinomial(residual, 1, generator=generator))], i
+    return drafts + [int(torch.multinomial(p[len(drafts)], 1, generator=generator))], len(drafts)
+
+
 def generate_speculative(
     stepper: Stepper,
     prompt_ids: list[int],
@@ -119,11 +167,11 @@ def generate_speculative(
     spec: SpeculationStats | None = None,
     k: int = 4,
 ) -> Iterator[TokenEvent]:
-    """`generate` (splitcore/generate.py) with drafts from `draft`, verified `k` at a time: greedy, the same
-    tokens as plain greedy. The stepper and the draft source are closed when the loop ends, however it ends."""
+    """`generate` (splitcore/generate.py) with drafts from `draft`, verified `k` at a time: greedy gives plain
+    greedy's tokens; sampling gives tokens distributed as plain sampling's (`verify`), reproducible with a seed.
+    The stepper and the draft source are closed when the loop ends, however it ends."""
     check_request(prompt_ids, max_new_tokens, stepper.n_positions, params)
-    if not params.greedy:
-        raise InvalidInput("speculative decoding is greedy only for now: use --temperature 0 or --speculate none")
+    generator = None  # made on the logits' device at the first token
     text = IncrementalDecoder(decode)
     stats = stats if stats is not None else GenerationStats()
     spec = spec if spec is not None else SpeculationStats(draft.name)
@@ -135,16 +183,12 @@ def generate_speculative(
         while True:
             t0 = time.perf_counter()
             room = min(k, max_new_tokens - produced - 1, stepper.n_positions - len(ids) - 1)
-            drafts = draft.propose(ids, room) if produced and room > 0 else []
+            drafts, q = draft.propose(ids, room, params, generator) if produced and room > 0 else ([], None)
             r = stepper.step(torch.tensor([feed + drafts]), all_positions=bool(drafts))  # a prompt: its last only
-            if drafts:
-                preds = r.logits.argmax(dim=-1).tolist()[len(feed) - 1 :]  # the choice after each fed position
-            else:
-                preds = [int(r.logits.argmax())]
-            accepted = 0
-            while accepted < len(drafts) and preds[accepted] == drafts[accepted]:
-                accepted += 1
-            new = drafts[:accepted] + [preds[accepted]]
+            if generator is None and not params.greedy:
+                generator = make_generator(params.seed, r.logits.device)
+            logits = r.logits[len(feed) - 1 :] if drafts else r.logits[None]  # after the last fed token, each draft
+            new, accepted = verify(drafts, q, logits, params, generator)
             if accepted < len(drafts):  # roll the rejected drafts back, here and on the trunk
                 stepper.truncate(len(ids) + accepted)
             if drafts:

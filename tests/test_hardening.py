@@ -185,14 +185,23 @@ def test_memory_comes_back_after_500_sessions(models_dir, tmp_path):
 # --- a trunk that dies ----------------------------------------------------------------------------------
 
 
-def test_trunk_killed_mid_generation_resumes_identically(models_dir, tmp_path):
+@pytest.mark.parametrize(
+    "speculate, params",
+    [("none", GREEDY), ("lookup", GREEDY), ("self", GREEDY), ("self", SamplingParams(1.0, 20, seed=3))],
+    ids=["plain", "lookup", "self", "self-sampled"],
+)
+def test_trunk_killed_mid_generation_resumes_identically(models_dir, tmp_path, speculate, params):
+    """A restarted trunk gets the accepted context replayed (rolled-back drafts are not), and the generation goes
+    on as if uninterrupted, with speculation too."""
     port = free_port()
     server = start_server_process(port, log_file=str(tmp_path / "a.log"))
     messages = []
     engine = tiny_split_engine(models_dir, f"127.0.0.1:{port}", reconnect_s=60, connect_timeout_s=2)
     engine.notify = messages.append
     prompt = "It was the best of times, it was the worst of times"
-    reference = engine.run(prompt, 40, GREEDY).token_ids
+    reference = engine.run(prompt, 40, params, speculate=speculate).token_ids
+    if params.greedy:
+        assert reference == engine.run(prompt, 40, GREEDY).token_ids
     restarted = {}
 
     def restart_later():
@@ -201,9 +210,10 @@ def test_trunk_killed_mid_generation_resumes_identically(models_dir, tmp_path):
 
     tokens = []
     try:
-        for event in engine.stream(prompt, 40, GREEDY):
+        for event in engine.stream(prompt, 40, params, speculate=speculate):
             tokens.append(event.token_id)
-            if event.index == 12:
+            if len(tokens) >= 12 and "killed" not in restarted:
+                restarted["killed"] = True
                 os.kill(server.pid, signal.SIGKILL)
                 server.wait()
                 threading.Thread(target=restart_later, daemon=True).start()

@@ -12,8 +12,8 @@ import torch
 
 from splitcore.engine import FullEngine
 from splitcore.errors import InvalidInput
-from splitcore.sampling import SamplingParams
-from splitcore.speculative import PromptLookup
+from splitcore.sampling import SamplingParams, distribution
+from splitcore.speculative import PromptLookup, verify
 from tests.conftest import TINY, subprocess_env, tiny_split_engine, wait_for
 
 GREEDY = SamplingParams(temperature=0.0)
@@ -22,9 +22,9 @@ PROMPTS = ["The history of natural language processing", "Once upon a time there
 
 def test_prompt_lookup_proposes_what_followed_the_last_ngram():
     look = PromptLookup(max_ngram=3)
-    assert look.propose([1, 2, 3, 4, 5, 9, 2, 3], 2) == [4, 5]  # the bigram 2 3 was followed by 4 5
-    assert look.propose([7, 1, 8, 1], 3) == [8, 1]  # unigram 1, its latest earlier occurrence
-    assert look.propose([1, 2, 3], 4) == []  # nothing repeats
+    assert look.propose([1, 2, 3, 4, 5, 9, 2, 3], 2) == ([4, 5], None)  # the bigram 2 3 was followed by 4 5
+    assert look.propose([7, 1, 8, 1], 3) == ([8, 1], None)  # unigram 1, its latest earlier occurrence
+    assert look.propose([1, 2, 3], 4) == ([], None)  # nothing repeats
 
 
 @pytest.mark.parametrize("source", ["lookup", "self"])
@@ -50,8 +50,8 @@ def test_full_model_speculative_lookup_equals_plain(tiny):
         assert engine.run(prompt, 40, GREEDY, speculate="lookup").token_ids == engine.run(prompt, 40, GREEDY).token_ids
     with pytest.raises(InvalidInput, match="needs the split client"):
         engine.run("hi", 5, GREEDY, speculate="self")
-    with pytest.raises(InvalidInput, match="greedy only"):
-        engine.run("hi", 5, SamplingParams(temperature=0.8), speculate="lookup")
+    with pytest.raises(InvalidInput, match="plain decoding only"):
+        list(engine.stream("hi", 5, GREEDY, speculate="lookup", logprobs=1))
 
 
 def test_cli_speculate_json_reports_acceptance(models_dir, server):
@@ -83,3 +83,78 @@ def test_cli_speculate_json_reports_acceptance(models_dir, server):
     plain = subprocess.run(args[:-3] + ["--json"], capture_output=True, text=True, env=subprocess_env(), timeout=120)
     assert json.loads(plain.stdout)["token_ids"] == out["token_ids"]
     assert out["stats"]["speculation"]["verifications"] >= 1
+
+
+# --- speculative sampling: the output is distributed as plain sampling's -----------------------------------
+ALPHA = 1e-3  # significance level of every test below; their seeds are fixed, so each passes or fails always
+
+
+def chi_square_p(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    """p-value of Pearson's chi-square test of `counts` against `probs` (cells expecting < 5 pooled)."""
+    n = float(counts.sum())
+    expected = probs.double() * n
+    small = expected < 5
+    if small.any():
+        counts = torch.cat([counts[~small].double(), counts[small].double().sum()[None]])
+        expected = torch.cat([expected[~small], expected[small].sum()[None]])
+    assert float((counts[expected == 0]).sum()) == 0, "a token the target never gives came out"
+    keep = expected > 0
+    stat = float((((counts[keep] - expected[keep]) ** 2) / expected[keep]).sum())
+    dof = int(keep.sum()) - 1
+    return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64), torch.tensor(stat / 2)))
+
+
+@pytest.mark.parametrize("drafts", [1, 3])
+@pytest.mark.parametrize("kind", ["sampled", "deterministic"])
+def test_verify_gives_the_targets_distribution(drafts, kind):
+    """The first token a verification yields is distributed as the model's p, whatever the draft: one drawn from
+    a q far from p, or a fixed one (prompt lookup). 20,000 verifications, vocabulary of 8."""
+    g = torch.Generator().manual_seed(11)
+    params = SamplingParams(temperature=0.9, top_k=6, top_p=0.95)
+    logits = torch.randn(drafts + 1, 8, generator=g) * 2
+    p0 = distribution(logits[0], params)
+    q = torch.softmax(torch.randn(drafts, 8, generator=g), dim=-1)  # a draft model that disagrees with p
+    counts = torch.zeros(8)
+    accepted = 0
+    for _ in range(20_000):
+        if kind == "sampled":
+            d = torch.multinomial(q, 1, generator=g)[:, 0].tolist()
+            new, a = verify(d, q, logits, params, g)
+        else:
+            new, a = verify([3] * drafts, None, logits, params, g)  # always proposes token 3
+        counts[new[0]] += 1
+        accepted += a
+    assert chi_square_p(counts, p0) > ALPHA
+    assert 0 < accepted  # drafts do get accepted: the test exercises both branches
+
+
+def test_speculative_sampling_matches_plain_over_the_split(models_dir, tiny, full_model):
+    """End to end, the split's own parts drafting (self) over an in-process trunk: the second generated token's
+    distribution is the model's, sum over t1 of p(t1) p(t2 | t1), computed exactly with HF's model. 1,500 seeded
+    generations, top-k 4."""
+    engine = tiny_split_engine(models_dir, local_trunk=True)
+    params = SamplingParams(temperature=1.0, top_k=4)
+    prompt = engine.encode("The history of natural language processing")
+    with torch.no_grad():
+        p1 = distribution(full_model(torch.tensor([prompt])).logits[0, -1], params)
+        firsts = p1.nonzero()[:, 0].tolist()
+        rows = full_model(torch.tensor([prompt + [t] for t in firsts])).logits[:, -1]
+        p2 = (p1[firsts][:, None] * distribution(rows, params)).sum(0)
+    counts, drafted, accepted = torch.zeros(p2.shape[0]), 0, 0
+    for seed in range(1500):
+        run = engine.run(prompt, 3, SamplingParams(1.0, 4, seed=seed), speculate="self")
+        counts[run.token_ids[1]] += 1
+        stats = run.stats.speculation
+        drafted, accepted = drafted + stats.drafted, accepted + stats.accepted
+    engine.close()
+    assert chi_square_p(counts, p2) > ALPHA
+    assert drafted > 0 and 0 < accepted < drafted  # both acceptance and rejection happened
+
+
+def test_speculative_sampling_is_reproducible_with_a_seed(models_dir, server):
+    engine = tiny_split_engine(models_dir, f"127.0.0.1:{server.port}")
+    params = SamplingParams(temperature=1.0, top_k=20, seed=5)
+    for source in ("lookup", "self"):
+        a = engine.run(PROMPTS[0], 16, params, speculate=source).token_ids
+        assert a == engine.run(PROMPTS[0], 16, params, speculate=source).token_ids
+    engine.close()

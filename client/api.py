@@ -1,0 +1,536 @@
+"""An OpenAI-compatible HTTP API on the split client: `python -m client api` (port 8000, env GPT2_API_PORT).
+
+Existing tools (the `openai` package, LangChain, curl) talk to it unchanged, and prompts still never leave this
+machine: the API runs where the split client runs, and only hidden states go to the trunk.
+
+- `POST /v1/completions` and `POST /v1/chat/completions`, streamed as server-sent events (`stream: true`) or
+  not. `max_tokens`, `temperature`, `top_p`, `seed`, `stop` (up to 4 strings), `n` (1 only), `logprobs`
+  (completions: 0-5; chat: `logprobs` + `top_logprobs` 0-20), `echo` (completions, without logprobs),
+  `stream_options.include_usage`; `usage` counts tokens. Log-probabilities are the model's own (its logits
+  before temperature and top-p), as OpenAI's are.
+- `GET /v1/models`: the model, its split and trunk, and the adapter if one is loaded.
+- Each request is a trunk session of its own, so concurrent requests batch on the trunk. A client that
+  disconnects mid-stream stops its generation and its session closes.
+- Bad input gets OpenAI's error body (`{"error": {"message", "type", "param", "code"}}`) and status: 400 for
+  wrong or missing fields and for too many tokens (`context_length_exceeded`), 401 for a missing or wrong key
+  (`--api-key`), 404 for an unknown model, 503 when the trunk cannot be reached.
+- Every response carries `timings`, which OpenAI's clients ignore: time to first token, and the client, server
+  and network ms of the generation (the split's own breakdown; `GenerationStats`).
+
+GPT-2 has no chat template; chat turns become a prompt by this one (CHAT_TEMPLATE, in the README too):
+
+    System: {system message}
+    User: {user message}
+    Assistant: {assistant message}
+    User: {user message}
+    Assistant:
+
+and "\\nUser:" is a stop sequence of every chat completion, so that the model's answer ends where it would start
+writing the user's next turn.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import anyio
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from splitcomm.errors import TrunkError
+from splitcore.engine import Engine
+from splitcore.errors import InvalidInput, LimitExceeded, SplitError
+from splitcore.generate import TokenEvent
+from splitcore.sampling import SamplingParams
+from splitcore.stats import GenerationStats
+
+logger = logging.getLogger(__name__)
+
+CHAT_TEMPLATE = {"system": "System: {}\n", "user": "User: {}\n", "assistant": "Assistant: {}\n"}
+CHAT_PROMPT_END = "Assistant:"
+CHAT_STOP = "\nUser:"
+MAX_STOPS = 4
+COMPLETION_MAX_TOKENS = 16  # OpenAI's default for completions
+CHAT_MAX_TOKENS = 256  # chat's default, or what is left of the context if less
+
+
+class APIError(Exception):
+    """An error with OpenAI's body and an HTTP status."""
+
+    def __init__(self, status: int, message: str, type_: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+    def response(self) -> JSONResponse:
+        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return JSONResponse(body, status_code=self.status)
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, "invalid_request_error", param, code)
+
+
+# --- requests -----------------------------------------------------------------------------------------------
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # fields of OpenAI's that do not apply here are accepted and unused
+
+    model: str
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    n: int = 1
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    user: str | None = None
+
+
+class CompletionRequest(_Request):
+    prompt: str | list[str] | list[int] | None = None
+    max_tokens: int | None = Field(COMPLETION_MAX_TOKENS, ge=1)
+    logprobs: int | None = Field(None, ge=0, le=5)
+    echo: bool = False
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[dict[str, Any]] | None = None
+
+
+class ChatRequest(_Request):
+    messages: list[ChatMessage]
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+
+def chat_prompt(messages: list[ChatMessage]) -> str:
+    """The conversation as a GPT-2 prompt (CHAT_TEMPLATE), ending where the assistant's answer starts."""
+    if not messages:
+        raise bad_request("messages must hold at least one message", "messages")
+    turns = []
+    for i, m in enumerate(messages):
+        content = m.content or ""
+        if isinstance(content, list):
+            if any(part.get("type") != "text" for part in content):
+                raise bad_request("only text content parts are supported", f"messages[{i}].content")
+            content = "".join(str(part.get("text", "")) for part in content)
+        turns.append(CHAT_TEMPLATE["system" if m.role == "developer" else m.role].format(content.strip()))
+    return "".join(turns) + CHAT_PROMPT_END
+
+
+# --- generation ---------------------------------------------------------------------------------------------
+@dataclass
+class Job:
+    """One request's generation, checked: token ids, how many new tokens, sampling, stops, log-probabilities."""
+
+    ids: list[int]
+    max_new: int
+    params: SamplingParams
+    stops: list[str]
+    logprobs: int | None  # top alternatives per token, or None for no log-probabilities
+    stats: GenerationStats = field(default_factory=GenerationStats)
+
+
+@dataclass
+class Piece:
+    """What one generated token adds to the response: text (stop sequences held back and cut), its token, and
+    why the generation ended (None while it goes on)."""
+
+    text: str
+    event: TokenEvent | None
+    finish: str | None = None
+
+
+class StopFilter:
+    """Cuts the text at the first stop sequence. Text that could be the start of one is held back until it is
+    known not to be, so a streamed response never shows part of a stop sequence."""
+
+    def __init__(self, stops: list[str]):
+        self.stops, self.pending = stops, ""
+
+    def push(self, delta: str) -> tuple[str, bool]:
+        text = self.pending + delta
+        cuts = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        if cuts:
+            self.pending = ""
+            return text[: min(cuts)], True
+        hold = max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        self.pending = text[len(text) - hold :] if hold else ""
+        return text[: len(text) - hold], False
+
+    def flush(self) -> str:
+        text, self.pending = self.pending, ""
+        return text
+
+
+def pieces(engine: Engine, job: Job) -> Iterator[Piece]:
+    """The generation as pieces (a blocking iterator: run it on a worker thread). Closing it early (a client
+    gone) ends the generation and its trunk session."""
+    events = engine.stream(job.ids, job.max_new, job.params, job.stats, logprobs=job.logprobs)
+    stops = StopFilter(job.stops)
+    eos = engine.tokenizer.eos_token_id
+    try:
+        for e in events:
+            text, stopped = stops.push(e.text)
+            if stopped:
+                yield Piece(text, None, "stop")
+                return
+            last = e.index == job.max_new - 1 or e.token_id == eos
+            if last:
+                text += stops.flush()
+            yield Piece(text, e, ("stop" if e.token_id == eos else "length") if last else None)
+    finally:
+        events.close()
+
+
+def timings(stats: GenerationStats) -> dict:
+    """The split's breakdown of one generation (OpenAI's clients ignore the field)."""
+    tokens = stats.tokens
+    out = {
+        "prompt_tokens": stats.prompt_tokens,
+        "generated_tokens": len(tokens),
+        "ttft_ms": round(stats.ttft_ms, 3),
+        "tokens_per_s": round(stats.tokens_per_s, 3),
+        "total_ms": round(stats.wall_s * 1e3, 3),
+        "client_ms": round(sum(t.client_ms for t in tokens), 3),
+    }
+    if any(t.server_ms is not None for t in tokens):
+        out["server_ms"] = round(sum(t.server_ms or 0.0 for t in tokens), 3)
+        out["network_ms"] = round(sum(t.network_ms or 0.0 for t in tokens), 3)
+    return out
+
+
+# --- the app ------------------------------------------------------------------------------------------------
+class API:
+    """The routes over one engine; `app` is the FastAPI application."""
+
+    def __init__(self, engine: Engine, model_card: dict, api_key: str | None = None, max_concurrent: int = 64):
+        self.engine, self.card, self.api_key = engine, model_card, api_key
+        self.model_id = model_card["id"]
+        self.limiter = anyio.CapacityLimiter(max_concurrent)  # worker threads for generations at once
+        app = FastAPI(title="GPT-2 split client: OpenAI-compatible API", docs_url=None, redoc_url=None)
+        app.add_exception_handler(APIError, lambda request, e: e.response())
+        app.add_exception_handler(RequestValidationError, self._invalid)
+        app.middleware("http")(self._authenticate)
+        app.get("/v1/models")(self.models)
+        app.get("/v1/models/{model_id:path}")(self.model)
+        app.post("/v1/completions")(self.completions)
+        app.post("/v1/chat/completions")(self.chat_completions)
+        app.get("/health")(lambda: {"status": "ok"})
+        self.app = app
+
+    # --- plumbing ---
+    async def _authenticate(self, request: Request, call_next):
+        if self.api_key and request.url.path.startswith("/v1/"):
+            got = request.headers.get("authorization", "")
+            if not secrets.compare_digest(got.encode(), f"Bearer {self.api_key}".encode()):
+                what = "Incorrect API key provided" if got else "No API key provided (Authorization: Bearer ...)"
+                return APIError(401, what, "invalid_request_error", None, "invalid_api_key").response()
+        return await call_next(request)
+
+    @staticmethod
+    def _invalid(request: Request, e: RequestValidationError) -> JSONResponse:
+        first = e.errors()[0] if e.errors() else {}
+        where = [str(x) for x in first.get("loc", ()) if x != "body"]
+        message = first.get("msg", "invalid request")
+        if first.get("type") == "json_invalid":
+            message = "the request body is not valid JSON"
+        elif where:
+            message = f"{'.'.join(where)}: {message}"
+        return bad_request(message, ".".join(where) or None).response()
+
+    def _check_model(self, model: str) -> None:
+        if model != self.model_id:
+            raise APIError(
+                404,
+                f"The model '{model}' does not exist; this server serves '{self.model_id}' (GET /v1/models)",
+                "invalid_request_error",
+                "model",
+                "model_not_found",
+            )
+
+    def _job(self, r: _Request, ids: list[int], max_new: int | None, default_max: int, logprobs: int | None) -> Job:
+        if r.n != 1:
+            raise bad_request("n must be 1: one completion per request (send several requests)", "n")
+        stops = [r.stop] if isinstance(r.stop, str) else list(r.stop or [])
+        if len(stops) > MAX_STOPS or any(not s for s in stops):
+            raise bad_request(f"stop takes up to {MAX_STOPS} non-empty strings", "stop")
+        if not ids:
+            raise bad_request("the prompt is empty: give at least one token of text", "prompt")
+        room = self.engine.n_positions - len(ids)
+        if max_new is None:
+            max_new = min(default_max, room)
+        if max_new > room or room < 1:
+            raise bad_request(
+                f"This model's maximum context length is {self.engine.n_positions} tokens. However, you requested "
+                f"{len(ids) + max_new} tokens ({len(ids)} in the prompt, {max_new} for the completion). Please "
+                f"reduce the prompt or max_tokens.",
+                "max_tokens" if room >= 1 else "prompt",
+                "context_length_exceeded",
+            )
+        top_k = 0 if r.temperature == 0 else self.engine.tokenizer.vocab_size  # OpenAI has no top-k
+        return Job(ids, max_new, SamplingParams(r.temperature, top_k, r.top_p, r.seed), stops, logprobs)
+
+    async def _stream_pieces(self, job: Job, request: Request | None = None) -> AsyncIterator[Piece]:
+        """The pieces of a generation, each computed on a worker thread. When the client has gone (asked between
+        tokens: uvicorn does not fail a write to a closed connection) or the task is cancelled, the thread's step
+        finishes and the generation is closed, which ends its trunk session."""
+        it = pieces(self.engine, job)
+        try:
+            while True:
+                if request is not None and await request.is_disconnected():
+                    logger.info("client gone: generation stopped after %d tokens", len(job.stats.tokens))
+                    return
+                piece = await anyio.to_thread.run_sync(next, it, None, limiter=self.limiter)
+                if piece is None:
+                    return
+                yield piece
+        except (SplitError, TrunkError) as e:
+            raise _api_error(e) from e
+        finally:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(it.close)
+
+    async def _collect(self, job: Job) -> list[Piece]:
+        return [p async for p in self._stream_pieces(job)]
+
+    async def _started(self, job: Job, request: Request) -> tuple[Piece | None, AsyncIterator[Piece]]:
+        """The first piece and the rest: a request that cannot start (no trunk, say) fails with its status
+        before the stream's 200 goes out."""
+        rest = self._stream_pieces(job, request)
+        return await anext(rest, None), rest
+
+    # --- routes ---
+    async def models(self) -> dict:
+        return {"object": "list", "data": [self.card]}
+
+    async def model(self, model_id: str) -> dict:
+        self._check_model(model_id)
+        return self.card
+
+    async def completions(self, r: CompletionRequest, request: Request):
+        self._check_model(r.model)
+        if r.prompt is None or r.prompt == []:
+            raise bad_request("you must provide a prompt", "prompt")
+        if isinstance(r.prompt, list) and isinstance(r.prompt[0], str):
+            if len(r.prompt) != 1:
+                raise bad_request("one prompt per request: send a string or a list of one", "prompt")
+            r.prompt = r.prompt[0]
+        if r.echo and r.logprobs is not None:
+            raise bad_request("echo with logprobs is not supported (the prompt's log-probabilities)", "echo")
+        ids = self.engine.encode(r.prompt) if isinstance(r.prompt, str) else list(r.prompt)
+        if any(not 0 <= i < self.engine.tokenizer.vocab_size for i in ids):
+            raise bad_request(f"prompt token ids must be in [0, {self.engine.tokenizer.vocab_size})", "prompt")
+        job = self._job(r, ids, r.max_tokens, COMPLETION_MAX_TOKENS, r.logprobs)
+        echo = (r.prompt if isinstance(r.prompt, str) else self.engine.decode(ids)) if r.echo else ""
+        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        head = {"id": rid, "object": "text_completion", "created": created, "model": self.model_id}
+
+        def choice(text: str, ps: list[Piece], finish: str | None, offset: int) -> dict:
+            lp = self._completion_logprobs(ps, offset) if job.logprobs is not None else None
+            return {"index": 0, "text": text, "logprobs": lp, "finish_reason": finish}
+
+        if not r.stream:
+            ps = await self._collect(job)
+            text = "".join(p.text for p in ps)
+            body = head | {"choices": [choice(echo + text, ps, _finish(ps), len(echo))]}
+            return body | {"usage": _usage(job), "timings": timings(job.stats)}
+
+        first, rest = await self._started(job, request)
+
+        async def chunks() -> AsyncIterator[dict]:
+            offset = len(echo)
+            if echo:
+                yield head | {"choices": [choice(echo, [], None, 0)]}
+            async for p in _chain(first, rest):
+                yield _with_timings(head | {"choices": [choice(p.text, [p], p.finish, offset)]}, p, job)
+                offset += len(p.text)
+            if _include_usage(r):
+                yield head | {"choices": [], "usage": _usage(job)}
+
+        return _sse(chunks(), rest)
+
+    async def chat_completions(self, r: ChatRequest, request: Request):
+        self._check_model(r.model)
+        prompt = chat_prompt(r.messages)
+        if r.top_logprobs is not None and not r.logprobs:
+            raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
+        logprobs = (r.top_logprobs or 0) if r.logprobs else None
+        max_new = r.max_completion_tokens if r.max_completion_tokens is not None else r.max_tokens
+        job = self._job(r, self.engine.encode(prompt), max_new, CHAT_MAX_TOKENS, logprobs)
+        job.stops = [*job.stops, CHAT_STOP]
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def head(kind: str) -> dict:
+            return {"id": rid, "object": kind, "created": created, "model": self.model_id}
+
+        if not r.stream:
+            ps = await self._collect(job)
+            text = "".join(p.text for p in ps).lstrip()  # the template's "Assistant:" is followed by a space
+            message = {"role": "assistant", "content": text}
+            lp = {"content": self._chat_logprobs(ps)} if job.logprobs is not None else None
+            choice = {"index": 0, "message": message, "logprobs": lp, "finish_reason": _finish(ps)}
+            return head("chat.completion") | {
+                "choices": [choice],
+                "usage": _usage(job),
+                "timings": timings(job.stats),
+            }
+
+        first, rest = await self._started(job, request)
+
+        async def chunks() -> AsyncIterator[dict]:
+            yield head("chat.completion.chunk") | {
+                "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]
+            }
+            started = False
+            async for p in _chain(first, rest):
+                text = p.text if started else p.text.lstrip()  # as the non-streamed answer
+                started = started or bool(text)
+                lp = {"content": self._chat_logprobs([p])} if job.logprobs is not None else None
+                delta = {"content": text} if text else {}
+                chunk = {"choices": [{"index": 0, "delta": delta, "logprobs": lp, "finish_reason": p.finish}]}
+                yield _with_timings(head("chat.completion.chunk") | chunk, p, job)
+            if _include_usage(r):
+                yield head("chat.completion.chunk") | {"choices": [], "usage": _usage(job)}
+
+        return _sse(chunks(), rest)
+
+    # --- log-probabilities in OpenAI's two shapes ---
+    def _token(self, token_id: int) -> str:
+        return self.engine.tokenizer.convert_tokens_to_string([self.engine.tokenizer.convert_ids_to_tokens(token_id)])
+
+    def _completion_logprobs(self, ps: list[Piece], offset: int) -> dict:
+        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for p in ps:
+            if p.event is None:
+                continue
+            token = self._token(p.event.token_id)
+            out["tokens"].append(token)
+            out["token_logprobs"].append(p.event.logprob)
+            out["top_logprobs"].append({self._token(i): lp for i, lp in p.event.top_logprobs or []})
+            out["text_offset"].append(offset)
+            offset += len(p.text)
+        return out
+
+    def _chat_logprobs(self, ps: list[Piece]) -> list[dict]:
+        def entry(token_id: int, lp: float) -> dict:
+            token = self._token(token_id)
+            return {"token": token, "logprob": lp, "bytes": list(token.encode())}
+
+        return [
+            entry(p.event.token_id, p.event.logprob)
+            | {"top_logprobs": [entry(i, lp) for i, lp in p.event.top_logprobs or []]}
+            for p in ps
+            if p.event is not None
+        ]
+
+
+def _finish(ps: list[Piece]) -> str:
+    return next((p.finish for p in reversed(ps) if p.finish), "length")
+
+
+def _usage(job: Job) -> dict:
+    n = len(job.stats.tokens)
+    return {"prompt_tokens": len(job.ids), "completion_tokens": n, "total_tokens": len(job.ids) + n}
+
+
+async def _chain(first: Piece | None, rest: AsyncIterator[Piece]) -> AsyncIterator[Piece]:
+    if first is None:
+        return
+    yield first
+    async for p in rest:
+        yield p
+
+
+def _with_timings(chunk: dict, p: Piece, job: Job) -> dict:
+    """The chunk that ends a stream's choice carries the generation's timings."""
+    return chunk | {"timings": timings(job.stats)} if p.finish else chunk
+
+
+def _include_usage(r: _Request) -> bool:
+    """OpenAI's stream_options.include_usage: one more chunk, with usage and no choices."""
+    return bool((r.stream_options or {}).get("include_usage"))
+
+
+def _api_error(e: Exception) -> APIError:
+    if isinstance(e, TrunkError):
+        return APIError(503, f"the trunk server cannot be reached: {e}", "server_error", None, "trunk_unavailable")
+    if isinstance(e, LimitExceeded):
+        return bad_request(str(e), None, "context_length_exceeded")
+    if isinstance(e, InvalidInput):
+        return bad_request(str(e))
+    return APIError(500, str(e), "server_error")
+
+
+class _EventStream(StreamingResponse):
+    """A streaming response that closes its generation however the response ends: when the client goes away
+    the server stops iterating the body and leaves its generators suspended, and the generation would hold its
+    trunk session until they were garbage-collected."""
+
+    def __init__(self, body: AsyncIterator[str], source: AsyncIterator[Piece]):
+        super().__init__(body, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self.source = source
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.source.aclose()
+
+
+def _sse(chunks: AsyncIterator[dict], source: AsyncIterator[Piece]) -> StreamingResponse:
+    """Server-sent events as OpenAI frames them: `data: {json}` per chunk, then `data: [DONE]`. An error after
+    the stream has started goes as one `data: {"error": ...}` event (its status line is already sent).
+    `source`: the generation's pieces, closed when the response ends."""
+
+    async def frames() -> AsyncIterator[str]:
+        try:
+            async for chunk in chunks:
+                yield f"data: {json.dumps(chunk)}\n\n"
+        except APIError as e:
+            err = {"message": e.message, "type": e.type, "param": e.param, "code": e.code}
+            yield f"data: {json.dumps({'error': err})}\n\n"
+            return
+        yield "data: [DONE]\n\n"
+
+    return _EventStream(frames(), source)
+
+
+# --- entry point --------------------------------------------------------------------------------------------
+def model_card(engine) -> dict:
+    """What GET /v1/models says of the model: OpenAI's fields, then the split's."""
+    card = {"id": engine.model.spec, "object": "model", "created": int(time.time()), "owned_by": "gpt2-split"}
+    card |= {
+        "split": str(getattr(engine, "split", "")),
+        "trunk": getattr(engine, "trunk_label", "in this process"),
+        "context_length": engine.n_positions,
+        "random_weights": engine.model.is_random,
+        "adapter": getattr(getattr(engine, "cfg", None), "adapter", None),
+    }
+    return card
+
+
+def serve(engine: Engine, args: argparse.Namespace) -> None:
+    import uvicorn
+
+    api = API(engine, model_card(engine), args.api_key)
+    if not args.api_key and args.host not in ("127.0.0.1", "localhost", "::1"):
+        logger.warning("the API listens on %s without --api-key: anyone who reaches it can generate", args.host)
+    print(f"OpenAI-compatible API on http://{args.host}:{args.port}/v1 (model '{api.model_id}')", flush=True)
+    try:
+        uvicorn.run(api.app, host=args.host, port=args.port, log_level="warning")
+    finally:
+        engine.close()
