@@ -68,6 +68,14 @@ def stats_markdown(stats: GenerationStats, running: bool = False) -> str:
             f"({100 * server / total:.0f}%) | {network:.1f} ms ({100 * network / total:.0f}%) "
             f"| {_mean([x.bytes_out for x in t]):,.0f} / {_mean([x.bytes_in for x in t]):,.0f} |",
         ]
+    if stats.speculation is not None and stats.speculation.calls:
+        d = stats.speculation.to_dict(len(stats.tokens))
+        rows += [
+            "",
+            f"**Speculative decoding** ({d['source']}): {d['verifications']} verifications, "
+            f"{d['accepted']} of {d['drafted']} drafts accepted ({100 * d['acceptance_rate']:.0f}%), "
+            f"{d['tokens_per_round_trip']:.2f} tokens per round trip, {d['mean_draft_length']:.1f} drafts a round",
+        ]
     return "\n".join(rows)
 
 
@@ -97,11 +105,22 @@ def history_table(history: History) -> pd.DataFrame:
                 "median_ms": round(d["median"], 2),
                 "p90_ms": round(d["p90"], 2),
                 "p99_ms": round(d["p99"], 2),
+                **_speculation_columns(r.stats),
             }
         )
-    return pd.DataFrame(
-        rows, columns=["time", "prompt", "tokens", "ttft_ms", "tokens_per_s", "median_ms", "p90_ms", "p99_ms"]
-    )
+    columns = ["time", "prompt", "tokens", "ttft_ms", "tokens_per_s", "median_ms", "p90_ms", "p99_ms"]
+    return pd.DataFrame(rows, columns=columns + ["speculation", "acceptance", "tokens_per_round_trip"])
+
+
+def _speculation_columns(stats: GenerationStats) -> dict:
+    if stats.speculation is None:
+        return {"speculation": "none", "acceptance": None, "tokens_per_round_trip": None}
+    d = stats.speculation.to_dict(len(stats.tokens))
+    return {
+        "speculation": d["source"],
+        "acceptance": round(d["acceptance_rate"], 3),
+        "tokens_per_round_trip": round(d["tokens_per_round_trip"], 2),
+    }
 
 
 def _layout(fig: go.Figure, title: str, x: str | None, y: str) -> go.Figure:

@@ -319,6 +319,8 @@ class SplitEngine(Engine):
             link = DelayedLink(link, self.cfg.added_delay_ms)
         return SplitStepper(parts["bottom"], parts["top"], link, max_length, pools)
 
+    draft_sources = ("none", "lookup", "self")
+
     def draft_source(self, name: str, capacity: int):
         """Prompt lookup, or the client's own bottom and top without the trunk (with the adapter if on)."""
         if name != "self":

@@ -59,6 +59,13 @@ def generation_tab(engine: Engine, history: gr.State) -> gr.Checkbox:
             top_k = gr.Slider(0, 500, value=50, step=1, label="Top-k (0 = greedy)")
             top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.01, label="Top-p")
             seed = gr.Number(value=-1, precision=0, label="Seed (-1 = random)")
+            speculate = gr.Dropdown(
+                list(engine.draft_sources),
+                value="none",
+                label="Speculative decoding",
+                info="draft tokens here and verify several per round trip: the same tokens when greedy, the same "
+                "distribution when sampling; lookup: from the context; self: the client's own blocks",
+            )
             adapter_switch = gr.Checkbox(
                 label="Use the fine-tuned adapter",
                 value=engine.has_adapter and engine.use_adapter,
@@ -67,12 +74,12 @@ def generation_tab(engine: Engine, history: gr.State) -> gr.Checkbox:
             )
             stats_panel = gr.Markdown("_Statistics appear here after a run._")
 
-    def on_generate(prompt_text, n, temp, k, p, seed_value, hist):
+    def on_generate(prompt_text, n, temp, k, p, seed_value, source, hist):
         stats = GenerationStats()
         text, notice = "", ""
         seed_int = int(seed_value) if seed_value is not None and seed_value >= 0 else None
         params = SamplingParams(float(temp), int(k), float(p), seed_int)
-        run = BackgroundStream(engine, prompt_text, int(n), params, stats)
+        run = BackgroundStream(engine, prompt_text, int(n), params, stats, source or "none")
         try:
             yield text, charts.stats_markdown(stats, running=True), "", hist
             for kind, value in run.events():
@@ -97,7 +104,7 @@ def generation_tab(engine: Engine, history: gr.State) -> gr.Checkbox:
                 )
         yield text, charts.stats_markdown(stats), notice, hist
 
-    inputs = [prompt, max_tokens, temperature, top_k, top_p, seed, history]
+    inputs = [prompt, max_tokens, temperature, top_k, top_p, seed, speculate, history]
     outputs = [output, stats_panel, status, history]
     ev_click = run.click(on_generate, inputs, outputs)
     ev_submit = prompt.submit(on_generate, inputs, outputs)
@@ -116,15 +123,18 @@ class BackgroundStream:
     `events()` yields ("token", TokenEvent) and ("notice", text) and re-raises the generation's error;
     `stop()` ends the generation at the next token (the UI's Stop button, or a closed browser tab)."""
 
-    def __init__(self, engine: Engine, prompt: str, max_new_tokens: int, params: SamplingParams, stats):
+    def __init__(
+        self, engine: Engine, prompt: str, max_new_tokens: int, params: SamplingParams, stats, speculate: str = "none"
+    ):
         self._q: queue.SimpleQueue = queue.SimpleQueue()
         self._stop = threading.Event()
-        args = (engine, prompt, max_new_tokens, params, stats)
+        args = (engine, prompt, max_new_tokens, params, stats, speculate)
         self._thread = threading.Thread(target=self._run, args=args, daemon=True, name="generation")
         self._thread.start()
 
-    def _run(self, engine, prompt, max_new_tokens, params, stats) -> None:
-        stream = engine.stream(prompt, max_new_tokens, params, stats, notify=lambda m: self._q.put(("notice", m)))
+    def _run(self, engine, prompt, max_new_tokens, params, stats, speculate) -> None:
+        notify = lambda m: self._q.put(("notice", m))  # noqa: E731
+        stream = engine.stream(prompt, max_new_tokens, params, stats, notify=notify, speculate=speculate)
         try:
             for event in stream:
                 self._q.put(("token", event))

@@ -85,6 +85,9 @@ class Result:
                 "tokens_per_round_trip": statistics.fmean(
                     len(r.tokens) / r.speculation.calls for r in self.runs if r.speculation.calls
                 ),
+                "mean_draft_length": statistics.fmean(x for r in spec for x in r.lengths)
+                if any(r.lengths for r in spec)
+                else 0.0,
             }
         if len(self.runs) > 1:
             d["repeat_decode_median_ms"] = percentile([t for r in self.runs[1:] for t in r.decode_ms], 50)
@@ -249,8 +252,8 @@ def speculation_table(rows: list[dict], configs: list[Config]) -> str:
         return ""
     by = {(r["config"], r["prompt_tokens"]): r for r in rows}
     out = [
-        "| prompt | config | tok/s | x plain | acceptance | tokens per round trip |",
-        "|---:|---|---:|---:|---:|---:|",
+        "| prompt | config | tok/s | x plain | acceptance | tokens per round trip | mean draft length |",
+        "|---:|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         if r["config"] in plain:
@@ -259,7 +262,7 @@ def speculation_table(rows: list[dict], configs: list[Config]) -> str:
             out.append(
                 f"| {r['prompt_tokens']} | {r['config']} | {r['tokens_per_s']:.1f} | "
                 f"{r['tokens_per_s'] / base['tokens_per_s']:.2f} | {s['acceptance_rate']:.2f} | "
-                f"{s['tokens_per_round_trip']:.2f} |"
+                f"{s['tokens_per_round_trip']:.2f} | {s['mean_draft_length']:.2f} |"
             )
     return "\n".join(out)
 
@@ -314,6 +317,13 @@ def main() -> None:
         default="",
         help="draft sources to add rows for (lookup,self): each at no delay and at every --delays, against the "
         "plain split at the same delay",
+    )
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=0.0,
+        help="0 (default): greedy; else every timed run samples (top-k 50, a seed per repeat): speculative rows then "
+        "use speculative sampling",
     )
     p.add_argument("--only", default="", help="comma-separated names of split configs to run (full always runs)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto: the client's and the trunk server's")
@@ -384,7 +394,7 @@ def main() -> None:
         if args.profile:
             output = {"profile": profile(configs, lengths, args.new_tokens, args.repeats)}
         else:
-            output = compare(configs, lengths, args.new_tokens, args.repeats)
+            output = compare(configs, lengths, args.new_tokens, args.repeats, args.temperature)
             output["checks"] = checks(model, full, device, dtype, graphs, lengths, args.new_tokens)
         elapsed = time.time() - started
     finally:
@@ -393,9 +403,10 @@ def main() -> None:
 
     m = machine(device)
     where = f"{m['gpu']}, CUDA {m['cuda']}" if device.type == "cuda" else f"{m['processor']}, {m['cpus']} CPUs"
+    mode = f"temperature {args.temperature:g}, top-k 50" if args.temperature > 0 else "greedy"
     print(
         f"\nmodel {args.model}, split {args.split}, {args.new_tokens} new tokens x {args.repeats} repeats, "
-        f"greedy; {placement['device']} {placement['dtype']}, CUDA graphs {'on' if graphs else 'off'}; {where}, "
+        f"{mode}; {placement['device']} {placement['dtype']}, CUDA graphs {'on' if graphs else 'off'}; {where}, "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads; measured in {elapsed:.0f} s\n"
     )
     if args.profile:
@@ -412,7 +423,8 @@ def main() -> None:
             )
         spec = speculation_table(output["results"], configs)
         if spec:
-            print("\nspeculative decoding (greedy; the same tokens), against the plain split at the same delay:\n")
+            kind = "sampling; the same distribution" if args.temperature > 0 else "greedy; the same tokens"
+            print(f"\nspeculative decoding ({kind}), against the plain split at the same delay:\n")
             print(spec)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -464,13 +476,14 @@ def checks(model, full: FullEngine, device, dtype, graphs: bool, lengths: list[i
     return out
 
 
-def compare(configs: list[Config], lengths: list[int], new_tokens: int, repeats: int) -> dict:
-    """The comparison table's rows and the float16-wire agreement."""
+def compare(configs: list[Config], lengths: list[int], new_tokens: int, repeats: int, temperature: float = 0.0) -> dict:
+    """The comparison table's rows and the float16-wire agreement; runs sample at `temperature` (0: greedy)."""
     results = {(c.name, n): Result(c.name, n) for c in configs for n in lengths}
     for n in lengths:
-        for _ in range(repeats):
+        for i in range(repeats):
+            params = SamplingParams(temperature, 50, seed=i) if temperature > 0 else GREEDY
             for c in configs:  # interleaved, so drift on a shared machine hits every config alike
-                run = c.engine.run(prompt_ids(c.engine, n), new_tokens, GREEDY, c.speculate)
+                run = c.engine.run(prompt_ids(c.engine, n), new_tokens, params, c.speculate)
                 results[(c.name, n)].runs.append(run.stats)
     by_name = {c.name: c.engine for c in configs}
     ref, half = by_name.get("split session fp32"), by_name.get("split session fp16 wire")

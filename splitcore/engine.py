@@ -104,6 +104,8 @@ class Engine:
             run = functools.partial(generate_speculative, draft=draft, spec=stats.speculation)
         yield from run(stepper, ids, max_new_tokens, params, self.decode, self.tokenizer.eos_token_id, stats)
 
+    draft_sources = ("none", "lookup")  # what `speculate` may name here
+
     def draft_source(self, name: str, capacity: int):
         """The draft source `name` for speculative decoding (splitcore/speculative.py)."""
         if name == "lookup":

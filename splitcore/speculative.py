@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -100,12 +100,47 @@ class SelfDraft:
         self.top.close()
 
 
+class DraftLength:
+    """How many tokens to draft next: the k in [1, k_max] that maximises the expected tokens per second of a
+    round, (1 - a^(k+1)) / (1 - a) tokens (each draft accepted with probability a, independently) over the time
+    of the verification plus k drafts, from moving averages of what the generation has measured so far: the
+    acceptance rate, a verification's wall time, a draft token's. A slow trunk or a cheap draft source pushes
+    k up; poor acceptance and a costly draft pull it down. `adaptive=False` always drafts k_max."""
+
+    def __init__(self, k_max: int, adaptive: bool = True, weight: float = 0.3):
+        if k_max < 1:
+            raise ValueError(f"the draft length must be at least 1, got {k_max}")
+        self.k_max, self.adaptive, self.weight = k_max, adaptive, weight
+        self.acceptance = 0.6  # a prior until the first verification
+        self.verify_s: float | None = None
+        self.draft_s = 0.0  # per draft token
+
+    def _ema(self, old: float | None, new: float) -> float:
+        return new if old is None else (1 - self.weight) * old + self.weight * new
+
+    def update(self, drafted: int, accepted: int, draft_s: float, verify_s: float) -> None:
+        if drafted:
+            self.acceptance = self._ema(self.acceptance, accepted / drafted)
+            self.draft_s = self._ema(self.draft_s, draft_s / drafted)
+        self.verify_s = self._ema(self.verify_s, verify_s)
+
+    def expected_rate(self, k: int) -> float:
+        a = min(self.acceptance, 0.999)
+        return (1 - a ** (k + 1)) / (1 - a) / ((self.verify_s or 0.0) + k * self.draft_s + 1e-9)
+
+    def next(self) -> int:
+        if not self.adaptive or self.verify_s is None:
+            return self.k_max
+        return max(range(1, self.k_max + 1), key=self.expected_rate)
+
+
 @dataclass
 class SpeculationStats:
     source: str
     calls: int = 0  # verification round trips
     drafted: int = 0
     accepted: int = 0
+    lengths: list[int] = field(default_factory=list)  # drafts of each verification
 
     @property
     def acceptance(self) -> float:
@@ -119,6 +154,7 @@ class SpeculationStats:
             "accepted": self.accepted,
             "acceptance_rate": self.acceptance,
             "tokens_per_round_trip": tokens / self.calls if self.calls else 0.0,
+            "mean_draft_length": sum(self.lengths) / len(self.lengths) if self.lengths else 0.0,
         }
 
 
@@ -165,10 +201,12 @@ def generate_speculative(
     *,
     draft,
     spec: SpeculationStats | None = None,
-    k: int = 4,
+    k: int = 8,
+    adaptive: bool = True,
 ) -> Iterator[TokenEvent]:
     """`generate` (splitcore/generate.py) with drafts from `draft`, verified `k` at a time: greedy gives plain
     greedy's tokens; sampling gives tokens distributed as plain sampling's (`verify`), reproducible with a seed.
+    At most `k` drafts a round, fewer when `DraftLength` expects more tokens per second from fewer (`adaptive`).
     The stepper and the draft source are closed when the loop ends, however it ends."""
     check_request(prompt_ids, max_new_tokens, stepper.n_positions, params)
     generator = None  # made on the logits' device at the first token
@@ -178,23 +216,29 @@ def generate_speculative(
     stats.prompt_tokens = len(prompt_ids)
     start = time.perf_counter()
     ids, produced = list(prompt_ids), 0
+    length = DraftLength(k, adaptive)
     try:
         feed = list(prompt_ids)
         while True:
             t0 = time.perf_counter()
-            room = min(k, max_new_tokens - produced - 1, stepper.n_positions - len(ids) - 1)
+            room = min(length.next(), max_new_tokens - produced - 1, stepper.n_positions - len(ids) - 1)
             drafts, q = draft.propose(ids, room, params, generator) if produced and room > 0 else ([], None)
+            t_drafted = time.perf_counter()
             r = stepper.step(torch.tensor([feed + drafts]), all_positions=bool(drafts))  # a prompt: its last only
+            t_verified = time.perf_counter()
             if generator is None and not params.greedy:
                 generator = make_generator(params.seed, r.logits.device)
             logits = r.logits[len(feed) - 1 :] if drafts else r.logits[None]  # after the last fed token, each draft
             new, accepted = verify(drafts, q, logits, params, generator)
             if accepted < len(drafts):  # roll the rejected drafts back, here and on the trunk
                 stepper.truncate(len(ids) + accepted)
+            if produced:  # a prompt's step is no verification
+                length.update(len(drafts), accepted, t_drafted - t0, t_verified - t_drafted)
             if drafts:
                 spec.calls += 1
                 spec.drafted += len(drafts)
                 spec.accepted += accepted
+                spec.lengths.append(len(drafts))
             total = (time.perf_counter() - t0) * 1e3
             network = None if r.server_ms is None else max(0.0, (r.trunk_wall_ms or 0.0) - r.server_ms)
             share = len(new)

@@ -13,7 +13,7 @@ import torch
 from splitcore.engine import FullEngine
 from splitcore.errors import InvalidInput
 from splitcore.sampling import SamplingParams, distribution
-from splitcore.speculative import PromptLookup, verify
+from splitcore.speculative import DraftLength, PromptLookup, verify
 from tests.conftest import TINY, subprocess_env, tiny_split_engine, wait_for
 
 GREEDY = SamplingParams(temperature=0.0)
@@ -25,6 +25,20 @@ def test_prompt_lookup_proposes_what_followed_the_last_ngram():
     assert look.propose([1, 2, 3, 4, 5, 9, 2, 3], 2) == ([4, 5], None)  # the bigram 2 3 was followed by 4 5
     assert look.propose([7, 1, 8, 1], 3) == ([8, 1], None)  # unigram 1, its latest earlier occurrence
     assert look.propose([1, 2, 3], 4) == ([], None)  # nothing repeats
+
+
+def test_draft_length_follows_round_trip_and_acceptance():
+    def chosen(acceptance, verify_s, draft_s):
+        d = DraftLength(8)
+        assert d.next() == 8  # nothing measured yet
+        for _ in range(20):
+            d.update(4, round(4 * acceptance), 4 * draft_s, verify_s)
+        return d.next()
+
+    assert chosen(1.0, 0.050, 0.0) == 8  # a slow trunk, free and perfect drafts: as many as allowed
+    assert chosen(0.25, 0.002, 0.002) == 1  # poor drafts that cost as much as a round trip: one at a time
+    assert 1 < chosen(0.75, 0.020, 0.004) < 8  # in between
+    assert DraftLength(5, adaptive=False).next() == 5
 
 
 @pytest.mark.parametrize("source", ["lookup", "self"])

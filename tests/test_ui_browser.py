@@ -172,6 +172,22 @@ def test_client_app_generates_like_cli_and_shows_charts(browser, client_app, cli
     page.close()
 
 
+def test_client_app_speculates_and_reports_it(browser, client_app, cli_text):
+    """The Speculative decoding switch: greedy with self-drafts gives the CLI's text; the statistics panel and
+    the latency tab report the drafts."""
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(client_app)
+    page.get_by_label("Speculative decoding").click()
+    page.get_by_role("option", name="self").click()
+    assert _generate(page, PROMPT) == cli_text
+    page.get_by_text("drafts accepted").first.wait_for(timeout=10_000)
+    _shot(page, "client_speculation")
+    page.get_by_role("tab", name="Latency analysis").click()
+    page.get_by_role("button", name="Refresh").click()
+    page.get_by_text("tokens_per_round_trip").first.wait_for(timeout=10_000)
+    page.close()
+
+
 def test_client_app_survives_trunk_restart(browser, client_app, trunk, cli_text):
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     page.goto(client_app)
