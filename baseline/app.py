@@ -13,7 +13,7 @@ from splitcore.engine import FullEngine
 logger = logging.getLogger(__name__)
 
 
-def build_app(engine: FullEngine) -> gr.Blocks:
+def build_app(engine: FullEngine, speculate: str = "none") -> gr.Blocks:
     with gr.Blocks(title="GPT-2 full model") as demo:
         history = gr.State(charts.History())
         ui.header(
@@ -24,7 +24,7 @@ def build_app(engine: FullEngine) -> gr.Blocks:
         )
         with gr.Tabs():
             with gr.Tab("Text generation"):
-                ui.generation_tab(engine, history)
+                ui.generation_tab(engine, history, speculate)
             with gr.Tab("Performance"):
                 ui.latency_tab(history)
     return demo
@@ -32,4 +32,5 @@ def build_app(engine: FullEngine) -> gr.Blocks:
 
 def serve(engine: FullEngine, args: argparse.Namespace) -> None:
     logger.info("full-model app on %s:%d", args.host, args.port)
-    ui.launch(build_app(engine), args.host, args.port)
+    engine.check_speculate(args.speculate)
+    ui.launch(build_app(engine, args.speculate), args.host, args.port)

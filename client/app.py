@@ -34,7 +34,9 @@ def server_markdown(engine: SplitEngine, feed: MonitorFeed | None) -> tuple[str,
     return line, status
 
 
-def build_app(engine: SplitEngine, monitor_interval_s: float = 1.0) -> tuple[gr.Blocks, MonitorFeed | None]:
+def build_app(
+    engine: SplitEngine, monitor_interval_s: float = 1.0, speculate: str = "none"
+) -> tuple[gr.Blocks, MonitorFeed | None]:
     feed = None if engine.trunk_client is None else MonitorFeed(engine.trunk_client, monitor_interval_s).start()
     with gr.Blocks(title="GPT-2 split client") as demo:
         history = gr.State(charts.History())
@@ -46,7 +48,7 @@ def build_app(engine: SplitEngine, monitor_interval_s: float = 1.0) -> tuple[gr.
         )
         with gr.Tabs():
             with gr.Tab("Text generation"):
-                adapter_switch = ui.generation_tab(engine, history)
+                adapter_switch = ui.generation_tab(engine, history, speculate)
             with gr.Tab("Server monitoring"):
                 info_md = gr.Markdown()
                 status_md = gr.Markdown(elem_classes="error-banner")
@@ -74,7 +76,8 @@ def build_app(engine: SplitEngine, monitor_interval_s: float = 1.0) -> tuple[gr.
 
 
 def serve(engine: SplitEngine, args: argparse.Namespace) -> None:
-    demo, feed = build_app(engine)
+    engine.check_speculate(args.speculate)
+    demo, feed = build_app(engine, speculate=args.speculate)
     logger.info("split client app on %s:%d, trunk %s", args.host, args.port, engine.trunk_label)
     try:
         ui.launch(demo, args.host, args.port)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import fields
 
 from client.engine import ClientConfig, SplitEngine
@@ -18,6 +19,7 @@ from splitcore.cli import (
     run_generate,
     setup_logging,
 )
+from splitcore.distill import DistillConfig
 from splitcore.runtime import configure_threads
 
 
@@ -91,9 +93,23 @@ def add_api_command(sub) -> None:
     a.add_argument("--log-file", default=env("GPT2_API_LOG", "logs/gpt2_api.log"))
 
 
+def add_distill_command(sub) -> None:
+    d = sub.add_parser(
+        "distill",
+        help="train a small draft model for speculative decoding (--speculate draft:DIR) from a teacher's soft labels",
+        description="Distil a student of --n-layer blocks from --teacher on the text in --data: "
+        "loss = alpha * T^2 * KL(teacher || student) + (1 - alpha) * cross-entropy, the student initialised "
+        "from every other teacher block; saved in Hugging Face format in --out.",
+    )
+    dataclass_flags(d, DistillConfig)
+    d.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    d.add_argument("-v", "--verbose", action="store_true")
+
+
 def add_commands(sub) -> None:
     add_train_command(sub)
     add_api_command(sub)
+    add_distill_command(sub)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,6 +130,26 @@ def client_config(args: argparse.Namespace) -> ClientConfig:
     return ClientConfig(**{k: v for k, v in vars(args).items() if k in names})
 
 
+def run_distill(args: argparse.Namespace) -> None:
+    from splitcore.distill import distill, report_line
+
+    names = {f.name for f in fields(DistillConfig)}
+    cfg = DistillConfig(**{k: v for k, v in vars(args).items() if k in names})
+    cfg.check()
+    every = max(1, cfg.steps // 20)
+
+    def progress(step: int, m: dict) -> None:
+        if step % every == 0 or step == cfg.steps:
+            print(
+                f"step {step}/{cfg.steps}: loss {m['loss']:.3f} (KL {m['kl']:.3f}, cross-entropy {m['ce']:.3f})",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    distill(cfg, progress)
+    print(f"saved {cfg.out}: {report_line(cfg.out)}; generate with --speculate draft:{cfg.out}")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_app_args(build_parser(), argv)
 
@@ -124,6 +160,10 @@ def main(argv: list[str] | None = None) -> None:
             from client.train_cli import run_train
 
             run_train(args, client_config(args))
+        elif args.command == "distill":
+            setup_logging(None, args.verbose)
+            configure_threads(args.threads)
+            run_distill(args)
         elif args.command == "api":
             setup_logging(args.log_file, args.verbose)
             configure_threads(args.threads)

@@ -42,9 +42,11 @@ def header(title: str, model: ResolvedModel, details: str) -> None:
         )
 
 
-def generation_tab(engine: Engine, history: gr.State) -> gr.Checkbox:
+def generation_tab(engine: Engine, history: gr.State, speculate: str = "none") -> gr.Checkbox:
     """Prompt and settings in, streamed text and a statistics panel out; Stop cancels mid-generation. Returns the
-    adapter switch (the Fine-tune tab turns it on when a run ends)."""
+    adapter switch (the Fine-tune tab turns it on when a run ends). `speculate`: the Speculative decoding
+    switch's setting at start (a draft:SPEC joins its choices)."""
+    sources = list(engine.draft_sources) + ([speculate] if speculate not in engine.draft_sources else [])
     with gr.Row():
         with gr.Column(scale=3):
             prompt = gr.Textbox(label="Prompt", lines=4, value="The history of the Roman Empire")
@@ -59,9 +61,9 @@ def generation_tab(engine: Engine, history: gr.State) -> gr.Checkbox:
             top_k = gr.Slider(0, 500, value=50, step=1, label="Top-k (0 = greedy)")
             top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.01, label="Top-p")
             seed = gr.Number(value=-1, precision=0, label="Seed (-1 = random)")
-            speculate = gr.Dropdown(
-                list(engine.draft_sources),
-                value="none",
+            speculation = gr.Dropdown(
+                sources,
+                value=speculate,
                 label="Speculative decoding",
                 info="draft tokens here and verify several per round trip: the same tokens when greedy, the same "
                 "distribution when sampling; lookup: from the context; self: the client's own blocks",
@@ -104,7 +106,7 @@ def generation_tab(engine: Engine, history: gr.State) -> gr.Checkbox:
                 )
         yield text, charts.stats_markdown(stats), notice, hist
 
-    inputs = [prompt, max_tokens, temperature, top_k, top_p, seed, speculate, history]
+    inputs = [prompt, max_tokens, temperature, top_k, top_p, seed, speculation, history]
     outputs = [output, stats_panel, status, history]
     ev_click = run.click(on_generate, inputs, outputs)
     ev_submit = prompt.submit(on_generate, inputs, outputs)

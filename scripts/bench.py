@@ -83,7 +83,7 @@ class Result:
             d["speculation"] = {
                 "acceptance_rate": statistics.fmean(x.acceptance for x in spec),
                 "tokens_per_round_trip": statistics.fmean(
-                    len(r.tokens) / r.speculation.calls for r in self.runs if r.speculation.calls
+                    len(r.tokens) / r.speculation.rounds for r in self.runs if r.speculation.rounds
                 ),
                 "mean_draft_length": statistics.fmean(x for r in spec for x in r.lengths)
                 if any(r.lengths for r in spec)
@@ -95,8 +95,9 @@ class Result:
         toks = [t for r in self.runs for t in r.tokens[1:]]
         if toks and toks[0].server_ms is not None:
             d |= {
-                "bytes_out_per_token": statistics.median(t.bytes_out for t in toks),
-                "bytes_in_per_token": statistics.median(t.bytes_in for t in toks),
+                # means: a speculative round's bytes are booked on its first token
+                "bytes_out_per_token": statistics.fmean(t.bytes_out for t in toks),
+                "bytes_in_per_token": statistics.fmean(t.bytes_in for t in toks),
                 "bytes_out_first_last": [toks[0].bytes_out, toks[-1].bytes_out],
                 "client_ms": statistics.median(t.client_ms for t in toks),
                 "server_ms": statistics.median(t.server_ms for t in toks),
@@ -322,8 +323,8 @@ def main() -> None:
         "--temperature",
         type=float,
         default=0.0,
-        help="0 (default): greedy; else every timed run samples (top-k 50, a seed per repeat): speculative rows then "
-        "use speculative sampling",
+        help="0 (default): greedy; else every timed run samples (top-k 50, unseeded): speculative rows then use "
+        "speculative sampling",
     )
     p.add_argument("--only", default="", help="comma-separated names of split configs to run (full always runs)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto: the client's and the trunk server's")
@@ -480,8 +481,9 @@ def compare(configs: list[Config], lengths: list[int], new_tokens: int, repeats:
     """The comparison table's rows and the float16-wire agreement; runs sample at `temperature` (0: greedy)."""
     results = {(c.name, n): Result(c.name, n) for c in configs for n in lengths}
     for n in lengths:
-        for i in range(repeats):
-            params = SamplingParams(temperature, 50, seed=i) if temperature > 0 else GREEDY
+        for _ in range(repeats):
+            # unseeded: a seeded speculative run keeps its draft length fixed (for the same tokens every time)
+            params = SamplingParams(temperature, 50) if temperature > 0 else GREEDY
             for c in configs:  # interleaved, so drift on a shared machine hits every config alike
                 run = c.engine.run(prompt_ids(c.engine, n), new_tokens, params, c.speculate)
                 results[(c.name, n)].runs.append(run.stats)

@@ -91,6 +91,7 @@ def app_parser(
     s.add_argument("--host", default=env("GPT2_UI_HOST", "0.0.0.0"))
     s.add_argument("--port", type=int, default=int(env(port_env, str(default_port))))
     s.add_argument("--log-file", default=env(log_env, default_log))
+    add_speculate_arg(s, "the Speculative decoding switch's setting at start (draft:SPEC adds that model to it): ")
     return p
 
 
@@ -128,12 +129,18 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling, 1 = off (default %(default)s)")
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    add_speculate_arg(p)
+
+
+def add_speculate_arg(p: argparse.ArgumentParser, what: str = "") -> None:
     p.add_argument(
         "--speculate",
         default="none",
-        choices=["none", "lookup", "self"],
-        help="draft tokens (prompt lookup, or the client's own parts) and verify several per trunk round trip: "
-        "greedy gives the same tokens as without, sampling the same distribution (default %(default)s)",
+        metavar="none|lookup|self|draft:SPEC",
+        help=f"{what}draft tokens on this machine and verify several per trunk round trip: lookup (from the "
+        "context), self (the split client's own blocks) or draft:SPEC (a model of the same vocabulary, e.g. from "
+        "python -m client distill); greedy gives the same tokens as without, sampling the same distribution "
+        "(default %(default)s)",
     )
 
 

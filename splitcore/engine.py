@@ -18,7 +18,7 @@ from splitcore.models import ResolvedModel, load_tokenizer
 from splitcore.parts import load_full
 from splitcore.runtime import configure_attention
 from splitcore.sampling import SamplingParams
-from splitcore.speculative import SOURCES, PromptLookup, SpeculationStats, generate_speculative
+from splitcore.speculative import ModelDraft, PromptLookup, SpeculationStats, check_source, generate_speculative
 from splitcore.stats import GenerationStats
 
 logger = logging.getLogger(__name__)
@@ -86,8 +86,7 @@ class Engine:
         tokens verified several to a round trip, distributed as without (greedy: the same tokens). `logprobs`: see
         `generate`."""
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        if speculate not in SOURCES:
-            raise InvalidInput(f"--speculate must be one of {', '.join(SOURCES)}; got '{speculate}'")
+        check_source(speculate)
         run = functools.partial(generate, logprobs=logprobs)
         if speculate != "none" and logprobs is not None:
             raise InvalidInput("log-probabilities come with plain decoding only: leave speculation off")
@@ -104,12 +103,33 @@ class Engine:
             run = functools.partial(generate_speculative, draft=draft, spec=stats.speculation)
         yield from run(stepper, ids, max_new_tokens, params, self.decode, self.tokenizer.eos_token_id, stats)
 
-    draft_sources = ("none", "lookup")  # what `speculate` may name here
+    draft_sources = ("none", "lookup")  # what `speculate` may name here (and draft:SPEC)
+
+    def check_speculate(self, name: str) -> None:
+        """Fail now, in one line, on a draft source this engine cannot use (an app checks its setting at start)."""
+        check_source(name)
+        if name not in self.draft_sources and not name.startswith("draft:"):
+            raise InvalidInput(f"--speculate {name} is not available here; use one of {', '.join(self.draft_sources)}")
+        if name.startswith("draft:"):
+            self.draft_model(name.removeprefix("draft:"))
+
+    def draft_model(self, spec: str):
+        """The draft model `spec`, loaded once on this engine's device (splitcore/distill.py)."""
+        from splitcore.distill import load_student
+
+        cache = self.__dict__.setdefault("_draft_models", {})
+        if spec not in cache:
+            vocab = self.model.config.vocab_size
+            models_dir = str(self.model.path.parent)  # where this model was found: a hub id downloads beside it
+            cache[spec] = load_student(spec, models_dir, vocab, self.device, self.dtype)
+        return cache[spec]
 
     def draft_source(self, name: str, capacity: int):
         """The draft source `name` for speculative decoding (splitcore/speculative.py)."""
         if name == "lookup":
             return PromptLookup()
+        if name.startswith("draft:"):
+            return ModelDraft([self.draft_model(name.removeprefix("draft:"))], capacity, name)
         raise InvalidInput(f"--speculate {name} needs the split client's own parts; here use lookup")
 
     def new_stepper_checked(

@@ -113,7 +113,7 @@ def build(
         "held_out_perplexity_after": math.exp(after),
         "train_seconds": time.perf_counter() - t0,
     }
-    _save(model, hf, target, tok, report)
+    save_hf(model, hf, target, tok, report)
     return report
 
 
@@ -123,16 +123,20 @@ def _text_file(text: str) -> Path:
     return f
 
 
-def _save(model, hf, target: Path, tok, report: dict) -> None:
-    """Back into HF's layout and HF's files, published atomically."""
+def save_hf(model, hf, target: Path, tok, report: dict, report_name: str = "preset.json") -> None:
+    """`model` into the HF model `hf` and HF's files at `target`, with the tokenizer and `report`, published
+    atomically (a directory renamed into place)."""
     from splitcore.gpt2 import to_state
 
     hf.transformer.load_state_dict(to_state(model))
     hf.tie_weights()
+    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     hf.save_pretrained(str(tmp))
     tok.save_pretrained(str(tmp))
-    (tmp / "preset.json").write_text(json.dumps(report, indent=1))
+    (tmp / report_name).write_text(json.dumps(report, indent=1))
+    if target.is_dir() and not any(target.iterdir()):
+        target.rmdir()  # an empty directory the user made for it
     try:
         tmp.rename(target)
     except OSError:

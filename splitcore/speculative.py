@@ -5,6 +5,8 @@ Draft sources (one interface, `propose(ids, k, params, generator)` -> drafts and
 - `PromptLookup`: the tokens that followed the latest earlier occurrence of the context's last n-gram; no model.
 - `SelfDraft`: the client's own parts without the trunk (embeddings, bottom blocks, top blocks, head), on caches
   of their own; no network at all.
+- `draft:SPEC`: a small model of the same vocabulary on the client, e.g. a student distilled from the full model
+  (splitcore/distill.py, `python -m client distill`).
 
 Verification feeds the last chosen token and the k drafts in one step and reads the logits of every position
 (`verify`). So every round trip yields 1 to k+1 tokens.
@@ -25,12 +27,21 @@ from dataclasses import dataclass, field
 
 import torch
 
+from splitcore.errors import InvalidInput
 from splitcore.generate import IncrementalDecoder, PartRun, Stepper, TokenEvent, check_request
 from splitcore.gpt2 import GPT2
 from splitcore.sampling import SamplingParams, distribution, make_generator
 from splitcore.stats import GenerationStats, TokenTiming
 
-SOURCES = ("none", "lookup", "self")
+SOURCES = ("none", "lookup", "self", "draft:SPEC")
+
+
+def check_source(name: str) -> None:
+    if name not in SOURCES[:-1] and not (name.startswith("draft:") and len(name) > len("draft:")):
+        raise InvalidInput(
+            f"--speculate must be one of none, lookup, self or draft:SPEC (a draft model: a directory from "
+            f"python -m client distill); got '{name}'"
+        )
 
 
 class PromptLookup:
@@ -55,20 +66,21 @@ class PromptLookup:
         pass
 
 
-class SelfDraft:
-    """The client's bottom and top run as one shallower model, skipping the trunk: greedy drafts at the cost of
-    the client's own blocks, with no round trip. Its caches follow the accepted context."""
+class ModelDraft:
+    """Drafts from a model on the client, on caches of its own that follow the accepted context: parts run in
+    turn, the first embedding and the last ending in the LM head. `SelfDraft` is the client's own bottom and top
+    (skipping the trunk); `--speculate draft:DIR` a distilled student (splitcore/distill.py)."""
 
-    name = "self"
-
-    def __init__(self, bottom: GPT2, top: GPT2, capacity: int):
-        self.bottom, self.top = PartRun(bottom, capacity), PartRun(top, capacity)
+    def __init__(self, parts: list[GPT2], capacity: int, name: str):
+        self.runs, self.name = [PartRun(part, capacity) for part in parts], name
         self.fed: list[int] = []  # the context its caches hold
 
     @torch.inference_mode()
     def _step(self, ids: list[int], params: SamplingParams, generator) -> tuple[int, torch.Tensor | None]:
-        h = self.bottom.run(torch.tensor([ids]))
-        logits = self.top.run(h, head=True)[0]
+        h = torch.tensor([ids])
+        for run in self.runs[:-1]:
+            h = run.run(h)
+        logits = self.runs[-1].run(h, head=True)[0]
         if params.greedy:
             return int(logits.argmax()), None
         q = distribution(logits, params)
@@ -82,8 +94,8 @@ class SelfDraft:
         keep = 0  # the longest common prefix of what the caches hold and the context
         while keep < min(len(self.fed), len(ids) - 1) and self.fed[keep] == ids[keep]:
             keep += 1
-        self.bottom.truncate(keep)
-        self.top.truncate(keep)
+        for run in self.runs:
+            run.truncate(keep)
         self.fed = ids[:keep]
         token, q = self._step(ids[keep:], params, generator)
         drafts, qs = [token], [q]
@@ -96,48 +108,69 @@ class SelfDraft:
         return drafts, None if params.greedy else torch.stack(qs)
 
     def close(self) -> None:
-        self.bottom.close()
-        self.top.close()
+        for run in self.runs:
+            run.close()
+
+
+def SelfDraft(bottom: GPT2, top: GPT2, capacity: int) -> ModelDraft:  # noqa: N802 (a draft source by name)
+    """The client's bottom and top as one shallower model, skipping the trunk: no round trip at all."""
+    return ModelDraft([bottom, top], capacity, "self")
 
 
 class DraftLength:
-    """How many tokens to draft next: the k in [1, k_max] that maximises the expected tokens per second of a
-    round, (1 - a^(k+1)) / (1 - a) tokens (each draft accepted with probability a, independently) over the time
-    of the verification plus k drafts, from moving averages of what the generation has measured so far: the
-    acceptance rate, a verification's wall time, a draft token's. A slow trunk or a cheap draft source pushes
-    k up; poor acceptance and a costly draft pull it down. `adaptive=False` always drafts k_max."""
+    """How many tokens to draft next: the k in [0, k_max] that maximises the expected tokens per second of a
+    round, (1 - a^(k+1)) / (1 - a) tokens (each draft accepted with probability a, independently) over its time,
+    v + k (e + d): a plain step's round trip v, and for each draft the verification's extra position e and the
+    draft's own cost d. All are moving averages of what the generation measured: the acceptance, the rounds
+    without drafts (the first decode round is one, to measure v), the extra time of those with drafts, the draft
+    source's time. A slow trunk or a cheap, good draft pushes k up; poor acceptance or costly drafts pull it
+    down, to 0 (plain decoding) when drafting does not pay, with one draft every `probe_every` rounds to notice
+    when it would again. `adaptive=False` always drafts k_max."""
 
-    def __init__(self, k_max: int, adaptive: bool = True, weight: float = 0.3):
+    def __init__(self, k_max: int, adaptive: bool = True, weight: float = 0.3, probe_every: int = 8):
         if k_max < 1:
             raise ValueError(f"the draft length must be at least 1, got {k_max}")
-        self.k_max, self.adaptive, self.weight = k_max, adaptive, weight
+        self.k_max, self.adaptive, self.weight, self.probe_every = k_max, adaptive, weight, probe_every
+        self.idle = 0  # rounds in a row without drafts
         self.acceptance = 0.6  # a prior until the first verification
-        self.verify_s: float | None = None
-        self.draft_s = 0.0  # per draft token
+        self.plain_s: float | None = None  # a round trip without drafts
+        self.extra_s = 0.0  # what each draft adds to a verification
+        self.draft_s = 0.0  # what each draft costs the draft source
 
     def _ema(self, old: float | None, new: float) -> float:
         return new if old is None else (1 - self.weight) * old + self.weight * new
 
     def update(self, drafted: int, accepted: int, draft_s: float, verify_s: float) -> None:
-        if drafted:
-            self.acceptance = self._ema(self.acceptance, accepted / drafted)
-            self.draft_s = self._ema(self.draft_s, draft_s / drafted)
-        self.verify_s = self._ema(self.verify_s, verify_s)
+        if not drafted:
+            self.plain_s = self._ema(self.plain_s, verify_s)
+            return
+        self.acceptance = self._ema(self.acceptance, accepted / drafted)
+        self.draft_s = self._ema(self.draft_s, draft_s / drafted)
+        if self.plain_s is not None:
+            self.extra_s = self._ema(self.extra_s, max(0.0, verify_s - self.plain_s) / drafted)
 
     def expected_rate(self, k: int) -> float:
         a = min(self.acceptance, 0.999)
-        return (1 - a ** (k + 1)) / (1 - a) / ((self.verify_s or 0.0) + k * self.draft_s + 1e-9)
+        return (1 - a ** (k + 1)) / (1 - a) / ((self.plain_s or 0.0) + k * (self.extra_s + self.draft_s) + 1e-9)
 
     def next(self) -> int:
-        if not self.adaptive or self.verify_s is None:
+        if not self.adaptive:
             return self.k_max
-        return max(range(1, self.k_max + 1), key=self.expected_rate)
+        if self.plain_s is None:
+            return 0  # measure a plain round first
+        k = max(range(self.k_max + 1), key=self.expected_rate)
+        self.idle = self.idle + 1 if k == 0 else 0
+        if self.idle > self.probe_every:
+            self.idle = 0
+            return 1
+        return k
 
 
 @dataclass
 class SpeculationStats:
     source: str
-    calls: int = 0  # verification round trips
+    calls: int = 0  # verification round trips: steps with drafts
+    rounds: int = 0  # trunk round trips of the generation, with drafts or without, the prompt's included
     drafted: int = 0
     accepted: int = 0
     lengths: list[int] = field(default_factory=list)  # drafts of each verification
@@ -153,7 +186,8 @@ class SpeculationStats:
             "drafted": self.drafted,
             "accepted": self.accepted,
             "acceptance_rate": self.acceptance,
-            "tokens_per_round_trip": tokens / self.calls if self.calls else 0.0,
+            "round_trips": self.rounds,
+            "tokens_per_round_trip": tokens / self.rounds if self.rounds else 0.0,
             "mean_draft_length": sum(self.lengths) / len(self.lengths) if self.lengths else 0.0,
         }
 
@@ -206,7 +240,8 @@ def generate_speculative(
 ) -> Iterator[TokenEvent]:
     """`generate` (splitcore/generate.py) with drafts from `draft`, verified `k` at a time: greedy gives plain
     greedy's tokens; sampling gives tokens distributed as plain sampling's (`verify`), reproducible with a seed.
-    At most `k` drafts a round, fewer when `DraftLength` expects more tokens per second from fewer (`adaptive`).
+    At most `k` drafts a round, fewer when `DraftLength` expects more tokens per second from fewer (`adaptive`;
+    not when sampling with a seed, which must give the same tokens every run).
     The stepper and the draft source are closed when the loop ends, however it ends."""
     check_request(prompt_ids, max_new_tokens, stepper.n_positions, params)
     generator = None  # made on the logits' device at the first token
@@ -216,7 +251,8 @@ def generate_speculative(
     stats.prompt_tokens = len(prompt_ids)
     start = time.perf_counter()
     ids, produced = list(prompt_ids), 0
-    length = DraftLength(k, adaptive)
+    # A seeded sampling run must give the same tokens every time; adapting to measured timings would not.
+    length = DraftLength(k, adaptive and (params.greedy or params.seed is None))
     try:
         feed = list(prompt_ids)
         while True:
@@ -232,6 +268,7 @@ def generate_speculative(
             new, accepted = verify(drafts, q, logits, params, generator)
             if accepted < len(drafts):  # roll the rejected drafts back, here and on the trunk
                 stepper.truncate(len(ids) + accepted)
+            spec.rounds += 1
             if produced:  # a prompt's step is no verification
                 length.update(len(drafts), accepted, t_drafted - t0, t_verified - t_drafted)
             if drafts:

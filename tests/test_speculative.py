@@ -28,17 +28,25 @@ def test_prompt_lookup_proposes_what_followed_the_last_ngram():
 
 
 def test_draft_length_follows_round_trip_and_acceptance():
-    def chosen(acceptance, verify_s, draft_s):
+    def chosen(acceptance, plain_s, extra_s, draft_s):
         d = DraftLength(8)
-        assert d.next() == 8  # nothing measured yet
+        assert d.next() == 0  # a plain round first, to measure the round trip
         for _ in range(20):
-            d.update(4, round(4 * acceptance), 4 * draft_s, verify_s)
+            d.update(0, 0, 0.0, plain_s)
+            d.update(10, round(10 * acceptance), 10 * draft_s, plain_s + 10 * extra_s)
         return d.next()
 
-    assert chosen(1.0, 0.050, 0.0) == 8  # a slow trunk, free and perfect drafts: as many as allowed
-    assert chosen(0.25, 0.002, 0.002) == 1  # poor drafts that cost as much as a round trip: one at a time
-    assert 1 < chosen(0.75, 0.020, 0.004) < 8  # in between
+    assert chosen(1.0, 0.050, 0.0, 0.0) == 8  # a slow trunk, free and perfect drafts: as many as allowed
+    assert chosen(0.25, 0.002, 0.0, 0.002) == 0  # poor drafts that cost as much as a round trip: none
+    assert chosen(0.1, 0.010, 0.002, 0.0) == 0  # free drafts that are almost never right: none either
+    assert chosen(0.4, 0.020, 0.0, 0.004) == 1  # middling ones that cost a fifth of a round trip: one
+    assert 1 < chosen(0.75, 0.020, 0.001, 0.003) < 8  # in between
     assert DraftLength(5, adaptive=False).next() == 5
+    off = DraftLength(4)
+    off.update(0, 0, 0.0, 0.002)
+    for _ in range(5):
+        off.update(2, 0, 0.004, 0.003)
+    assert [off.next() for _ in range(10)] == [0] * 8 + [1, 0]  # drafting off, with a probe now and then
 
 
 @pytest.mark.parametrize("source", ["lookup", "self"])
