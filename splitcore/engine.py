@@ -18,7 +18,14 @@ from splitcore.models import ResolvedModel, load_tokenizer
 from splitcore.parts import load_full
 from splitcore.runtime import configure_attention
 from splitcore.sampling import SamplingParams
-from splitcore.speculative import ModelDraft, PromptLookup, SpeculationStats, check_source, generate_speculative
+from splitcore.speculative import (
+    DraftLength,
+    ModelDraft,
+    PromptLookup,
+    SpeculationStats,
+    check_source,
+    generate_speculative,
+)
 from splitcore.stats import GenerationStats
 
 logger = logging.getLogger(__name__)
@@ -100,7 +107,9 @@ class Engine:
             except BaseException:
                 stepper.close()
                 raise
-            run = functools.partial(generate_speculative, draft=draft, spec=stats.speculation)
+            lengths = self.__dict__.setdefault("_draft_lengths", {})  # what each source learned, kept
+            length = lengths.setdefault((speculate, params.greedy), DraftLength(8))  # acceptance differs
+            run = functools.partial(generate_speculative, draft=draft, spec=stats.speculation, length=length)
         yield from run(stepper, ids, max_new_tokens, params, self.decode, self.tokenizer.eos_token_id, stats)
 
     draft_sources = ("none", "lookup")  # what `speculate` may name here (and draft:SPEC)

@@ -30,7 +30,7 @@ import torch
 from splitcore.errors import InvalidInput
 from splitcore.generate import IncrementalDecoder, PartRun, Stepper, TokenEvent, check_request
 from splitcore.gpt2 import GPT2
-from splitcore.sampling import SamplingParams, distribution, make_generator
+from splitcore.sampling import SamplingParams, distribution, make_generator, sample
 from splitcore.stats import GenerationStats, TokenTiming
 
 SOURCES = ("none", "lookup", "self", "draft:SPEC")
@@ -124,14 +124,17 @@ class DraftLength:
     draft's own cost d. All are moving averages of what the generation measured: the acceptance, the rounds
     without drafts (the first decode round is one, to measure v), the extra time of those with drafts, the draft
     source's time. A slow trunk or a cheap, good draft pushes k up; poor acceptance or costly drafts pull it
-    down, to 0 (plain decoding) when drafting does not pay, with one draft every `probe_every` rounds to notice
-    when it would again. `adaptive=False` always drafts k_max."""
+    down, to 0 (plain decoding) when drafting does not pay, with a one-draft probe now and then to notice when
+    it would again (every 8 rounds, twice as seldom after each probe that fails, up to every 64). An engine keeps
+    one per draft source across its generations, so a new generation starts from what the last ones learned.
+    `adaptive=False` always drafts k_max."""
 
     def __init__(self, k_max: int, adaptive: bool = True, weight: float = 0.3, probe_every: int = 8):
         if k_max < 1:
             raise ValueError(f"the draft length must be at least 1, got {k_max}")
         self.k_max, self.adaptive, self.weight, self.probe_every = k_max, adaptive, weight, probe_every
         self.idle = 0  # rounds in a row without drafts
+        self.probing = False  # the latest round was a probe
         self.acceptance = 0.6  # a prior until the first verification
         self.plain_s: float | None = None  # a round trip without drafts
         self.extra_s = 0.0  # what each draft adds to a verification
@@ -141,6 +144,9 @@ class DraftLength:
         return new if old is None else (1 - self.weight) * old + self.weight * new
 
     def update(self, drafted: int, accepted: int, draft_s: float, verify_s: float) -> None:
+        if self.probing and drafted:
+            self.probe_every = 8 if accepted else min(64, self.probe_every * 2)
+        self.probing = False
         if not drafted:
             self.plain_s = self._ema(self.plain_s, verify_s)
             return
@@ -161,7 +167,7 @@ class DraftLength:
         k = max(range(self.k_max + 1), key=self.expected_rate)
         self.idle = self.idle + 1 if k == 0 else 0
         if self.idle > self.probe_every:
-            self.idle = 0
+            self.idle, self.probing = 0, True
             return 1
         return k
 
@@ -208,6 +214,8 @@ def verify(
         while accepted < len(drafts) and preds[accepted] == drafts[accepted]:
             accepted += 1
         return drafts[:accepted] + [preds[accepted]], accepted
+    if not drafts:  # a plain step: drawn as plain sampling draws (over the top-k only, not the vocabulary)
+        return [sample(logits[0], params, generator)], 0
     p = distribution(logits, params)
     if q is None:
         q = torch.zeros_like(p[: len(drafts)]).scatter_(-1, torch.tensor(drafts, device=p.device)[:, None], 1.0)
@@ -220,8 +228,9 @@ def verify(
         residual = (p[i] - q[i]).clamp_(min=0)
         if float(residual.sum()) <= 0:  # p == q up to rounding: the rejection cannot happen; draw from p
             residual = p[i]
-        return drafts[:i] + [int(torch.multinomial(residual, 1, generator=generator))], i
-    return drafts + [int(torch.multinomial(p[len(drafts)], 1, generator=generator))], len(drafts)
+        support = residual.nonzero()[:, 0]  # at most top-k tokens: a draw over them, not the vocabulary
+        return drafts[:i] + [int(support[torch.multinomial(residual[support], 1, generator=generator)])], i
+    return drafts + [sample(logits[len(drafts)], params, generator)], len(drafts)
 
 
 def generate_speculative(
@@ -237,11 +246,13 @@ def generate_speculative(
     spec: SpeculationStats | None = None,
     k: int = 8,
     adaptive: bool = True,
+    length: DraftLength | None = None,
 ) -> Iterator[TokenEvent]:
     """`generate` (splitcore/generate.py) with drafts from `draft`, verified `k` at a time: greedy gives plain
     greedy's tokens; sampling gives tokens distributed as plain sampling's (`verify`), reproducible with a seed.
-    At most `k` drafts a round, fewer when `DraftLength` expects more tokens per second from fewer (`adaptive`;
-    not when sampling with a seed, which must give the same tokens every run).
+    At most `k` drafts a round, fewer when `length` (a `DraftLength`, kept by the caller across generations, or a
+    new one) expects more tokens per second from fewer (`adaptive`; not when sampling with a seed, which must
+    give the same tokens every run).
     The stepper and the draft source are closed when the loop ends, however it ends."""
     check_request(prompt_ids, max_new_tokens, stepper.n_positions, params)
     generator = None  # made on the logits' device at the first token
@@ -252,7 +263,9 @@ def generate_speculative(
     start = time.perf_counter()
     ids, produced = list(prompt_ids), 0
     # A seeded sampling run must give the same tokens every time; adapting to measured timings would not.
-    length = DraftLength(k, adaptive and (params.greedy or params.seed is None))
+    if not (adaptive and (params.greedy or params.seed is None)):
+        length = DraftLength(k, adaptive=False)
+    length = length or DraftLength(k)
     try:
         feed = list(prompt_ids)
         while True:

@@ -46,7 +46,12 @@ def test_draft_length_follows_round_trip_and_acceptance():
     off.update(0, 0, 0.0, 0.002)
     for _ in range(5):
         off.update(2, 0, 0.004, 0.003)
-    assert [off.next() for _ in range(10)] == [0] * 8 + [1, 0]  # drafting off, with a probe now and then
+    seen = []
+    for _ in range(40):
+        seen.append(off.next())
+        off.update(seen[-1], 0, 0.002 * seen[-1], 0.002 + 0.001 * seen[-1])  # every probe fails
+    assert seen[:10] == [0] * 8 + [1, 0]  # drafting off, with a probe now and then
+    assert [i for i, k in enumerate(seen) if k] == [8, 25]  # twice as seldom after a failed probe
 
 
 @pytest.mark.parametrize("source", ["lookup", "self"])
