@@ -120,8 +120,9 @@ def SelfDraft(bottom: GPT2, top: GPT2, capacity: int) -> ModelDraft:  # noqa: N8
 class DraftLength:
     """How many tokens to draft next: the k in [0, k_max] that maximises the expected tokens per second of a
     round, (1 - a^(k+1)) / (1 - a) tokens (each draft accepted with probability a, independently) over its time,
-    v + k (e + d): a plain step's round trip v, and for each draft the verification's extra position e and the
-    draft's own cost d. All are moving averages of what the generation measured: the acceptance, the rounds
+    v + e + k d: a plain step's round trip v, what a verification costs beyond it e (its logits for every
+    position, the rollback; nearly flat in k, as a decode step is bound by weight reads), and each draft's own
+    cost d. All are moving averages of what the generation measured: the acceptance, the rounds
     without drafts (the first decode round is one, to measure v), the extra time of those with drafts, the draft
     source's time. A slow trunk or a cheap, good draft pushes k up; poor acceptance or costly drafts pull it
     down, to 0 (plain decoding) when drafting does not pay, with a one-draft probe now and then to notice when
@@ -137,7 +138,7 @@ class DraftLength:
         self.probing = False  # the latest round was a probe
         self.acceptance = 0.6  # a prior until the first verification
         self.plain_s: float | None = None  # a round trip without drafts
-        self.extra_s = 0.0  # what each draft adds to a verification
+        self.extra_s = 0.0  # what a verification costs beyond a plain round trip
         self.draft_s = 0.0  # what each draft costs the draft source
 
     def _ema(self, old: float | None, new: float) -> float:
@@ -153,11 +154,12 @@ class DraftLength:
         self.acceptance = self._ema(self.acceptance, accepted / drafted)
         self.draft_s = self._ema(self.draft_s, draft_s / drafted)
         if self.plain_s is not None:
-            self.extra_s = self._ema(self.extra_s, max(0.0, verify_s - self.plain_s) / drafted)
+            self.extra_s = self._ema(self.extra_s, max(0.0, verify_s - self.plain_s))
 
     def expected_rate(self, k: int) -> float:
         a = min(self.acceptance, 0.999)
-        return (1 - a ** (k + 1)) / (1 - a) / ((self.plain_s or 0.0) + k * (self.extra_s + self.draft_s) + 1e-9)
+        cost = (self.plain_s or 0.0) + (self.extra_s if k else 0.0) + k * self.draft_s
+        return (1 - a ** (k + 1)) / (1 - a) / (cost + 1e-9)
 
     def next(self) -> int:
         if not self.adaptive:

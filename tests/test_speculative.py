@@ -33,7 +33,7 @@ def test_draft_length_follows_round_trip_and_acceptance():
         assert d.next() == 0  # a plain round first, to measure the round trip
         for _ in range(20):
             d.update(0, 0, 0.0, plain_s)
-            d.update(10, round(10 * acceptance), 10 * draft_s, plain_s + 10 * extra_s)
+            d.update(10, round(10 * acceptance), 10 * draft_s, plain_s + extra_s)
         return d.next()
 
     assert chosen(1.0, 0.050, 0.0, 0.0) == 8  # a slow trunk, free and perfect drafts: as many as allowed
