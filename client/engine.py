@@ -23,7 +23,7 @@ from splitcore.lora import adapted, adapter_digest, adapter_layers, load_client_
 from splitcore.models import resolve_with_fallback
 from splitcore.parts import Split, load_parts
 from splitcore.runtime import configure_attention, resolve_device, resolve_dtype, use_cuda_graphs
-from splitcore.speculative import SelfDraft
+from splitcore.speculative import ModelDraft
 
 logger = logging.getLogger(__name__)
 
@@ -326,7 +326,7 @@ class SplitEngine(Engine):
         if name != "self":
             return super().draft_source(name, capacity)
         parts = self.adapter.parts if self.adapter is not None and self.use_adapter else self.parts
-        return SelfDraft(parts["bottom"], parts["top"], capacity)
+        return ModelDraft([parts["bottom"], parts["top"]], capacity, "self")
 
     def _notify_both(self, notify: Notify | None) -> Notify:
         """The engine's listener (a log line by default) and this generation's."""

@@ -65,7 +65,6 @@ class _Work:
     arrived: float = field(default_factory=time.perf_counter)
     done: Callable[[], None] | None = None  # a thread's: told once it has run or been dropped
     fut: asyncio.Future | None = None  # or an event loop's: settled then, on its loop
-    finished: bool = False
     result: Any = None
     error: BaseException | None = None
     compute_ms: float = 0.0
@@ -240,11 +239,8 @@ class TrunkRuntime:
     async def prefill_async(self, slot: int, h: torch.Tensor, model: GPT2 | None = None) -> tuple[torch.Tensor, float]:
         return self._joined([await self.run_timed_async(f) for f in self._chunks(slot, h, model)])
 
-    def run(self, fn: Callable[[], Any]) -> Any:
-        """Run `fn` alone, between decode batches, one computation at a time; returns what it returns."""
-        return self.run_timed(fn)[0]
-
     def run_timed(self, fn: Callable[[], Any]) -> tuple[Any, float]:
+        """Run `fn` alone, between decode batches, one computation at a time: (what it returns, compute ms)."""
         w = self._wait(_Work(None, fn), decode=False)
         return w.result, w.compute_ms
 
@@ -307,7 +303,6 @@ class TrunkRuntime:
         """Tell the waiters of `works` that they have run: one call into each event loop for all of its own."""
         futs: dict[asyncio.AbstractEventLoop, list[asyncio.Future]] = collections.defaultdict(list)
         for w in works:
-            w.finished = True
             w.payload = None  # a finished job's closure may hold a whole trainer
             if w.fut is not None:
                 futs[w.fut.get_loop()].append(w.fut)
@@ -341,6 +336,7 @@ class TrunkRuntime:
                 self._run_batch(batch)
             else:
                 self._run_alone(alone)
+            batch = alone = None  # hold no session's tensors or results (a trainer) while idle
 
     def _batch_next(self) -> bool:
         """Under the lock: whether a decode batch goes next (else one piece of work alone): they alternate

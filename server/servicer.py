@@ -129,8 +129,6 @@ class TrunkServicer(pb_grpc.TrunkServicer):
     def _release(self, session) -> None:
         """Give the session's slot back and drop its cache; called on the session's own thread once the stream
         ends, so nothing of it is queued or running."""
-        if session is None:
-            return
         if session.slot is not None:
             self.runtime.release_slot(session.slot)
         session.slot = session.cache = session.model = None
@@ -206,7 +204,6 @@ class TrunkServicer(pb_grpc.TrunkServicer):
         return resp
 
     async def Session(self, request_iterator, context):
-        session = None
         async with status_on_error(context, "session", self._count):
             session = await self._open(await anext(request_iterator, None), context)
             try:

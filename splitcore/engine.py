@@ -59,6 +59,8 @@ class Engine:
         self.model, self.device, self.dtype = model, device, dtype
         self.tokenizer = load_tokenizer(model.path)
         self.n_positions = model.config.n_positions
+        self._draft_models: dict[str, object] = {}  # draft:SPEC models, loaded once
+        self._draft_lengths: dict[tuple[str, bool], DraftLength] = {}  # what each source learned, kept
 
     use_adapter = False  # generate with the loaded adapter (when there is one)
 
@@ -107,8 +109,7 @@ class Engine:
             except BaseException:
                 stepper.close()
                 raise
-            lengths = self.__dict__.setdefault("_draft_lengths", {})  # what each source learned, kept
-            length = lengths.setdefault((speculate, params.greedy), DraftLength(8))  # acceptance differs
+            length = self._draft_lengths.setdefault((speculate, params.greedy), DraftLength(8))  # acceptance differs
             run = functools.partial(generate_speculative, draft=draft, spec=stats.speculation, length=length)
         yield from run(stepper, ids, max_new_tokens, params, self.decode, self.tokenizer.eos_token_id, stats)
 
@@ -126,7 +127,7 @@ class Engine:
         """The draft model `spec`, loaded once on this engine's device (splitcore/distill.py)."""
         from splitcore.distill import load_student
 
-        cache = self.__dict__.setdefault("_draft_models", {})
+        cache = self._draft_models
         if spec not in cache:
             vocab = self.model.config.vocab_size
             models_dir = str(self.model.path.parent)  # where this model was found: a hub id downloads beside it

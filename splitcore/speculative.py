@@ -3,8 +3,8 @@ trip, keep what the model accepts, and roll the rest back.
 
 Draft sources (one interface, `propose(ids, k, params, generator)` -> drafts and their probabilities):
 - `PromptLookup`: the tokens that followed the latest earlier occurrence of the context's last n-gram; no model.
-- `SelfDraft`: the client's own parts without the trunk (embeddings, bottom blocks, top blocks, head), on caches
-  of their own; no network at all.
+- `self` (`ModelDraft` over the bottom and top): the client's own parts without the trunk (embeddings, bottom
+  blocks, top blocks, head), on caches of their own; no network at all.
 - `draft:SPEC`: a small model of the same vocabulary on the client, e.g. a student distilled from the full model
   (splitcore/distill.py, `python -m client distill`).
 
@@ -68,8 +68,8 @@ class PromptLookup:
 
 class ModelDraft:
     """Drafts from a model on the client, on caches of its own that follow the accepted context: parts run in
-    turn, the first embedding and the last ending in the LM head. `SelfDraft` is the client's own bottom and top
-    (skipping the trunk); `--speculate draft:DIR` a distilled student (splitcore/distill.py)."""
+    turn, the first embedding and the last ending in the LM head: `self` is the client's own bottom and top
+    (skipping the trunk); `draft:DIR` a distilled student (splitcore/distill.py)."""
 
     def __init__(self, parts: list[GPT2], capacity: int, name: str):
         self.runs, self.name = [PartRun(part, capacity) for part in parts], name
@@ -110,11 +110,6 @@ class ModelDraft:
     def close(self) -> None:
         for run in self.runs:
             run.close()
-
-
-def SelfDraft(bottom: GPT2, top: GPT2, capacity: int) -> ModelDraft:  # noqa: N802 (a draft source by name)
-    """The client's bottom and top as one shallower model, skipping the trunk: no round trip at all."""
-    return ModelDraft([bottom, top], capacity, "self")
 
 
 class DraftLength:
@@ -222,7 +217,7 @@ def verify(
     if q is None:
         q = torch.zeros_like(p[: len(drafts)]).scatter_(-1, torch.tensor(drafts, device=p.device)[:, None], 1.0)
     q = q.to(p.device)
-    u = torch.rand(len(drafts), generator=generator, device=generator.device if generator else "cpu").tolist()
+    u = torch.rand(len(drafts), generator=generator, device=generator.device).tolist()
     for i, x in enumerate(drafts):
         px, qx = float(p[i, x]), float(q[i, x])
         if qx > 0 and u[i] * qx < px:  # accept with probability min(1, p(x)/q(x))
