@@ -11,6 +11,7 @@ Prints a markdown table, writes JSON (--json) and a plotly chart (--plot).
     python scripts/bench_server.py                                # random:gpt2, N = 1, 2, 4, 8, 16, 32, 64
     python scripts/bench_server.py --quick                        # N = 1, 2, 4, 8; fewer steps
     python scripts/bench_server.py --unbatched                    # and the same with --max-batch 1
+    python scripts/bench_server.py --pipeline-depth 1,2           # and with two cohorts out of phase
     python scripts/bench_server.py --device cuda --dtype float16  # the server on a GPU
 """
 
@@ -36,6 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from scripts.bench import start_server  # noqa: E402
+from scripts.bench_transport import free_port  # noqa: E402
 from splitcomm.trunk_client import TrunkClient, TrunkClientConfig  # noqa: E402
 from splitcore.models import load_tokenizer, resolve_model  # noqa: E402
 from splitcore.parts import load_parts  # noqa: E402
@@ -160,7 +162,16 @@ def newcomer_ttft(client: TrunkClient, fp, prompt_h: torch.Tensor, wire: torch.d
         return (time.perf_counter() - t0) * 1e3
 
 
-def run_load(target, args, n: int, prompt_h, step_hs, fp) -> dict:
+def scrape(port: int) -> dict[str, float]:
+    """The server's Prometheus metrics that the table reads: decode batches, their rows, compute seconds."""
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    want = {"trunk_decode_batch_rows_count", "trunk_decode_batch_rows_sum", "trunk_compute_seconds_total"}
+    return {k: float(v) for k, v in (line.split() for line in text.splitlines() if line.split(" ")[0] in want)}
+
+
+def run_load(target, args, n: int, prompt_h, step_hs, fp, metrics_port: int) -> dict:
     ctx = mp.get_context("spawn")
     procs_n = max(1, min(n, args.client_procs))
     shares = [n // procs_n + (i < n % procs_n) for i in range(procs_n)]
@@ -175,6 +186,7 @@ def run_load(target, args, n: int, prompt_h, step_hs, fp) -> dict:
     for _ in procs:
         ready.get(timeout=600)
     client = TrunkClient(TrunkClientConfig(target))
+    before = scrape(metrics_port)
     go.set()
     total = n * step_hs.shape[0]
     while done.value < total // 4:  # a newcomer arrives while the N are well into decoding
@@ -182,12 +194,15 @@ def run_load(target, args, n: int, prompt_h, step_hs, fp) -> dict:
     ttft = newcomer_ttft(client, fp, prompt_h, getattr(torch, args.wire_dtype))
     newcomer_during = done.value < total
     results = [r for _ in procs for r in out.get(timeout=600)]
+    wall = max(r[2] for r in results) - min(r[1] for r in results)
+    after = {k: v - before[k] for k, v in scrape(metrics_port).items()}  # the newcomer's prefill is in there too
     for p in procs:
         p.join(timeout=60)
     client.close()
     lat = [x for r in results for x in r[0]]
-    wall = max(r[2] for r in results) - min(r[1] for r in results)
     return {
+        "mean_batch": after["trunk_decode_batch_rows_sum"] / max(1.0, after["trunk_decode_batch_rows_count"]),
+        "busy_share": after["trunk_compute_seconds_total"] / wall,
         "sessions": n,
         "tokens_per_s": total / wall,
         "p50_ms": percentile(lat, 50),
@@ -212,6 +227,11 @@ def main() -> None:
     p.add_argument("--batch-wait-ms", type=float, default=None, help="the server's --batch-wait-ms (its default)")
     p.add_argument("--max-batch", type=int, default=64)
     p.add_argument("--unbatched", action="store_true", help="also run every N with --max-batch 1")
+    p.add_argument(
+        "--pipeline-depth",
+        default="1",
+        help="the server's --pipeline-depth; comma-separated to run each side by side (e.g. 1,2)",
+    )
     p.add_argument("--client-procs", type=int, default=max(1, (os.cpu_count() or 2) // 2))
     p.add_argument(
         "--clients",
@@ -228,12 +248,16 @@ def main() -> None:
         args.sessions, args.steps = "1,2,4,8", 24
     ns = [int(x) for x in args.sessions.split(",") if x.strip()]
     prompt_h, step_hs = hidden_states(args.model, args.models_dir, args.prompt, args.steps)
-    configs = {"batched": args.max_batch} | ({"unbatched": 1} if args.unbatched else {})
+    depths = [int(x) for x in args.pipeline_depth.split(",") if x.strip()]
+    configs = {("batched" if d == 1 else f"pipelined {d}"): (args.max_batch, d) for d in depths}
+    configs |= {"unbatched": (1, 1)} if args.unbatched else {}
     rows, t0 = [], time.perf_counter()
-    for name, max_batch in configs.items():
+    for name, (max_batch, depth) in configs.items():
         flags = ["--device", args.device, "--dtype", args.dtype, "--max-batch", str(max_batch)]
+        flags += ["--pipeline-depth", str(depth)]
         flags += ["--kv-slots", str(max(ns) + 2), "--max-session-tokens", str(args.prompt + args.steps + 2)]
-        flags += ["--max-sessions", str(max(ns) + 8)]
+        flags += ["--max-sessions", str(max(ns) + 8), "--metrics-host", "127.0.0.1"]
+        flags += ["--metrics-port", str(metrics_port := free_port())]
         if args.batch_wait_ms is not None:
             flags += ["--batch-wait-ms", str(args.batch_wait_ms)]
         proc, target = start_server(args.model, args.models_dir, None, flags)
@@ -246,7 +270,8 @@ def main() -> None:
             info = client.info()
             client.close()
             for n in ns:
-                r = run_load(target, args, n, prompt_h, step_hs, fp) | {"config": name, "idle_ttft_ms": idle}
+                r = run_load(target, args, n, prompt_h, step_hs, fp, metrics_port)
+                r |= {"config": name, "idle_ttft_ms": idle}
                 rows.append(r)
                 print(
                     f"  {name} N={n}: {r['tokens_per_s']:.1f} tok/s, p50 {r['p50_ms']:.2f} ms, "
@@ -266,8 +291,11 @@ def main() -> None:
         f"\nmodel {args.model}, trunk blocks 2-9 on {machine}; prompt {args.prompt}, {args.steps} decode steps a "
         f"session, {args.wire_dtype} wire, {args.clients} clients; measured in {time.perf_counter() - t0:.0f} s\n"
     )
-    print("| config | sessions | tokens/s | x one | p50 ms | p50 x one | p99 ms | newcomer TTFT ms | x idle |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print(
+        "| config | sessions | tokens/s | x one | p50 ms | p50 x one | p99 ms | newcomer TTFT ms | x idle "
+        "| mean batch | compute busy |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         one = next(x for x in rows if x["config"] == r["config"] and x["sessions"] == ns[0])
         r["x_one"] = r["tokens_per_s"] / one["tokens_per_s"]
@@ -275,7 +303,8 @@ def main() -> None:
         r["ttft_x_idle"] = r["newcomer_ttft_ms"] / r["idle_ttft_ms"]
         print(
             f"| {r['config']} | {r['sessions']} | {r['tokens_per_s']:,.1f} | {r['x_one']:.2f} | {r['p50_ms']:.2f} | "
-            f"{r['p50_x_one']:.2f} | {r['p99_ms']:.2f} | {r['newcomer_ttft_ms']:.1f} | {r['ttft_x_idle']:.2f} |"
+            f"{r['p50_x_one']:.2f} | {r['p99_ms']:.2f} | {r['newcomer_ttft_ms']:.1f} | {r['ttft_x_idle']:.2f} | "
+            f"{r['mean_batch']:.1f} | {r['busy_share']:.0%} |"
         )
     out = {"model": args.model, "machine": machine, "command": " ".join(sys.argv), "rows": rows}
     if args.json:

@@ -47,17 +47,25 @@ class TrunkServer:
         max_length = min(cfg.max_session_tokens or model.config.n_positions, model.config.n_positions)
         slots = self._slots(cfg, max_length)
         self.runtime = TrunkRuntime(
-            self.trunk, slots, max_length, cfg.max_batch, cfg.batch_wait_ms, cfg.prefill_chunk, self.graphs
+            self.trunk,
+            slots,
+            max_length,
+            cfg.max_batch,
+            cfg.batch_wait_ms,
+            cfg.prefill_chunk,
+            self.graphs,
+            cfg.pipeline_depth,
         )
         logger.info(
             "KV pool: %d slots x %d positions, %.1f MiB each, %.1f MiB in all; decode batches of up to %d, "
-            "waiting up to %g ms",
+            "waiting up to %g ms, %d in flight",
             slots,
             max_length,
             self.runtime.slot_bytes / 2**20,
             self.runtime.cache.nbytes() / 2**20,
             cfg.max_batch,
             cfg.batch_wait_ms,
+            cfg.pipeline_depth,
         )
         self.fingerprint = model_fingerprint(model, split)
         self.model, self.split = model, split

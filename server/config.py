@@ -29,6 +29,7 @@ class ServerConfig:
     max_batch: int = 32  # decode steps of different sessions in one forward, at most
     batch_wait_ms: float = 5.0  # a decode batch waits at most this long (and one step's time) for the others, ms
     prefill_chunk: int = 128  # prompt positions computed at a time, decode batches running between chunks
+    pipeline_depth: int = 1  # batches in flight at once: 2 = two cohorts of sessions out of phase (for a GPU)
     metrics_port: int = 0  # Prometheus /metrics on this port (0 = off)
     metrics_host: str = "0.0.0.0"  # interface of the metrics endpoint
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES  # largest message either way, bytes
@@ -83,6 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
     number("--max-batch", "GPT2_MAX_BATCH", d.max_batch, "decode steps in one forward, at most (1 = no batching)")
     number("--batch-wait-ms", "GPT2_BATCH_WAIT_MS", d.batch_wait_ms, "a decode batch's wait for the others, ms")
     number("--prefill-chunk", "GPT2_PREFILL_CHUNK", d.prefill_chunk, "prompt positions computed at a time")
+    number(
+        "--pipeline-depth",
+        "GPT2_PIPELINE_DEPTH",
+        d.pipeline_depth,
+        "decode batches in flight: 2 splits the sessions into two cohorts out of phase, whose network legs "
+        "overlap each other's forward (for a GPU, where a half batch costs what a whole one does)",
+    )
     number("--metrics-port", "GPT2_METRICS_PORT", d.metrics_port, "Prometheus /metrics on this port (0 = off)")
     p.add_argument("--metrics-host", default=env("GPT2_METRICS_HOST", d.metrics_host))
     number("--max-message-bytes", "GPT2_MAX_MESSAGE_BYTES", d.max_message_bytes, "largest message either way")

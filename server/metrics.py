@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +29,11 @@ class _FromRuntime:
         h = HistogramMetricFamily("trunk_decode_batch_rows", "Decode steps per batched forward")
         h.add_metric([], buckets, sum_value=stats.batched_rows)
         yield h
+        yield CounterMetricFamily(
+            "trunk_compute_seconds",
+            "Time the runtime spent computing (decode batches and work alone): its rate is the device's busy share",
+            value=stats.compute_ms / 1e3,
+        )
         used = rt.used_slots()
         g = GaugeMetricFamily("trunk_kv_slots", "KV slots of the pool", labels=["state"])
         g.add_metric(["used"], used)

@@ -18,6 +18,12 @@ encodes the answer (Petals' handler against its block functions; TGI's router ag
   no thread per session competes for the GIL (Python gRPC with a thread per stream carried ~2.5x one stream's
   messages at 64 streams, asyncio ~5.5x: scripts/bench_transport.py). Prefills go in chunks of
   `prefill_chunk` tokens: a long prompt does not hold 16 decoding sessions back for its whole length.
+- **Pipelining** (`pipeline_depth` > 1). The scheduler hands each batch to a device thread and gathers the next
+  one while it computes, from the sessions that are not in flight: with a depth of 2, the sessions settle into
+  two cohorts out of phase (a batch takes at most half of the decoding sessions), so that one cohort's network
+  leg and the event loop's work on its messages overlap the other's forward. Decode is bound by weight reads
+  on a GPU, where a half batch costs about what a whole one does; on a CPU it is not, so the default is 1: the
+  scheduler computes each batch itself, and a batch waits for every decoding session.
 - **CUDA graphs** per (batch-size bucket, key-range bucket), captured at start over the pool's first rows.
 """
 
@@ -56,6 +62,7 @@ class RuntimeStats:
     jobs: int = 0  # steps run alone
     queue_wait_ms: float = 0.0  # summed over every step, batched or alone
     waited: int = 0  # steps whose wait is in queue_wait_ms
+    compute_ms: float = 0.0  # summed over every forward and piece of work alone: the busy time of the device
 
 
 @dataclass(eq=False)
@@ -139,11 +146,12 @@ class TrunkRuntime:
         batch_wait_ms: float = 5.0,
         prefill_chunk: int = 128,
         graphs: bool = False,
+        pipeline_depth: int = 1,
     ):
-        if slots < 1 or max_batch < 1 or max_length < 1 or prefill_chunk < 1 or batch_wait_ms < 0:
+        if min(slots, max_batch, max_length, prefill_chunk, pipeline_depth) < 1 or batch_wait_ms < 0:
             raise InvalidInput(
-                f"need --kv-slots >= 1, --max-batch >= 1, --prefill-chunk >= 1 and --batch-wait-ms >= 0; got "
-                f"{slots}, {max_batch}, {prefill_chunk}, {batch_wait_ms}"
+                f"need --kv-slots, --max-batch, --prefill-chunk and --pipeline-depth >= 1 and --batch-wait-ms >= 0; "
+                f"got {slots}, {max_batch}, {prefill_chunk}, {pipeline_depth}, {batch_wait_ms}"
             )
         self.trunk, self.slots, self.max_length = trunk, slots, max_length
         self.max_batch, self.batch_wait_s, self.prefill_chunk = max_batch, batch_wait_ms / 1e3, prefill_chunk
@@ -155,6 +163,10 @@ class TrunkRuntime:
         self._decoding: set[int] = set()  # slots whose latest step was a decode step: the batch waits for them
         self._decodes: list[_Work] = []
         self._alone: collections.deque[_Work] = collections.deque()
+        self.pipeline_depth = pipeline_depth
+        self._launched: collections.deque[list[_Work]] = collections.deque()  # handed to the device thread
+        self._flying: set[int] = set()  # slots whose decode step is launched and not yet answered
+        self._in_flight = 0  # pieces of work launched and not yet answered (a batch counts once)
         self._cv = threading.Condition()
         self._stopping = False
         self._alone_next = False  # alternate: a decode batch, then one piece of work alone, ...
@@ -166,8 +178,11 @@ class TrunkRuntime:
         self._graphs: dict[tuple[int, int], _RowsGraph] = {}
         if graphs and trunk.device.type == "cuda":
             self._capture()
-        self._thread = threading.Thread(target=self._schedule, daemon=True, name="trunk-scheduler")
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._schedule, daemon=True, name="trunk-scheduler")]
+        if pipeline_depth > 1:
+            self._threads.append(threading.Thread(target=self._device, daemon=True, name="trunk-device"))
+        for t in self._threads:
+            t.start()
 
     # --- slots ------------------------------------------------------------------------------------------
     @property
@@ -279,16 +294,17 @@ class TrunkRuntime:
                 self._alone.append(w)
             # Wake the scheduler when it waits for work, or when the batch it gathers is complete: not at every
             # arrival, which would take the GIL from the event loop that is receiving the others.
-            if idle or not decode or len(self._decodes) >= min(self.max_batch, len(self._decoding)):
-                self._cv.notify()
+            if idle or not decode or len(self._decodes) >= self._expected():
+                self._cv.notify_all()
 
     def stop(self) -> None:
         """Refuse new work; work queued and not yet run gets ServerDraining; the scheduler ends."""
         with self._cv:
             self._stopping = True
             self._cv.notify_all()
-        if self._thread is not threading.current_thread():
-            self._thread.join(timeout=30)
+        for t in self._threads:
+            if t is not threading.current_thread():
+                t.join(timeout=30)
 
     def _drain(self) -> None:
         """Under the lock, stopping: fail everything queued."""
@@ -317,26 +333,64 @@ class TrunkRuntime:
     # --- the scheduling ---------------------------------------------------------------------------------
     def _schedule(self) -> None:
         """The scheduler thread: one decode batch or one piece of work alone at a time (alternating when both
-        wait), until stopped."""
+        wait), until stopped. It computes each itself, or with a pipeline, launches it on the device thread and
+        goes on gathering while fewer than `pipeline_depth` are in flight."""
         while True:
             with self._cv:
-                while not (self._decodes or self._alone or self._stopping):
+                while not ((self._decodes or self._alone) and self._in_flight < self.pipeline_depth or self._stopping):
                     self._cv.wait()
                 if self._stopping:
                     self._drain()
                     return
                 if self._batch_next():
                     self._gather()
-                    batch, self._decodes = self._decodes[: self.max_batch], self._decodes[self.max_batch :]
-                    alone = None
+                    batch, self._decodes = self._decodes[: self._cap()], self._decodes[self._cap() :]
+                    self._flying.update(w.slot for w in batch)
+                    work = batch
                 else:
-                    batch, alone = [], self._alone.popleft()
-                self._alone_next = bool(batch)
-            if batch:
-                self._run_batch(batch)
-            else:
-                self._run_alone(alone)
-            batch = alone = None  # hold no session's tensors or results (a trainer) while idle
+                    work = [self._alone.popleft()]
+                self._alone_next = work[0].slot is not None
+                if self.pipeline_depth > 1:
+                    self._in_flight += 1
+                    self._launched.append(work)
+                    self._cv.notify_all()
+                    continue
+            self._run(work)
+            work = None  # hold no session's tensors or results (a trainer) while idle
+
+    def _device(self) -> None:
+        """The device thread of a pipeline: computes what the scheduler launched, in order; ends once stopping
+        and everything launched has been answered."""
+        while True:
+            with self._cv:
+                while not (self._launched or self._stopping):
+                    self._cv.wait()
+                if not self._launched:
+                    return
+                work = self._launched.popleft()
+            self._run(work)
+            with self._cv:
+                self._in_flight -= 1
+                self._cv.notify_all()
+            work = None
+
+    def _run(self, work: list[_Work]) -> None:
+        if work[0].slot is None:
+            self._run_alone(work[0])
+        else:
+            self._run_batch(work)
+
+    def _cap(self) -> int:
+        """Under the lock: the most rows a batch takes: with a pipeline, a share of the decoding sessions, so that
+        they split into cohorts that take turns."""
+        if self.pipeline_depth == 1:
+            return self.max_batch
+        return max(1, min(self.max_batch, -(-len(self._decoding) // self.pipeline_depth)))
+
+    def _expected(self) -> int:
+        """Under the lock: how many queued decode steps make a batch complete: every decoding session that is not
+        in flight already, up to the cap."""
+        return min(self._cap(), len(self._decoding - self._flying))
 
     def _batch_next(self) -> bool:
         """Under the lock: whether a decode batch goes next (else one piece of work alone): they alternate
@@ -350,7 +404,7 @@ class TrunkRuntime:
         go at once, without the sessions whose answers that batch just sent, and stay out of step with them."""
         wait = min(self.batch_wait_s, max(self._step_s, 0.0005))  # waiting costs at most about one step
         deadline = time.perf_counter() + wait
-        while len(self._decodes) < min(self.max_batch, len(self._decoding)) and not self._stopping:
+        while len(self._decodes) < self._expected() and not self._stopping:
             left = deadline - time.perf_counter()
             if left <= 0:
                 break
@@ -406,6 +460,7 @@ class TrunkRuntime:
     def _finish(self, works: list[_Work], t0: float, rows: int) -> None:
         ms = (time.perf_counter() - t0) * 1e3
         with self._cv:
+            self._flying.difference_update(w.slot for w in works)
             s = self.stats
             if works[0].slot is not None:
                 self._step_s = 0.8 * self._step_s + 0.2 * ms / 1e3
@@ -414,6 +469,7 @@ class TrunkRuntime:
                 s.batch_sizes[rows] += 1
             else:
                 s.jobs += 1
+            s.compute_ms += ms
             for w in works:
                 s.queue_wait_ms += (t0 - w.arrived) * 1e3
                 s.waited += 1

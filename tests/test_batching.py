@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from server.runtime import TrunkRuntime
+from server.sessions import ServerDraining
 from splitcomm.errors import TrunkError
 from splitcomm.proto import trunk_pb2 as pb
 from splitcomm.proto import trunk_pb2_grpc as pb_grpc
@@ -34,11 +35,17 @@ PROMPTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def batching_server(models_dir, tiny):
+@pytest.fixture(scope="module", params=[1, 2], ids=["one-in-flight", "pipelined"])
+def batching_server(models_dir, tiny, request):
     # a long wait, so that steps of sessions that are decoding meet in one batch on a busy 2-core machine
     srv = start_tiny_server(
-        models_dir, max_sessions=24, kv_slots=20, batch_wait_ms=50, grace_s=0.5, metrics_port=free_port()
+        models_dir,
+        max_sessions=24,
+        kv_slots=20,
+        batch_wait_ms=50,
+        grace_s=0.5,
+        metrics_port=free_port(),
+        pipeline_depth=request.param,
     )
     yield srv
     srv.stop(0.5)
@@ -196,6 +203,7 @@ def test_metrics_and_monitor_report_batches_slots_and_errors(models_dir, batchin
     assert value(r'trunk_errors_total\{code="INVALID_ARGUMENT"\}') >= 1
     assert value(r"trunk_decode_batch_rows_count") >= 1
     assert value(r"trunk_kv_slot_bytes") == srv.runtime.slot_bytes
+    assert 0 < value(r"trunk_compute_seconds_total") <= srv.runtime.stats.compute_ms / 1e3
     assert samples[-1].kv_slots_used >= 1 and samples[-1].kv_slots_used + samples[-1].kv_slots_free == 20
     client.close()
 
@@ -229,3 +237,46 @@ def test_prefill_runs_in_chunks_between_decode_batches(tiny):
         assert order.count("d") >= 6  # decode steps went on while the prompt was computed
     finally:
         rt.stop()
+
+
+def test_pipelined_cohorts_give_each_session_what_it_gets_alone(tiny):
+    """With two batches in flight, eight decoding sessions split into cohorts of at most four (half of them),
+    computed on the device thread, and each still gets what the trunk computes for it alone."""
+    trunk = load_parts(tiny, "2,10", ("trunk",))["trunk"]
+    rt = TrunkRuntime(trunk, slots=8, max_length=64, batch_wait_ms=50, pipeline_depth=2)
+    gen = torch.Generator().manual_seed(7)
+    inputs = [
+        [torch.randn(1, 2 + i, 64, generator=gen)] + [torch.randn(1, 1, 64, generator=gen)] * 12 for i in range(8)
+    ]
+    got: dict[int, list[torch.Tensor]] = {}
+    start = threading.Barrier(len(inputs))
+
+    def run(i: int) -> None:
+        slot, outs = rt.acquire_slot(), []
+        outs.append(rt.prefill(slot, inputs[i][0])[0])
+        start.wait()
+        for x in inputs[i][1:]:
+            outs.append(rt.decode(slot, x)[0])
+        got[i] = outs
+        rt.release_slot(slot)
+
+    try:
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(inputs))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert [t.name for t in rt._threads] == ["trunk-scheduler", "trunk-device"]
+        sizes = rt.stats.batch_sizes
+        assert max(sizes) <= 4, sizes  # a cohort is at most half of the eight
+        assert max(sizes) >= 2, sizes  # and the steps did meet in batches
+        for i, xs in enumerate(inputs):
+            cache = trunk.new_cache()
+            for x, out in zip(xs, got[i], strict=True):
+                assert float((trunk(x, cache) - out).abs().max()) <= 1e-5
+        assert rt.used_slots() == 0
+    finally:
+        rt.stop()
+    assert not any(t.is_alive() for t in rt._threads)
+    with pytest.raises(ServerDraining):
+        rt.decode(0, torch.zeros(1, 1, 64))
