@@ -113,11 +113,14 @@ def prompt_ids(engine: Engine, n: int) -> list[int]:
     return ids[:n]
 
 
-def start_server(model: str, models_dir: str, threads: int | None, device: list[str]) -> tuple[subprocess.Popen, str]:
+def start_server(
+    model: str, models_dir: str, threads: int | None, device: list[str], entry: tuple[str, ...] = ("-m", "server")
+) -> tuple[subprocess.Popen, str]:
+    """A trunk server in a process of its own on 127.0.0.1 and a free port: (process, target). `entry` runs
+    another entry point with the same flags (scripts/simulated_server.py)."""
     cmd = [
         sys.executable,
-        "-m",
-        "server",
+        *entry,
         "--model",
         model,
         "--models-dir",

@@ -12,6 +12,10 @@ Prints a markdown table, writes JSON (--json) and a plotly chart (--plot).
     python scripts/bench_server.py --quick                        # N = 1, 2, 4, 8; fewer steps
     python scripts/bench_server.py --unbatched                    # and the same with --max-batch 1
     python scripts/bench_server.py --pipeline-depth 1,2           # and with two cohorts out of phase
+    python scripts/bench_server.py --model random:tiny --simulate-device-ms 0.6  # a GPU-like device, on a CPU
+
+`--simulate-device-ms` runs scripts/simulated_server.py: the real server whose decode batches sleep that long
+whatever their rows, as on a GPU, so that the serving path can be measured for a GPU on a CPU.
     python scripts/bench_server.py --device cuda --dtype float16  # the server on a GPU
 """
 
@@ -240,6 +244,15 @@ def main() -> None:
         help="aio: asyncio streams replaying encoded messages (the server's capacity); library: TrunkClient "
         "sessions in threads (what the project's own client adds)",
     )
+    p.add_argument(
+        "--event-loop", default="auto", help="the server's --event-loop; comma-separated to run each side by side"
+    )
+    p.add_argument(
+        "--simulate-device-ms",
+        type=float,
+        default=None,
+        help="decode batches on a simulated device taking this long whatever the rows (scripts/simulated_server.py)",
+    )
     p.add_argument("--quick", action="store_true", help="N = 1, 2, 4, 8 and 24 steps")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--plot", type=Path, default=None)
@@ -249,18 +262,26 @@ def main() -> None:
     ns = [int(x) for x in args.sessions.split(",") if x.strip()]
     prompt_h, step_hs = hidden_states(args.model, args.models_dir, args.prompt, args.steps)
     depths = [int(x) for x in args.pipeline_depth.split(",") if x.strip()]
-    configs = {("batched" if d == 1 else f"pipelined {d}"): (args.max_batch, d) for d in depths}
-    configs |= {"unbatched": (1, 1)} if args.unbatched else {}
+    loops = [x.strip() for x in args.event_loop.split(",") if x.strip()]
+    configs = {}
+    for d in depths:
+        for loop in loops:
+            name = ("batched" if d == 1 else f"pipelined {d}") + ("" if len(loops) == 1 else f", {loop}")
+            configs[name] = (args.max_batch, d, loop)
+    configs |= {"unbatched": (1, 1, loops[0])} if args.unbatched else {}
     rows, t0 = [], time.perf_counter()
-    for name, (max_batch, depth) in configs.items():
+    for name, (max_batch, depth, loop) in configs.items():
         flags = ["--device", args.device, "--dtype", args.dtype, "--max-batch", str(max_batch)]
-        flags += ["--pipeline-depth", str(depth)]
+        flags += ["--pipeline-depth", str(depth), "--event-loop", loop]
         flags += ["--kv-slots", str(max(ns) + 2), "--max-session-tokens", str(args.prompt + args.steps + 2)]
         flags += ["--max-sessions", str(max(ns) + 8), "--metrics-host", "127.0.0.1"]
         flags += ["--metrics-port", str(metrics_port := free_port())]
         if args.batch_wait_ms is not None:
             flags += ["--batch-wait-ms", str(args.batch_wait_ms)]
-        proc, target = start_server(args.model, args.models_dir, None, flags)
+        entry = ("-m", "server")
+        if args.simulate_device_ms is not None:
+            entry = (str(ROOT / "scripts" / "simulated_server.py"), "--device-ms", str(args.simulate_device_ms))
+        proc, target = start_server(args.model, args.models_dir, None, flags, entry)
         try:
             client = TrunkClient(TrunkClientConfig(target))
             fp = client.info().fingerprint
@@ -287,6 +308,8 @@ def main() -> None:
     )
     if info.device.startswith("cuda"):
         machine += f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
+    if args.simulate_device_ms is not None:
+        machine += f"; decode batches on a SIMULATED device of {args.simulate_device_ms:g} ms a batch"
     print(
         f"\nmodel {args.model}, trunk blocks 2-9 on {machine}; prompt {args.prompt}, {args.steps} decode steps a "
         f"session, {args.wire_dtype} wire, {args.clients} clients; measured in {time.perf_counter() - t0:.0f} s\n"

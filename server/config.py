@@ -29,6 +29,7 @@ class ServerConfig:
     max_batch: int = 32  # decode steps of different sessions in one forward, at most
     batch_wait_ms: float = 5.0  # a decode batch waits at most this long (and one step's time) for the others, ms
     prefill_chunk: int = 128  # prompt positions computed at a time, decode batches running between chunks
+    event_loop: str = "auto"  # the gRPC side's asyncio loop: auto (uvloop where installed), uvloop, asyncio
     pipeline_depth: int = 1  # batches in flight at once: 2 = two cohorts of sessions out of phase (for a GPU)
     metrics_port: int = 0  # Prometheus /metrics on this port (0 = off)
     metrics_host: str = "0.0.0.0"  # interface of the metrics endpoint
@@ -90,6 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
         d.pipeline_depth,
         "decode batches in flight: 2 splits the sessions into two cohorts out of phase, whose network legs "
         "overlap each other's forward (for a GPU, where a half batch costs what a whole one does)",
+    )
+    p.add_argument(
+        "--event-loop",
+        default=env("GPT2_EVENT_LOOP", d.event_loop),
+        choices=["auto", "uvloop", "asyncio"],
+        help="the loop gRPC runs on: auto is uvloop where installed (env GPT2_EVENT_LOOP; default %(default)s)",
     )
     number("--metrics-port", "GPT2_METRICS_PORT", d.metrics_port, "Prometheus /metrics on this port (0 = off)")
     p.add_argument("--metrics-host", default=env("GPT2_METRICS_HOST", d.metrics_host))

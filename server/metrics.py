@@ -66,14 +66,18 @@ class Metrics:
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0),
             registry=self.registry,
         )
+        self._children: dict[str, tuple] = {}  # per step kind: its steps and tokens counters
         self.registry.register(_FromRuntime(runtime, sessions))
         runtime.on_wait = self.queue_wait.observe  # seconds each piece of work waited for the scheduler
         self.port: int | None = None
         self._server = None
 
     def step(self, kind: str, tokens: int) -> None:
-        self.steps.labels(kind).inc()
-        self.tokens.labels(kind).inc(tokens)
+        children = self._children.get(kind)
+        if children is None:  # a label lookup is a lock and a dict of tuples: once per kind, not per step
+            children = self._children[kind] = (self.steps.labels(kind), self.tokens.labels(kind))
+        children[0].inc()
+        children[1].inc(tokens)
 
     def error(self, code: str) -> None:
         self.errors.labels(code).inc()

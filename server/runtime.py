@@ -50,6 +50,7 @@ from splitcore.gpt2 import GPT2
 logger = logging.getLogger(__name__)
 
 _CAPTURE = threading.Lock()
+_NUMPY_DTYPES = (torch.float32, torch.float16)  # what a batch's inputs are staged in with numpy
 
 
 @dataclass
@@ -157,6 +158,11 @@ class TrunkRuntime:
         self.max_batch, self.batch_wait_s, self.prefill_chunk = max_batch, batch_wait_ms / 1e3, prefill_chunk
         self.cache = trunk.new_cache(max_length + 1, rows=slots, static=True)
         self.spare = max_length  # the position a row writes to when it sits a batched step out
+        pin = trunk.device.type == "cuda"  # a batch's inputs go to the device from pinned host buffers
+        self._x_host = torch.zeros(slots, 1, trunk.config.n_embd, dtype=trunk.dtype, pin_memory=pin)
+        self._pos_host = torch.full((slots,), self.spare, dtype=torch.long, pin_memory=pin)
+        self._x_np = self._x_host.numpy() if trunk.dtype in _NUMPY_DTYPES else None
+        self._pos_np = self._pos_host.numpy()
         self.stats = RuntimeStats()
         self.on_wait: Callable[[float], None] | None = None  # told each step's queue wait, s (metrics)
         self._free = list(range(slots))  # a heap: the lowest free slot first, so batches stay short
@@ -445,17 +451,28 @@ class TrunkRuntime:
             n = _bucket(n, self._row_buckets)
             end = _bucket(end, self._end_buckets)
             graph = self._graphs.get((n, end))
-        device, slots = self.trunk.device, torch.tensor([w.slot for w in batch])
-        x = torch.zeros(n, 1, self.trunk.config.n_embd, dtype=self.trunk.dtype)
-        x.index_copy_(0, slots, torch.cat([w.payload.to(self.trunk.dtype) for w in batch]))
-        positions = torch.full((n,), self.spare, dtype=torch.long)
-        positions[slots] = torch.tensor([lengths[w.slot] for w in batch])
-        x, positions = x.to(device, non_blocking=True), positions.to(device, non_blocking=True)
+        x, positions = self._stage(batch, n)
         if graph is not None:
-            out = graph.run(x, positions)
+            out = graph.run(x, positions)  # copied from the host buffers straight into the graph's own
         else:
+            device = self.trunk.device
+            x, positions = x.to(device, non_blocking=True), positions.to(device, non_blocking=True)
             out = self.trunk.decode_rows(x, self.cache, positions, end)
-        return out.cpu()  # one copy for the whole batch (and the graph's buffer is free again)
+        return out.cpu()  # one copy for the whole batch (and the syncs that frees the host buffers again)
+
+    def _stage(self, batch: list[_Work], n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's inputs and positions in the host buffers (pinned on a GPU), rows [0, N): numpy writes, a
+        fraction of the cost of building them with torch calls (a forward's fixed cost is the scheduler's own
+        time on the GIL). A row that sits the step out keeps an old input and writes to its spare position."""
+        pos = self._pos_np
+        pos[:n] = self.spare
+        for w in batch:
+            pos[w.slot] = self.cache.lengths[w.slot]
+            if self._x_np is not None and w.payload.dtype in _NUMPY_DTYPES and w.payload.device.type == "cpu":
+                self._x_np[w.slot] = w.payload.numpy()[0]
+            else:  # bfloat16 on either side (numpy has none), or already on the device
+                self._x_host[w.slot].copy_(w.payload[0])
+        return self._x_host[:n], self._pos_host[:n]
 
     def _finish(self, works: list[_Work], t0: float, rows: int) -> None:
         ms = (time.perf_counter() - t0) * 1e3

@@ -382,3 +382,21 @@ def test_forward_reports_server_wall_time(server_target, engines):
         h = torch.randn(1, 3, engine.model.config.n_embd)
         resp = stub.Forward(pb.ForwardRequest(fingerprint=engine.fingerprint, hidden=encode(h)))
         assert 0 < resp.server_ms <= resp.server_wall_ms
+
+
+def test_event_loop_choice(server):
+    """The server's gRPC loop is uvloop by default where it is installed (it is a requirement); asyncio on request."""
+    import asyncio
+
+    import uvloop
+
+    from server.app import new_event_loop
+    from splitcore.errors import InvalidInput
+
+    assert isinstance(server.loop, uvloop.Loop)
+    for kind, cls in (("auto", uvloop.Loop), ("uvloop", uvloop.Loop), ("asyncio", asyncio.BaseEventLoop)):
+        loop = new_event_loop(kind)
+        assert isinstance(loop, cls) and (kind != "asyncio" or not isinstance(loop, uvloop.Loop))
+        loop.close()
+    with pytest.raises(InvalidInput, match="auto, uvloop or asyncio"):
+        new_event_loop("trio")
