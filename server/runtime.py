@@ -40,6 +40,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from server.sessions import ServerDraining
@@ -225,13 +226,14 @@ class TrunkRuntime:
     # --- work -------------------------------------------------------------------------------------------
     # Each kind of work has a blocking form, for a caller's thread, and an awaitable one, for the servicer's event
     # loop. An awaited piece of work runs to its end even when its awaiter is cancelled (see `settled`).
-    def decode(self, slot: int, h: torch.Tensor) -> tuple[torch.Tensor, float, int]:
-        """One new position for the one-row session in `slot` (h: (1, 1, C)), batched with the other sessions'.
+    def decode(self, slot: int, h: torch.Tensor | np.ndarray) -> tuple[torch.Tensor, float, int]:
+        """One new position for the one-row session in `slot` (h: (1, 1, C), a tensor or a float32/float16 array),
+        batched with the other sessions'.
         Returns the trunk's output (1, 1, C) on the CPU, and the compute ms and rows of the batch it ran in."""
         w = self._wait(_Work(slot, h), decode=True)
         return w.result, w.compute_ms, w.batch
 
-    async def decode_async(self, slot: int, h: torch.Tensor) -> tuple[torch.Tensor, float, int]:
+    async def decode_async(self, slot: int, h: torch.Tensor | np.ndarray) -> tuple[torch.Tensor, float, int]:
         w = await self._wait_async(_Work(slot, h), decode=True)
         return w.result, w.compute_ms, w.batch
 
@@ -468,10 +470,13 @@ class TrunkRuntime:
         pos[:n] = self.spare
         for w in batch:
             pos[w.slot] = self.cache.lengths[w.slot]
-            if self._x_np is not None and w.payload.dtype in _NUMPY_DTYPES and w.payload.device.type == "cpu":
-                self._x_np[w.slot] = w.payload.numpy()[0]
+            p = w.payload  # (1, 1, C): a tensor, or a float32/float16 array as the servicer decoded it
+            if isinstance(p, torch.Tensor) and p.dtype in _NUMPY_DTYPES and p.device.type == "cpu":
+                p = p.numpy()
+            if self._x_np is not None and isinstance(p, np.ndarray):
+                self._x_np[w.slot] = p[0]
             else:  # bfloat16 on either side (numpy has none), or already on the device
-                self._x_host[w.slot].copy_(w.payload[0])
+                self._x_host[w.slot].copy_(torch.as_tensor(p)[0])
         return self._x_host[:n], self._pos_host[:n]
 
     def _finish(self, works: list[_Work], t0: float, rows: int) -> None:

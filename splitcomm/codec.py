@@ -23,10 +23,16 @@ _FROM_WIRE = {v: k for k, v in _TO_WIRE.items()}
 # bits are read as uint16 and viewed as bfloat16 by torch.
 _NUMPY = {pb.FLOAT32: np.float32, pb.FLOAT16: np.float16, pb.BFLOAT16: np.uint16, pb.INT64: np.int64}
 WIRE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+NUMPY_FLOATS = {pb.FLOAT32: np.float32, pb.FLOAT16: np.float16}  # wire dtypes numpy computes with
 
 
 class CodecError(ValueError):
     """A Tensor message that does not describe a valid tensor."""
+
+
+def wire_torch_dtype(wire: int) -> torch.dtype:
+    """The torch dtype of a wire dtype (one `decode` accepts)."""
+    return _FROM_WIRE[wire]
 
 
 def parse_wire_dtype(name: str) -> torch.dtype:
@@ -37,14 +43,17 @@ def parse_wire_dtype(name: str) -> torch.dtype:
 
 def encode(t: torch.Tensor, dtype: torch.dtype | None = None) -> pb.Tensor:
     """Tensor -> message, optionally cast to `dtype` first (e.g. float16 to halve the bytes)."""
-    t = t.detach()
-    if dtype is not None and t.dtype != dtype:
-        t = t.to(dtype)
-    wire = _TO_WIRE.get(t.dtype)
+    wire = _TO_WIRE.get(dtype or t.dtype)
     if wire is None:
-        raise CodecError(f"dtype {t.dtype} cannot cross the wire; use one of {list(_TO_WIRE)}")
+        raise CodecError(f"dtype {dtype or t.dtype} cannot cross the wire; use one of {list(_TO_WIRE)}")
+    if t.requires_grad:
+        t = t.detach()
     if t.device.type != "cpu":
         t = t.cpu()
+    if wire in NUMPY_FLOATS and t.dtype in (torch.float32, torch.float16):  # numpy casts at a fraction of the cost
+        return encode_array(t.numpy(), wire)
+    if t.dtype != (dtype or t.dtype):
+        t = t.to(dtype)
     if wire == pb.BFLOAT16:
         t = t.view(torch.int16)  # numpy has no bfloat16: its bits travel as they are
     data = t.numpy().tobytes() if t.numel() else b""  # tobytes() writes C order whatever the strides
@@ -57,39 +66,52 @@ def decode(msg: pb.Tensor, max_elements: int = 1 << 31, finite: str | None = Non
     With `finite` (what the tensor is, e.g. "hidden states"), NaN or infinite values are rejected too.
     `copy=False` returns a view of the message's bytes, for a caller that only reads it (saves a copy of a
     multi-megabyte stateless KV cache); it must never be written to."""
-    if msg.dtype not in _FROM_WIRE:
-        raise CodecError(
-            f"unknown or unset tensor dtype {msg.dtype}; expected one of "
-            f"{', '.join(pb.DType.Name(d) for d in _FROM_WIRE)}"
-        )
-    shape = list(msg.shape)
-    if len(shape) > MAX_DIMS:
-        raise CodecError(f"tensor has {len(shape)} dims, at most {MAX_DIMS} are allowed")
-    if any(d < 0 for d in shape):
-        raise CodecError(f"tensor shape {shape} has a negative dimension")
-    n = math.prod(shape)  # Python ints: no overflow
-    if n > max_elements or math.prod(max(d, 1) for d in shape) > max_elements:  # [0, 2**62] is absurd too
-        raise CodecError(f"tensor shape {shape} has {n} elements, more than the limit of {max_elements}")
-    np_dtype = _NUMPY[msg.dtype]
-    itemsize = np.dtype(np_dtype).itemsize
-    if len(msg.data) != n * itemsize:
-        raise CodecError(
-            f"tensor data is {len(msg.data)} bytes, but shape {shape} of "
-            f"{pb.DType.Name(msg.dtype)} needs {n * itemsize}"
-        )
-    # frombuffer shares the message's immutable bytes; the copy gives the tensor writable memory it owns
-    a = np.frombuffer(msg.data, dtype=np_dtype)
-    if finite and not _all_finite(a, msg.dtype):
-        raise CodecError(f"NaN or infinite values in {finite}")
+    return tensor(decode_array(msg, max_elements, finite), msg.dtype, copy)
+
+
+def tensor(a: np.ndarray, wire: int, copy: bool = True) -> torch.Tensor:
+    """What `decode_array` gave -> a tensor of the wire's dtype: a copy it owns, or (`copy=False`) a read-only view."""
     if copy:
         t = torch.from_numpy(a.copy())
     else:
         with warnings.catch_warnings():  # torch warns that the array is not writable: the caller only reads
             warnings.simplefilter("ignore", UserWarning)
             t = torch.from_numpy(a)
-    if msg.dtype == pb.BFLOAT16:
-        t = t.view(torch.bfloat16)
-    return t.view(shape)
+    return t.view(torch.bfloat16) if wire == pb.BFLOAT16 else t
+
+
+def decode_array(msg: pb.Tensor, max_elements: int = 1 << 31, finite: str | None = None) -> np.ndarray:
+    """Message -> a read-only numpy view of its bytes, shaped, with `decode`'s checks: for the per-step hot path,
+    where numpy's calls cost a fraction of torch's. bfloat16 comes as its uint16 bits."""
+    if msg.dtype not in _FROM_WIRE:
+        raise CodecError(
+            f"unknown or unset tensor dtype {msg.dtype}; expected one of "
+            f"{', '.join(pb.DType.Name(d) for d in _FROM_WIRE)}"
+        )
+    shape = tuple(msg.shape)
+    if len(shape) > MAX_DIMS:
+        raise CodecError(f"tensor has {len(shape)} dims, at most {MAX_DIMS} are allowed")
+    if any(d < 0 for d in shape):
+        raise CodecError(f"tensor shape {list(shape)} has a negative dimension")
+    n = math.prod(shape)  # Python ints: no overflow
+    if n > max_elements or math.prod(max(d, 1) for d in shape) > max_elements:  # [0, 2**62] is absurd too
+        raise CodecError(f"tensor shape {list(shape)} has {n} elements, more than the limit of {max_elements}")
+    np_dtype = _NUMPY[msg.dtype]
+    itemsize = np.dtype(np_dtype).itemsize
+    if len(msg.data) != n * itemsize:
+        raise CodecError(
+            f"tensor data is {len(msg.data)} bytes, but shape {list(shape)} of "
+            f"{pb.DType.Name(msg.dtype)} needs {n * itemsize}"
+        )
+    a = np.frombuffer(msg.data, dtype=np_dtype)  # shares the message's immutable bytes
+    if finite and not _all_finite(a, msg.dtype):
+        raise CodecError(f"NaN or infinite values in {finite}")
+    return a.reshape(shape)
+
+
+def encode_array(a: np.ndarray, wire: int) -> pb.Tensor:
+    """A float32 or float16 array -> message of wire dtype FLOAT32 or FLOAT16 (cast if they differ)."""
+    return pb.Tensor(data=a.astype(_NUMPY[wire], copy=False).tobytes(), shape=a.shape, dtype=wire)
 
 
 def encode_named(tensors: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> list[pb.NamedTensor]:

@@ -63,17 +63,21 @@ class Trunk(GPT2):
         """Reject hidden states this trunk cannot take, with a message saying what was expected.
 
         `check_finite=False` skips the NaN/infinity scan, for a caller that has done it already."""
-        d = self.config.n_embd
-        if h.ndim != 3:
-            raise InvalidInput(f"hidden states have {h.ndim} dims {list(h.shape)}, expected [batch, seq, {d}]")
-        if h.shape[0] < 1 or h.shape[1] < 1:
-            raise InvalidInput(f"hidden states are empty: shape {list(h.shape)}, expected [batch, seq>0, {d}]")
-        if h.shape[2] != d:
-            raise InvalidInput(f"hidden size is {h.shape[2]}, this model's is {d} (shape {list(h.shape)})")
-        if not h.is_floating_point():
-            raise InvalidInput(f"hidden states must be floating point, got {h.dtype}")
+        self.check_hidden_shape(tuple(h.shape), h.is_floating_point(), h.dtype)
         if check_finite and not bool(torch.isfinite(h).all()):
             raise InvalidInput("hidden states contain NaN or infinite values")
+
+    def check_hidden_shape(self, shape: tuple[int, ...], floating: bool, dtype: object) -> None:
+        """check_hidden's checks of shape and kind, for hidden states that are not (yet) a tensor."""
+        d = self.config.n_embd
+        if len(shape) != 3:
+            raise InvalidInput(f"hidden states have {len(shape)} dims {list(shape)}, expected [batch, seq, {d}]")
+        if shape[0] < 1 or shape[1] < 1:
+            raise InvalidInput(f"hidden states are empty: shape {list(shape)}, expected [batch, seq>0, {d}]")
+        if shape[2] != d:
+            raise InvalidInput(f"hidden size is {shape[2]}, this model's is {d} (shape {list(shape)})")
+        if not floating:
+            raise InvalidInput(f"hidden states must be floating point, got {dtype}")
 
     def forward(self, h: torch.Tensor, cache: KVCache | None = None, rows: int | None = None, **kw) -> torch.Tensor:
         """Trusted input (from our own bottom); a server checks what it receives with check_hidden first."""
