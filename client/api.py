@@ -13,7 +13,8 @@ machine: the API runs where the split client runs, and only hidden states go to 
   disconnects mid-stream stops its generation and its session closes.
 - Bad input gets OpenAI's error body (`{"error": {"message", "type", "param", "code"}}`) and status: 400 for
   wrong or missing fields and for too many tokens (`context_length_exceeded`), 401 for a missing or wrong key
-  (`--api-key`), 404 for an unknown model, 503 when the trunk cannot be reached.
+  (`--api-key`), 404 for an unknown model, 503 when the trunk cannot be reached or has no room (no free KV
+  slot), 502 when it refuses a request otherwise.
 - Every response carries `timings`, which OpenAI's clients ignore: time to first token, and the client, server
   and network ms of the generation (the split's own breakdown; `GenerationStats`).
 
@@ -42,12 +43,13 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import anyio
+import grpc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from splitcomm.errors import TrunkError
+from splitcomm.errors import TrunkError, TrunkUnavailable
 from splitcore.engine import Engine
 from splitcore.errors import InvalidInput, LimitExceeded, SplitError
 from splitcore.generate import TokenEvent
@@ -297,7 +299,7 @@ class API:
                 if piece is None:
                     return
                 yield piece
-        except (SplitError, TrunkError) as e:
+        except SplitError as e:
             raise _api_error(e) from e
         finally:
             with anyio.CancelScope(shield=True):
@@ -465,8 +467,12 @@ def _include_usage(r: _Request) -> bool:
 
 
 def _api_error(e: Exception) -> APIError:
-    if isinstance(e, TrunkError):
+    if isinstance(e, TrunkUnavailable):
         return APIError(503, f"the trunk server cannot be reached: {e}", "server_error", None, "trunk_unavailable")
+    if isinstance(e, TrunkError) and e.code == grpc.StatusCode.RESOURCE_EXHAUSTED:  # no free KV slot, sessions
+        return APIError(503, f"the trunk server is at capacity: {e}", "server_error", None, "trunk_busy")
+    if isinstance(e, TrunkError):
+        return APIError(502, f"the trunk server refused the request: {e}", "server_error", None, "trunk_error")
     if isinstance(e, LimitExceeded):
         return bad_request(str(e), None, "context_length_exceeded")
     if isinstance(e, InvalidInput):

@@ -8,7 +8,6 @@ from dataclasses import fields
 
 from client.engine import ClientConfig, SplitEngine
 from client.train import TrainConfig
-from splitcomm.errors import TrunkError
 from splitcore.cli import (
     add_model_args,
     app_parser,
@@ -196,4 +195,4 @@ def main(argv: list[str] | None = None) -> None:
 
             serve(SplitEngine(client_config(args)), args)
 
-    main_guard(body, (TrunkError,))
+    main_guard(body)

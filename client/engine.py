@@ -16,7 +16,7 @@ from splitcomm.proto import trunk_pb2 as pb
 from splitcomm.trunk_client import TrunkClient, TrunkClientConfig, TrunkSession
 from splitcore.cudagraph import DecoderPool
 from splitcore.engine import Engine, Notify
-from splitcore.errors import InvalidInput
+from splitcore.errors import InvalidInput, Mismatch
 from splitcore.fingerprint import Fingerprint, model_fingerprint
 from splitcore.generate import LocalTrunkLink, SplitStepper, Stepper
 from splitcore.lora import adapted, adapter_digest, adapter_layers, load_client_weights, load_peft, only_layers
@@ -290,7 +290,7 @@ class SplitEngine(Engine):
         if info.fingerprint.digest != self.fingerprint.digest:
             ours = f"{self.model.spec} split {self.split}"
             theirs = f"{info.model} split {info.split_start},{info.split_end}"
-            raise TrunkError(
+            raise Mismatch(
                 f"trunk server at {self.cfg.server} serves {theirs}, this client has {ours}; "
                 f"start both with the same --model and --split"
             )

@@ -12,7 +12,6 @@ import gradio as gr
 import plotly.graph_objects as go
 
 from client.train import CLIENT_TRAIN, Run, SplitTrainer, TrainConfig, TrainEvent
-from splitcomm.errors import TrunkError
 from splitcore.errors import SplitError
 from splitcore.training import TextData, perplexity
 
@@ -138,7 +137,7 @@ def finetune_tab(engine, adapter_switch: gr.Checkbox) -> None:
                     return
                 if ev.kind != "checkpoint":
                     yield _status(ev, cfg), *curves(losses, evals), bg, gr.update()
-        except (SplitError, TrunkError, ValueError) as e:
+        except (SplitError, ValueError) as e:
             logger.warning("fine-tuning failed: %s", e)
             yield f"⚠️ {e}", *curves(losses, evals), bg, gr.update()
 

@@ -12,7 +12,6 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from
 import gradio as gr  # noqa: E402
 
 from client import charts  # noqa: E402
-from splitcomm.errors import TrunkError  # noqa: E402
 from splitcore.engine import Engine  # noqa: E402
 from splitcore.errors import SplitError  # noqa: E402
 from splitcore.models import ResolvedModel  # noqa: E402
@@ -90,7 +89,7 @@ def generation_tab(engine: Engine, history: gr.State, speculate: str = "none") -
                 elif kind == "notice":  # the trunk was lost or came back: say so while the tokens wait
                     notice = f"⚠️ {value}"
                 yield text, charts.stats_markdown(stats, running=True), notice, hist
-        except (SplitError, TrunkError) as e:
+        except SplitError as e:
             logger.warning("generation failed: %s", e)
             yield text, charts.stats_markdown(stats), f"⚠️ {e}", hist
             return

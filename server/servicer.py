@@ -20,12 +20,12 @@ import torch
 from google.protobuf.message import DecodeError
 
 from server.metrics import Metrics
+from server.monitor import GpuProbe, Sampler
 from server.runtime import TrunkRuntime, settled
 from server.sessions import SessionRegistry
 from server.status import check_fingerprint, closer, status_on_error
 from server.training import TrainHandler, settings_from_pb
 from splitcomm import codec
-from splitcomm.monitor import GpuProbe, Sampler
 from splitcomm.proto import trunk_pb2 as pb
 from splitcomm.proto import trunk_pb2_grpc as pb_grpc
 from splitcore.errors import InvalidInput, LimitExceeded

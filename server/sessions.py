@@ -10,7 +10,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from splitcomm.monitor import Counters
+from server.monitor import Counters
 from splitcore.errors import LimitExceeded, SplitError
 
 logger = logging.getLogger(__name__)

@@ -10,7 +10,6 @@ from collections.abc import Callable
 import grpc
 
 from server.sessions import ServerDraining
-from splitcomm import codec
 from splitcomm.proto import trunk_pb2 as pb
 from splitcore.errors import InvalidInput, LimitExceeded, Mismatch, SplitError
 from splitcore.fingerprint import Fingerprint
@@ -31,8 +30,7 @@ _STATUS = [
     (Mismatch, grpc.StatusCode.FAILED_PRECONDITION),
     (LimitExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (ServerDraining, grpc.StatusCode.UNAVAILABLE),
-    (InvalidInput, grpc.StatusCode.INVALID_ARGUMENT),
-    (codec.CodecError, grpc.StatusCode.INVALID_ARGUMENT),
+    (InvalidInput, grpc.StatusCode.INVALID_ARGUMENT),  # CodecError too
 ]
 
 
@@ -52,8 +50,8 @@ async def status_on_error(context: grpc.aio.ServicerContext, what: str, count: C
         raise
     except grpc.aio.AbortError:  # a status already sent
         raise
-    except (SplitError, codec.CodecError) as e:
-        code = next(c for t, c in _STATUS if isinstance(e, t))
+    except SplitError as e:
+        code = next((c for t, c in _STATUS if isinstance(e, t)), grpc.StatusCode.INVALID_ARGUMENT)
         logger.info("%s from %s rejected: %s %s", what, context.peer(), code.name, e)
         if count is not None:
             count(code.name)

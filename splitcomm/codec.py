@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from splitcomm.proto import trunk_pb2 as pb
+from splitcore.errors import InvalidInput
 
 if sys.byteorder != "little":  # raw bytes on the wire are little-endian; torch uses the host order
     raise ImportError("splitcomm.codec supports little-endian hosts only")
@@ -26,8 +27,8 @@ WIRE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": t
 NUMPY_FLOATS = {pb.FLOAT32: np.float32, pb.FLOAT16: np.float16}  # wire dtypes numpy computes with
 
 
-class CodecError(ValueError):
-    """A Tensor message that does not describe a valid tensor."""
+class CodecError(InvalidInput):
+    """A Tensor message that does not describe a valid tensor (INVALID_ARGUMENT, as any InvalidInput)."""
 
 
 def wire_torch_dtype(wire: int) -> torch.dtype:

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import grpc
 
+from splitcore.errors import SplitError
 
-class TrunkError(Exception):
-    """A trunk call failed; `code` is the gRPC status code."""
+
+class TrunkError(SplitError):
+    """A trunk call failed; `code` is the gRPC status code. A SplitError like every error the project raises on
+    purpose, so that one `except SplitError` catches them all."""
 
     def __init__(self, message: str, code: grpc.StatusCode = grpc.StatusCode.UNKNOWN):
         super().__init__(message)

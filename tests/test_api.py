@@ -258,6 +258,29 @@ def test_trunk_down_is_503_and_the_api_keeps_serving(models_dir, tiny):
         engine.close()
 
 
+def test_trunk_without_a_free_slot_is_503_busy(models_dir, tiny):
+    """Every KV slot of the trunk taken: 503 with code trunk_busy, naming the limit; once one is free, it serves."""
+    from fastapi.testclient import TestClient
+
+    srv = start_tiny_server(models_dir, kv_slots=1, grace_s=0.5)
+    engine = tiny_split_engine(models_dir, f"127.0.0.1:{srv.port}")
+    holder = engine.new_stepper(16)
+    holder.step(torch.tensor([engine.encode(PROMPT)]))  # takes the only slot
+    try:
+        with TestClient(API(engine, model_card(engine)).app) as web:
+            body = {"model": TINY, "prompt": PROMPT, "max_tokens": 2}
+            r = web.post("/v1/completions", json=body)
+            assert r.status_code == 503 and r.json()["error"]["code"] == "trunk_busy", r.text
+            assert "--kv-slots, is 1" in r.json()["error"]["message"]
+            holder.close()
+            wait_for(lambda: srv.runtime.used_slots() == 0, what="the slot given back")
+            assert web.post("/v1/completions", json=body).status_code == 200
+    finally:
+        holder.close()
+        engine.close()
+        srv.stop(0.5)
+
+
 def test_api_command_line_mistake_is_one_line(models_dir):
     cmd = [sys.executable, "-m", "client", "api", "--model", TINY, "--server", "127.0.0.1:1", "--device", "cpu"]
     out = subprocess.run(

@@ -19,6 +19,7 @@ from splitcomm.proto import trunk_pb2 as pb
 from splitcomm.proto import trunk_pb2_grpc as pb_grpc
 from splitcomm.trunk_client import TrunkClient, TrunkClientConfig
 from splitcore.engine import FullEngine
+from splitcore.errors import Mismatch
 from splitcore.parts import load_parts
 from splitcore.sampling import SamplingParams
 from tests.conftest import ROOT, subprocess_env, tiny_split_engine, wait_for
@@ -287,7 +288,7 @@ def test_fingerprint_mismatch_names_the_difference(raw, server):
 
 def test_client_with_other_split_refused_in_one_line(models_dir, server_target):
     engine = tiny_split_engine(models_dir, server_target, split="3,9")
-    with pytest.raises(Exception, match="split 2,10, this client has random:tiny split 3,9"):
+    with pytest.raises(Mismatch, match="split 2,10, this client has random:tiny split 3,9"):
         engine.check_server()
     engine.close()
 

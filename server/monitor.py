@@ -1,4 +1,5 @@
-"""Monitoring samples of the trunk host: CPU, memory, process RSS, GPU (pynvml) and session counters."""
+"""Monitoring samples of the trunk host (the Monitor RPC): CPU, memory, process RSS, GPU (pynvml), session counters
+and the runtime's batches and slots. Server telemetry, so it lives with the server."""
 
 from __future__ import annotations
 
