@@ -9,9 +9,7 @@ from dataclasses import fields
 from client.engine import ClientConfig, SplitEngine
 from client.train import TrainConfig
 from splitcore.cli import (
-    add_model_args,
     app_parser,
-    dataclass_flags,
     env,
     main_guard,
     parse_app_args,
@@ -20,45 +18,12 @@ from splitcore.cli import (
 )
 from splitcore.distill import DistillConfig
 from splitcore.runtime import configure_threads
+from splitcore.settings import dataclass_flags
 
 
 def add_split_args(p: argparse.ArgumentParser) -> None:
-    add_model_args(p)
-    p.add_argument("--split", default=env("GPT2_SPLIT", "2,10"), help="s1,s2 (must match the server's)")
-    p.add_argument(
-        "--server",
-        default=env("GPT2_TRUNK_SERVER", "localhost:50051"),
-        help="trunk server host:port (env GPT2_TRUNK_SERVER; default %(default)s)",
-    )
-    p.add_argument("--local-trunk", action="store_true", help="run the trunk in this process (no server)")
-    p.add_argument(
-        "--stateless",
-        action="store_true",
-        help="send the trunk KV cache with every call instead of keeping it on the server",
-    )
-    p.add_argument(
-        "--wire-dtype",
-        default=env("GPT2_WIRE_DTYPE", "float32"),
-        choices=["float32", "float16", "bfloat16"],
-        help="dtype of hidden states on the wire",
-    )
-    p.add_argument("--connect-timeout", dest="connect_timeout_s", type=float, default=5.0)
-    p.add_argument("--step-timeout", dest="step_timeout_s", type=float, default=60.0)
-    p.add_argument(
-        "--reconnect",
-        dest="reconnect_s",
-        type=float,
-        default=float(env("GPT2_RECONNECT_S", "30")),
-        help="if the trunk goes away mid-generation, keep retrying this long, s (0 = don't)",
-    )
-    p.add_argument("--tls-ca", default=env("GPT2_TLS_CA", "") or None, help="CA of the server's certificate")
-    p.add_argument("--tls-cert", default=env("GPT2_TLS_CLIENT_CERT", "") or None, help="client cert (mTLS)")
-    p.add_argument("--tls-key", default=env("GPT2_TLS_CLIENT_KEY", "") or None, help="client key (mTLS)")
-    p.add_argument("--tls-server-name", default=None, help="name to check in the server's certificate")
-    p.add_argument("--auth-token", default=env("GPT2_AUTH_TOKEN", "") or None)
-    p.add_argument(
-        "--added-delay-ms", type=float, default=0.0, help="sleep this long each way per trunk call (simulated WAN)"
-    )
+    """Every setting of the split client (ClientConfig's fields declare their flags)."""
+    dataclass_flags(p, ClientConfig)
 
 
 def add_train_command(sub) -> None:

@@ -21,39 +21,43 @@ from splitcore.fingerprint import Fingerprint, model_fingerprint
 from splitcore.generate import LocalTrunkLink, SplitStepper, Stepper
 from splitcore.lora import adapted, adapter_digest, adapter_layers, load_client_weights, load_peft, only_layers
 from splitcore.models import resolve_with_fallback
-from splitcore.parts import Split, load_parts
+from splitcore.parts import DEFAULT_SPLIT, Split, load_parts
 from splitcore.runtime import configure_attention, resolve_device, resolve_dtype, use_cuda_graphs
+from splitcore.settings import GenerateConfig, setting
 from splitcore.speculative import ModelDraft
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class ClientConfig:
-    """Settings of the split client (CLI and app)."""
+class ClientConfig(GenerateConfig):
+    """Settings of the split client (CLI, app, API): the model's, and the split's and the trunk server's."""
 
-    model: str = "gpt2"  # model spec; must be the server's model
-    models_dir: str = "models"
-    fallback_random: bool = False  # default gpt2 unavailable -> random:gpt2, loudly
-    split: str = "2,10"  # must be the server's split points
-    server: str = "localhost:50051"  # trunk server host:port (GPT2_TRUNK_SERVER)
-    local_trunk: bool = False  # run the trunk in this process instead
-    stateless: bool = False  # ship the trunk KV cache with every call instead of a server session
-    wire_dtype: str = "float32"  # float32, float16, bfloat16: hidden states on the wire
-    device: str = "auto"
-    dtype: str = "auto"
-    attn: str = "sdpa"
-    cuda_graphs: str = "on"  # on: decode steps as CUDA graphs on a GPU; off: eager (no effect on the CPU)
-    connect_timeout_s: float = 5.0  # to reach the server, s
-    step_timeout_s: float = 60.0  # one trunk call, s
-    reconnect_s: float = 30.0  # keep retrying a lost trunk this long, s (0 = fail at once)
-    tls_ca: str | None = None
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    tls_server_name: str | None = None
-    auth_token: str | None = None
-    adapter: str | None = None  # a LoRA adapter directory in PEFT's format (from `train`) to generate with
-    added_delay_ms: float = 0.0  # sleep this long each way on every trunk call: simulates a remote trunk, ms
+    split: str = setting(DEFAULT_SPLIT, "GPT2_SPLIT", "s1,s2: the trunk's blocks [s1, s2) (must match the server's)")
+    server: str = setting("localhost:50051", "GPT2_TRUNK_SERVER", "trunk server host:port")
+    local_trunk: bool = setting(False, None, "run the trunk in this process (no server)")
+    stateless: bool = setting(
+        False, None, "send the trunk KV cache with every call instead of keeping it on the server"
+    )
+    wire_dtype: str = setting(
+        "float32", "GPT2_WIRE_DTYPE", "dtype of hidden states on the wire", choices=["float32", "float16", "bfloat16"]
+    )
+    connect_timeout_s: float = setting(5.0, None, "to reach the server, s", flag="--connect-timeout")
+    step_timeout_s: float = setting(60.0, None, "one trunk call, s", flag="--step-timeout")
+    reconnect_s: float = setting(
+        30.0,
+        "GPT2_RECONNECT_S",
+        "if the trunk goes away mid-generation, keep retrying this long, s (0 = don't)",
+        flag="--reconnect",
+    )
+    tls_ca: str | None = setting(None, "GPT2_TLS_CA", "CA of the server's certificate (enables TLS)")
+    tls_cert: str | None = setting(None, "GPT2_TLS_CLIENT_CERT", "client certificate, for mutual TLS")
+    tls_key: str | None = setting(None, "GPT2_TLS_CLIENT_KEY", "client key, for mutual TLS")
+    tls_server_name: str | None = setting(None, None, "the name to check in the server's certificate")
+    auth_token: str | None = setting(None, "GPT2_AUTH_TOKEN", "the shared secret the server asks for")
+    added_delay_ms: float = setting(
+        0.0, None, "sleep this long each way on every trunk call: simulates a remote trunk, ms"
+    )
 
     def trunk_client_config(self) -> TrunkClientConfig:
         return TrunkClientConfig(

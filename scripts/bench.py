@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 from client.engine import ClientConfig, SessionLink, SplitEngine  # noqa: E402
 from splitcore.engine import Engine, FullEngine  # noqa: E402
 from splitcore.models import resolve_model  # noqa: E402
+from splitcore.parts import DEFAULT_SPLIT  # noqa: E402
 from splitcore.runtime import resolve_device, resolve_dtype, use_cuda_graphs  # noqa: E402
 from splitcore.sampling import SamplingParams  # noqa: E402
 from splitcore.stats import GenerationStats, percentile  # noqa: E402
@@ -310,7 +311,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="random:gpt2")
     p.add_argument("--models-dir", default=os.environ.get("GPT2_MODELS_DIR", "models"))
-    p.add_argument("--split", default="2,10")
+    p.add_argument("--split", default=DEFAULT_SPLIT)
     p.add_argument("--prompt-lengths", default="8,64,128,512")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)

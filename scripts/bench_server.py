@@ -44,7 +44,7 @@ from scripts.bench import start_server  # noqa: E402
 from scripts.bench_transport import free_port  # noqa: E402
 from splitcomm.trunk_client import TrunkClient, TrunkClientConfig  # noqa: E402
 from splitcore.models import load_tokenizer, resolve_model  # noqa: E402
-from splitcore.parts import load_parts  # noqa: E402
+from splitcore.parts import DEFAULT_SPLIT, load_parts  # noqa: E402
 from splitcore.stats import percentile  # noqa: E402
 
 TEXT = (
@@ -60,7 +60,7 @@ def hidden_states(model_spec: str, models_dir: str, prompt: int, steps: int) -> 
     """The bottom's output for a prompt of `prompt` tokens and the `steps` tokens after it: (1, P, C), (S, 1, C)."""
     model = resolve_model(model_spec, models_dir)
     ids = load_tokenizer(model.path).encode(TEXT * 20)[: prompt + steps]
-    bottom = load_parts(model, "2,10", ("bottom",))["bottom"]
+    bottom = load_parts(model, DEFAULT_SPLIT, ("bottom",))["bottom"]
     with torch.inference_mode():
         h = bottom(torch.tensor([ids]))  # causal: position i sees what the bottom would see in a generation
     return h[:, :prompt].clone(), h[0, prompt:].unsqueeze(1).clone()

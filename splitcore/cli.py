@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import inspect
 import json
 import logging
 import os
-import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +13,7 @@ from pathlib import Path
 from splitcore.engine import Engine
 from splitcore.errors import SplitError
 from splitcore.sampling import SamplingParams
+from splitcore.settings import GenerateConfig, dataclass_flags
 
 
 def env(name: str, default: str) -> str:
@@ -23,48 +21,8 @@ def env(name: str, default: str) -> str:
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--model",
-        default=env("GPT2_MODEL", "gpt2"),
-        help="hub id (gpt2, gpt2-medium, distilgpt2), a local directory, or random:gpt2 / "
-        "random:gpt2-medium / random:tiny (env GPT2_MODEL; default %(default)s)",
-    )
-    p.add_argument(
-        "--models-dir",
-        default=env("GPT2_MODELS_DIR", "models"),
-        help="where hub downloads and random presets are kept (env GPT2_MODELS_DIR)",
-    )
-    p.add_argument(
-        "--fallback-random",
-        action="store_true",
-        default=env("GPT2_FALLBACK_RANDOM", "0") == "1",
-        help="if the default gpt2 can't be downloaded, use random:gpt2 (loudly)",
-    )
-    p.add_argument("--device", default=env("GPT2_DEVICE", "auto"), help="auto, cpu or cuda[:N]")
-    p.add_argument(
-        "--dtype",
-        default=env("GPT2_DTYPE", "auto"),
-        help="auto (float16 on GPU, float32 on CPU), float32, float16, bfloat16",
-    )
-    p.add_argument("--attn", default=env("GPT2_ATTN", "sdpa"), choices=["sdpa", "eager"])
-    p.add_argument(
-        "--adapter",
-        default=env("GPT2_ADAPTER", "") or None,
-        help="a LoRA adapter directory in PEFT's format (from `python -m client train`) to generate with",
-    )
-    p.add_argument(
-        "--cuda-graphs",
-        default=env("GPT2_CUDA_GRAPHS", "on"),
-        choices=["on", "off"],
-        help="decode steps as CUDA graphs on a GPU (env GPT2_CUDA_GRAPHS; default %(default)s; no effect on the CPU)",
-    )
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=int(env("GPT2_THREADS", "0")) or None,
-        help="torch intra-op threads (default: torch's choice)",
-    )
-    p.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    """The flags of a process that generates with a model it holds (the baseline; the client adds its own)."""
+    dataclass_flags(p, GenerateConfig)
 
 
 def app_parser(
@@ -102,23 +60,6 @@ def parse_app_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> a
     if not argv or argv[0] not in (*commands, "-h", "--help"):
         argv = ["serve", *argv]
     return parser.parse_args(argv)
-
-
-def dataclass_flags(p: argparse.ArgumentParser, cls, positional: tuple[str, ...] = ()) -> None:
-    """One flag per field of a settings dataclass: `--batch-size`, typed and defaulted from the field, its help
-    the field's comment (`batch_size: int = 8  # windows per step`). Booleans are switches."""
-    comments = dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.+)$", inspect.getsource(cls), re.M))
-    for f in dataclasses.fields(cls):
-        kind = type(f.default) if f.default is not dataclasses.MISSING else str
-        text = comments.get(f.name, "")
-        if f.name in positional:
-            p.add_argument(f.name, help=text)
-        elif kind is bool:
-            p.add_argument(f"--{f.name.replace('_', '-')}", action="store_true", help=text)
-        else:
-            p.add_argument(
-                f"--{f.name.replace('_', '-')}", type=kind, default=f.default, help=f"{text} (default %(default)s)"
-            )
 
 
 def add_generate_args(p: argparse.ArgumentParser) -> None:

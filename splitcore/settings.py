@@ -1,0 +1,118 @@
+"""Settings declared once: a dataclass field names its own flag, environment variable(s), help and choices
+(`setting`), and `dataclass_flags` makes the argparse flags from them. The model settings every process shares
+are `ModelConfig`; the server's, the client's and the training and distillation commands' build on it."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import os
+import re
+from typing import Any
+
+
+def setting(
+    default: Any,
+    env: str | tuple[str, ...] | None = None,
+    help: str = "",
+    *,
+    flag: str | tuple[str, ...] | None = None,
+    choices: list[str] | None = None,
+) -> Any:
+    """A field of a settings dataclass that declares its command-line flag once: `--field-name` (or `flag`), the
+    environment variable(s) its default comes from (the first one set wins), its help and choices. See
+    `dataclass_flags`."""
+    return dataclasses.field(default=default, metadata={"env": env, "help": help, "flag": flag, "choices": choices})
+
+
+_KINDS = {"int": int, "float": float, "str": str, "bool": bool}
+
+
+def dataclass_flags(p: argparse.ArgumentParser, cls, positional: tuple[str, ...] = ()) -> None:
+    """One flag per field of a settings dataclass: `--batch-size`, typed from the field's annotation and defaulted
+    from the field, or from its environment variable (a `setting`); its help the setting's, else the field's
+    comment (`batch_size: int = 8  # windows per step`). Booleans are switches (an environment value of 1 turns
+    them on); for an optional field an empty environment value means None. A bad environment value is one
+    readable line."""
+    comments = dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.+)$", inspect.getsource(cls), re.M))
+    for f in dataclasses.fields(cls):
+        meta = f.metadata
+        kind = _KINDS[(f.type if isinstance(f.type, str) else f.type.__name__).split("|")[0].strip()]
+        text = meta.get("help") or comments.get(f.name, "")
+        if f.name in positional:
+            p.add_argument(f.name, help=text)
+            continue
+        flags = meta.get("flag") or f"--{f.name.replace('_', '-')}"
+        flags = (flags,) if isinstance(flags, str) else flags
+        envs = meta.get("env") or ()
+        envs = (envs,) if isinstance(envs, str) else envs
+        default, raw, name = f.default, None, None
+        for name in envs:
+            raw = os.environ.get(name)
+            if raw is not None:
+                break
+        if raw is not None:
+            default = _from_env(p, name, raw, kind, f.default)
+        if kind is bool:
+            where = f" (env {' or '.join(envs)})" if envs else ""
+            p.add_argument(*flags, dest=f.name, action="store_true", default=default, help=text + where)
+        else:
+            where = f"env {' or '.join(envs)}; " if envs else ""
+            p.add_argument(
+                *flags,
+                dest=f.name,
+                type=kind,
+                default=default,
+                choices=meta.get("choices"),
+                metavar=None if meta.get("choices") else flags[-1].lstrip("-").upper().replace("-", "_"),
+                help=f"{text} ({where}default %(default)s)",
+            )
+
+
+def _from_env(p: argparse.ArgumentParser, name: str, raw: str, kind: type, default: Any) -> Any:
+    if kind is bool:
+        return raw == "1"
+    if raw == "" and default is None:
+        return None
+    try:
+        return kind(raw)
+    except ValueError:
+        p.error(f"{name}={raw!r} is not a{'n integer' if kind is int else ' number'}")
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """The settings of every process that holds a model: the server, the split client, the baseline."""
+
+    model: str = setting(
+        "gpt2",
+        "GPT2_MODEL",
+        "hub id (gpt2, gpt2-medium, distilgpt2), a local directory, or random:gpt2 / random:gpt2-medium / "
+        "random:tiny / trained:kjv",
+    )
+    models_dir: str = setting("models", "GPT2_MODELS_DIR", "where hub downloads and presets are kept")
+    fallback_random: bool = setting(
+        False, "GPT2_FALLBACK_RANDOM", "if the default gpt2 can't be downloaded, use random:gpt2 (loudly)"
+    )
+    device: str = setting("auto", "GPT2_DEVICE", "auto, cpu or cuda[:N]")
+    dtype: str = setting(
+        "auto", "GPT2_DTYPE", "auto (float16 on a GPU, float32 on the CPU), float32, float16, bfloat16"
+    )
+    attn: str = setting("sdpa", "GPT2_ATTN", "attention implementation", choices=["sdpa", "eager"])
+    cuda_graphs: str = setting(
+        "on", "GPT2_CUDA_GRAPHS", "decode steps as CUDA graphs on a GPU (no effect on the CPU)", choices=["on", "off"]
+    )
+    threads: int | None = setting(None, "GPT2_THREADS", "torch intra-op threads (none or 0: torch's choice)")
+    verbose: bool = setting(False, None, "log at DEBUG level", flag=("-v", "--verbose"))
+
+
+@dataclasses.dataclass
+class GenerateConfig(ModelConfig):
+    """A process that generates: the model settings and an adapter to generate with."""
+
+    adapter: str | None = setting(
+        None,
+        "GPT2_ADAPTER",
+        "a LoRA adapter directory in PEFT's format (from `python -m client train`) to generate with",
+    )
