@@ -93,6 +93,15 @@ class KVCache:
     def reset(self) -> None:
         self.truncate(0)
 
+    def zero(self, row: int, end: int) -> None:
+        """Overwrite positions [0, end) of `row` with zeros in every block, and empty it. For a row that passes
+        from one user to another: a key past a row's length is masked out of its attention, but its value is
+        still multiplied by the zero weight, and a NaN left there (from a sender's absurd input) times zero is
+        NaN."""
+        for t in (*self.k, *self.v):
+            t[row, :, :end].zero_()
+        self.truncate(0, row)
+
     # --- eager writes -------------------------------------------------------------------------------
     def start(self, rows: int | None, t: int) -> tuple[list[int], int]:
         """Before an eager step of `t` new positions on `rows` (None = all, an int = that row): check the room

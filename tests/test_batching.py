@@ -280,3 +280,43 @@ def test_pipelined_cohorts_give_each_session_what_it_gets_alone(tiny):
     assert not any(t.is_alive() for t in rt._threads)
     with pytest.raises(ServerDraining):
         rt.decode(0, torch.zeros(1, 1, 64))
+
+
+def test_nothing_of_a_session_reaches_the_next_user_of_its_slot(tiny):
+    """A session whose absurd (finite) input made NaN keys and values leaves its slot; the next session in that
+    slot, batched with a longer one (so that its attention spans positions past its own length), gets what it
+    gets alone: the slot is zeroed as far as the first session wrote."""
+    trunk = load_parts(tiny, "2,10", ("trunk",))["trunk"]
+    rt = TrunkRuntime(trunk, slots=4, max_length=64, batch_wait_ms=500)
+    try:
+        a = rt.acquire_slot()
+        x = torch.full((1, 20, 64), 3e38)
+        x[..., ::2] = -3e38
+        out, _ = rt.prefill(a, x)
+        assert out.isnan().any()  # what the first session sent poisons its own row
+        rt.release_slot(a)
+        b, c = rt.acquire_slot(), rt.acquire_slot()
+        assert b == a
+        gen = torch.Generator().manual_seed(0)
+        prompts = {b: torch.randn(1, 2, 64, generator=gen), c: torch.randn(1, 10, 64, generator=gen)}
+        steps = {s: [torch.randn(1, 1, 64, generator=gen) for _ in range(4)] for s in (b, c)}
+        got: dict[int, list] = {}
+        start = threading.Barrier(2)
+
+        def run(slot: int) -> None:
+            rt.prefill(slot, prompts[slot])
+            start.wait()
+            got[slot] = [rt.decode(slot, x) for x in steps[slot]]
+
+        threads = [threading.Thread(target=run, args=(s,)) for s in (b, c)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert any(rows == 2 for _, _, rows in got[b])  # b decoded in a batch with c, whose keys reach further
+        cache = trunk.new_cache()
+        trunk(prompts[b], cache)
+        for x, (out, _, _) in zip(steps[b], got[b], strict=True):
+            assert float((trunk(x, cache) - out).abs().max()) <= 1e-5
+    finally:
+        rt.stop()
