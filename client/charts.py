@@ -171,6 +171,8 @@ def monitor_figures(samples: list[dict]) -> tuple[go.Figure, go.Figure]:
         host.add_scatter(x=t, y=df["cpu_percent"], name="CPU %", mode="lines")
         host.add_scatter(x=t, y=100 * df["mem_used_bytes"] / df["mem_total_bytes"], name="memory %", mode="lines")
         host.add_scatter(x=t, y=df["process_rss_bytes"] / 2**30, name="server RSS (GiB)", mode="lines", yaxis="y2")
+        if "compute_busy_percent" in df:  # the runtime's own busy share: on a GPU host, next to NVML's utilisation
+            host.add_scatter(x=t, y=df["compute_busy_percent"], name="trunk compute busy %", mode="lines")
         host.update_layout(yaxis2=dict(overlaying="y", side="right", title="GiB", rangemode="tozero"))
         if df["gpu_available"].any():
             gpu.add_scatter(x=t, y=df["gpu_util_percent"], name="GPU util %", mode="lines")
@@ -216,7 +218,7 @@ def batching_figure(samples: list[dict]) -> go.Figure:
 def monitor_table(samples: list[dict], n: int = 10) -> pd.DataFrame:
     """The last `n` samples, newest first, in human units."""
     cols = ["time", "cpu_%", "mem_GiB", "rss_GiB", "gpu_%", "gpu_mem_GiB", "sessions", "steps/s", "compute_ms"]
-    cols += ["batch", "slots_used", "wait_ms"]
+    cols += ["batch", "slots_used", "wait_ms", "busy_%"]
     rows = [
         {
             "time": time.strftime("%H:%M:%S", time.localtime(s["timestamp"])),
@@ -231,6 +233,7 @@ def monitor_table(samples: list[dict], n: int = 10) -> pd.DataFrame:
             "batch": round(s.get("batch_mean", 0.0), 1),
             "slots_used": s.get("kv_slots_used", 0),
             "wait_ms": round(s.get("queue_wait_ms", 0.0), 2),
+            "busy_%": round(s.get("compute_busy_percent", 0.0), 1),
         }
         for s in reversed(samples[-n:])
     ]

@@ -78,6 +78,7 @@ class Sampler:
         self._cpu = _busy_total()
         self._prev: tuple[float, int, float] | None = None  # time, steps, compute ms
         self._batches: tuple[int, int, dict, float, int] | None = None  # batches, rows, sizes, wait ms, waited
+        self._busy: tuple[float, float] | None = None  # time (s), the runtime's compute ms by then
 
     def sample(self, c: Counters, runtime=None) -> pb.MonitorSample:
         """A sample of the host and of the counters; with the server's runtime (server/runtime.py), its decode
@@ -121,3 +122,8 @@ class Sampler:
             if now[4] > waited:
                 s.queue_wait_ms = (now[3] - wait) / (now[4] - waited)
         self._batches = now
+        t = time.monotonic()
+        if self._busy is not None and t > self._busy[0]:
+            share = (st.compute_ms - self._busy[1]) / 1e3 / (t - self._busy[0])
+            s.compute_busy_percent = max(0.0, min(100.0, 100.0 * share))
+        self._busy = (t, st.compute_ms)

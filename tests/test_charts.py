@@ -117,6 +117,38 @@ def test_batching_figure_charts_batches_slots_and_wait():
     assert [tr.name for tr in fig.data] == ["batch size (mean)", "batch size (max)", "KV slots used", "queue wait (ms)"]
     assert list(fig.data[0].y) == [1.0, 2.0, 3.0, 4.0] and list(fig.data[2].y) == [0, 1, 2, 3]
     assert charts.monitor_table(samples)["batch"].iloc[0] == 4.0
+    busy = [_sample(now + i, compute_busy_percent=10.0 * i) for i in range(3)]
+    host, _ = charts.monitor_figures(busy)
+    assert host.data[-1].name == "trunk compute busy %" and list(host.data[-1].y) == [0.0, 10.0, 20.0]
+    assert charts.monitor_table(busy)["busy_%"].iloc[0] == 20.0
+
+
+def test_monitor_sample_says_how_busy_the_runtime_was():
+    """compute_busy_percent: the runtime's compute time between two samples over the time between them."""
+    import types
+
+    from server.monitor import Sampler
+
+    class NoGpu:
+        def fill(self, s):
+            s.gpu_available = False
+
+    stats = types.SimpleNamespace(
+        batches=0, batched_rows=0, batch_sizes={}, queue_wait_ms=0.0, waited=0, compute_ms=0.0
+    )
+    runtime = types.SimpleNamespace(stats=stats, slots=4, used_slots=lambda: 1)
+    sampler = Sampler(NoGpu(), time.time())
+    counters = types.SimpleNamespace(active_sessions=1, total_sessions=1, total_steps=0, total_compute_ms=0.0)
+    first = sampler.sample(counters, runtime)
+    t0 = time.monotonic()
+    time.sleep(0.3)
+    stats.compute_ms += 150.0  # 150 ms of compute in ~300 ms
+    second = sampler.sample(counters, runtime)
+    elapsed = time.monotonic() - t0
+    assert first.compute_busy_percent == 0.0
+    assert abs(second.compute_busy_percent - 100 * 0.15 / elapsed) < 5
+    stats.compute_ms += 10_000.0  # more than the wall time: clamped
+    assert sampler.sample(counters, runtime).compute_busy_percent == 100.0
 
 
 def test_monitor_tab_text_without_server():

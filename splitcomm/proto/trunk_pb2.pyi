@@ -178,7 +178,7 @@ class MonitorRequest(_message.Message):
     def __init__(self, interval_s: _Optional[float] = ..., max_samples: _Optional[int] = ...) -> None: ...
 
 class MonitorSample(_message.Message):
-    __slots__ = ("timestamp", "cpu_percent", "mem_used_bytes", "mem_total_bytes", "process_rss_bytes", "gpu_available", "gpu_status", "gpu_util_percent", "gpu_mem_used_bytes", "gpu_mem_total_bytes", "gpu_temperature_c", "active_sessions", "total_sessions", "total_steps", "steps_per_s", "mean_compute_ms", "uptime_s", "batch_mean", "batch_max", "queue_wait_ms", "kv_slots_used", "kv_slots_free")
+    __slots__ = ("timestamp", "cpu_percent", "mem_used_bytes", "mem_total_bytes", "process_rss_bytes", "gpu_available", "gpu_status", "gpu_util_percent", "gpu_mem_used_bytes", "gpu_mem_total_bytes", "gpu_temperature_c", "active_sessions", "total_sessions", "total_steps", "steps_per_s", "mean_compute_ms", "uptime_s", "batch_mean", "batch_max", "queue_wait_ms", "kv_slots_used", "kv_slots_free", "compute_busy_percent")
     TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
     CPU_PERCENT_FIELD_NUMBER: _ClassVar[int]
     MEM_USED_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -201,6 +201,7 @@ class MonitorSample(_message.Message):
     QUEUE_WAIT_MS_FIELD_NUMBER: _ClassVar[int]
     KV_SLOTS_USED_FIELD_NUMBER: _ClassVar[int]
     KV_SLOTS_FREE_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_BUSY_PERCENT_FIELD_NUMBER: _ClassVar[int]
     timestamp: float
     cpu_percent: float
     mem_used_bytes: int
@@ -223,7 +224,8 @@ class MonitorSample(_message.Message):
     queue_wait_ms: float
     kv_slots_used: int
     kv_slots_free: int
-    def __init__(self, timestamp: _Optional[float] = ..., cpu_percent: _Optional[float] = ..., mem_used_bytes: _Optional[int] = ..., mem_total_bytes: _Optional[int] = ..., process_rss_bytes: _Optional[int] = ..., gpu_available: _Optional[bool] = ..., gpu_status: _Optional[str] = ..., gpu_util_percent: _Optional[float] = ..., gpu_mem_used_bytes: _Optional[int] = ..., gpu_mem_total_bytes: _Optional[int] = ..., gpu_temperature_c: _Optional[float] = ..., active_sessions: _Optional[int] = ..., total_sessions: _Optional[int] = ..., total_steps: _Optional[int] = ..., steps_per_s: _Optional[float] = ..., mean_compute_ms: _Optional[float] = ..., uptime_s: _Optional[float] = ..., batch_mean: _Optional[float] = ..., batch_max: _Optional[int] = ..., queue_wait_ms: _Optional[float] = ..., kv_slots_used: _Optional[int] = ..., kv_slots_free: _Optional[int] = ...) -> None: ...
+    compute_busy_percent: float
+    def __init__(self, timestamp: _Optional[float] = ..., cpu_percent: _Optional[float] = ..., mem_used_bytes: _Optional[int] = ..., mem_total_bytes: _Optional[int] = ..., process_rss_bytes: _Optional[int] = ..., gpu_available: _Optional[bool] = ..., gpu_status: _Optional[str] = ..., gpu_util_percent: _Optional[float] = ..., gpu_mem_used_bytes: _Optional[int] = ..., gpu_mem_total_bytes: _Optional[int] = ..., gpu_temperature_c: _Optional[float] = ..., active_sessions: _Optional[int] = ..., total_sessions: _Optional[int] = ..., total_steps: _Optional[int] = ..., steps_per_s: _Optional[float] = ..., mean_compute_ms: _Optional[float] = ..., uptime_s: _Optional[float] = ..., batch_mean: _Optional[float] = ..., batch_max: _Optional[int] = ..., queue_wait_ms: _Optional[float] = ..., kv_slots_used: _Optional[int] = ..., kv_slots_free: _Optional[int] = ..., compute_busy_percent: _Optional[float] = ...) -> None: ...
 
 class LoraSpec(_message.Message):
     __slots__ = ("rank", "alpha", "dropout", "target_modules")
