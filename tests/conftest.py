@@ -17,10 +17,12 @@ from splitcore.models import ResolvedModel, resolve_model  # noqa: E402
 TINY = "random:tiny"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", autouse=True)
 def models_dir(tmp_path_factory) -> Path:
+    """Where the session's models are built and saved; every test's subprocesses find it through
+    GPT2_MODELS_DIR (set here for the whole session, so that no test asks for it only to have it set)."""
     d = tmp_path_factory.mktemp("models")
-    os.environ["GPT2_MODELS_DIR"] = str(d)  # for subprocesses started by tests
+    os.environ["GPT2_MODELS_DIR"] = str(d)
     return d
 
 

@@ -60,7 +60,7 @@ def test_models_lists_the_model_and_its_split(client, live):
     assert client.models.retrieve(TINY).id == TINY
 
 
-def test_greedy_completion_equals_the_cli(client, live, models_dir):
+def test_greedy_completion_equals_the_cli(client, live):
     srv, engine, _ = live
     r = client.completions.create(model=TINY, prompt=PROMPT, max_tokens=12, temperature=0)
     cmd = [sys.executable, "-m", "client", "generate", PROMPT, "--model", TINY, "--device", "cpu"]
@@ -281,7 +281,7 @@ def test_trunk_without_a_free_slot_is_503_busy(models_dir, tiny):
         srv.stop(0.5)
 
 
-def test_api_command_line_mistake_is_one_line(models_dir):
+def test_api_command_line_mistake_is_one_line():
     cmd = [sys.executable, "-m", "client", "api", "--model", TINY, "--server", "127.0.0.1:1", "--device", "cpu"]
     out = subprocess.run(
         cmd + ["--connect-timeout", "1"], capture_output=True, text=True, env=subprocess_env(), cwd=ROOT, timeout=120

@@ -94,7 +94,7 @@ def test_sixteen_batched_sessions_get_what_they_get_alone(models_dir, batching_s
     wait_for(lambda: srv.sessions.active() == 0 and srv.runtime.used_slots() == 0, what="sessions and slots freed")
 
 
-def test_cancelled_session_frees_its_slot_and_disturbs_no_one(models_dir, batching_server, tiny):
+def test_cancelled_session_frees_its_slot_and_disturbs_no_one(batching_server, tiny):
     srv = batching_server
     trunk = load_parts(tiny, "2,10", ("trunk",))["trunk"]
     client = TrunkClient(TrunkClientConfig(f"127.0.0.1:{srv.port}"))
@@ -154,7 +154,7 @@ def test_slots_used_up_is_resource_exhausted_naming_the_limit(models_dir, tiny):
     srv.stop(0.5)
 
 
-def test_open_close_500_sessions_leaves_rss_flat(models_dir, batching_server):
+def test_open_close_500_sessions_leaves_rss_flat(batching_server):
     srv = batching_server
     client = TrunkClient(TrunkClientConfig(f"127.0.0.1:{srv.port}"))
     fp = pb.Fingerprint(**srv.fingerprint.to_dict(), digest=srv.fingerprint.digest)
@@ -178,7 +178,7 @@ def test_open_close_500_sessions_leaves_rss_flat(models_dir, batching_server):
     client.close()
 
 
-def test_metrics_and_monitor_report_batches_slots_and_errors(models_dir, batching_server):
+def test_metrics_and_monitor_report_batches_slots_and_errors(batching_server):
     srv = batching_server
     client = TrunkClient(TrunkClientConfig(f"127.0.0.1:{srv.port}"))
     fp = pb.Fingerprint(**srv.fingerprint.to_dict(), digest=srv.fingerprint.digest)

@@ -137,7 +137,7 @@ def test_full_model_drafts_with_the_student_too(student_dir, tiny):
     )
 
 
-def test_app_with_a_missing_draft_model_fails_at_start_in_one_line(tmp_path, models_dir):
+def test_app_with_a_missing_draft_model_fails_at_start_in_one_line(tmp_path):
     cmd = [sys.executable, "-m", "baseline", "serve", "--model", TINY, "--device", "cpu", "--port", "1"]
     out = subprocess.run(
         cmd + ["--speculate", f"draft:{tmp_path / 'nope'}"],

@@ -24,7 +24,7 @@ PROMPT = "The history of natural language processing"
 
 @pytest.mark.skipif(CUDA, reason="this machine has a GPU")
 @pytest.mark.parametrize("cli", ["baseline", "client"])
-def test_cuda_without_a_gpu_is_one_line(cli, models_dir):
+def test_cuda_without_a_gpu_is_one_line(cli):
     args = [sys.executable, "-m", cli, "generate", "hi", "--model", TINY, "--device", "cuda", "--local-trunk"]
     p = subprocess.run(args[:-1] if cli == "baseline" else args, capture_output=True, text=True, env=subprocess_env())
     assert p.returncode == 2

@@ -155,7 +155,7 @@ def test_idle_session_is_closed_and_client_told(limited):
     s.close()
 
 
-def test_memory_comes_back_after_500_sessions(models_dir, tmp_path):
+def test_memory_comes_back_after_500_sessions(tmp_path):
     port = free_port()
     p = start_server_process(port, "--max-sessions", "8", log_file=str(tmp_path / "s.log"))
     try:

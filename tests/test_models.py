@@ -128,7 +128,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
         (("baseline", "generate", "hi", "--model", "random:tiny", "--max-tokens", "2000"), "context of 1024"),
     ],
 )
-def test_cli_user_mistakes_give_one_line_and_exit_2(models_dir, args, msg):
+def test_cli_user_mistakes_give_one_line_and_exit_2(args, msg):
     r = _cli(*args)
     assert r.returncode == 2, r.stderr
     lines = [line for line in r.stderr.splitlines() if line.strip()]
@@ -136,7 +136,7 @@ def test_cli_user_mistakes_give_one_line_and_exit_2(models_dir, args, msg):
     assert "Traceback" not in r.stderr
 
 
-def test_cli_json_same_tokens_split_and_full(models_dir):
+def test_cli_json_same_tokens_split_and_full():
     common = (
         "generate",
         "The meaning of life is",
@@ -158,6 +158,6 @@ def test_cli_json_same_tokens_split_and_full(models_dir):
     assert len(split["stats"]["server_ms"]) == 12 and split["random_weights"] is True
 
 
-def test_cli_streams_text_without_json(models_dir):
+def test_cli_streams_text_without_json():
     r = _cli("baseline", "generate", "Once upon", "--model", "random:tiny", "--max-tokens", "5", "--seed", "1")
     assert r.returncode == 0 and r.stdout.startswith("Once upon") and len(r.stdout) > len("Once upon\n")

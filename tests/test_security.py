@@ -135,7 +135,7 @@ def test_wrong_or_missing_token_is_unauthenticated_and_nothing_computed(models_d
     engine.close()
 
 
-def test_plaintext_or_untrusted_client_cannot_connect(models_dir, pki, tls_server):
+def test_plaintext_or_untrusted_client_cannot_connect(pki, tls_server):
     for kw in ({}, {"tls_ca": pki["other_ca"]}):
         client = TrunkClient(TrunkClientConfig(f"127.0.0.1:{tls_server.port}", connect_timeout_s=2, token=TOKEN, **kw))
         with pytest.raises(TrunkError) as e:

@@ -308,7 +308,7 @@ def test_stateless_bad_kv_rejected(raw):
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
-def test_server_process_ready_line_logs_and_sigterm(models_dir, tmp_path):
+def test_server_process_ready_line_logs_and_sigterm(tmp_path):
     log = tmp_path / "server.log"
     p = subprocess.Popen(
         [
@@ -344,7 +344,7 @@ def test_server_process_ready_line_logs_and_sigterm(models_dir, tmp_path):
     assert "serving random:tiny blocks 2-9" in text and "trunk server stopped" in text
 
 
-def test_server_bad_flags_one_line(models_dir):
+def test_server_bad_flags_one_line():
     r = subprocess.run(
         [sys.executable, "-m", "server", "--model", "random:tiny", "--split", "9,3", "--port", "0"],
         capture_output=True,

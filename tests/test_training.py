@@ -238,7 +238,7 @@ def test_split_points_differ_is_a_clear_error(models_dir, trunk_server):
     other.close()
 
 
-def test_train_cli_ctrl_c_saves_and_resume_finishes(models_dir, tiny, tmp_path):
+def test_train_cli_ctrl_c_saves_and_resume_finishes(tiny, tmp_path):
     import json
     import signal
     import subprocess
