@@ -356,7 +356,7 @@ def test_server_bad_flags_one_line():
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: split points 9,3")
 
 
-def test_step_times_add_up(engines):
+def test_step_times_nest(engines):
     """Each session step says where its time went: the server's wall time holds its compute, the client's holds both."""
     engine = engines["session"]
     stepper = engine.new_stepper(40)
@@ -367,9 +367,6 @@ def test_step_times_add_up(engines):
             last = stepper.link.session.last
             assert 0 < last.server_ms <= last.server_wall_ms
             assert last.server_wall_ms + last.codec_ms <= last.wall_ms <= r.trunk_wall_ms
-            assert last.server_handling_ms == pytest.approx(last.server_wall_ms - last.server_ms)
-            assert last.transport_ms == pytest.approx(last.wall_ms - last.codec_ms - last.server_wall_ms)
-            assert r.client_ms == pytest.approx(stepper.last_bottom_ms + stepper.last_top_ms + stepper.last_head_ms)
             assert stepper.last_bottom_ms > 0 and stepper.last_top_ms > 0 and stepper.last_head_ms > 0
             chunk = torch.tensor([[int(r.logits.argmax())]])
     finally:
