@@ -167,7 +167,6 @@ class TrunkRuntime:
         self.stats = RuntimeStats()
         self.on_wait: Callable[[float], None] | None = None  # told each step's queue wait, s (metrics)
         self._free = list(range(slots))  # a heap: the lowest free slot first, so batches stay short
-        self._written = [0] * slots  # per slot, the positions its session has written (zeroed when it goes)
         self._decoding: set[int] = set()  # slots whose latest step was a decode step: the batch waits for them
         self._decodes: list[_Work] = []
         self._alone: collections.deque[_Work] = collections.deque()
@@ -213,8 +212,7 @@ class TrunkRuntime:
         """Give a slot back, emptied and zeroed as far as its session wrote (nothing of one session may reach the
         next: see KVCache.zero); called when nothing of its session is queued or running any more."""
         with self._cv:
-            self.cache.zero(slot, self._written[slot])
-            self._written[slot] = 0
+            self.cache.zero(slot)
             self._decoding.discard(slot)
             heapq.heappush(self._free, slot)
 
@@ -247,9 +245,7 @@ class TrunkRuntime:
 
         def forward(chunk: torch.Tensor) -> torch.Tensor:
             with torch.inference_mode():
-                out = model(chunk, self.cache, rows=slot).cpu()
-            self._written[slot] = max(self._written[slot], self.cache.lengths[slot])
-            return out
+                return model(chunk, self.cache, rows=slot).cpu()
 
         return [functools.partial(forward, c) for c in h.split(self.prefill_chunk, dim=1)]
 
@@ -438,7 +434,6 @@ class TrunkRuntime:
             out = self._forward(batch)
             for w in batch:
                 self.cache.lengths[w.slot] += 1
-                self._written[w.slot] = max(self._written[w.slot], self.cache.lengths[w.slot])
                 w.result = out[w.slot : w.slot + 1]
         except BaseException as e:
             logger.exception("a decode batch of %d failed", len(batch))

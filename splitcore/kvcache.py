@@ -45,6 +45,7 @@ class KVCache:
         self.k = [self._alloc(room) for _ in range(n_blocks)]  # each (rows, heads, room, head_dim)
         self.v = [self._alloc(room) for _ in range(n_blocks)]
         self.lengths = [0] * rows  # filled positions per row, on the host
+        self.written = [0] * rows  # per row, the most positions it held before its latest truncation
         self.positions = torch.zeros(rows, dtype=torch.long, device=self.device)  # the same, on the device
         self._positions_stale = False
 
@@ -87,20 +88,23 @@ class KVCache:
         for r in rows:
             if not 0 <= length <= self.lengths[r]:
                 raise InvalidInput(f"cannot truncate row {r} to {length}: it holds {self.lengths[r]} positions")
+            self.written[r] = max(self.written[r], self.lengths[r])
             self.lengths[r] = length
         self._positions_stale = True
 
     def reset(self) -> None:
         self.truncate(0)
 
-    def zero(self, row: int, end: int) -> None:
-        """Overwrite positions [0, end) of `row` with zeros in every block, and empty it. For a row that passes
+    def zero(self, row: int) -> None:
+        """Empty `row` and overwrite with zeros every position it ever held, in every block. For a row that passes
         from one user to another: a key past a row's length is masked out of its attention, but its value is
         still multiplied by the zero weight, and a NaN left there (from a sender's absurd input) times zero is
         NaN."""
+        end = max(self.written[row], self.lengths[row])
         for t in (*self.k, *self.v):
             t[row, :, :end].zero_()
-        self.truncate(0, row)
+        self.lengths[row] = self.written[row] = 0
+        self._positions_stale = True
 
     # --- eager writes -------------------------------------------------------------------------------
     def start(self, rows: int | None, t: int) -> tuple[list[int], int]:
