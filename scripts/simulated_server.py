@@ -56,15 +56,14 @@ def main() -> None:
     except (IndexError, ValueError):
         raise SystemExit("simulated_server: --device-ms takes a number of milliseconds") from None
     del argv[i : i + 2]
-    build = app.TrunkServer.__init__
 
-    def simulated(self, cfg) -> None:
-        build(self, cfg)
-        self.runtime.trunk = SimulatedDevice(self.runtime.trunk, ms)
-        self.runtime._graphs.clear()  # no graph replays either: every decode batch goes to the device above
+    class SimulatedServer(app.TrunkServer):
+        def __init__(self, cfg) -> None:
+            super().__init__(cfg)
+            self.runtime.trunk = SimulatedDevice(self.runtime.trunk, ms)
+            self.runtime._graphs.clear()  # no graph replays either: every decode batch goes to the device above
 
-    app.TrunkServer.__init__ = simulated
-    app.main(argv)
+    app.main(argv, SimulatedServer)
 
 
 if __name__ == "__main__":

@@ -222,13 +222,14 @@ class TrunkServer:
         self._done.wait()
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, server_class: type[TrunkServer] = TrunkServer) -> None:
+    """`python -m server`; `server_class` lets scripts/simulated_server.py run its variant with the same flags."""
     cfg = parse_config(argv)
 
     def body() -> None:
         setup_logging(cfg.log_file, cfg.verbose)
         configure_threads(cfg.threads)
-        server = TrunkServer(cfg)
+        server = server_class(cfg)
         server.start()
 
         def on_signal(signum, frame):

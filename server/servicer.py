@@ -156,9 +156,8 @@ class TrunkServicer(pb_grpc.TrunkServicer):
         elif a.shape[0] != session.batch:
             raise InvalidInput(f"batch size changed from {session.batch} to {a.shape[0]} within a session")
         decode = session.batch == 1 and a.shape[1] == 1 and session.model is None
-        if decode and wire in codec.NUMPY_FLOATS:  # the runtime stages it as it is
-            return await self.runtime.decode_async(session.slot, a)
-        h = codec.tensor(a, wire)
+        # a decode step of float32/float16 goes to the runtime as it is (staged with numpy); the rest as a tensor
+        h = a if decode and wire in codec.NUMPY_FLOATS else codec.tensor(a, wire)
         if decode:
             return await self.runtime.decode_async(session.slot, h)
         if session.batch == 1:  # the session's row of the KV pool

@@ -24,7 +24,7 @@ _FROM_WIRE = {v: k for k, v in _TO_WIRE.items()}
 # bits are read as uint16 and viewed as bfloat16 by torch.
 _NUMPY = {pb.FLOAT32: np.float32, pb.FLOAT16: np.float16, pb.BFLOAT16: np.uint16, pb.INT64: np.int64}
 WIRE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-NUMPY_FLOATS = {pb.FLOAT32: np.float32, pb.FLOAT16: np.float16}  # wire dtypes numpy computes with
+NUMPY_FLOATS = {w: _NUMPY[w] for w in (pb.FLOAT32, pb.FLOAT16)}  # wire dtypes numpy computes with
 
 
 class CodecError(InvalidInput):
