@@ -12,6 +12,7 @@ Prints a markdown table, writes JSON (--json) and a plotly chart (--plot).
     python scripts/bench_server.py --quick                        # N = 1, 2, 4, 8; fewer steps
     python scripts/bench_server.py --unbatched                    # and the same with --max-batch 1
     python scripts/bench_server.py --pipeline-depth 1,2           # and with two cohorts out of phase
+    python scripts/bench_server.py --switch-interval-ms 0,0.1     # the server's GIL switch interval: 5 ms, 0.1 ms
     python scripts/bench_server.py --model random:tiny --simulate-device-ms 0.6  # a GPU-like device, on a CPU
 
 `--simulate-device-ms` runs scripts/simulated_server.py: the real server whose decode batches sleep that long
@@ -26,6 +27,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as every entry point: before torch loads
 
 import argparse  # noqa: E402
+import itertools  # noqa: E402
 import json  # noqa: E402
 import multiprocessing as mp  # noqa: E402
 import platform  # noqa: E402
@@ -248,6 +250,11 @@ def main() -> None:
         "--event-loop", default="auto", help="the server's --event-loop; comma-separated to run each side by side"
     )
     p.add_argument(
+        "--switch-interval-ms",
+        default="0",
+        help="the server's --switch-interval-ms (0: Python's); comma-separated to run each side by side",
+    )
+    p.add_argument(
         "--simulate-device-ms",
         type=float,
         default=None,
@@ -263,16 +270,18 @@ def main() -> None:
     prompt_h, step_hs = hidden_states(args.model, args.models_dir, args.prompt, args.steps)
     depths = [int(x) for x in args.pipeline_depth.split(",") if x.strip()]
     loops = [x.strip() for x in args.event_loop.split(",") if x.strip()]
+    switches = [float(x) for x in args.switch_interval_ms.split(",") if x.strip()]
     configs = {}
-    for d in depths:
-        for loop in loops:
-            name = ("batched" if d == 1 else f"pipelined {d}") + ("" if len(loops) == 1 else f", {loop}")
-            configs[name] = (args.max_batch, d, loop)
-    configs |= {"unbatched": (1, 1, loops[0])} if args.unbatched else {}
+    for d, loop, sw in itertools.product(depths, loops, switches):
+        name = "batched" if d == 1 else f"pipelined {d}"
+        name += "" if len(loops) == 1 else f", {loop}"
+        name += "" if len(switches) == 1 else f", switch {sw:g} ms" if sw else ", switch 5 ms"
+        configs[name] = (args.max_batch, d, loop, sw)
+    configs |= {"unbatched": (1, 1, loops[0], switches[0])} if args.unbatched else {}
     rows, t0 = [], time.perf_counter()
-    for name, (max_batch, depth, loop) in configs.items():
+    for name, (max_batch, depth, loop, sw) in configs.items():
         flags = ["--device", args.device, "--dtype", args.dtype, "--max-batch", str(max_batch)]
-        flags += ["--pipeline-depth", str(depth), "--event-loop", loop]
+        flags += ["--pipeline-depth", str(depth), "--event-loop", loop, "--switch-interval-ms", str(sw)]
         flags += ["--kv-slots", str(max(ns) + 2), "--max-session-tokens", str(args.prompt + args.steps + 2)]
         flags += ["--max-sessions", str(max(ns) + 8), "--metrics-host", "127.0.0.1"]
         flags += ["--metrics-port", str(metrics_port := free_port())]

@@ -46,6 +46,12 @@ class ServerConfig(ModelConfig):
         "decode batches in flight: 2 splits the sessions into two cohorts out of phase, whose network legs "
         "overlap each other's forward (for a GPU, where a half batch costs what a whole one does)",
     )
+    switch_interval_ms: float = setting(
+        0.0,
+        "GPT2_SWITCH_INTERVAL_MS",
+        "how long a thread may hold the interpreter while another waits for it, ms (0 = Python's 5): with "
+        "--pipeline-depth 2, the device thread waits for the event loop after each GPU call",
+    )
     metrics_port: int = setting(0, "GPT2_METRICS_PORT", "Prometheus /metrics on this port (0 = off)")
     metrics_host: str = setting("0.0.0.0", "GPT2_METRICS_HOST", "interface of the metrics endpoint")
     max_message_bytes: int = setting(

@@ -114,24 +114,31 @@ def _bucket(n: int, buckets: list[int]) -> int:
 
 
 class _RowsGraph:
-    """decode_rows over the pool's first `rows` rows and keys [0, end), captured once as a CUDA graph."""
+    """decode_rows over the pool's first `rows` rows and keys [0, end), captured once as a CUDA graph, with the copies
+    of its inputs from the runtime's pinned host buffers: a replay is one call (each torch call lets go of the GIL,
+    and may wait for the event loop to give it back)."""
 
-    def __init__(self, model: GPT2, cache, rows: int, end: int, spare: int, pool):
+    def __init__(self, model: GPT2, cache, x_host: torch.Tensor, pos_host: torch.Tensor, rows: int, end: int, pool):
         self.x = torch.zeros(rows, 1, model.config.n_embd, device=model.device, dtype=model.dtype)
-        self.positions = torch.full((rows,), spare, dtype=torch.long, device=model.device)
+        self.positions = torch.zeros(rows, dtype=torch.long, device=model.device)
+
+        def step() -> torch.Tensor:  # the host buffers hold every row's spare position while capturing
+            self.x.copy_(x_host[:rows], non_blocking=True)  # from pinned memory: a copy node of the graph
+            self.positions.copy_(pos_host[:rows], non_blocking=True)
+            return model.decode_rows(self.x, cache, self.positions, end)
+
         side = torch.cuda.Stream(model.device)
         side.wait_stream(torch.cuda.current_stream(model.device))
         with torch.cuda.stream(side):  # warm-up: lazy init, kernel choice; every row writes to its spare
             for _ in range(2):
-                model.decode_rows(self.x, cache, self.positions, end)
+                step()
         torch.cuda.current_stream(model.device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):  # never two at once
-            self.out = model.decode_rows(self.x, cache, self.positions, end)
+            self.out = step()
 
-    def run(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        self.x.copy_(x, non_blocking=True)
-        self.positions.copy_(positions, non_blocking=True)
+    def run(self) -> torch.Tensor:
+        """Replay over what the host buffers hold now; they must not change until the output has been read."""
         self.graph.replay()
         return self.out
 
@@ -232,9 +239,11 @@ class TrunkRuntime:
         batched with the other sessions'.
         Returns the trunk's output (1, 1, C) on the CPU, and the compute ms and rows of the batch it ran in."""
         w = self._wait(_Work(slot, h), decode=True)
-        return w.result, w.compute_ms, w.batch
+        return torch.as_tensor(w.result), w.compute_ms, w.batch
 
-    async def decode_async(self, slot: int, h: torch.Tensor | np.ndarray) -> tuple[torch.Tensor, float, int]:
+    async def decode_async(self, slot: int, h: torch.Tensor | np.ndarray) -> tuple[np.ndarray | torch.Tensor, float, int]:
+        """`decode` for the event loop, with the output as the batch left it: a numpy array for a float32 or float16
+        trunk (what the servicer encodes with numpy), else a tensor."""
         w = await self._wait_async(_Work(slot, h), decode=True)
         return w.result, w.compute_ms, w.batch
 
@@ -399,7 +408,7 @@ class TrunkRuntime:
     def _expected(self) -> int:
         """Under the lock: how many queued decode steps make a batch complete: every decoding session that is not
         in flight already, up to the cap."""
-        return min(self._cap(), len(self._decoding - self._flying))
+        return min(self._cap(), len(self._decoding) - len(self._flying))  # those in flight are decoding too
 
     def _batch_next(self) -> bool:
         """Under the lock: whether a decode batch goes next (else one piece of work alone): they alternate
@@ -432,9 +441,10 @@ class TrunkRuntime:
         t0 = time.perf_counter()
         try:
             out = self._forward(batch)
+            rows = out.numpy() if out.dtype in _NUMPY_DTYPES else out  # a numpy row is a fraction of a torch slice
             for w in batch:
                 self.cache.lengths[w.slot] += 1
-                w.result = out[w.slot : w.slot + 1]
+                w.result = rows[w.slot : w.slot + 1]
         except BaseException as e:
             logger.exception("a decode batch of %d failed", len(batch))
             for w in batch:
@@ -456,7 +466,7 @@ class TrunkRuntime:
             graph = self._graphs.get((n, end))
         x, positions = self._stage(batch, n)
         if graph is not None:
-            out = graph.run(x, positions)  # copied from the host buffers straight into the graph's own
+            out = graph.run()  # its first nodes copy the host buffers in
         else:
             device = self.trunk.device
             x, positions = x.to(device, non_blocking=True), positions.to(device, non_blocking=True)
@@ -511,7 +521,9 @@ class TrunkRuntime:
                 pool = torch.cuda.graph_pool_handle()  # one memory pool: the graphs never run at the same time
                 for n in self._row_buckets:
                     for end in self._end_buckets:
-                        self._graphs[(n, end)] = _RowsGraph(self.trunk, self.cache, n, end, self.spare, pool)
+                        self._graphs[(n, end)] = _RowsGraph(
+                            self.trunk, self.cache, self._x_host, self._pos_host, n, end, pool
+                        )
         except Exception as e:  # an optimisation: say why once, then batch eagerly
             logger.warning("CUDA graph capture of batched decode failed (%s: %s); running eagerly", type(e).__name__, e)
             self._graphs.clear()

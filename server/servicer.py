@@ -148,9 +148,10 @@ class TrunkServicer(pb_grpc.TrunkServicer):
     def _length(self, session) -> int:
         return self.runtime.length(session.slot) if session.cache is None else session.cache.length
 
-    async def _compute(self, session, a: np.ndarray, wire: int) -> tuple[torch.Tensor, float, int]:
+    async def _compute(self, session, a: np.ndarray, wire: int) -> tuple[np.ndarray | torch.Tensor, float, int]:
         """(output on the CPU, compute ms, rows of the forward it ran in) for the hidden states `a` (numpy, as
-        decoded, of wire dtype `wire`)"""
+        decoded, of wire dtype `wire`); a decode step's output comes as a numpy array where the trunk's dtype has
+        one"""
         if session.batch is None:
             session.batch = a.shape[0]
         elif a.shape[0] != session.batch:

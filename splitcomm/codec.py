@@ -25,6 +25,7 @@ _FROM_WIRE = {v: k for k, v in _TO_WIRE.items()}
 _NUMPY = {pb.FLOAT32: np.float32, pb.FLOAT16: np.float16, pb.BFLOAT16: np.uint16, pb.INT64: np.int64}
 WIRE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 NUMPY_FLOATS = {w: _NUMPY[w] for w in (pb.FLOAT32, pb.FLOAT16)}  # wire dtypes numpy computes with
+_FROM_NUMPY = {np.dtype(v): w for w, v in NUMPY_FLOATS.items()}
 
 
 class CodecError(InvalidInput):
@@ -42,8 +43,14 @@ def parse_wire_dtype(name: str) -> torch.dtype:
     return WIRE_DTYPES[name]
 
 
-def encode(t: torch.Tensor, dtype: torch.dtype | None = None) -> pb.Tensor:
-    """Tensor -> message, optionally cast to `dtype` first (e.g. float16 to halve the bytes)."""
+def encode(t: torch.Tensor | np.ndarray, dtype: torch.dtype | None = None) -> pb.Tensor:
+    """Tensor -> message, optionally cast to `dtype` first (e.g. float16 to halve the bytes). A float32 or float16
+    numpy array goes as well (the per-step path's outputs), to a float32 or float16 wire."""
+    if isinstance(t, np.ndarray):
+        wire = _TO_WIRE.get(dtype) if dtype is not None else _FROM_NUMPY.get(t.dtype)
+        if wire in NUMPY_FLOATS and t.dtype in _FROM_NUMPY:
+            return encode_array(t, wire)
+        t = torch.from_numpy(t)  # to bfloat16 (which numpy lacks), or an error below
     wire = _TO_WIRE.get(dtype or t.dtype)
     if wire is None:
         raise CodecError(f"dtype {dtype or t.dtype} cannot cross the wire; use one of {list(_TO_WIRE)}")

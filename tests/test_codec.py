@@ -65,6 +65,20 @@ def test_codec_cast_on_encode():
     assert torch.allclose(decode(msg).float(), t, atol=1e-2)
 
 
+@pytest.mark.parametrize("wire", [None, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("src", [torch.float32, torch.float16])
+def test_codec_numpy_arrays_encode_as_tensors_do(src, wire):
+    """The per-step path encodes the runtime's numpy rows: the same message as from the tensor."""
+    t = torch.randn(1, 1, 64).to(src)
+    assert encode(t.numpy(), wire) == encode(t, wire)
+
+
+def test_codec_numpy_array_without_a_wire_dtype():
+    import numpy as np
+
+    with pytest.raises(CodecError, match="cannot cross the wire"):
+        encode(np.zeros(3))  # float64
+
 def test_codec_little_endian_bytes():
     assert encode(torch.tensor([1.0])).data == bytes.fromhex("0000803f")
 
