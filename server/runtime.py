@@ -241,7 +241,9 @@ class TrunkRuntime:
         w = self._wait(_Work(slot, h), decode=True)
         return torch.as_tensor(w.result), w.compute_ms, w.batch
 
-    async def decode_async(self, slot: int, h: torch.Tensor | np.ndarray) -> tuple[np.ndarray | torch.Tensor, float, int]:
+    async def decode_async(
+        self, slot: int, h: torch.Tensor | np.ndarray
+    ) -> tuple[np.ndarray | torch.Tensor, float, int]:
         """`decode` for the event loop, with the output as the batch left it: a numpy array for a float32 or float16
         trunk (what the servicer encodes with numpy), else a tensor."""
         w = await self._wait_async(_Work(slot, h), decode=True)

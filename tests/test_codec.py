@@ -79,6 +79,7 @@ def test_codec_numpy_array_without_a_wire_dtype():
     with pytest.raises(CodecError, match="cannot cross the wire"):
         encode(np.zeros(3))  # float64
 
+
 def test_codec_little_endian_bytes():
     assert encode(torch.tensor([1.0])).data == bytes.fromhex("0000803f")
 
