@@ -12,7 +12,7 @@ Prints a markdown table, writes JSON (--json) and a plotly chart (--plot).
     python scripts/bench_server.py --quick                        # N = 1, 2, 4, 8; fewer steps
     python scripts/bench_server.py --unbatched                    # and the same with --max-batch 1
     python scripts/bench_server.py --pipeline-depth 1,2           # and with two cohorts out of phase
-    python scripts/bench_server.py --switch-interval-ms 0,0.1     # the server's GIL switch interval: 5 ms, 0.1 ms
+    python scripts/bench_server.py --switch-interval-ms 0.1,0     # the server's GIL switch interval: 0.1, Python's 5 ms
     python scripts/bench_server.py --model random:tiny --simulate-device-ms 0.6  # a GPU-like device, on a CPU
 
 `--simulate-device-ms` runs scripts/simulated_server.py: the real server whose decode batches sleep that long
@@ -251,8 +251,9 @@ def main() -> None:
     )
     p.add_argument(
         "--switch-interval-ms",
-        default="0",
-        help="the server's --switch-interval-ms (0: Python's); comma-separated to run each side by side",
+        default="",
+        help="the server's --switch-interval-ms (its default; 0: Python's 5 ms); comma-separated to run each side "
+        "by side",
     )
     p.add_argument(
         "--simulate-device-ms",
@@ -270,7 +271,7 @@ def main() -> None:
     prompt_h, step_hs = hidden_states(args.model, args.models_dir, args.prompt, args.steps)
     depths = [int(x) for x in args.pipeline_depth.split(",") if x.strip()]
     loops = [x.strip() for x in args.event_loop.split(",") if x.strip()]
-    switches = [float(x) for x in args.switch_interval_ms.split(",") if x.strip()]
+    switches = [float(x) for x in args.switch_interval_ms.split(",") if x.strip()] or [None]
     configs = {}
     for d, loop, sw in itertools.product(depths, loops, switches):
         name = "batched" if d == 1 else f"pipelined {d}"
@@ -281,7 +282,8 @@ def main() -> None:
     rows, t0 = [], time.perf_counter()
     for name, (max_batch, depth, loop, sw) in configs.items():
         flags = ["--device", args.device, "--dtype", args.dtype, "--max-batch", str(max_batch)]
-        flags += ["--pipeline-depth", str(depth), "--event-loop", loop, "--switch-interval-ms", str(sw)]
+        flags += ["--pipeline-depth", str(depth), "--event-loop", loop]
+        flags += [] if sw is None else ["--switch-interval-ms", str(sw)]
         flags += ["--kv-slots", str(max(ns) + 2), "--max-session-tokens", str(args.prompt + args.steps + 2)]
         flags += ["--max-sessions", str(max(ns) + 8), "--metrics-host", "127.0.0.1"]
         flags += ["--metrics-port", str(metrics_port := free_port())]

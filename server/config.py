@@ -47,10 +47,10 @@ class ServerConfig(ModelConfig):
         "overlap each other's forward (for a GPU, where a half batch costs what a whole one does)",
     )
     switch_interval_ms: float = setting(
-        0.0,
+        0.1,
         "GPT2_SWITCH_INTERVAL_MS",
-        "how long a thread may hold the interpreter while another waits for it, ms (0 = Python's 5): with "
-        "--pipeline-depth 2, the device thread waits for the event loop after each GPU call",
+        "how long a thread may hold the interpreter while another waits for it, ms (0 = Python's 5): the "
+        "scheduler, woken for a batch, waits this long at most for the busy event loop",
     )
     metrics_port: int = setting(0, "GPT2_METRICS_PORT", "Prometheus /metrics on this port (0 = off)")
     metrics_host: str = setting("0.0.0.0", "GPT2_METRICS_HOST", "interface of the metrics endpoint")
