@@ -80,6 +80,16 @@ class _Work:
     batch: int = 1  # rows of the forward it ran in
 
 
+class _Held(asyncio.Future):
+    """The future of a piece of work queued from an event loop, which a cancel of its awaiter does not cancel: the
+    task stays until the work has run (a session's slot or state may be given back only then) and gets its
+    CancelledError then (asyncio's Task.cancel, when the future it awaits refuses to be cancelled). `settled` does
+    the same for any future with asyncio.shield, at two more callbacks and one more pass of the loop a step."""
+
+    def cancel(self, msg: Any = None) -> bool:
+        return False
+
+
 async def settled(fut: asyncio.Future) -> Any:
     """Await `fut` to the end even if the awaiting task is cancelled meanwhile (then re-raise the cancel): a
     session's work in flight must finish before its slot or state is given back."""
@@ -233,7 +243,7 @@ class TrunkRuntime:
 
     # --- work -------------------------------------------------------------------------------------------
     # Each kind of work has a blocking form, for a caller's thread, and an awaitable one, for the servicer's event
-    # loop. An awaited piece of work runs to its end even when its awaiter is cancelled (see `settled`).
+    # loop. An awaited piece of work runs to its end even when its awaiter is cancelled (see `_Held`).
     def decode(self, slot: int, h: torch.Tensor | np.ndarray) -> tuple[torch.Tensor, float, int]:
         """One new position for the one-row session in `slot` (h: (1, 1, C), a tensor or a float32/float16 array),
         batched with the other sessions'.
@@ -291,9 +301,9 @@ class TrunkRuntime:
         return self._outcome(w)
 
     async def _wait_async(self, w: _Work, decode: bool) -> _Work:
-        w.fut = asyncio.get_running_loop().create_future()
+        w.fut = _Held(loop=asyncio.get_running_loop())
         self._queue(w, decode)
-        await settled(w.fut)
+        await w.fut  # to the end, even if the awaiter is cancelled meanwhile (see _Held)
         return self._outcome(w)
 
     @staticmethod

@@ -189,7 +189,7 @@ class TrunkServicer(pb_grpc.TrunkServicer):
         # numpy, not torch, on the per-step path: its calls cost a fraction of torch's (the loop is the busiest thread)
         wire = req.step.hidden.dtype
         h = codec.decode_array(req.step.hidden, self.max_elements, finite="hidden states")
-        self.trunk.check_hidden_shape(h.shape, wire != pb.INT64, pb.DType.Name(wire))
+        self.trunk.check_hidden_shape(h.shape, wire != pb.INT64, codec.WIRE_NAMES[wire])
         cached = self._length(session)
         if cached + h.shape[1] > session.max_length:
             raise LimitExceeded(

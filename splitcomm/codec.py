@@ -26,6 +26,8 @@ _NUMPY = {pb.FLOAT32: np.float32, pb.FLOAT16: np.float16, pb.BFLOAT16: np.uint16
 WIRE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 NUMPY_FLOATS = {w: _NUMPY[w] for w in (pb.FLOAT32, pb.FLOAT16)}  # wire dtypes numpy computes with
 _FROM_NUMPY = {np.dtype(v): w for w, v in NUMPY_FLOATS.items()}
+_ITEMSIZE = {w: np.dtype(v).itemsize for w, v in _NUMPY.items()}
+WIRE_NAMES = {w: pb.DType.Name(w) for w in pb.DType.values()}  # for messages, without a lookup per step
 
 
 class CodecError(InvalidInput):
@@ -91,7 +93,8 @@ def tensor(a: np.ndarray, wire: int, copy: bool = True) -> torch.Tensor:
 def decode_array(msg: pb.Tensor, max_elements: int = 1 << 31, finite: str | None = None) -> np.ndarray:
     """Message -> a read-only numpy view of its bytes, shaped, with `decode`'s checks: for the per-step hot path,
     where numpy's calls cost a fraction of torch's. bfloat16 comes as its uint16 bits."""
-    if msg.dtype not in _FROM_WIRE:
+    np_dtype = _NUMPY.get(msg.dtype)
+    if np_dtype is None:
         raise CodecError(
             f"unknown or unset tensor dtype {msg.dtype}; expected one of "
             f"{', '.join(pb.DType.Name(d) for d in _FROM_WIRE)}"
@@ -99,19 +102,18 @@ def decode_array(msg: pb.Tensor, max_elements: int = 1 << 31, finite: str | None
     shape = tuple(msg.shape)
     if len(shape) > MAX_DIMS:
         raise CodecError(f"tensor has {len(shape)} dims, at most {MAX_DIMS} are allowed")
-    if any(d < 0 for d in shape):
+    if shape and min(shape) < 0:
         raise CodecError(f"tensor shape {list(shape)} has a negative dimension")
     n = math.prod(shape)  # Python ints: no overflow
-    if n > max_elements or math.prod(max(d, 1) for d in shape) > max_elements:  # [0, 2**62] is absurd too
+    if n > max_elements or (n == 0 and math.prod(max(d, 1) for d in shape) > max_elements):  # [0, 2**62] too
         raise CodecError(f"tensor shape {list(shape)} has {n} elements, more than the limit of {max_elements}")
-    np_dtype = _NUMPY[msg.dtype]
-    itemsize = np.dtype(np_dtype).itemsize
-    if len(msg.data) != n * itemsize:
+    data = msg.data  # read once: each read of a bytes field makes a bytes object
+    if len(data) != n * _ITEMSIZE[msg.dtype]:
         raise CodecError(
-            f"tensor data is {len(msg.data)} bytes, but shape {list(shape)} of "
-            f"{pb.DType.Name(msg.dtype)} needs {n * itemsize}"
+            f"tensor data is {len(data)} bytes, but shape {list(shape)} of "
+            f"{pb.DType.Name(msg.dtype)} needs {n * _ITEMSIZE[msg.dtype]}"
         )
-    a = np.frombuffer(msg.data, dtype=np_dtype)  # shares the message's immutable bytes
+    a = np.frombuffer(data, dtype=np_dtype)  # shares the message's immutable bytes
     if finite and not _all_finite(a, msg.dtype):
         raise CodecError(f"NaN or infinite values in {finite}")
     return a.reshape(shape)

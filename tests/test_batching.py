@@ -320,3 +320,40 @@ def test_nothing_of_a_session_reaches_the_next_user_of_its_slot(tiny):
             assert float((trunk(x, cache) - out).abs().max()) <= 1e-5
     finally:
         rt.stop()
+
+
+def test_a_cancelled_awaiter_stays_until_its_work_has_run(tiny):
+    """The servicer's task for a session may be cancelled (the client went away) while its step is in a batch: the
+    task must not end, and so give the slot back, before the batch has run; then it ends cancelled."""
+    import asyncio
+
+    trunk = load_parts(tiny, "2,10", ("trunk",))["trunk"]
+    rt = TrunkRuntime(trunk, slots=2, max_length=16)
+    running, release = threading.Event(), threading.Event()
+
+    def blocked() -> str:  # a piece of work that runs until the test lets it go
+        running.set()
+        release.wait(30)
+        return "ran"
+
+    async def main() -> list:
+        seen = []
+        task = asyncio.ensure_future(rt.run_timed_async(blocked))
+        await asyncio.get_running_loop().run_in_executor(None, running.wait, 30)
+        task.cancel()
+        await asyncio.sleep(0.05)
+        seen.append(task.done())  # still waiting for its work
+        release.set()
+        try:
+            await task
+        except asyncio.CancelledError:
+            seen.append("cancelled")
+        slot = rt.acquire_slot()
+        seen.append(float(rt.decode(slot, torch.randn(1, 1, 64))[0].abs().sum()) > 0)  # the runtime goes on
+        return seen
+
+    try:
+        assert asyncio.run(main()) == [False, "cancelled", True]
+    finally:
+        release.set()
+        rt.stop()

@@ -81,3 +81,22 @@ def test_client_and_baseline_flags_come_from_their_configs(monkeypatch):
         assert {f.name for f in dataclasses.fields(ClientConfig)} <= dests, command
     generate = next(a for a in baseline_parser()._actions if a.dest == "command").choices["generate"]
     assert {f.name for f in dataclasses.fields(GenerateConfig)} <= {a.dest for a in generate._actions}
+
+
+def test_switch_interval_is_set_for_the_process_and_checked():
+    import sys
+
+    from server.app import configure_switch_interval
+    from splitcore.errors import InvalidInput
+
+    before = sys.getswitchinterval()
+    try:
+        assert parse_config([]).switch_interval_ms == 0.1
+        configure_switch_interval(0)  # 0: Python's own, left as it is
+        assert sys.getswitchinterval() == before
+        configure_switch_interval(0.25)
+        assert sys.getswitchinterval() == pytest.approx(0.00025)
+        with pytest.raises(InvalidInput, match="--switch-interval-ms must be >= 0, got -1"):
+            configure_switch_interval(-1)
+    finally:
+        sys.setswitchinterval(before)
