@@ -61,3 +61,33 @@ def test_bench_profile_measures_each_part(tmp_path, models_dir, tiny):
     assert all(local[k] > 0 for k in ("bottom", "trunk", "top", "head"))
     assert 0 <= local["other"] < 0.25 * local["total"]
     assert "gRPC transport, both ways" in d["stdout"]
+
+
+def run_script(tmp_path, models_dir, script: str, *args: str) -> dict:
+    out = tmp_path / f"{script}.json"
+    cmd = [sys.executable, f"scripts/{script}.py", "--model", TINY, "--models-dir", str(models_dir), "--json", str(out)]
+    p = subprocess.run(cmd + list(args), cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return json.loads(out.read_text()) | {"stdout": p.stdout}
+
+
+def test_bench_loop_measures_the_serving_path(tmp_path, models_dir, tiny):
+    d = run_script(tmp_path, models_dir, "bench_loop", "--sessions", "1,4", "--seconds", "0.5")
+    rows = {r["sessions"]: r for r in d["rows"]}
+    assert set(rows) == {1, 4} and all(r["steps_per_s"] > 0 for r in rows.values())
+    assert rows[1]["mean_batch"] == 1.0 and rows[4]["mean_batch"] >= 2  # the four met in batches
+    assert "| 4 |" in d["stdout"]
+
+
+def test_bench_server_runs_settings_side_by_side(tmp_path, models_dir, tiny):
+    """bench_server on the simulated device, two switch intervals: every (setting, N) measured, with the server's
+    own metrics read around each run."""
+    args = ["--simulate-device-ms", "0.5", "--sessions", "1,2", "--steps", "8", "--prompt", "4", "--client-procs", "1"]
+    d = run_script(tmp_path, models_dir, "bench_server", *args, "--switch-interval-ms", "0.1,0")
+    got = {(r["config"], r["sessions"]): r for r in d["rows"]}
+    names = ["batched, switch 0.1 ms", "batched, switch 5 ms"]
+    assert set(got) == {(c, n) for c in names for n in (1, 2)}
+    for r in got.values():
+        assert r["tokens_per_s"] > 0 and r["p50_ms"] <= r["p99_ms"]
+        assert 1.0 <= r["mean_batch"] <= r["sessions"] and 0 < r["busy_share"] <= 1
+    assert "SIMULATED device of 0.5 ms" in d["stdout"]
