@@ -21,9 +21,9 @@ encodes the answer (Petals' handler against its block functions; TGI's router ag
 - **Pipelining** (`pipeline_depth` > 1). The scheduler hands each batch to a device thread and gathers the next
   one while it computes, from the sessions that are not in flight: with a depth of 2, the sessions settle into
   two cohorts out of phase (a batch takes at most half of the decoding sessions), so that one cohort's network
-  leg and the event loop's work on its messages overlap the other's forward. Decode is bound by weight reads
-  on a GPU, where a half batch costs about what a whole one does; on a CPU it is not, so the default is 1: the
-  scheduler computes each batch itself, and a batch waits for every decoding session.
+  leg and the event loop's work on its messages overlap the other's forward. It served less than depth 1 on
+  the CPU and on an H100 (where its device thread took about twice as long over half a batch), so the default
+  is 1: the scheduler computes each batch itself, and a batch waits for every decoding session.
 - **CUDA graphs** per (batch-size bucket, key-range bucket), captured at start over the pool's first rows.
 """
 
