@@ -27,6 +27,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as every entry point: before torch loads
 
 import argparse  # noqa: E402
+import collections  # noqa: E402
 import itertools  # noqa: E402
 import json  # noqa: E402
 import multiprocessing as mp  # noqa: E402
@@ -177,7 +178,37 @@ def scrape(port: int) -> dict[str, float]:
     return {k: float(v) for k, v in (line.split() for line in text.splitlines() if line.split(" ")[0] in want)}
 
 
-def run_load(target, args, n: int, prompt_h, step_hs, fp, metrics_port: int) -> dict:
+def thread_cpu(pid: int) -> dict[str, float] | None:
+    """CPU seconds each thread of process `pid` has used, summed by the thread's name in the operating system (the
+    server names its own: grpc-loop, trunk-scheduler, trunk-device); None where there is no /proc."""
+    tasks = Path(f"/proc/{pid}/task")
+    if not tasks.is_dir():
+        return None
+    hz, out = os.sysconf("SC_CLK_TCK"), collections.Counter()
+    for tid in tasks.iterdir():
+        try:
+            name = (tid / "comm").read_text().strip()
+            fields = (tid / "stat").read_text().rsplit(")", 1)[1].split()  # utime, stime: fields 14 and 15
+        except OSError:  # the thread ended meanwhile
+            continue
+        out[name] += (int(fields[11]) + int(fields[12])) / hz
+    return out
+
+
+def cpu_shares(before: dict[str, float] | None, after: dict[str, float] | None, seconds: float) -> dict:
+    """The server's CPU over a run, in cores: its event loop's, its scheduler's, and all of its threads'."""
+    if before is None or after is None:
+        return {"loop_cpu": None, "scheduler_cpu": None, "server_cpu": None, "thread_cpu": {}}
+    used = {k: (v - before.get(k, 0.0)) / seconds for k, v in after.items()}
+    return {
+        "loop_cpu": used.get("grpc-loop", 0.0),
+        "scheduler_cpu": used.get("trunk-scheduler", 0.0),
+        "server_cpu": sum(used.values()),
+        "thread_cpu": {k: round(v, 3) for k, v in sorted(used.items())},  # (/proc counts in 10 ms ticks)
+    }
+
+
+def run_load(target, args, n: int, prompt_h, step_hs, fp, metrics_port: int, server_pid: int) -> dict:
     ctx = mp.get_context("spawn")
     procs_n = max(1, min(n, args.client_procs))
     shares = [n // procs_n + (i < n % procs_n) for i in range(procs_n)]
@@ -192,7 +223,7 @@ def run_load(target, args, n: int, prompt_h, step_hs, fp, metrics_port: int) -> 
     for _ in procs:
         ready.get(timeout=600)
     client = TrunkClient(TrunkClientConfig(target))
-    before = scrape(metrics_port)
+    before, cpu_before, t_before = scrape(metrics_port), thread_cpu(server_pid), time.monotonic()
     go.set()
     total = n * step_hs.shape[0]
     while done.value < total // 4:  # a newcomer arrives while the N are well into decoding
@@ -201,6 +232,7 @@ def run_load(target, args, n: int, prompt_h, step_hs, fp, metrics_port: int) -> 
     newcomer_during = done.value < total
     results = [r for _ in procs for r in out.get(timeout=600)]
     wall = max(r[2] for r in results) - min(r[1] for r in results)
+    cpu = cpu_shares(cpu_before, thread_cpu(server_pid), time.monotonic() - t_before)
     after = {k: v - before[k] for k, v in scrape(metrics_port).items()}  # the newcomer's prefill is in there too
     for p in procs:
         p.join(timeout=60)
@@ -217,7 +249,7 @@ def run_load(target, args, n: int, prompt_h, step_hs, fp, metrics_port: int) -> 
         "newcomer_during_decode": newcomer_during,
         "client_processes": procs_n,
         "clients": args.clients,
-    }
+    } | cpu
 
 
 def main() -> None:
@@ -302,7 +334,7 @@ def main() -> None:
             info = client.info()
             client.close()
             for n in ns:
-                r = run_load(target, args, n, prompt_h, step_hs, fp, metrics_port)
+                r = run_load(target, args, n, prompt_h, step_hs, fp, metrics_port, proc.pid)
                 r |= {"config": name, "idle_ttft_ms": idle}
                 rows.append(r)
                 print(
@@ -327,9 +359,9 @@ def main() -> None:
     )
     print(
         "| config | sessions | tokens/s | x one | p50 ms | p50 x one | p99 ms | newcomer TTFT ms | x idle "
-        "| mean batch | compute busy |"
+        "| mean batch | compute busy | loop CPU | server CPU |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         one = next(x for x in rows if x["config"] == r["config"] and x["sessions"] == ns[0])
         r["x_one"] = r["tokens_per_s"] / one["tokens_per_s"]
@@ -338,7 +370,7 @@ def main() -> None:
         print(
             f"| {r['config']} | {r['sessions']} | {r['tokens_per_s']:,.1f} | {r['x_one']:.2f} | {r['p50_ms']:.2f} | "
             f"{r['p50_x_one']:.2f} | {r['p99_ms']:.2f} | {r['newcomer_ttft_ms']:.1f} | {r['ttft_x_idle']:.2f} | "
-            f"{r['mean_batch']:.1f} | {r['busy_share']:.0%} |"
+            f"{r['mean_batch']:.1f} | {r['busy_share']:.0%} | {cores(r['loop_cpu'])} | {cores(r['server_cpu'])} |"
         )
     out = {"model": args.model, "machine": machine, "command": " ".join(sys.argv), "rows": rows}
     if args.json:
@@ -347,6 +379,10 @@ def main() -> None:
         print(f"\nwrote {args.json}")
     if args.plot:
         plot(rows, args.plot)
+
+
+def cores(x: float | None) -> str:
+    return "-" if x is None else f"{x:.0%}"
 
 
 def plot(rows: list[dict], path: Path) -> None:

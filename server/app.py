@@ -23,7 +23,14 @@ from splitcore.errors import InvalidInput
 from splitcore.fingerprint import model_fingerprint
 from splitcore.models import resolve_with_fallback
 from splitcore.parts import Split, load_parts
-from splitcore.runtime import configure_attention, configure_threads, resolve_device, resolve_dtype, use_cuda_graphs
+from splitcore.runtime import (
+    configure_attention,
+    configure_threads,
+    name_os_thread,
+    resolve_device,
+    resolve_dtype,
+    use_cuda_graphs,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -140,12 +147,16 @@ class TrunkServer:
         # gRPC runs on one asyncio event loop in a thread of its own; the runtime's scheduler thread computes.
         self.loop = new_event_loop(cfg.event_loop)
         logger.info("event loop: %s", type(self.loop).__module__.split(".")[0])
-        self._loop_thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="grpc-loop")
+        self._loop_thread = threading.Thread(target=self._run_loop, daemon=True, name="grpc-loop")
         self._loop_thread.start()
         self.grpc_server = self._on_loop(self._build())
         self.port: int | None = None
         self._stopped = threading.Event()
         self._done = threading.Event()
+
+    def _run_loop(self) -> None:
+        name_os_thread("grpc-loop")
+        self.loop.run_forever()
 
     def _on_loop(self, coro):
         """Run a coroutine on the server's event loop and return its result (from any other thread)."""

@@ -47,6 +47,7 @@ from server.sessions import ServerDraining
 from splitcore.cudagraph import MIN_BUCKET
 from splitcore.errors import InvalidInput, LimitExceeded
 from splitcore.gpt2 import GPT2
+from splitcore.runtime import name_os_thread
 
 logger = logging.getLogger(__name__)
 
@@ -365,6 +366,7 @@ class TrunkRuntime:
         """The scheduler thread: one decode batch or one piece of work alone at a time (alternating when both
         wait), until stopped. It computes each itself, or with a pipeline, launches it on the device thread and
         goes on gathering while fewer than `pipeline_depth` are in flight."""
+        name_os_thread("trunk-scheduler")
         while True:
             with self._cv:
                 while not ((self._decodes or self._alone) and self._in_flight < self.pipeline_depth or self._stopping):
@@ -391,6 +393,7 @@ class TrunkRuntime:
     def _device(self) -> None:
         """The device thread of a pipeline: computes what the scheduler launched, in order; ends once stopping
         and everything launched has been answered."""
+        name_os_thread("trunk-device")
         while True:
             with self._cv:
                 while not (self._launched or self._stopping):

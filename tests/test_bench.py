@@ -82,7 +82,7 @@ def test_bench_loop_measures_the_serving_path(tmp_path, models_dir, tiny):
 def test_bench_server_runs_settings_side_by_side(tmp_path, models_dir, tiny):
     """bench_server on the simulated device, two switch intervals: every (setting, N) measured, with the server's
     own metrics read around each run."""
-    args = ["--simulate-device-ms", "0.5", "--sessions", "1,2", "--steps", "8", "--prompt", "4", "--client-procs", "1"]
+    args = ["--simulate-device-ms", "0.5", "--sessions", "1,2", "--steps", "24", "--prompt", "4", "--client-procs", "1"]
     d = run_script(tmp_path, models_dir, "bench_server", *args, "--switch-interval-ms", "0.1,0")
     got = {(r["config"], r["sessions"]): r for r in d["rows"]}
     names = ["batched, switch 0.1 ms", "batched, switch 5 ms"]
@@ -90,4 +90,7 @@ def test_bench_server_runs_settings_side_by_side(tmp_path, models_dir, tiny):
     for r in got.values():
         assert r["tokens_per_s"] > 0 and r["p50_ms"] <= r["p99_ms"]
         assert 1.0 <= r["mean_batch"] <= r["sessions"] and 0 < r["busy_share"] <= 1
+        # the server's threads, found by the names it gives them in the operating system
+        assert {"grpc-loop", "trunk-scheduler"} <= set(r["thread_cpu"]) and r["loop_cpu"] <= r["server_cpu"]
+    assert sum(r["loop_cpu"] for r in got.values()) > 0  # /proc counts in ticks of 10 ms: short runs may show 0
     assert "SIMULATED device of 0.5 ms" in d["stdout"]
