@@ -252,6 +252,17 @@ def run_load(target, args, n: int, prompt_h, step_hs, fp, metrics_port: int, ser
     } | cpu
 
 
+def listed(text: str, kind: type, flag: str) -> list:
+    """A comma-separated flag's values; a bad one is a one-line error."""
+    try:
+        values = [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(f"error: {flag} takes comma-separated {kind.__name__}s, got '{text}'") from None
+    if any(v < 0 for v in values):
+        raise SystemExit(f"error: {flag} takes values >= 0, got '{text}'")
+    return values
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="random:gpt2")
@@ -299,11 +310,13 @@ def main() -> None:
     args = p.parse_args()
     if args.quick:
         args.sessions, args.steps = "1,2,4,8", 24
-    ns = [int(x) for x in args.sessions.split(",") if x.strip()]
-    prompt_h, step_hs = hidden_states(args.model, args.models_dir, args.prompt, args.steps)
-    depths = [int(x) for x in args.pipeline_depth.split(",") if x.strip()]
+    ns = listed(args.sessions, int, "--sessions")
+    depths = listed(args.pipeline_depth, int, "--pipeline-depth")
     loops = [x.strip() for x in args.event_loop.split(",") if x.strip()]
-    switches = [float(x) for x in args.switch_interval_ms.split(",") if x.strip()] or [None]
+    switches = listed(args.switch_interval_ms, float, "--switch-interval-ms") or [None]
+    if not ns or not depths or not loops:
+        raise SystemExit("error: --sessions, --pipeline-depth and --event-loop each need at least one value")
+    prompt_h, step_hs = hidden_states(args.model, args.models_dir, args.prompt, args.steps)
     configs = {}
     for d, loop, sw in itertools.product(depths, loops, switches):
         name = "batched" if d == 1 else f"pipelined {d}"
