@@ -107,6 +107,23 @@ class Result:
         return d
 
 
+def numbers(kind: type, least: float = 0, empty: bool = False):
+    """An argparse type: comma-separated numbers of `kind`, each >= `least` (a bad value is argparse's one-line
+    error, not a traceback); `empty` allows none."""
+
+    def parse(text: str) -> list:
+        try:
+            values = [kind(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__}s, got '{text}'") from None
+        if any(v < least for v in values) or not (values or empty):
+            some = "" if empty else "one or more "
+            raise argparse.ArgumentTypeError(f"expected {some}values >= {least:g}, got '{text}'")
+        return values
+
+    return parse
+
+
 def prompt_ids(engine: Engine, n: int) -> list[int]:
     ids = engine.encode(TEXT)
     while len(ids) < n:
@@ -312,10 +329,15 @@ def main() -> None:
     p.add_argument("--model", default="random:gpt2")
     p.add_argument("--models-dir", default=os.environ.get("GPT2_MODELS_DIR", "models"))
     p.add_argument("--split", default=DEFAULT_SPLIT)
-    p.add_argument("--prompt-lengths", default="8,64,128,512")
+    p.add_argument("--prompt-lengths", type=numbers(int, 1), default="8,64,128,512")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--delays", default="5,25", help="one-way delays (ms) to simulate a remote trunk; '' = none")
+    p.add_argument(
+        "--delays",
+        type=numbers(float, empty=True),
+        default="5,25",
+        help="one-way delays (ms) to simulate a remote trunk; '' = none",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch threads in each process (default: torch's)")
     p.add_argument(
         "--speculate",
@@ -345,9 +367,8 @@ def main() -> None:
     p.add_argument("--plot", type=Path, default=None, help="write a plotly HTML chart here")
     args = p.parse_args()
     if args.quick:
-        args.new_tokens, args.repeats, args.delays = 16, 1, "25"
-    lengths = [int(x) for x in args.prompt_lengths.split(",")]
-    delays = [float(x) for x in args.delays.split(",") if x.strip()]
+        args.new_tokens, args.repeats, args.delays = 16, 1, [25.0]
+    lengths, delays = args.prompt_lengths, args.delays
     if args.threads:
         torch.set_num_threads(args.threads)
 

@@ -28,6 +28,7 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from scripts.bench import numbers  # noqa: E402
 from scripts.simulated_server import SimulatedDevice  # noqa: E402
 from server.app import new_event_loop  # noqa: E402
 from server.runtime import TrunkRuntime  # noqa: E402
@@ -82,21 +83,15 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="random:tiny", help="only its width matters (the device takes no time)")
     p.add_argument("--models-dir", default=os.environ.get("GPT2_MODELS_DIR", "models"))
-    p.add_argument("--sessions", default="1,16,64", help="N, comma-separated")
+    p.add_argument("--sessions", type=numbers(int, 1), default="1,16,64", help="N, comma-separated")
     p.add_argument("--seconds", type=float, default=3.0, help="how long each N steps")
     p.add_argument("--event-loop", default="auto", choices=["auto", "uvloop", "asyncio"])
     p.add_argument("--wire-dtype", default="float32", choices=["float32", "float16"])
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
-    try:
-        ns = [int(x) for x in args.sessions.split(",") if x.strip()]
-    except ValueError:
-        raise SystemExit(f"error: --sessions takes comma-separated counts, got '{args.sessions}'") from None
-    if not ns or min(ns) < 1:
-        raise SystemExit(f"error: --sessions takes counts >= 1, got '{args.sessions}'")
     trunk = load_parts(resolve_model(args.model, args.models_dir), "2,10", ("trunk",))["trunk"]
     rows = []
-    for n in ns:
+    for n in args.sessions:
         rows.append(measure(trunk, n, args.seconds, args.event_loop, codec.WIRE_DTYPES[args.wire_dtype]))
         print(f"  N={n}: {rows[-1]['steps_per_s']:,.0f} steps/s", file=sys.stderr)
     print(f"\nservicer + runtime, no network, a device of 0 ms; {args.event_loop} loop, {args.wire_dtype} wire\n")

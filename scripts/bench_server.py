@@ -43,7 +43,7 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from scripts.bench import start_server  # noqa: E402
+from scripts.bench import numbers, start_server  # noqa: E402
 from scripts.bench_transport import free_port  # noqa: E402
 from splitcomm.trunk_client import TrunkClient, TrunkClientConfig  # noqa: E402
 from splitcore.models import load_tokenizer, resolve_model  # noqa: E402
@@ -252,22 +252,11 @@ def run_load(target, args, n: int, prompt_h, step_hs, fp, metrics_port: int, ser
     } | cpu
 
 
-def listed(text: str, kind: type, flag: str) -> list:
-    """A comma-separated flag's values; a bad one is a one-line error."""
-    try:
-        values = [kind(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise SystemExit(f"error: {flag} takes comma-separated {kind.__name__}s, got '{text}'") from None
-    if any(v < 0 for v in values):
-        raise SystemExit(f"error: {flag} takes values >= 0, got '{text}'")
-    return values
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="random:gpt2")
     p.add_argument("--models-dir", default=os.environ.get("GPT2_MODELS_DIR", "models"))
-    p.add_argument("--sessions", default="1,2,4,8,16,32,64", help="N, comma-separated")
+    p.add_argument("--sessions", type=numbers(int, 1), default="1,2,4,8,16,32,64", help="N, comma-separated")
     p.add_argument("--prompt", type=int, default=32, help="prompt tokens of each session")
     p.add_argument("--steps", type=int, default=64, help="decode steps of each session")
     p.add_argument("--device", default="cpu", help="the server's device: cpu, cuda, auto")
@@ -278,6 +267,7 @@ def main() -> None:
     p.add_argument("--unbatched", action="store_true", help="also run every N with --max-batch 1")
     p.add_argument(
         "--pipeline-depth",
+        type=numbers(int, 1),
         default="1",
         help="the server's --pipeline-depth; comma-separated to run each side by side (e.g. 1,2)",
     )
@@ -294,6 +284,7 @@ def main() -> None:
     )
     p.add_argument(
         "--switch-interval-ms",
+        type=numbers(float, empty=True),
         default="",
         help="the server's --switch-interval-ms (its default; 0: Python's 5 ms); comma-separated to run each side "
         "by side",
@@ -309,13 +300,11 @@ def main() -> None:
     p.add_argument("--plot", type=Path, default=None)
     args = p.parse_args()
     if args.quick:
-        args.sessions, args.steps = "1,2,4,8", 24
-    ns = listed(args.sessions, int, "--sessions")
-    depths = listed(args.pipeline_depth, int, "--pipeline-depth")
+        args.sessions, args.steps = [1, 2, 4, 8], 24
+    ns, depths, switches = args.sessions, args.pipeline_depth, args.switch_interval_ms or [None]
     loops = [x.strip() for x in args.event_loop.split(",") if x.strip()]
-    switches = listed(args.switch_interval_ms, float, "--switch-interval-ms") or [None]
-    if not ns or not depths or not loops:
-        raise SystemExit("error: --sessions, --pipeline-depth and --event-loop each need at least one value")
+    if not loops:
+        p.error("--event-loop needs at least one value")
     prompt_h, step_hs = hidden_states(args.model, args.models_dir, args.prompt, args.steps)
     configs = {}
     for d, loop, sw in itertools.product(depths, loops, switches):
