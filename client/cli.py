@@ -14,9 +14,9 @@ from splitcore.cli import (
     main_guard,
     parse_app_args,
     run_generate,
-    setup_logging,
 )
 from splitcore.distill import DistillConfig
+from splitcore.logs import setup_logging
 from splitcore.runtime import configure_threads
 from splitcore.settings import dataclass_flags
 

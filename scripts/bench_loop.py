@@ -30,11 +30,11 @@ sys.path.insert(0, str(ROOT))
 
 from scripts.bench import numbers  # noqa: E402
 from scripts.simulated_server import SimulatedDevice  # noqa: E402
-from server.app import new_event_loop  # noqa: E402
 from server.runtime import TrunkRuntime  # noqa: E402
 from server.servicer import TrunkServicer  # noqa: E402
 from server.sessions import SessionRegistry  # noqa: E402
 from splitcomm import codec  # noqa: E402
+from splitcomm.channel import new_event_loop  # noqa: E402
 from splitcomm.proto import trunk_pb2 as pb  # noqa: E402
 from splitcore.models import resolve_model  # noqa: E402
 from splitcore.parts import load_parts  # noqa: E402

@@ -4,23 +4,31 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import shutil
 import signal
+import socket
+import subprocess
 import sys
+import tempfile
 import threading
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from server.config import ServerConfig, parse_config
+from server.front import READY
 from server.metrics import Metrics
+from server.relay import RELAY_SERVICE, RelayServicer
 from server.runtime import TrunkRuntime
-from server.servicer import TrunkServicer, add_to_server
+from server.servicer import TrunkServicer, add_to_server, lenient
 from server.sessions import SessionRegistry
-from splitcomm.channel import add_port, make_server
+from splitcomm.channel import add_port, make_server, new_event_loop
 from splitcomm.proto import trunk_pb2 as pb
-from splitcore.cli import main_guard, setup_logging
+from splitcore.cli import main_guard
 from splitcore.errors import InvalidInput
 from splitcore.fingerprint import model_fingerprint
+from splitcore.logs import setup_logging
 from splitcore.models import resolve_with_fallback
 from splitcore.parts import Split, load_parts
 from splitcore.runtime import (
@@ -37,23 +45,6 @@ logger = logging.getLogger(__name__)
 VERSION = "0.1.0"
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Trunk"].full_name
 LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
-
-
-def new_event_loop(kind: str) -> asyncio.AbstractEventLoop:
-    """'uvloop' (libuv's loop; the loop is the server's busiest thread: 7% and 15% more tokens/s at 16 and 64
-    sessions, measured on a simulated device), 'asyncio' (the standard library's), or 'auto': uvloop where it is
-    installed."""
-    if kind not in ("auto", "uvloop", "asyncio"):
-        raise InvalidInput(f"event loop must be auto, uvloop or asyncio, got '{kind}'")
-    if kind != "asyncio":
-        try:
-            import uvloop
-        except ImportError:
-            if kind == "uvloop":
-                raise InvalidInput("--event-loop uvloop: uvloop is not installed (pip install uvloop)") from None
-        else:
-            return uvloop.new_event_loop()
-    return asyncio.new_event_loop()
 
 
 def configure_switch_interval(ms: float) -> None:
@@ -150,6 +141,8 @@ class TrunkServer:
         self._loop_thread = threading.Thread(target=self._run_loop, daemon=True, name="grpc-loop")
         self._loop_thread.start()
         self.grpc_server = self._on_loop(self._build())
+        self.fronts: list[subprocess.Popen] = []  # with --fronts: the processes that serve the port
+        self._engine_dir: str | None = None  # and the private directory of this process's own socket
         self.port: int | None = None
         self._stopped = threading.Event()
         self._done = threading.Event()
@@ -167,6 +160,14 @@ class TrunkServer:
         add_to_server(self.servicer, server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        if self.cfg.fronts:
+            relay = RelayServicer(self.servicer.Session, lenient(pb.StepRequest))
+            handler = grpc.stream_stream_rpc_method_handler(
+                relay.Relay,
+                request_deserializer=pb.RelayBatch.FromString,
+                response_serializer=pb.RelayBatch.SerializeToString,
+            )
+            server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(RELAY_SERVICE, {"Relay": handler}),))
         return server
 
     def _slots(self, cfg: ServerConfig, max_length: int) -> int:
@@ -185,7 +186,11 @@ class TrunkServer:
     def start(self) -> int:
         host = self.cfg.host
         address = f"[{host}]:{self.cfg.port}" if ":" in host and not host.startswith("[") else f"{host}:{self.cfg.port}"
-        self.port = add_port(self.grpc_server, address, self.cfg.tls_cert, self.cfg.tls_key, self.cfg.tls_client_ca)
+        if self.cfg.fronts:  # this process serves only its fronts, on a socket in a directory of its own
+            self._engine_dir = tempfile.mkdtemp(prefix="gpt2split-engine-")
+            add_port(self.grpc_server, f"unix:{self._engine_dir}/engine.sock")
+        else:
+            self.port = add_port(self.grpc_server, address, self.cfg.tls_cert, self.cfg.tls_key, self.cfg.tls_client_ca)
         if host not in LOOPBACK and not self.cfg.tls_cert:
             logger.warning(
                 "listening on %s without TLS: hidden states cross the network in the clear; "
@@ -193,6 +198,8 @@ class TrunkServer:
                 address,
             )
         self._on_loop(self.grpc_server.start())
+        if self.cfg.fronts:
+            self.port = self._start_fronts(host, self.cfg.port)
         if self.metrics is not None:
             self.metrics.serve(self.cfg.metrics_host, self.cfg.metrics_port)
         for name in ("", SERVICE_NAME):
@@ -209,11 +216,71 @@ class TrunkServer:
         )
         return self.port
 
+    def _start_fronts(self, host: str, port: int) -> int:
+        """Start --fronts processes on `port` (0: a free one), each relaying to this one; returns the port."""
+        port = _claim(host, port)
+        cfg = self.cfg
+        env = dict(os.environ)
+        env.pop("GPT2_AUTH_TOKEN", None)
+        if cfg.auth_token:  # in the environment, not on a command line that `ps` shows
+            env["GPT2_AUTH_TOKEN"] = cfg.auth_token
+        args = ["--engine", f"unix:{self._engine_dir}/engine.sock", "--host", host, "--port", str(port)]
+        args += ["--max-message-bytes", str(cfg.max_message_bytes), "--event-loop", cfg.event_loop]
+        args += ["--grace", str(cfg.grace_s)] + (["--log-file", cfg.log_file] if cfg.log_file else [])
+        for flag, value in (
+            ("--tls-cert", cfg.tls_cert),
+            ("--tls-key", cfg.tls_key),
+            ("--tls-client-ca", cfg.tls_client_ca),
+        ):
+            if value:
+                args += [flag, value]
+        for i in range(cfg.fronts):
+            self.fronts.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "server.front", *args, "--name", f"front-{i}"],
+                    stdin=subprocess.PIPE,  # it ends when this process does, and so does the front
+                    stdout=subprocess.PIPE,
+                    text=True,
+                    env=env,
+                )
+            )
+        for i, p in enumerate(self.fronts):
+            line = p.stdout.readline()  # its ready line, or nothing if it failed (it said why on stderr)
+            if not line.startswith(READY):
+                self._stop_fronts(0)
+                raise OSError(f"gRPC front {i} did not start (exit code {p.wait()}): see the error above")
+            threading.Thread(target=self._watch, args=(i, p), daemon=True, name=f"front-{i}-watch").start()
+        logger.info("%d gRPC fronts serving port %d (pids %s)", len(self.fronts), port, [p.pid for p in self.fronts])
+        return port
+
+    def _watch(self, i: int, p: subprocess.Popen) -> None:
+        code = p.wait()
+        if not self._stopped.is_set():
+            logger.error(
+                "gRPC front %d (pid %d) exited with code %s; its sessions ended, the others serve on", i, p.pid, code
+            )
+
+    def _stop_fronts(self, grace: float) -> None:
+        """Tell every front to stop, wait for them (calls in flight get `grace` s), and remove the socket."""
+        for p in self.fronts:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in self.fronts:
+            try:
+                p.wait(grace + 10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+            p.stdin.close()
+            p.stdout.close()
+        if self._engine_dir:
+            shutil.rmtree(self._engine_dir, ignore_errors=True)
+
     def ready_line(self) -> str:
         weights = " [RANDOM WEIGHTS]" if self.model.is_random else ""
         device = f"{self.trunk.device}" + (" (picked by --device auto)" if self.cfg.device == "auto" else "")
         graphs = ", CUDA graphs" if self.graphs else ""
-        graphs += f", {self.runtime.slots} KV slots"
+        graphs += f", {self.runtime.slots} KV slots" + (f", {len(self.fronts)} gRPC fronts" if self.fronts else "")
         return (
             f"trunk server ready on {self.cfg.host}:{self.port}: {self.model.spec}{weights}, blocks "
             f"{self.split.s1}-{self.split.s2 - 1}, {device}, "
@@ -228,7 +295,9 @@ class TrunkServer:
         self.sessions.draining = True
         self.servicer.stopping.set()
         self._on_loop(self.health.enter_graceful_shutdown())
-        self._on_loop(self.grpc_server.stop(self.cfg.grace_s if grace is None else grace))
+        grace = self.cfg.grace_s if grace is None else grace
+        self._stop_fronts(grace)  # they drain first: their sessions run on this process
+        self._on_loop(self.grpc_server.stop(grace))
         self.runtime.stop()
         self.servicer.pool.shutdown(wait=False, cancel_futures=True)
         self.loop.call_soon_threadsafe(self.loop.stop)
@@ -241,6 +310,20 @@ class TrunkServer:
 
     def wait(self) -> None:
         self._done.wait()
+
+
+def _claim(host: str, port: int) -> int:
+    """`port` (0: a free one) if nothing listens on it: fronts share their port, so they would share it with
+    anything else that does too; checked here with a plain bind, which fails on a port in use."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host.strip("[]"), port))
+        except OSError:
+            raise OSError(
+                f"cannot bind {host}:{port}: the port is in use or the address is not on this machine"
+            ) from None
+        return s.getsockname()[1]
 
 
 def main(argv: list[str] | None = None, server_class: type[TrunkServer] = TrunkServer) -> None:

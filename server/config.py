@@ -52,6 +52,13 @@ class ServerConfig(ModelConfig):
         "how long a thread may hold the interpreter while another waits for it, ms (0 = Python's 5): the "
         "scheduler, woken for a batch, waits this long at most for the busy event loop",
     )
+    fronts: int = setting(
+        0,
+        "GPT2_FRONTS",
+        "gRPC front processes on the port, relaying every session's steps to this one many to a message (0 = "
+        "none: this process serves gRPC itself); for many sessions on a GPU, where one event loop bounds the "
+        "server (README)",
+    )
     metrics_port: int = setting(0, "GPT2_METRICS_PORT", "Prometheus /metrics on this port (0 = off)")
     metrics_host: str = setting("0.0.0.0", "GPT2_METRICS_HOST", "interface of the metrics endpoint")
     max_message_bytes: int = setting(

@@ -299,7 +299,7 @@ class Malformed:
         raise InvalidInput(self._why)
 
 
-def _lenient(message_class) -> Callable[[bytes], Any]:
+def lenient(message_class) -> Callable[[bytes], Any]:
     def parse(data: bytes):
         try:
             return message_class.FromString(data)
@@ -323,7 +323,7 @@ def add_to_server(servicer: TrunkServicer, server: grpc.aio.Server) -> None:
     handlers = {
         m.name: _HANDLERS[m.client_streaming, m.server_streaming](
             getattr(servicer, m.name),
-            request_deserializer=_lenient(getattr(pb, m.input_type.name)),
+            request_deserializer=lenient(getattr(pb, m.input_type.name)),
             response_serializer=getattr(pb, m.output_type.name).SerializeToString,
         )
         for m in service.methods

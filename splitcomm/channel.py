@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 from collections.abc import Callable
 from pathlib import Path
 
 import grpc
+
+from splitcore.errors import InvalidInput
 
 logger = logging.getLogger(__name__)
 
@@ -35,14 +38,17 @@ def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[
     ]
 
 
-def server_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
+def server_options(
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, share_port: bool = False
+) -> list[tuple[str, int]]:
     return _limits(max_message_bytes) + [
         ("grpc.keepalive_time_ms", 60_000),
         ("grpc.keepalive_timeout_ms", 20_000),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ("grpc.http2.max_pings_without_data", 0),
-        ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share it
+        # a second server on the same port must fail, not share it; the server's own gRPC fronts share theirs
+        ("grpc.so_reuseport", int(share_port)),
     ]
 
 
@@ -101,10 +107,13 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
         return grpc.unary_unary_rpc_method_handler(deny, request_deserializer=handler.request_deserializer)
 
 
-def make_server(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, token: str | None = None) -> grpc.aio.Server:
-    """An asyncio gRPC server (call on the event loop that will run it)."""
+def make_server(
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, token: str | None = None, share_port: bool = False
+) -> grpc.aio.Server:
+    """An asyncio gRPC server (call on the event loop that will run it); `share_port`: one of several processes
+    on one port (SO_REUSEPORT), each taking its share of the connections."""
     interceptors = [TokenAuthInterceptor(token)] if token else []
-    return grpc.aio.server(options=server_options(max_message_bytes), interceptors=interceptors)
+    return grpc.aio.server(options=server_options(max_message_bytes, share_port), interceptors=interceptors)
 
 
 def add_port(
@@ -132,3 +141,20 @@ def add_port(
     if port == 0:
         raise OSError(f"cannot bind {address}: the port is in use or the address is not on this machine")
     return port
+
+
+def new_event_loop(kind: str) -> asyncio.AbstractEventLoop:
+    """'uvloop' (libuv's loop; the loop is the server's busiest thread: 7% and 15% more tokens/s at 16 and 64
+    sessions, measured on a simulated device), 'asyncio' (the standard library's), or 'auto': uvloop where it is
+    installed."""
+    if kind not in ("auto", "uvloop", "asyncio"):
+        raise InvalidInput(f"event loop must be auto, uvloop or asyncio, got '{kind}'")
+    if kind != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if kind == "uvloop":
+                raise InvalidInput("--event-loop uvloop: uvloop is not installed (pip install uvloop)") from None
+        else:
+            return uvloop.new_event_loop()
+    return asyncio.new_event_loop()

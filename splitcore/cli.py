@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 from collections.abc import Callable
-from pathlib import Path
 
 from splitcore.engine import Engine
 from splitcore.errors import SplitError
@@ -83,22 +81,6 @@ def add_speculate_arg(p: argparse.ArgumentParser, what: str = "") -> None:
         "python -m client distill); greedy gives the same tokens as without, sampling the same distribution "
         "(default %(default)s)",
     )
-
-
-def setup_logging(log_file: str | None, verbose: bool = False) -> None:
-    """Log to a real file (logs/...) and warnings to stderr."""
-    root = logging.getLogger()
-    root.setLevel(logging.DEBUG if verbose else logging.INFO)
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if log_file:
-        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
-        fh = logging.FileHandler(log_file)
-        fh.setFormatter(fmt)
-        root.addHandler(fh)
-    sh = logging.StreamHandler(sys.stderr)
-    sh.setLevel(logging.DEBUG if verbose else logging.WARNING)
-    sh.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
-    root.addHandler(sh)
 
 
 def run_generate(engine: Engine, args: argparse.Namespace, extra: dict | None = None) -> None:

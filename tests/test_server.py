@@ -388,7 +388,7 @@ def test_event_loop_choice(server):
 
     import uvloop
 
-    from server.app import new_event_loop
+    from splitcomm.channel import new_event_loop
     from splitcore.errors import InvalidInput
 
     assert isinstance(server.loop, uvloop.Loop)

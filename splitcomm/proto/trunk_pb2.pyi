@@ -342,3 +342,29 @@ class TrainResponse(_message.Message):
     adapter: AdapterState
     server_ms: float
     def __init__(self, step: _Optional[int] = ..., opened: _Optional[_Union[TrainOpened, _Mapping]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., grad: _Optional[_Union[Tensor, _Mapping]] = ..., adapter: _Optional[_Union[AdapterState, _Mapping]] = ..., server_ms: _Optional[float] = ...) -> None: ...
+
+class RelayItem(_message.Message):
+    __slots__ = ("stream", "message", "has_message", "peer", "end", "cancel", "code", "details")
+    STREAM_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    HAS_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    PEER_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    CANCEL_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    DETAILS_FIELD_NUMBER: _ClassVar[int]
+    stream: int
+    message: bytes
+    has_message: bool
+    peer: str
+    end: bool
+    cancel: bool
+    code: int
+    details: str
+    def __init__(self, stream: _Optional[int] = ..., message: _Optional[bytes] = ..., has_message: _Optional[bool] = ..., peer: _Optional[str] = ..., end: _Optional[bool] = ..., cancel: _Optional[bool] = ..., code: _Optional[int] = ..., details: _Optional[str] = ...) -> None: ...
+
+class RelayBatch(_message.Message):
+    __slots__ = ("items",)
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[RelayItem]
+    def __init__(self, items: _Optional[_Iterable[_Union[RelayItem, _Mapping]]] = ...) -> None: ...

@@ -270,3 +270,75 @@ class Trunk:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class TrunkRelayStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Relay = channel.stream_stream(
+                '/gpt2split.v1.TrunkRelay/Relay',
+                request_serializer=trunk__pb2.RelayBatch.SerializeToString,
+                response_deserializer=trunk__pb2.RelayBatch.FromString,
+                _registered_method=True)
+
+
+class TrunkRelayServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def Relay(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_TrunkRelayServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Relay': grpc.stream_stream_rpc_method_handler(
+                    servicer.Relay,
+                    request_deserializer=trunk__pb2.RelayBatch.FromString,
+                    response_serializer=trunk__pb2.RelayBatch.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'gpt2split.v1.TrunkRelay', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('gpt2split.v1.TrunkRelay', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class TrunkRelay:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Relay(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/gpt2split.v1.TrunkRelay/Relay',
+            trunk__pb2.RelayBatch.SerializeToString,
+            trunk__pb2.RelayBatch.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
