@@ -156,7 +156,10 @@ class TrunkServer:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
 
     async def _build(self) -> grpc.aio.Server:
-        server = make_server(self.cfg.max_message_bytes, self.cfg.auth_token)
+        if self.cfg.fronts:  # on a private socket, to its fronts only: they check the token and the message sizes
+            server = make_server(max_message_bytes=-1)  # a relay batch carries many messages
+        else:
+            server = make_server(self.cfg.max_message_bytes, self.cfg.auth_token)
         add_to_server(self.servicer, server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)

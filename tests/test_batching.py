@@ -35,7 +35,7 @@ PROMPTS = [
 ]
 
 
-@pytest.fixture(scope="module", params=[1, 2], ids=["one-in-flight", "pipelined"])
+@pytest.fixture(scope="module", params=[(1, 0), (2, 0), (1, 2)], ids=["one-in-flight", "pipelined", "fronts"])
 def batching_server(models_dir, tiny, request):
     # a long wait, so that steps of sessions that are decoding meet in one batch on a busy 2-core machine
     srv = start_tiny_server(
@@ -45,7 +45,8 @@ def batching_server(models_dir, tiny, request):
         batch_wait_ms=50,
         grace_s=0.5,
         metrics_port=free_port(),
-        pipeline_depth=request.param,
+        pipeline_depth=request.param[0],
+        fronts=request.param[1],  # gRPC front processes relaying to this one: the same results, through them
     )
     yield srv
     srv.stop(0.5)
@@ -166,15 +167,17 @@ def test_open_close_500_sessions_leaves_rss_flat(batching_server):
                 s.step(x)
                 s.step(y)
 
+    procs = [psutil.Process()] + [psutil.Process(p.pid) for p in srv.fronts]  # this one, and the fronts if any
     cycle(50)  # warm-up: allocator pools, gRPC buffers, logging
     wait_for(lambda: srv.sessions.active() == 0, what="warm-up sessions closed")
     gc.collect()
-    rss = psutil.Process().memory_info().rss
+    rss = [p.memory_info().rss for p in procs]
     cycle(500)
     wait_for(lambda: srv.sessions.active() == 0 and srv.runtime.used_slots() == 0, what="sessions closed")
     gc.collect()
-    grown = psutil.Process().memory_info().rss - rss
-    assert grown < 20 * 2**20, f"RSS grew {grown / 2**20:.1f} MiB over 500 sessions"
+    for p, before in zip(procs, rss, strict=True):
+        grown = p.memory_info().rss - before
+        assert grown < 20 * 2**20, f"RSS of pid {p.pid} grew {grown / 2**20:.1f} MiB over 500 sessions"
     client.close()
 
 

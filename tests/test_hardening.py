@@ -67,8 +67,8 @@ def test_sixteen_concurrent_sessions_match_solo_runs(models_dir, server_target, 
 # --- limits ---------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def limited(models_dir, tiny):
+@pytest.fixture(scope="module", params=[0, 2], ids=["direct", "fronts"])
+def limited(models_dir, tiny, request):
     srv = start_tiny_server(
         models_dir,
         max_sessions=4,
@@ -76,6 +76,7 @@ def limited(models_dir, tiny):
         max_message_bytes=256 * 1024,
         idle_timeout_s=0.5,
         grace_s=0.5,
+        fronts=request.param,  # the limits hold, and say so, through gRPC fronts too
     )
     client = TrunkClient(TrunkClientConfig(f"127.0.0.1:{srv.port}"))
     yield srv, client, client.info().fingerprint
@@ -311,7 +312,18 @@ def _code(call) -> tuple[grpc.StatusCode, str]:
         return e.code(), e.details() or ""
 
 
-def test_fuzz_every_rpc(models_dir, server_target, server):
+@pytest.fixture(scope="module")
+def fronted(models_dir, tiny):
+    """A server whose port is served by two gRPC fronts relaying to it."""
+    srv = start_tiny_server(models_dir, max_sessions=24, grace_s=0.5, fronts=2)
+    yield srv
+    srv.stop(0.5)
+
+
+@pytest.mark.parametrize("through", ["direct", "fronts"])
+def test_fuzz_every_rpc(models_dir, request, through):
+    server = request.getfixturevalue("server" if through == "direct" else "fronted")
+    server_target = f"127.0.0.1:{server.port}"
     rng = random.Random(20261122)
     channel = grpc.insecure_channel(server_target)
     stub = pb_grpc.TrunkStub(channel)

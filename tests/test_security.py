@@ -82,7 +82,7 @@ def pki(tmp_path_factory) -> dict[str, str]:
     }
 
 
-def _server(models_dir, pki, mtls=False) -> TrunkServer:
+def _server(models_dir, pki, mtls=False, fronts=0) -> TrunkServer:
     return start_tiny_server(
         models_dir,
         tls_cert=pki["server_cert"],
@@ -91,12 +91,13 @@ def _server(models_dir, pki, mtls=False) -> TrunkServer:
         auth_token=TOKEN,
         idle_timeout_s=300,
         grace_s=0.5,
+        fronts=fronts,
     )
 
 
-@pytest.fixture(scope="module")
-def tls_server(models_dir, pki, tiny):
-    srv = _server(models_dir, pki)
+@pytest.fixture(scope="module", params=[0, 2], ids=["direct", "fronts"])
+def tls_server(models_dir, pki, tiny, request):
+    srv = _server(models_dir, pki, fronts=request.param)  # with fronts, they hold the TLS and check the token
     yield srv
     srv.stop(0.5)
 
