@@ -1,0 +1,172 @@
+"""gRPC fronts (`python -m server --fronts N`): processes that share the port and relay to the engine. What goes
+through them is what goes to a server without them (the batching, limits, fuzz and TLS tests run both ways); here,
+what is theirs alone: their processes, a front that dies, training through them, and their layering."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import grpc
+import psutil
+import pytest
+import torch
+
+from client.train import LocalTrainer, SplitTrainer
+from splitcomm.errors import TrunkError, TrunkUnavailable
+from splitcomm.proto import trunk_pb2 as pb
+from splitcomm.trunk_client import TrunkClient, TrunkClientConfig
+from splitcore.engine import FullEngine
+from splitcore.sampling import SamplingParams
+from splitcore.training import TextData
+from tests.conftest import ROOT, TINY, start_tiny_server, subprocess_env, tiny_split_engine, wait_for
+from tests.test_training import SETTINGS
+
+GREEDY = SamplingParams(temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def fronted(models_dir, tiny):
+    srv = start_tiny_server(models_dir, max_sessions=12, kv_slots=10, grace_s=0.5, fronts=2)
+    yield srv
+    srv.stop(0.5)
+
+
+def test_stateless_and_session_generation_through_fronts_equal_the_full_model(models_dir, fronted, tiny):
+    want = FullEngine(tiny, torch.device("cpu"), torch.float32).run("Through the front", 16, GREEDY).token_ids
+    for kw in ({}, {"stateless": True}):
+        engine = tiny_split_engine(models_dir, f"127.0.0.1:{fronted.port}", **kw)
+        assert engine.run("Through the front", 16, GREEDY).token_ids == want, kw
+        engine.close()
+    wait_for(lambda: fronted.sessions.active() == 0 and fronted.runtime.used_slots() == 0, what="sessions freed")
+
+
+def test_split_training_through_fronts_equals_local_training(models_dir, fronted):
+    engine = tiny_split_engine(models_dir, f"127.0.0.1:{fronted.port}")
+    data = TextData.from_path(ROOT / "README.md", engine.encode, block=32)
+    layers = list(engine.split.layers("trunk", engine.model.config.n_layer))
+    local, split = LocalTrainer(engine.model, layers, SETTINGS), SplitTrainer(engine, SETTINGS, "none")
+    try:
+        for step in range(1, 4):
+            batch = data.batch(step, 2, seed=0)
+            a, b = local.step(step, batch), split.step(step, batch)
+            assert abs(a.loss - b.loss) <= 1e-5 * abs(a.loss), (step, a.loss, b.loss)
+        want, got = local.adapter(), split.adapter()
+        assert max(float((want[k] - got[k]).abs().max()) for k in want) <= 1e-5
+    finally:
+        split.close()
+        engine.close()
+    wait_for(lambda: fronted.sessions.active() == 0, what="training session freed")
+
+
+def test_a_front_that_dies_ends_its_own_sessions_only(models_dir, tiny, monkeypatch):
+    import splitcomm.channel
+
+    options = splitcomm.channel.channel_options  # a connection per client (one process's channels share one)
+    monkeypatch.setattr(
+        splitcomm.channel, "channel_options", lambda *a: options(*a) + [("grpc.use_local_subchannel_pool", 1)]
+    )
+    srv = start_tiny_server(models_dir, max_sessions=20, kv_slots=16, grace_s=0.5, fronts=2)
+    target = f"127.0.0.1:{srv.port}"
+    try:
+        fp = pb.Fingerprint(**srv.fingerprint.to_dict(), digest=srv.fingerprint.digest)
+        # a client of its own per session: a connection each, which the kernel hands to one front or the other
+        clients = [TrunkClient(TrunkClientConfig(target)) for _ in range(16)]
+        sessions = [c.session(fp, 32) for c in clients]
+        for s in sessions:
+            s.step(torch.zeros(1, 3, 64))
+        assert srv.runtime.used_slots() == 16
+        victim = srv.fronts[0]
+        victim.send_signal(signal.SIGKILL)
+        victim.wait()
+        alive = []
+        for s in sessions:
+            try:
+                s.step(torch.zeros(1, 1, 64))
+                alive.append(s)
+            except TrunkError as e:  # its front has gone
+                assert e.code == grpc.StatusCode.UNAVAILABLE
+        assert 0 < len(alive) < len(sessions)  # both fronts had some (all on one: 2 in 65,536)
+        # the engine freed the slots of the dead front's sessions; the others go on
+        wait_for(lambda: srv.runtime.used_slots() == len(alive), what="the dead front's slots freed")
+        for s in alive:
+            s.step(torch.zeros(1, 1, 64))
+        engine = tiny_split_engine(models_dir, target)  # a new connection goes to the front that is left
+        want = FullEngine(tiny, torch.device("cpu"), torch.float32).run("Still here", 8, GREEDY).token_ids
+        assert engine.run("Still here", 8, GREEDY).token_ids == want
+        engine.close()
+        for s, c in zip(sessions, clients, strict=True):
+            s.close()
+            c.close()
+        wait_for(lambda: srv.runtime.used_slots() == 0, what="every slot freed")
+    finally:
+        srv.stop(0.5)
+
+
+def _start(*args: str) -> tuple[subprocess.Popen, str]:
+    cmd = [sys.executable, "-m", "server", "--model", TINY, "--host", "127.0.0.1", "--device", "cpu", *args]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env(), cwd=ROOT)
+    return p, p.stdout.readline()
+
+
+def test_server_process_with_fronts_starts_stops_and_they_follow_it(tmp_path):
+    p, line = _start("--port", "0", "--fronts", "2", "--log-file", str(tmp_path / "s.log"))
+    try:
+        assert "ready on 127.0.0.1:" in line and "2 gRPC fronts" in line, p.stderr.read()
+        port = int(line.split("127.0.0.1:")[1].split(":")[0])
+        fronts = psutil.Process(p.pid).children()
+        assert len(fronts) == 2 and all("server.front" in " ".join(f.cmdline()) for f in fronts)
+        with TrunkClient(TrunkClientConfig(f"127.0.0.1:{port}")) as c:
+            assert c.info().split_start == 2
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=30) == 0
+        gone, alive = psutil.wait_procs(fronts, timeout=10)
+        assert not alive
+    finally:
+        p.kill()
+    log = (tmp_path / "s.log").read_text()
+    assert "front-0 serving" in log and "front-1 stopped" in log and "trunk server stopped" in log
+
+    p, line = _start("--port", "0", "--fronts", "1")  # an engine that dies: its fronts stop too
+    try:
+        fronts = psutil.Process(p.pid).children()
+        p.kill()
+        p.wait()
+        gone, alive = psutil.wait_procs(fronts, timeout=15)
+        assert not alive
+    finally:
+        p.kill()
+
+
+def test_fronts_on_a_port_in_use_is_one_line(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        p, line = _start("--port", str(s.getsockname()[1]), "--fronts", "2")
+        err = p.stderr.read()
+        assert p.wait(timeout=60) == 2 and line == ""
+    assert err.startswith("error: cannot bind 127.0.0.1:") and "in use" in err and "Traceback" not in err
+
+
+def test_a_front_loads_neither_torch_nor_the_model():
+    code = "import sys, server.front; print('torch' in sys.modules, 'numpy' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=subprocess_env(), cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "False"]
+
+
+def test_a_client_cancelled_mid_session_frees_its_slot_on_the_engine(fronted):
+    fp = pb.Fingerprint(**fronted.fingerprint.to_dict(), digest=fronted.fingerprint.digest)
+    client = TrunkClient(TrunkClientConfig(f"127.0.0.1:{fronted.port}"))
+    s = client.session(fp, 32)
+    s.step(torch.zeros(1, 4, 64))
+    assert fronted.runtime.used_slots() == 1
+    s._stream._call.cancel()
+    wait_for(lambda: fronted.runtime.used_slots() == 0 and fronted.sessions.active() == 0, what="slot freed")
+    with pytest.raises(TrunkUnavailable):
+        s.step(torch.zeros(1, 1, 64))
+    client.close()
+    assert os.path.exists(fronted._engine_dir)
