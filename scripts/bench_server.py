@@ -13,6 +13,7 @@ Prints a markdown table, writes JSON (--json) and a plotly chart (--plot).
     python scripts/bench_server.py --unbatched                    # and the same with --max-batch 1
     python scripts/bench_server.py --pipeline-depth 1,2           # and with two cohorts out of phase
     python scripts/bench_server.py --switch-interval-ms 0.1,0     # the server's GIL switch interval: 0.1, Python's 5 ms
+    python scripts/bench_server.py --fronts 0,2                   # and with two gRPC front processes relaying
     python scripts/bench_server.py --model random:tiny --simulate-device-ms 0.6  # a GPU-like device, on a CPU
 
 `--simulate-device-ms` runs scripts/simulated_server.py: the real server whose decode batches sleep that long
@@ -103,10 +104,12 @@ def worker(target, wire, n_sessions, prompt_h, step_hs, ready, go, done_steps, o
     out.put(results)
 
 
-def aio_worker(target, wire, n_sessions, prompt_h, step_hs, ready, go, done_steps, out) -> None:
+def aio_worker(target, wire, n_sessions, prompt_h, step_hs, ready, go, done_steps, out, connections) -> None:
     """The same as `worker`, driven by asyncio over raw Session streams with messages encoded in advance: a load
     generator whose own cost (a sync gRPC client spends ~0.1-0.2 ms of Python per step) does not hide the
-    server's capacity, as vLLM's benchmark clients do over HTTP."""
+    server's capacity, as vLLM's benchmark clients do over HTTP. `connections`: "session", a connection of its own
+    per session, as separate clients have (the kernel hands each to one of the server's fronts, if it has them);
+    "process", one connection for all of the process's sessions."""
     import asyncio
 
     import grpc
@@ -135,9 +138,12 @@ def aio_worker(target, wire, n_sessions, prompt_h, step_hs, ready, go, done_step
         return resp
 
     async def main() -> None:
-        async with grpc.aio.insecure_channel(target, options=channel_options()) as channel:
-            stub = pb_grpc.TrunkStub(channel)
-            calls = [stub.Session() for _ in range(n_sessions)]
+        own = [("grpc.use_local_subchannel_pool", 1)] if connections == "session" else []
+        channels = [
+            grpc.aio.insecure_channel(target, options=channel_options() + own) for _ in range(n_sessions if own else 1)
+        ]
+        try:
+            calls = [pb_grpc.TrunkStub(channels[i % len(channels)]).Session() for i in range(n_sessions)]
             for call in calls:
                 await call.write(opening)
                 await exchange(call, prefill)
@@ -157,6 +163,9 @@ def aio_worker(target, wire, n_sessions, prompt_h, step_hs, ready, go, done_step
                 return lat, start, end
 
             out.put(await asyncio.gather(*(run(c) for c in calls)))
+        finally:
+            for channel in channels:
+                await channel.close()
 
     asyncio.run(main())
 
@@ -195,15 +204,28 @@ def thread_cpu(pid: int) -> dict[str, float] | None:
     return out
 
 
-def cpu_shares(before: dict[str, float] | None, after: dict[str, float] | None, seconds: float) -> dict:
-    """The server's CPU over a run, in cores: its event loop's, its scheduler's, and all of its threads'."""
+def fronts_cpu(pid: int) -> float | None:
+    """CPU seconds the server's gRPC fronts (its child processes) have used; None where there is no /proc."""
+    try:
+        kids = [int(x) for x in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return None
+    return sum(sum((thread_cpu(k) or {}).values()) for k in kids)
+
+
+def cpu_shares(before: tuple, after: tuple, seconds: float, steps: int) -> dict:
+    """The server's CPU over a run, in cores: its event loop's, its scheduler's, all of its threads', its fronts';
+    and the CPU time of the event loop per decode step served, µs (what bounds the server where the loop is busy)."""
+    (before, fronts_before), (after, fronts_after) = before, after
     if before is None or after is None:
-        return {"loop_cpu": None, "scheduler_cpu": None, "server_cpu": None, "thread_cpu": {}}
+        return {"loop_cpu": None, "scheduler_cpu": None, "server_cpu": None, "fronts_cpu": None, "thread_cpu": {}}
     used = {k: (v - before.get(k, 0.0)) / seconds for k, v in after.items()}
     return {
         "loop_cpu": used.get("grpc-loop", 0.0),
+        "loop_us_per_step": used.get("grpc-loop", 0.0) * seconds / steps * 1e6,
         "scheduler_cpu": used.get("trunk-scheduler", 0.0),
         "server_cpu": sum(used.values()),
+        "fronts_cpu": (fronts_after - fronts_before) / seconds,
         "thread_cpu": {k: round(v, 3) for k, v in sorted(used.items())},  # (/proc counts in 10 ms ticks)
     }
 
@@ -215,7 +237,11 @@ def run_load(target, args, n: int, prompt_h, step_hs, fp, metrics_port: int, ser
     ready, out, go, done = ctx.Queue(), ctx.Queue(), ctx.Event(), ctx.Value("i", 0)
     target_fn = aio_worker if args.clients == "aio" else worker
     procs = [
-        ctx.Process(target=target_fn, args=(target, args.wire_dtype, k, prompt_h, step_hs, ready, go, done, out))
+        ctx.Process(
+            target=target_fn,
+            args=(target, args.wire_dtype, k, prompt_h, step_hs, ready, go, done, out)
+            + ((args.connections,) if args.clients == "aio" else ()),
+        )
         for k in shares
     ]
     for p in procs:
@@ -223,7 +249,8 @@ def run_load(target, args, n: int, prompt_h, step_hs, fp, metrics_port: int, ser
     for _ in procs:
         ready.get(timeout=600)
     client = TrunkClient(TrunkClientConfig(target))
-    before, cpu_before, t_before = scrape(metrics_port), thread_cpu(server_pid), time.monotonic()
+    cpu_before = thread_cpu(server_pid), fronts_cpu(server_pid)
+    before, t_before = scrape(metrics_port), time.monotonic()
     go.set()
     total = n * step_hs.shape[0]
     while done.value < total // 4:  # a newcomer arrives while the N are well into decoding
@@ -232,7 +259,8 @@ def run_load(target, args, n: int, prompt_h, step_hs, fp, metrics_port: int, ser
     newcomer_during = done.value < total
     results = [r for _ in procs for r in out.get(timeout=600)]
     wall = max(r[2] for r in results) - min(r[1] for r in results)
-    cpu = cpu_shares(cpu_before, thread_cpu(server_pid), time.monotonic() - t_before)
+    cpu_after = thread_cpu(server_pid), fronts_cpu(server_pid)
+    cpu = cpu_shares(cpu_before, cpu_after, time.monotonic() - t_before, total)
     after = {k: v - before[k] for k, v in scrape(metrics_port).items()}  # the newcomer's prefill is in there too
     for p in procs:
         p.join(timeout=60)
@@ -249,6 +277,7 @@ def run_load(target, args, n: int, prompt_h, step_hs, fp, metrics_port: int, ser
         "newcomer_during_decode": newcomer_during,
         "client_processes": procs_n,
         "clients": args.clients,
+        "connections": args.connections if args.clients == "aio" else "process",
     } | cpu
 
 
@@ -280,6 +309,18 @@ def main() -> None:
         "sessions in threads (what the project's own client adds)",
     )
     p.add_argument(
+        "--connections",
+        default="session",
+        choices=["session", "process"],
+        help="aio clients: a connection per session, as separate clients have (default), or one per client process",
+    )
+    p.add_argument(
+        "--fronts",
+        type=numbers(int, 0),
+        default="0",
+        help="the server's --fronts (gRPC front processes); comma-separated to run each side by side (e.g. 0,2)",
+    )
+    p.add_argument(
         "--event-loop", default="auto", help="the server's --event-loop; comma-separated to run each side by side"
     )
     p.add_argument(
@@ -307,16 +348,17 @@ def main() -> None:
         p.error("--event-loop needs at least one value")
     prompt_h, step_hs = hidden_states(args.model, args.models_dir, args.prompt, args.steps)
     configs = {}
-    for d, loop, sw in itertools.product(depths, loops, switches):
+    for d, loop, sw, fronts in itertools.product(depths, loops, switches, args.fronts):
         name = "batched" if d == 1 else f"pipelined {d}"
         name += "" if len(loops) == 1 else f", {loop}"
         name += "" if len(switches) == 1 else f", switch {sw:g} ms" if sw else ", switch 5 ms"
-        configs[name] = (args.max_batch, d, loop, sw)
-    configs |= {"unbatched": (1, 1, loops[0], switches[0])} if args.unbatched else {}
+        name += "" if len(args.fronts) == 1 else f", {fronts} fronts"
+        configs[name] = (args.max_batch, d, loop, sw, fronts)
+    configs |= {"unbatched": (1, 1, loops[0], switches[0], args.fronts[0])} if args.unbatched else {}
     rows, t0 = [], time.perf_counter()
-    for name, (max_batch, depth, loop, sw) in configs.items():
+    for name, (max_batch, depth, loop, sw, fronts) in configs.items():
         flags = ["--device", args.device, "--dtype", args.dtype, "--max-batch", str(max_batch)]
-        flags += ["--pipeline-depth", str(depth), "--event-loop", loop]
+        flags += ["--pipeline-depth", str(depth), "--event-loop", loop, "--fronts", str(fronts)]
         flags += [] if sw is None else ["--switch-interval-ms", str(sw)]
         flags += ["--kv-slots", str(max(ns) + 2), "--max-session-tokens", str(args.prompt + args.steps + 2)]
         flags += ["--max-sessions", str(max(ns) + 8), "--metrics-host", "127.0.0.1"]
@@ -361,9 +403,9 @@ def main() -> None:
     )
     print(
         "| config | sessions | tokens/s | x one | p50 ms | p50 x one | p99 ms | newcomer TTFT ms | x idle "
-        "| mean batch | compute busy | loop CPU | server CPU |"
+        "| mean batch | compute busy | loop CPU | loop µs/step | server CPU | fronts CPU |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         one = next(x for x in rows if x["config"] == r["config"] and x["sessions"] == ns[0])
         r["x_one"] = r["tokens_per_s"] / one["tokens_per_s"]
@@ -372,7 +414,8 @@ def main() -> None:
         print(
             f"| {r['config']} | {r['sessions']} | {r['tokens_per_s']:,.1f} | {r['x_one']:.2f} | {r['p50_ms']:.2f} | "
             f"{r['p50_x_one']:.2f} | {r['p99_ms']:.2f} | {r['newcomer_ttft_ms']:.1f} | {r['ttft_x_idle']:.2f} | "
-            f"{r['mean_batch']:.1f} | {r['busy_share']:.0%} | {cores(r['loop_cpu'])} | {cores(r['server_cpu'])} |"
+            f"{r['mean_batch']:.1f} | {r['busy_share']:.0%} | {cores(r['loop_cpu'])} | "
+            f"{us(r.get('loop_us_per_step'))} | {cores(r['server_cpu'])} | {cores(r['fronts_cpu'])} |"
         )
     out = {"model": args.model, "machine": machine, "command": " ".join(sys.argv), "rows": rows}
     if args.json:
@@ -385,6 +428,10 @@ def main() -> None:
 
 def cores(x: float | None) -> str:
     return "-" if x is None else f"{x:.0%}"
+
+
+def us(x: float | None) -> str:
+    return "-" if x is None else f"{x:.0f}"
 
 
 def plot(rows: list[dict], path: Path) -> None:
