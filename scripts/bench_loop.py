@@ -6,7 +6,14 @@ scheduler thread batches them over a device that takes no time. What it reports,
 is the ceiling the servicer and runtime put on a server before gRPC and the GPU take their share: the number to
 compare when changing the per-step path (README, "Many clients, one trunk"). Any machine; a few seconds.
 
+`--path relay` runs the engine's side of the gRPC fronts instead (`python -m server --fronts N`): the sessions'
+steps come and go in relay batches, as from a front, through the relay and the servicer's Session handler
+(opened with a real fingerprint; then every step a decode step, started at once with no task). Without gRPC
+either way, the two paths differ by what the relay adds and saves on the event loop; gRPC's own cost per message,
+which the relay pays once per batch, comes on top of the servicer path on a real server.
+
     python scripts/bench_loop.py                          # N = 1, 16, 64 on uvloop
+    python scripts/bench_loop.py --path servicer,relay    # the two side by side
     python scripts/bench_loop.py --sessions 16 --event-loop asyncio --json loop.json
 """
 
@@ -30,22 +37,25 @@ sys.path.insert(0, str(ROOT))
 
 from scripts.bench import numbers  # noqa: E402
 from scripts.simulated_server import SimulatedDevice  # noqa: E402
+from server.relay import RelayServicer  # noqa: E402
 from server.runtime import TrunkRuntime  # noqa: E402
-from server.servicer import TrunkServicer  # noqa: E402
+from server.servicer import TrunkServicer, lenient  # noqa: E402
 from server.sessions import SessionRegistry  # noqa: E402
 from splitcomm import codec  # noqa: E402
 from splitcomm.channel import new_event_loop  # noqa: E402
 from splitcomm.proto import trunk_pb2 as pb  # noqa: E402
+from splitcore.fingerprint import model_fingerprint  # noqa: E402
 from splitcore.models import resolve_model  # noqa: E402
-from splitcore.parts import load_parts  # noqa: E402
+from splitcore.parts import Split, load_parts  # noqa: E402
 
 
-def measure(trunk, n: int, seconds: float, loop_kind: str, wire: torch.dtype) -> dict:
-    """N sessions stepping for `seconds` on a fresh loop, runtime and servicer: steps/s and the mean batch."""
+def measure(trunk, fingerprint, n: int, seconds: float, loop_kind: str, wire: torch.dtype, path: str) -> dict:
+    """N sessions stepping for `seconds` on a fresh loop, runtime and servicer, through the servicer's `_step` or
+    the relay: steps/s and the mean batch."""
     rt = TrunkRuntime(trunk, n, 64, max_batch=n)  # the device below keeps no position: 64 is plenty
     rt.trunk = SimulatedDevice(trunk, 0.0)  # a decode batch takes no time and keeps nothing
     sessions = SessionRegistry(n + 1, 0)
-    svc = TrunkServicer(trunk, pb.ServerInfo(), None, sessions, 0, 1 << 24, 1.0, 1, rt)
+    svc = TrunkServicer(trunk, pb.ServerInfo(), fingerprint, sessions, 0, 1 << 24, 1.0, 1, rt)
     hidden = codec.encode(torch.randn(1, 1, trunk.config.n_embd), wire)
     steps = [0] * n
 
@@ -62,9 +72,50 @@ def measure(trunk, n: int, seconds: float, loop_kind: str, wire: torch.dtype) ->
         await asyncio.gather(*(session(i, t0 + seconds) for i in range(n)))
         return time.perf_counter() - t0
 
+    async def relayed() -> float:
+        """A front's side, as the engine sees it: every session's next step goes out, many to a relay batch, as
+        soon as its answer is in."""
+        fp = pb.Fingerprint(**fingerprint.to_dict(), digest=fingerprint.digest)
+        opening = pb.StepRequest(open=pb.SessionOpen(fingerprint=fp, max_length=32)).SerializeToString()
+        pending = [pb.RelayItem(stream=i + 1, peer="bench", message=opening, has_message=True) for i in range(n)]
+        ready = asyncio.Event()
+
+        def step(i: int) -> pb.RelayItem:
+            raw = pb.StepRequest(step=pb.Step(step=steps[i], hidden=hidden)).SerializeToString()
+            return pb.RelayItem(stream=i + 1, message=raw, has_message=True)
+
+        pending += [step(i) for i in range(n)]
+
+        async def front():
+            while True:
+                while not pending:
+                    ready.clear()
+                    await ready.wait()
+                batch = pb.RelayBatch(items=pending)
+                pending.clear()
+                yield pb.RelayBatch.FromString(batch.SerializeToString())  # as received
+
+        relay = RelayServicer(svc, lenient(pb.StepRequest))
+        answers = relay.Relay(front(), _Peer())
+        t0 = time.perf_counter()
+        async for batch in answers:
+            batch.SerializeToString()  # as sent
+            for item in batch.items:
+                if item.end:
+                    raise RuntimeError(f"session {item.stream} ended: {item.code} {item.details}")
+                i = item.stream - 1
+                steps[i] += 1
+                pending.append(step(i))
+            ready.set()
+            if time.perf_counter() - t0 >= seconds:
+                break
+        wall = time.perf_counter() - t0
+        await answers.aclose()  # its sessions end, as when a front goes
+        return wall
+
     loop = new_event_loop(loop_kind)
     try:
-        wall = loop.run_until_complete(main())
+        wall = loop.run_until_complete(main() if path == "servicer" else relayed())
     finally:
         loop.close()
         rt.stop()
@@ -72,11 +123,17 @@ def measure(trunk, n: int, seconds: float, loop_kind: str, wire: torch.dtype) ->
         sessions.shutdown()
     total = sum(steps)
     return {
+        "path": path,
         "sessions": n,
         "steps_per_s": total / wall,
         "us_per_step": wall / total * 1e6,
         "mean_batch": rt.stats.batched_rows / max(1, rt.stats.batches),
     }
+
+
+class _Peer:
+    def peer(self) -> str:
+        return "bench-front"
 
 
 def main() -> None:
@@ -87,17 +144,32 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=3.0, help="how long each N steps")
     p.add_argument("--event-loop", default="auto", choices=["auto", "uvloop", "asyncio"])
     p.add_argument("--wire-dtype", default="float32", choices=["float32", "float16"])
+    p.add_argument(
+        "--path",
+        default="servicer",
+        type=lambda v: [x.strip() for x in v.split(",") if x.strip()],
+        help="servicer (a server without fronts), relay (the engine of one with fronts), or both, comma-separated",
+    )
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
-    trunk = load_parts(resolve_model(args.model, args.models_dir), "2,10", ("trunk",))["trunk"]
+    if not args.path or set(args.path) - {"servicer", "relay"}:
+        p.error("--path takes servicer, relay or both, comma-separated")
+    model = resolve_model(args.model, args.models_dir)
+    trunk = load_parts(model, "2,10", ("trunk",))["trunk"]
+    fingerprint = model_fingerprint(model, Split.parse("2,10", model.config.n_layer))
     rows = []
-    for n in args.sessions:
-        rows.append(measure(trunk, n, args.seconds, args.event_loop, codec.WIRE_DTYPES[args.wire_dtype]))
-        print(f"  N={n}: {rows[-1]['steps_per_s']:,.0f} steps/s", file=sys.stderr)
-    print(f"\nservicer + runtime, no network, a device of 0 ms; {args.event_loop} loop, {args.wire_dtype} wire\n")
-    print("| sessions | steps/s | us a step | mean batch |\n|---:|---:|---:|---:|")
+    for path in args.path:
+        for n in args.sessions:
+            wire = codec.WIRE_DTYPES[args.wire_dtype]
+            rows.append(measure(trunk, fingerprint, n, args.seconds, args.event_loop, wire, path))
+            print(f"  {path} N={n}: {rows[-1]['steps_per_s']:,.0f} steps/s", file=sys.stderr)
+    print(f"\nno network, a device of 0 ms; {args.event_loop} loop, {args.wire_dtype} wire\n")
+    print("| path | sessions | steps/s | us a step | mean batch |\n|---|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['sessions']} | {r['steps_per_s']:,.0f} | {r['us_per_step']:.1f} | {r['mean_batch']:.1f} |")
+        print(
+            f"| {r['path']} | {r['sessions']} | {r['steps_per_s']:,.0f} | {r['us_per_step']:.1f} | "
+            f"{r['mean_batch']:.1f} |"
+        )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"command": " ".join(sys.argv), "rows": rows}, indent=2))

@@ -352,7 +352,7 @@ def main() -> None:
         name = "batched" if d == 1 else f"pipelined {d}"
         name += "" if len(loops) == 1 else f", {loop}"
         name += "" if len(switches) == 1 else f", switch {sw:g} ms" if sw else ", switch 5 ms"
-        name += "" if len(args.fronts) == 1 else f", {fronts} fronts"
+        name += "" if len(args.fronts) == 1 else f", {fronts} front" + "s" * (fronts != 1)
         configs[name] = (args.max_batch, d, loop, sw, fronts)
     configs |= {"unbatched": (1, 1, loops[0], switches[0], args.fronts[0])} if args.unbatched else {}
     rows, t0 = [], time.perf_counter()

@@ -62,6 +62,8 @@ class TrunkServer:
 
     def __init__(self, cfg: ServerConfig):
         self.cfg = cfg
+        if cfg.fronts < 0:
+            raise InvalidInput(f"--fronts must be >= 0 (0: this process serves gRPC itself), got {cfg.fronts}")
         device = resolve_device(cfg.device)  # a wrong device fails before any model is fetched or built
         model = resolve_with_fallback(cfg.model, cfg.models_dir, cfg.fallback_random)
         split = Split.parse(cfg.split, model.config.n_layer)
@@ -164,7 +166,7 @@ class TrunkServer:
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         if self.cfg.fronts:
-            relay = RelayServicer(self.servicer.Session, lenient(pb.StepRequest))
+            relay = RelayServicer(self.servicer, lenient(pb.StepRequest))
             handler = grpc.stream_stream_rpc_method_handler(
                 relay.Relay,
                 request_deserializer=pb.RelayBatch.FromString,

@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Callable
 
 import grpc
 
+from server.futures import Held
 from splitcomm.proto import trunk_pb2 as pb
 
 logger = logging.getLogger(__name__)
@@ -84,24 +85,68 @@ class _Context:
 
 
 class _Call:
-    """One relayed session stream on the engine: its requests as they come, and the task that serves it."""
+    """One relayed session stream on the engine: the task that serves it (the servicer's Session handler) and the
+    requests it has yet to read. A decode step that comes while the task waits for its next request starts at
+    once, with no task (`step_now`), and its answer goes straight out. The task reads nothing more until that
+    step is answered, so the session's steps stay in order, and it cannot end while the step runs (its slot is
+    given back only when nothing of it is in flight)."""
 
-    def __init__(self):
+    def __init__(self, stream: int, out: Outbox):
+        self.stream, self.out = stream, out
         self.requests: asyncio.Queue = asyncio.Queue()
         self.task: asyncio.Task | None = None
-        self.ended = False
+        self.session = None  # once open
+        self.waiting = False  # the task waits for its next request
+        self.busy = False  # a step started at once is in flight
+        self.answer_seen: asyncio.Future | None = None  # what the task awaits while it is (refuses cancel)
+        self.failed: BaseException | None = None  # how such a step failed: the task raises it
+
+    def opened(self, session) -> None:
+        self.session = session
+
+    def idle(self) -> bool:
+        """Open, and waiting for its next request with nothing queued or in flight: a step may start at once."""
+        return self.waiting and not self.busy and self.session is not None and self.requests.empty()
+
+    def answered(self, result) -> None:
+        """The answer of a step started at once: the response goes to the front; an error, to the task."""
+        self.busy = False
+        if isinstance(result, BaseException):
+            self.failed = result
+            self.requests.put_nowait(_WAKE)
+        else:
+            self.out.put(pb.RelayItem(stream=self.stream, message=result.SerializeToString(), has_message=True))
+        if self.answer_seen is not None:
+            self.answer_seen.set_result(None)
+            self.answer_seen = None
 
     async def iterate(self) -> AsyncIterator:
-        while (req := await self.requests.get()) is not None:
+        while True:
+            self.waiting = True
+            try:
+                req = await self.requests.get()
+            finally:
+                self.waiting = False
+                if self.busy:  # cancelled or not, a step in flight is answered first
+                    self.answer_seen = Held(loop=asyncio.get_running_loop())
+                    await self.answer_seen
+            if self.failed is not None:
+                raise self.failed
+            if req is None:
+                return
             yield req
 
 
-class RelayServicer:
-    """The engine's end of the relay: serves every session stream of a front with `session`, the servicer's
-    Session handler (request iterator, context) -> responses; `parse` reads a StepRequest's bytes."""
+_WAKE = object()  # wakes a call's task to raise how its step failed
 
-    def __init__(self, session: Callable, parse: Callable[[bytes], object]):
-        self._session, self._parse = session, parse
+
+class RelayServicer:
+    """The engine's end of the relay. `servicer` serves each relayed session stream with its Session handler
+    (request iterator, context, opened) and starts decode steps at once with `step_now`; `parse` reads a
+    StepRequest's bytes."""
+
+    def __init__(self, servicer, parse: Callable[[bytes], object]):
+        self._servicer, self._parse = servicer, parse
 
     async def Relay(self, request_iterator, context):
         out, calls = Outbox(), {}
@@ -123,29 +168,37 @@ class RelayServicer:
         logger.info("gRPC front %s connected", front)
         newest = 0  # a front numbers its streams 1, 2, ... and opens them in that order
         async for batch in request_iterator:
+            starts: list = []  # decode steps that start at once, queued with the runtime together
             for item in batch.items:
                 call = calls.get(item.stream)
                 if call is None:
                     if item.stream <= newest:
                         continue  # a late item of a stream that has ended here: its front forgets it too
                     newest = item.stream
-                    call = calls[item.stream] = _Call()
+                    call = calls[item.stream] = _Call(item.stream, out)
                     call.task = asyncio.ensure_future(self._serve(item.stream, item.peer, call, out, calls))
                 if item.has_message:
-                    call.requests.put_nowait(self._parse(item.message))
+                    req = self._parse(item.message)
+                    if call.idle() and self._servicer.step_now(call.session, req, call.answered, starts):
+                        call.busy = True
+                    else:
+                        call.requests.put_nowait(req)
                 if item.end:
                     call.requests.put_nowait(None)
                 if item.cancel:
                     call.task.cancel()
+            if starts:
+                self._servicer.runtime.decode_then(starts)
 
     async def _serve(self, stream: int, peer: str, call: _Call, out: Outbox, calls: dict[int, _Call]) -> None:
         def end(code: grpc.StatusCode, details: str) -> None:
-            if not call.ended:
-                call.ended = True
+            if not ended:
+                ended.append(code)
                 out.put(pb.RelayItem(stream=stream, end=True, code=code.value[0], details=details))
 
+        ended: list = []
         try:
-            async for resp in self._session(call.iterate(), _Context(peer, end)):
+            async for resp in self._servicer.Session(call.iterate(), _Context(peer, end), call.opened):
                 out.put(pb.RelayItem(stream=stream, message=resp.SerializeToString(), has_message=True))
             end(grpc.StatusCode.OK, "")
         except grpc.aio.AbortError:

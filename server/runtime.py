@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from server.futures import Held, Then
 from server.sessions import ServerDraining
 from splitcore.cudagraph import MIN_BUCKET
 from splitcore.errors import InvalidInput, LimitExceeded
@@ -81,28 +82,8 @@ class _Work:
     batch: int = 1  # rows of the forward it ran in
 
 
-class _Held(asyncio.Future):
-    """The future of a piece of work queued from an event loop, which a cancel of its awaiter does not cancel: the
-    task stays until the work has run (a session's slot or state may be given back only then) and gets its
-    CancelledError then (asyncio's Task.cancel, when the future it awaits refuses to be cancelled). `settled` does
-    the same for any future with asyncio.shield, at two more callbacks and one more pass of the loop a step."""
-
-    def cancel(self, msg: Any = None) -> bool:
-        return False
-
-
-async def settled(fut: asyncio.Future) -> Any:
-    """Await `fut` to the end even if the awaiting task is cancelled meanwhile (then re-raise the cancel): a
-    session's work in flight must finish before its slot or state is given back."""
-    try:
-        return await asyncio.shield(fut)
-    except asyncio.CancelledError:
-        while not fut.done():
-            try:
-                await asyncio.shield(fut)
-            except asyncio.CancelledError:
-                pass
-        raise
+def _then(w: _Work, then: Callable[[Any, float, int, BaseException | None], None]) -> None:
+    then(w.result, w.compute_ms, w.batch, w.error)
 
 
 def _settle(futs: list[asyncio.Future]) -> None:
@@ -244,7 +225,7 @@ class TrunkRuntime:
 
     # --- work -------------------------------------------------------------------------------------------
     # Each kind of work has a blocking form, for a caller's thread, and an awaitable one, for the servicer's event
-    # loop. An awaited piece of work runs to its end even when its awaiter is cancelled (see `_Held`).
+    # loop. An awaited piece of work runs to its end even when its awaiter is cancelled (see `Held`).
     def decode(self, slot: int, h: torch.Tensor | np.ndarray) -> tuple[torch.Tensor, float, int]:
         """One new position for the one-row session in `slot` (h: (1, 1, C), a tensor or a float32/float16 array),
         batched with the other sessions'.
@@ -259,6 +240,23 @@ class TrunkRuntime:
         trunk (what the servicer encodes with numpy), else a tensor."""
         w = await self._wait_async(_Work(slot, h), decode=True)
         return w.result, w.compute_ms, w.batch
+
+    def decode_then(self, steps: list[tuple[int, np.ndarray, Callable[[Any, float, int, BaseException | None], None]]]):
+        """`decode_async` for many steps at once with no task to wake, queued together: for each (slot, h, then),
+        `then(output, compute ms, rows, error)` is called on the running event loop once the step has run (or has
+        failed: output None and the error)."""
+        loop = asyncio.get_running_loop()
+        works = []
+        for slot, h, then in steps:
+            w = _Work(slot, h)
+            w.fut = Then(loop, functools.partial(_then, w, then))
+            works.append(w)
+        try:
+            self._queue_all(works, decode=True)
+        except ServerDraining as e:
+            for w in works:
+                w.error = e
+            self._tell(works)
 
     def _chunks(self, slot: int, h: torch.Tensor, model: GPT2 | None) -> list[Callable[[], torch.Tensor]]:
         with self._cv:
@@ -302,9 +300,9 @@ class TrunkRuntime:
         return self._outcome(w)
 
     async def _wait_async(self, w: _Work, decode: bool) -> _Work:
-        w.fut = _Held(loop=asyncio.get_running_loop())
+        w.fut = Held(loop=asyncio.get_running_loop())
         self._queue(w, decode)
-        await w.fut  # to the end, even if the awaiter is cancelled meanwhile (see _Held)
+        await w.fut  # to the end, even if the awaiter is cancelled meanwhile (see Held)
         return self._outcome(w)
 
     @staticmethod
@@ -314,15 +312,18 @@ class TrunkRuntime:
         return w
 
     def _queue(self, w: _Work, decode: bool) -> None:
+        self._queue_all([w], decode)
+
+    def _queue_all(self, works: list[_Work], decode: bool) -> None:
         with self._cv:
             if self._stopping:
                 raise ServerDraining("the trunk server is shutting down; retry on another server or later")
             idle = not (self._decodes or self._alone)
             if decode:
-                self._decoding.add(w.slot)
-                self._decodes.append(w)
+                self._decoding.update(w.slot for w in works)
+                self._decodes.extend(works)
             else:
-                self._alone.append(w)
+                self._alone.extend(works)
             # Wake the scheduler when it waits for work, or when the batch it gathers is complete: not at every
             # arrival, which would take the GIL from the event loop that is receiving the others.
             if idle or not decode or len(self._decodes) >= self._expected():

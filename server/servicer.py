@@ -19,9 +19,10 @@ import numpy as np
 import torch
 from google.protobuf.message import DecodeError
 
+from server.futures import settled
 from server.metrics import Metrics
 from server.monitor import GpuProbe, Sampler
-from server.runtime import TrunkRuntime, settled
+from server.runtime import TrunkRuntime
 from server.sessions import SessionRegistry
 from server.status import check_fingerprint, closer, status_on_error
 from server.training import TrainHandler, settings_from_pb
@@ -174,8 +175,9 @@ class TrunkServicer(pb_grpc.TrunkServicer):
         out, ms = await self.runtime.run_timed_async(several_rows)
         return out, ms, 1
 
-    async def _step(self, session, req: pb.StepRequest) -> pb.StepResponse:
-        arrived = time.perf_counter()
+    def _check(self, session, req: pb.StepRequest) -> tuple[np.ndarray, int] | pb.StepResponse:
+        """A step's checks, its rollback if it asks for one, and its hidden states decoded: (h as numpy, wire dtype),
+        or the answer of a step that only rolls back."""
         if req.WhichOneof("kind") != "step":
             raise InvalidInput(f"expected a 'step' message, got '{req.WhichOneof('kind')}'")
         if req.step.step != session.next_step:
@@ -196,12 +198,15 @@ class TrunkServicer(pb_grpc.TrunkServicer):
                 f"session would hold {cached + h.shape[1]} tokens, past its limit of "
                 f"{session.max_length} (model context / max session tokens)"
             )
-        out, ms, rows = await self._compute(session, h, wire)
+        return h, wire
+
+    def _answer(self, session, req, shape, wire: int, out, ms: float, rows: int, arrived: float) -> pb.StepResponse:
+        """The response to a step that has run, and the session's books."""
         session.next_step += 1
         session.last_active = time.monotonic()
         self.sessions.record_step(ms / rows)  # its share of the forward it ran in
         if self.metrics is not None:
-            self.metrics.step("decode" if h.shape[1] == 1 else "prefill", h.shape[0] * h.shape[1])
+            self.metrics.step("decode" if shape[1] == 1 else "prefill", shape[0] * shape[1])
         resp = pb.StepResponse(
             step=req.step.step,
             hidden=codec.encode(out, codec.wire_torch_dtype(wire)),
@@ -211,9 +216,55 @@ class TrunkServicer(pb_grpc.TrunkServicer):
         resp.server_wall_ms = (time.perf_counter() - arrived) * 1e3
         return resp
 
-    async def Session(self, request_iterator, context):
+    async def _step(self, session, req: pb.StepRequest) -> pb.StepResponse:
+        arrived = time.perf_counter()
+        checked = self._check(session, req)
+        if isinstance(checked, pb.StepResponse):
+            return checked
+        h, wire = checked
+        out, ms, rows = await self._compute(session, h, wire)
+        return self._answer(session, req, h.shape, wire, out, ms, rows, arrived)
+
+    def step_now(
+        self, session, req: pb.StepRequest, answer: Callable[[pb.StepResponse | BaseException], None], starts: list
+    ) -> bool:
+        """Make ready a session's decode step that runs with no task of its own (the relay from the fronts: no
+        task wakes up for it on the way in or out): True if taken, and then it is in `starts`, for the runtime's
+        `decode_then`, and `answer` gets the response, or the error, on this event loop once it has run. False
+        for any other step, or for one with anything wrong with it, which then goes the usual way (`_step` finds
+        what is wrong and says so). The caller runs no other step of the session until it is answered."""
+        if not isinstance(req, pb.StepRequest) or session.closed or session.batch != 1 or session.model is not None:
+            return False
+        if req.WhichOneof("kind") != "step":
+            return False
+        if req.step.HasField("truncate_to") or req.step.hidden.dtype not in codec.NUMPY_FLOATS:
+            return False
+        arrived = time.perf_counter()
+        try:
+            h, wire = self._check(session, req)
+        except (InvalidInput, LimitExceeded):
+            return False
+        if h.shape[:2] != (1, 1):
+            return False
+
+        def then(out, ms: float, rows: int, error: BaseException | None) -> None:
+            if error is None:
+                try:
+                    answer(self._answer(session, req, h.shape, wire, out, ms, rows, arrived))
+                    return
+                except Exception as e:  # handed on, as any error of the step
+                    error = e
+            answer(error)
+
+        starts.append((session.slot, h, then))
+        return True
+
+    async def Session(self, request_iterator, context, opened: Callable[[object], None] | None = None):
+        """One session stream; `opened` is told the session once it is open (the relay from the fronts)."""
         async with status_on_error(context, "session", self._count):
             session = await self._open(await anext(request_iterator, None), context)
+            if opened is not None:
+                opened(session)
             try:
                 async for req in request_iterator:
                     if session.closed:  # by the idle reaper, which marks it and cancels the call

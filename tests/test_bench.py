@@ -72,20 +72,23 @@ def run_script(tmp_path, models_dir, script: str, *args: str) -> dict:
 
 
 def test_bench_loop_measures_the_serving_path(tmp_path, models_dir, tiny):
-    d = run_script(tmp_path, models_dir, "bench_loop", "--sessions", "1,4", "--seconds", "0.5")
-    rows = {r["sessions"]: r for r in d["rows"]}
-    assert set(rows) == {1, 4} and all(r["steps_per_s"] > 0 for r in rows.values())
-    assert rows[1]["mean_batch"] == 1.0 and rows[4]["mean_batch"] >= 2  # the four met in batches
-    assert "| 4 |" in d["stdout"]
+    args = ["--sessions", "1,4", "--seconds", "0.5", "--path", "servicer,relay"]
+    d = run_script(tmp_path, models_dir, "bench_loop", *args)
+    rows = {(r["path"], r["sessions"]): r for r in d["rows"]}
+    assert set(rows) == {(p, n) for p in ("servicer", "relay") for n in (1, 4)}
+    assert all(r["steps_per_s"] > 0 for r in rows.values())
+    for path in ("servicer", "relay"):  # the four met in batches, through either path
+        assert rows[path, 1]["mean_batch"] == 1.0 and rows[path, 4]["mean_batch"] >= 2
+    assert "| relay | 4 |" in d["stdout"]
 
 
 def test_bench_server_runs_settings_side_by_side(tmp_path, models_dir, tiny):
-    """bench_server on the simulated device, two switch intervals: every (setting, N) measured, with the server's
-    own metrics read around each run."""
+    """bench_server on the simulated device, without fronts and with one: every (setting, N) measured, with the
+    server's own metrics read around each run."""
     args = ["--simulate-device-ms", "0.5", "--sessions", "1,2", "--steps", "24", "--prompt", "4", "--client-procs", "1"]
-    d = run_script(tmp_path, models_dir, "bench_server", *args, "--switch-interval-ms", "0.1,0")
+    d = run_script(tmp_path, models_dir, "bench_server", *args, "--fronts", "0,1")
     got = {(r["config"], r["sessions"]): r for r in d["rows"]}
-    names = ["batched, switch 0.1 ms", "batched, switch 5 ms"]
+    names = ["batched, 0 fronts", "batched, 1 front"]
     assert set(got) == {(c, n) for c in names for n in (1, 2)}
     for r in got.values():
         assert r["tokens_per_s"] > 0 and r["p50_ms"] <= r["p99_ms"]
@@ -93,4 +96,6 @@ def test_bench_server_runs_settings_side_by_side(tmp_path, models_dir, tiny):
         # the server's threads, found by the names it gives them in the operating system
         assert {"grpc-loop", "trunk-scheduler"} <= set(r["thread_cpu"]) and r["loop_cpu"] <= r["server_cpu"]
     assert sum(r["loop_cpu"] for r in got.values()) > 0  # /proc counts in ticks of 10 ms: short runs may show 0
+    assert all(r["fronts_cpu"] == 0 for (c, _), r in got.items() if c == names[0])
+    assert sum(r["fronts_cpu"] for (c, _), r in got.items() if c == names[1]) > 0  # the front's process, found
     assert "SIMULATED device of 0.5 ms" in d["stdout"]

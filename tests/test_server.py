@@ -344,16 +344,20 @@ def test_server_process_ready_line_logs_and_sigterm(tmp_path):
     assert "serving random:tiny blocks 2-9" in text and "trunk server stopped" in text
 
 
-def test_server_bad_flags_one_line():
+@pytest.mark.parametrize(
+    ("flags", "says"),
+    [(["--split", "9,3"], "error: split points 9,3"), (["--fronts", "-1"], "error: --fronts must be")],
+)
+def test_server_bad_flags_one_line(flags, says):
     r = subprocess.run(
-        [sys.executable, "-m", "server", "--model", "random:tiny", "--split", "9,3", "--port", "0"],
+        [sys.executable, "-m", "server", "--model", "random:tiny", *flags, "--port", "0"],
         capture_output=True,
         text=True,
         env=subprocess_env(),
         cwd=ROOT,
         timeout=60,
     )
-    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: split points 9,3")
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith(says), r.stderr
 
 
 def test_step_times_nest(engines):
