@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 
 import grpc
 import psutil
@@ -170,3 +171,64 @@ def test_a_client_cancelled_mid_session_frees_its_slot_on_the_engine(fronted):
         s.step(torch.zeros(1, 1, 64))
     client.close()
     assert os.path.exists(fronted._engine_dir)
+
+
+def test_a_session_cancelled_with_a_step_in_flight_keeps_its_slot_until_the_step_has_run(models_dir, tiny):
+    """A relayed decode step runs with no task of its own: the session's task, cancelled meanwhile, must still wait
+    for it before the slot goes back (another session could get the slot while the step writes to it)."""
+    from scripts.simulated_server import SimulatedDevice
+
+    srv = start_tiny_server(models_dir, max_sessions=4, kv_slots=2, grace_s=0.5, fronts=1)
+    rt = srv.runtime
+    rt.trunk = SimulatedDevice(rt.trunk, 400.0)  # a decode batch takes 0.4 s; a prefill runs on the model
+    released = []
+    release = rt.release_slot
+
+    def checked_release(slot: int) -> None:
+        with rt._cv:
+            released.append((slot, slot in rt._flying or any(w.slot == slot for w in rt._decodes)))
+        release(slot)
+
+    rt.release_slot = checked_release
+    try:
+        fp = pb.Fingerprint(**srv.fingerprint.to_dict(), digest=srv.fingerprint.digest)
+        client = TrunkClient(TrunkClientConfig(f"127.0.0.1:{srv.port}"))
+        s = client.session(fp, 32)
+        s.step(torch.zeros(1, 3, 64))
+        errors = []
+
+        def step() -> None:
+            try:
+                s.step(torch.zeros(1, 1, 64))
+            except TrunkError as e:
+                errors.append(e)
+
+        t = threading.Thread(target=step)
+        t.start()
+        wait_for(lambda: rt._flying, what="the decode step in flight")
+        s._stream._call.cancel()
+        t.join(10)
+        wait_for(lambda: released, what="the slot given back")
+        assert released == [(0, False)]  # given back, with nothing of its session queued or running
+        assert errors and rt.stats.batches == 1
+        client.close()
+    finally:
+        srv.stop(0.5)
+
+
+def test_a_relayed_step_refused_by_a_stopping_runtime_is_unavailable(models_dir, tiny):
+    srv = start_tiny_server(models_dir, max_sessions=4, kv_slots=2, grace_s=0.5, fronts=1)
+    try:
+        fp = pb.Fingerprint(**srv.fingerprint.to_dict(), digest=srv.fingerprint.digest)
+        client = TrunkClient(TrunkClientConfig(f"127.0.0.1:{srv.port}"))
+        s = client.session(fp, 32)
+        s.step(torch.zeros(1, 3, 64))
+        s.step(torch.zeros(1, 1, 64))
+        srv.runtime.stop()  # what the server's stop does, after its grace
+        with pytest.raises(TrunkError, match="shutting down") as e:
+            s.step(torch.zeros(1, 1, 64))
+        assert e.value.code == grpc.StatusCode.UNAVAILABLE
+        wait_for(lambda: srv.runtime.used_slots() == 0, what="slot freed")
+        client.close()
+    finally:
+        srv.stop(0.5)
