@@ -114,21 +114,27 @@ class Front:
 
     # --- every other call, passed through -----------------------------------------------------------------
     def _passed(self, method):
+        """A handler that makes the same call of the engine, bytes in and out, and hands back its status."""
         path = f"/{SERVICE.full_name}/{method.name}"
+        if not method.server_streaming:
+            call_engine = self.channel.unary_unary(path)
 
-        async def unary(request, context):
-            try:
-                return await self.channel.unary_unary(path)(request, timeout=context.time_remaining())
-            except grpc.aio.AioRpcError as e:
-                await context.abort(e.code(), e.details())
+            async def unary(request, context):
+                try:
+                    return await call_engine(request, timeout=context.time_remaining())
+                except grpc.aio.AioRpcError as e:
+                    await context.abort(e.code(), e.details())
+
+            return unary
+        call_engine = (self.channel.stream_stream if method.client_streaming else self.channel.unary_stream)(path)
 
         async def streamed(request_or_iterator, context):
+            pump = None
             if method.client_streaming:
-                call = self.channel.stream_stream(path)(timeout=context.time_remaining())
+                call = call_engine(timeout=context.time_remaining())
                 pump = asyncio.ensure_future(_forward(request_or_iterator, call))
             else:
-                call = self.channel.unary_stream(path)(request_or_iterator, timeout=context.time_remaining())
-                pump = None
+                call = call_engine(request_or_iterator, timeout=context.time_remaining())
             try:
                 while (resp := await call.read()) is not grpc.aio.EOF:
                     yield resp
@@ -139,7 +145,7 @@ class Front:
                     pump.cancel()
                 call.cancel()
 
-        return streamed if method.server_streaming else unary
+        return streamed
 
     def handlers(self) -> grpc.GenericRpcHandler:
         kinds = {

@@ -16,6 +16,7 @@ decode batch are settled in one pass of the loop, and go out together).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import AsyncIterator, Callable
 
@@ -63,10 +64,6 @@ class Outbox:
                 n += 1
             batch, self._items = self._items[:n], self._items[n:]
             yield pb.RelayBatch(items=batch)
-
-
-class _End(Exception):
-    """A relayed call ended with a status that has been sent to its front."""
 
 
 class _Context:
@@ -140,6 +137,13 @@ class _Call:
 _WAKE = object()  # wakes a call's task to raise how its step failed
 
 
+def _closed(out: Outbox, reader: asyncio.Task) -> None:
+    """The front's side of the relay has ended: so does the engine's, once its answers are out."""
+    if not reader.cancelled() and reader.exception() is not None:
+        logger.warning("relay from a gRPC front broke: %r", reader.exception())
+    out.close()
+
+
 class RelayServicer:
     """The engine's end of the relay. `servicer` serves each relayed session stream with its Session handler
     (request iterator, context, opened) and starts decode steps at once with `step_now`; `parse` reads a
@@ -151,7 +155,7 @@ class RelayServicer:
     async def Relay(self, request_iterator, context):
         out, calls = Outbox(), {}
         reader = asyncio.ensure_future(self._read(request_iterator, out, calls, context.peer()))
-        reader.add_done_callback(lambda _: out.close())
+        reader.add_done_callback(functools.partial(_closed, out))
         try:
             async for batch in out.batches():
                 yield batch

@@ -24,7 +24,7 @@ from splitcore.engine import FullEngine
 from splitcore.sampling import SamplingParams
 from splitcore.training import TextData
 from tests.conftest import ROOT, TINY, start_tiny_server, subprocess_env, tiny_split_engine, wait_for
-from tests.test_training import SETTINGS
+from tests.test_training import BAD, SETTINGS, _open, _raw_train
 
 GREEDY = SamplingParams(temperature=0.0)
 
@@ -232,3 +232,23 @@ def test_a_relayed_step_refused_by_a_stopping_runtime_is_unavailable(models_dir,
         client.close()
     finally:
         srv.stop(0.5)
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_training_errors_come_through_a_front_as_they_are(models_dir, fronted, case):
+    engine = tiny_split_engine(models_dir, f"127.0.0.1:{fronted.port}")
+    first, *rest = BAD[case][0]
+    got, code, details = _raw_train(f"127.0.0.1:{fronted.port}", [_open(engine, **first), *rest])
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and BAD[case][1] in details, (code, details)
+    engine.close()
+    wait_for(lambda: fronted.sessions.active() == 0, what="refused training session freed")
+
+
+def test_a_training_session_cancelled_at_a_front_is_freed_on_the_engine(models_dir, fronted):
+    engine = tiny_split_engine(models_dir, f"127.0.0.1:{fronted.port}")
+    split = SplitTrainer(engine, SETTINGS)
+    split.remote.forward(1, torch.zeros(2, 32, 64))  # activations kept for a backward that never comes
+    assert fronted.sessions.active() == 1
+    split.remote._stream._call.cancel()
+    wait_for(lambda: fronted.sessions.active() == 0, what="training session gone after a cancel")
+    engine.close()
