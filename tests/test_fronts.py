@@ -113,6 +113,11 @@ def _start(*args: str) -> tuple[subprocess.Popen, str]:
     return p, p.stdout.readline()
 
 
+def _end(p: subprocess.Popen) -> None:
+    p.kill()
+    p.communicate(timeout=30)  # and its pipes closed
+
+
 def test_server_process_with_fronts_starts_stops_and_they_follow_it(tmp_path):
     p, line = _start("--port", "0", "--fronts", "2", "--log-file", str(tmp_path / "s.log"))
     try:
@@ -127,7 +132,7 @@ def test_server_process_with_fronts_starts_stops_and_they_follow_it(tmp_path):
         gone, alive = psutil.wait_procs(fronts, timeout=10)
         assert not alive
     finally:
-        p.kill()
+        _end(p)
     log = (tmp_path / "s.log").read_text()
     assert "front-0 serving" in log and "front-1 stopped" in log and "trunk server stopped" in log
 
@@ -139,7 +144,7 @@ def test_server_process_with_fronts_starts_stops_and_they_follow_it(tmp_path):
         gone, alive = psutil.wait_procs(fronts, timeout=15)
         assert not alive
     finally:
-        p.kill()
+        _end(p)
 
 
 def test_fronts_on_a_port_in_use_is_one_line(tmp_path):
@@ -147,8 +152,8 @@ def test_fronts_on_a_port_in_use_is_one_line(tmp_path):
         s.bind(("127.0.0.1", 0))
         s.listen()
         p, line = _start("--port", str(s.getsockname()[1]), "--fronts", "2")
-        err = p.stderr.read()
-        assert p.wait(timeout=60) == 2 and line == ""
+        _, err = p.communicate(timeout=60)
+        assert p.returncode == 2 and line == ""
     assert err.startswith("error: cannot bind 127.0.0.1:") and "in use" in err and "Traceback" not in err
 
 
