@@ -179,12 +179,15 @@ def newcomer_ttft(client: TrunkClient, fp, prompt_h: torch.Tensor, wire: torch.d
 
 
 def scrape(port: int) -> dict[str, float]:
-    """The server's Prometheus metrics that the table reads: decode batches, their rows, compute seconds."""
+    """The server's Prometheus metrics that the table reads: decode batches, their rows, compute seconds; with
+    fronts, the relay's batches and items each way."""
     import urllib.request
 
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     want = {"trunk_decode_batch_rows_count", "trunk_decode_batch_rows_sum", "trunk_compute_seconds_total"}
-    return {k: float(v) for k, v in (line.split() for line in text.splitlines() if line.split(" ")[0] in want)}
+    want |= {f'trunk_relay_{x}_total{{direction="{d}"}}' for x in ("batches", "items") for d in ("in", "out")}
+    got = {k: float(v) for k, v in (line.split() for line in text.splitlines() if line.split(" ")[0] in want)}
+    return {k: got.get(k, 0.0) for k in want}  # the relay's are there only with fronts
 
 
 def thread_cpu(pid: int) -> dict[str, float] | None:
@@ -269,6 +272,12 @@ def run_load(target, args, n: int, prompt_h, step_hs, fp, metrics_port: int, ser
     return {
         "mean_batch": after["trunk_decode_batch_rows_sum"] / max(1.0, after["trunk_decode_batch_rows_count"]),
         "busy_share": after["trunk_compute_seconds_total"] / wall,
+        # with fronts: messages (and events) per relay batch, front to engine and back
+        "relay_items_per_batch": {
+            d: after[f'trunk_relay_items_total{{direction="{d}"}}']
+            / max(1.0, after[f'trunk_relay_batches_total{{direction="{d}"}}'])
+            for d in ("in", "out")
+        },
         "sessions": n,
         "tokens_per_s": total / wall,
         "p50_ms": percentile(lat, 50),

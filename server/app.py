@@ -123,6 +123,7 @@ class TrunkServer:
             ),
         )
         self.metrics = Metrics(self.runtime, self.sessions) if cfg.metrics_port else None
+        self.relay = None  # with --fronts: the engine's end of their relay (built with the gRPC server)
         self.servicer = TrunkServicer(
             self.trunk,
             info,
@@ -143,6 +144,8 @@ class TrunkServer:
         self._loop_thread = threading.Thread(target=self._run_loop, daemon=True, name="grpc-loop")
         self._loop_thread.start()
         self.grpc_server = self._on_loop(self._build())
+        if self.metrics is not None and self.relay is not None:
+            self.metrics.relay(self.relay.stats)
         self.fronts: list[subprocess.Popen] = []  # with --fronts: the processes that serve the port
         self._engine_dir: str | None = None  # and the private directory of this process's own socket
         self.port: int | None = None
@@ -166,7 +169,7 @@ class TrunkServer:
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         if self.cfg.fronts:
-            relay = RelayServicer(self.servicer, lenient(pb.StepRequest))
+            self.relay = relay = RelayServicer(self.servicer, lenient(pb.StepRequest))
             handler = grpc.stream_stream_rpc_method_handler(
                 relay.Relay,
                 request_deserializer=pb.RelayBatch.FromString,

@@ -1,5 +1,6 @@
 """Prometheus metrics of the trunk server (`--metrics-port`): steps and tokens by kind, decode batch sizes,
-queue wait, sessions, KV slots and errors by status code. Counters the servicer bumps as it goes; the rest is
+queue wait, sessions, KV slots and errors by status code; with gRPC fronts, the fronts connected and the relay
+batches and their items. Counters the servicer bumps as it goes; the rest is
 read from the runtime and the session table at each scrape, so nothing is counted twice."""
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ class _FromRuntime:
 
     def __init__(self, runtime, sessions):
         self.runtime, self.sessions = runtime, sessions
+        self.relay = None  # the relay's RelayStats, on a server with gRPC fronts
 
     def collect(self):
         rt = self.runtime
@@ -48,6 +50,18 @@ class _FromRuntime:
             "Mean wait of a step before it ran, since start",
             value=stats.queue_wait_ms / 1e3 / stats.waited if stats.waited else 0.0,
         )
+        if self.relay is not None:  # a server with gRPC fronts
+            r = self.relay
+            yield GaugeMetricFamily("trunk_fronts", "gRPC fronts connected to this server", value=r.fronts)
+            batches = CounterMetricFamily("trunk_relay_batches", "Relay batches, by direction", labels=["direction"])
+            items = CounterMetricFamily(
+                "trunk_relay_items", "Messages and events in relay batches, by direction", labels=["direction"]
+            )
+            for direction, b, i in (("in", r.batches_in, r.items_in), ("out", r.batches_out, r.items_out)):
+                batches.add_metric([direction], b)
+                items.add_metric([direction], i)
+            yield batches
+            yield items
 
 
 class Metrics:
@@ -67,10 +81,15 @@ class Metrics:
             registry=self.registry,
         )
         self._children: dict[str, tuple] = {}  # per step kind: its steps and tokens counters
-        self.registry.register(_FromRuntime(runtime, sessions))
+        self._collector = _FromRuntime(runtime, sessions)
+        self.registry.register(self._collector)
         runtime.on_wait = self.queue_wait.observe  # seconds each piece of work waited for the scheduler
         self.port: int | None = None
         self._server = None
+
+    def relay(self, stats) -> None:
+        """Report the relay of a server with gRPC fronts too (its RelayStats)."""
+        self._collector.relay = stats
 
     def step(self, kind: str, tokens: int) -> None:
         children = self._children.get(kind)

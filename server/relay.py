@@ -19,6 +19,7 @@ import asyncio
 import functools
 import logging
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
 import grpc
 
@@ -31,6 +32,18 @@ RELAY_SERVICE = pb.DESCRIPTOR.services_by_name["TrunkRelay"].full_name
 RELAY_METHOD = f"/{RELAY_SERVICE}/Relay"
 BATCH_BYTES = 64 * 2**20  # a relay batch holds at most this much (one larger item goes alone): protobuf's 2 GiB cap
 STATUS_CODES = {c.value[0]: c for c in grpc.StatusCode}
+
+
+@dataclass
+class RelayStats:
+    """Running totals of the engine's relay (Prometheus reads them): relay batches and the items in them, each
+    way; items over batches is how many messages one relay message carried."""
+
+    fronts: int = 0  # relay streams open: fronts connected
+    batches_in: int = 0
+    items_in: int = 0
+    batches_out: int = 0
+    items_out: int = 0
 
 
 class Outbox:
@@ -151,15 +164,21 @@ class RelayServicer:
 
     def __init__(self, servicer, parse: Callable[[bytes], object]):
         self._servicer, self._parse = servicer, parse
+        self.stats = RelayStats()
 
     async def Relay(self, request_iterator, context):
         out, calls = Outbox(), {}
         reader = asyncio.ensure_future(self._read(request_iterator, out, calls, context.peer()))
         reader.add_done_callback(functools.partial(_closed, out))
+        stats = self.stats
+        stats.fronts += 1
         try:
             async for batch in out.batches():
+                stats.batches_out += 1
+                stats.items_out += len(batch.items)
                 yield batch
         finally:  # the front has gone (or the server stops): end its sessions, which gives their slots back
+            stats.fronts -= 1
             reader.cancel()
             tasks = [c.task for c in calls.values() if c.task is not None]
             for t in tasks:
@@ -171,7 +190,10 @@ class RelayServicer:
     async def _read(self, request_iterator, out: Outbox, calls: dict[int, _Call], front: str) -> None:
         logger.info("gRPC front %s connected", front)
         newest = 0  # a front numbers its streams 1, 2, ... and opens them in that order
+        stats = self.stats
         async for batch in request_iterator:
+            stats.batches_in += 1
+            stats.items_in += len(batch.items)
             starts: list = []  # decode steps that start at once, queued with the runtime together
             for item in batch.items:
                 call = calls.get(item.stream)

@@ -208,6 +208,16 @@ def test_metrics_and_monitor_report_batches_slots_and_errors(batching_server):
     assert value(r"trunk_kv_slot_bytes") == srv.runtime.slot_bytes
     assert 0 < value(r"trunk_compute_seconds_total") <= srv.runtime.stats.compute_ms / 1e3
     assert samples[-1].kv_slots_used >= 1 and samples[-1].kv_slots_used + samples[-1].kv_slots_free == 20
+    if srv.fronts:  # the relay's own: the fronts connected, and messages many to a relay batch (at least one)
+        assert value("trunk_fronts") == 2
+        assert (
+            value(r'trunk_relay_items_total\{direction="in"\}')
+            >= value(r'trunk_relay_batches_total\{direction="in"\}')
+            > 0
+        )
+        assert value(r'trunk_relay_items_total\{direction="out"\}') >= 3  # two answers and an end, at least
+    else:
+        assert "trunk_fronts" not in text
     client.close()
 
 
