@@ -20,13 +20,13 @@ import sys
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from server.relay import RELAY_METHOD, STATUS_CODES, Outbox
+from server.relay import FRONT_NAME, RELAY_METHOD, STATUS_CODES, Outbox
 from splitcomm.channel import DEFAULT_MAX_MESSAGE_BYTES, add_port, make_server, new_event_loop
 from splitcomm.proto import trunk_pb2 as pb
 from splitcore.errors import SplitError
 from splitcore.logs import setup_logging
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("server.front")  # run as __main__
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Trunk"]
 READY = "gRPC front ready on port"
@@ -37,7 +37,8 @@ LOST = "the trunk server's engine has gone; retry later"
 class Front:
     """The relay to the engine at `engine` (a local address) and the Trunk service's handlers over it."""
 
-    def __init__(self, engine: str):
+    def __init__(self, engine: str, name: str = "front"):
+        self.name = name
         self.channel = grpc.aio.insecure_channel(engine, options=_UNLIMITED)  # the clients' limits apply at the front
         self.lost = asyncio.Event()
         self._out = Outbox()
@@ -51,7 +52,7 @@ class Front:
             RELAY_METHOD,
             request_serializer=pb.RelayBatch.SerializeToString,
             response_deserializer=pb.RelayBatch.FromString,
-        )()
+        )(metadata=((FRONT_NAME, self.name),))
         self._tasks = [asyncio.ensure_future(self._write(call)), asyncio.ensure_future(self._read(call))]
 
     async def _write(self, call) -> None:
@@ -192,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 async def serve(args: argparse.Namespace) -> None:
-    front = Front(args.engine)
+    front = Front(args.engine, args.name)
     try:
         await front.connect(timeout=30)
     except TimeoutError:

@@ -32,6 +32,7 @@ RELAY_SERVICE = pb.DESCRIPTOR.services_by_name["TrunkRelay"].full_name
 RELAY_METHOD = f"/{RELAY_SERVICE}/Relay"
 BATCH_BYTES = 64 * 2**20  # a relay batch holds at most this much (one larger item goes alone): protobuf's 2 GiB cap
 STATUS_CODES = {c.value[0]: c for c in grpc.StatusCode}
+FRONT_NAME = "x-gpt2split-front"  # metadata of a relay: the front's name, for the engine's log
 
 
 @dataclass
@@ -168,7 +169,8 @@ class RelayServicer:
 
     async def Relay(self, request_iterator, context):
         out, calls = Outbox(), {}
-        reader = asyncio.ensure_future(self._read(request_iterator, out, calls, context.peer()))
+        front = dict(context.invocation_metadata() or ()).get(FRONT_NAME, context.peer())
+        reader = asyncio.ensure_future(self._read(request_iterator, out, calls, front))
         reader.add_done_callback(functools.partial(_closed, out))
         stats = self.stats
         stats.fronts += 1
@@ -185,7 +187,7 @@ class RelayServicer:
                 t.cancel()
             if tasks:
                 await asyncio.gather(*tasks, return_exceptions=True)
-            logger.info("relay from gRPC front %s ended (%d sessions open on it ended too)", context.peer(), len(tasks))
+            logger.info("relay from gRPC front %s ended (%d sessions open on it ended too)", front, len(tasks))
 
     async def _read(self, request_iterator, out: Outbox, calls: dict[int, _Call], front: str) -> None:
         logger.info("gRPC front %s connected", front)
