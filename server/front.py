@@ -21,7 +21,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from server.relay import FRONT_NAME, RELAY_METHOD, STATUS_CODES, Outbox
-from splitcomm.channel import DEFAULT_MAX_MESSAGE_BYTES, add_port, make_server, new_event_loop
+from splitcomm.channel import DEFAULT_MAX_MESSAGE_BYTES, add_port, make_server, method_handler, new_event_loop
 from splitcomm.proto import trunk_pb2 as pb
 from splitcore.errors import SplitError
 from splitcore.logs import setup_logging
@@ -149,16 +149,10 @@ class Front:
         return streamed
 
     def handlers(self) -> grpc.GenericRpcHandler:
-        kinds = {
-            (False, False): grpc.unary_unary_rpc_method_handler,
-            (False, True): grpc.unary_stream_rpc_method_handler,
-            (True, False): grpc.stream_unary_rpc_method_handler,
-            (True, True): grpc.stream_stream_rpc_method_handler,
-        }
         out = {}
         for m in SERVICE.methods:
             fn = self.Session if m.name == "Session" else self._passed(m)
-            out[m.name] = kinds[m.client_streaming, m.server_streaming](fn)  # bytes in, bytes out
+            out[m.name] = method_handler(m)(fn)  # bytes in, bytes out
         return grpc.method_handlers_generic_handler(SERVICE.full_name, out)
 
 

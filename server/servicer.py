@@ -27,6 +27,7 @@ from server.sessions import SessionRegistry
 from server.status import check_fingerprint, closer, status_on_error
 from server.training import TrainHandler, settings_from_pb
 from splitcomm import codec
+from splitcomm.channel import method_handler
 from splitcomm.proto import trunk_pb2 as pb
 from splitcomm.proto import trunk_pb2_grpc as pb_grpc
 from splitcore.errors import InvalidInput, LimitExceeded
@@ -360,19 +361,11 @@ def lenient(message_class) -> Callable[[bytes], Any]:
     return parse
 
 
-_HANDLERS = {
-    (False, False): grpc.unary_unary_rpc_method_handler,
-    (False, True): grpc.unary_stream_rpc_method_handler,
-    (True, False): grpc.stream_unary_rpc_method_handler,
-    (True, True): grpc.stream_stream_rpc_method_handler,
-}
-
-
 def add_to_server(servicer: TrunkServicer, server: grpc.aio.Server) -> None:
     """Serve every method of the Trunk service (from the proto's descriptor), with lenient request parsing."""
     service = pb.DESCRIPTOR.services_by_name["Trunk"]
     handlers = {
-        m.name: _HANDLERS[m.client_streaming, m.server_streaming](
+        m.name: method_handler(m)(
             getattr(servicer, m.name),
             request_deserializer=lenient(getattr(pb, m.input_type.name)),
             response_serializer=getattr(pb, m.output_type.name).SerializeToString,

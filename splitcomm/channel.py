@@ -107,6 +107,19 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
         return grpc.unary_unary_rpc_method_handler(deny, request_deserializer=handler.request_deserializer)
 
 
+_HANDLERS = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
+def method_handler(method) -> Callable:
+    """The grpc.*_rpc_method_handler for a method of a service descriptor, by its streaming either way."""
+    return _HANDLERS[method.client_streaming, method.server_streaming]
+
+
 def make_server(
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, token: str | None = None, share_port: bool = False
 ) -> grpc.aio.Server:
