@@ -288,7 +288,9 @@ class TrunkServer:
         weights = " [RANDOM WEIGHTS]" if self.model.is_random else ""
         device = f"{self.trunk.device}" + (" (picked by --device auto)" if self.cfg.device == "auto" else "")
         graphs = ", CUDA graphs" if self.graphs else ""
-        graphs += f", {self.runtime.slots} KV slots" + (f", {len(self.fronts)} gRPC front" + "s" * (len(self.fronts) > 1) if self.fronts else "")
+        graphs += f", {self.runtime.slots} KV slots"
+        n = len(self.fronts)
+        graphs += f", {n} gRPC front" + "s" * (n > 1) if n else ""
         return (
             f"trunk server ready on {self.cfg.host}:{self.port}: {self.model.spec}{weights}, blocks "
             f"{self.split.s1}-{self.split.s2 - 1}, {device}, "

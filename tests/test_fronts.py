@@ -257,3 +257,16 @@ def test_a_training_session_cancelled_at_a_front_is_freed_on_the_engine(models_d
     split.remote._stream._call.cancel()
     wait_for(lambda: fronted.sessions.active() == 0, what="training session gone after a cancel")
     engine.close()
+
+
+def test_speculative_decoding_through_fronts_equals_plain(models_dir, fronted, tiny):
+    """Speculation rolls the trunk's cache back (truncate_to) and verifies several tokens a step: the steps that
+    take the servicer's usual path, between decode steps that start at once."""
+    want = FullEngine(tiny, torch.device("cpu"), torch.float32).run("Once upon a time", 30, GREEDY).token_ids
+    engine = tiny_split_engine(models_dir, f"127.0.0.1:{fronted.port}")
+    for source in ("lookup", "self"):
+        spec = engine.run("Once upon a time", 30, GREEDY, speculate=source)
+        assert spec.token_ids == want, source
+        assert spec.stats.speculation.accepted > 0  # drafts were taken, and rolled back where refused
+    engine.close()
+    wait_for(lambda: fronted.sessions.active() == 0 and fronted.runtime.used_slots() == 0, what="sessions freed")
