@@ -225,8 +225,15 @@ class TrunkServer:
         return self.port
 
     def _start_fronts(self, host: str, port: int) -> int:
-        """Start --fronts processes on `port` (0: a free one), each relaying to this one; returns the port."""
-        port = _claim(host, port)
+        """Start --fronts processes on `port` (0: a free one), each relaying to this one; returns the port. If one
+        cannot start, the others stop and the socket's directory goes."""
+        try:
+            return self._spawn_fronts(host, _claim(host, port))
+        except BaseException:
+            self._stop_fronts(0)
+            raise
+
+    def _spawn_fronts(self, host: str, port: int) -> int:
         cfg = self.cfg
         env = dict(os.environ)
         env.pop("GPT2_AUTH_TOKEN", None)
@@ -255,7 +262,6 @@ class TrunkServer:
         for i, p in enumerate(self.fronts):
             line = p.stdout.readline()  # its ready line, or nothing if it failed (it said why on stderr)
             if not line.startswith(READY):
-                self._stop_fronts(0)
                 raise OSError(f"gRPC front {i} did not start (exit code {p.wait()}): see the error above")
             threading.Thread(target=self._watch, args=(i, p), daemon=True, name=f"front-{i}-watch").start()
         logger.info("%d gRPC fronts serving port %d (pids %s)", len(self.fronts), port, [p.pid for p in self.fronts])
