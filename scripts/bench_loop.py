@@ -132,8 +132,13 @@ def measure(trunk, fingerprint, n: int, seconds: float, loop_kind: str, wire: to
 
 
 class _Peer:
+    """What the relay reads of its gRPC context: the front's address and metadata."""
+
     def peer(self) -> str:
         return "bench-front"
+
+    def invocation_metadata(self) -> tuple:
+        return ()
 
 
 def main() -> None:
