@@ -32,6 +32,7 @@ SERVICE = pb.DESCRIPTOR.services_by_name["Trunk"]
 READY = "gRPC front ready on port"
 _UNLIMITED = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
 LOST = "the trunk server's engine has gone; retry later"
+AHEAD = 8  # a session's messages relayed and not yet answered, at most: what a front holds of a client that floods
 
 
 class Front:
@@ -90,12 +91,14 @@ class Front:
         stream = next(self._ids)
         inbox = self._streams[stream] = asyncio.Queue()
         self._out.put(pb.RelayItem(stream=stream, peer=context.peer()))
-        pump = asyncio.ensure_future(self._pump(stream, request_iterator))
+        ahead = asyncio.Semaphore(AHEAD)
+        pump = asyncio.ensure_future(self._pump(stream, request_iterator, ahead))
         ended = False
         try:
             while True:
                 item = await inbox.get()
                 if item.has_message:
+                    ahead.release()
                     yield item.message
                 if item.end:
                     ended = True
@@ -108,8 +111,14 @@ class Front:
             if not ended:  # the client cancelled or went away: the engine ends the session and frees its slot
                 self._out.put(pb.RelayItem(stream=stream, cancel=True))
 
-    async def _pump(self, stream: int, request_iterator) -> None:
+    async def _pump(self, stream: int, request_iterator, ahead: asyncio.Semaphore) -> None:
+        """The client's messages to the engine; a step waits while AHEAD of its session's are unanswered (gRPC's
+        flow control then holds the client back, as it does without fronts)."""
+        first = True
         async for raw in request_iterator:
+            if not first:  # every message but the opening one gets an answer
+                await ahead.acquire()
+            first = False
             self._out.put(pb.RelayItem(stream=stream, message=raw, has_message=True))
         self._out.put(pb.RelayItem(stream=stream, end=True))  # the client has closed its side
 

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 
 import grpc
 import psutil
@@ -271,3 +272,33 @@ def test_speculative_decoding_through_fronts_equals_plain(models_dir, fronted, t
         assert spec.stats.speculation.accepted > 0  # drafts were taken, and rolled back where refused
     engine.close()
     wait_for(lambda: fronted.sessions.active() == 0 and fronted.runtime.used_slots() == 0, what="sessions freed")
+
+
+def test_a_client_that_floods_its_session_is_held_back_at_the_front(models_dir, tiny):
+    """Without fronts gRPC's flow control holds back a client that sends steps faster than they run; a front reads
+    them for the relay, so it must hold them back itself: a session's unanswered steps stay at AHEAD or fewer."""
+    from scripts.simulated_server import SimulatedDevice
+    from server.front import AHEAD
+    from splitcomm.codec import encode
+    from splitcomm.proto import trunk_pb2_grpc as pb_grpc
+
+    srv = start_tiny_server(models_dir, max_sessions=4, kv_slots=2, grace_s=0.5, fronts=1)
+    srv.runtime.trunk = SimulatedDevice(srv.runtime.trunk, 200.0)  # a decode batch takes 0.2 s
+    fp = pb.Fingerprint(**srv.fingerprint.to_dict(), digest=srv.fingerprint.digest)
+    steps = 40
+    msgs = [pb.StepRequest(open=pb.SessionOpen(fingerprint=fp, max_length=steps + 8))]
+    msgs += [pb.StepRequest(step=pb.Step(step=0, hidden=encode(torch.zeros(1, 3, 64))))]
+    msgs += [pb.StepRequest(step=pb.Step(step=i, hidden=encode(torch.zeros(1, 1, 64)))) for i in range(1, steps)]
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{srv.port}") as channel:
+            call = pb_grpc.TrunkStub(channel).Session(iter(msgs), timeout=60)  # all sent at once, none awaited
+            first = next(call)
+            assert first.step == 0
+            wait_for(lambda: srv.relay.stats.items_in >= 2 + AHEAD, what="the first steps relayed")
+            time.sleep(0.5)  # a front that did not hold back would have relayed all 40 by now
+            answered = srv.runtime.stats.batches + 1
+            assert srv.relay.stats.items_in <= 2 + answered + AHEAD, (srv.relay.stats, answered)
+            call.cancel()
+        wait_for(lambda: srv.runtime.used_slots() == 0, 10, "slot freed")
+    finally:
+        srv.stop(0.5)
