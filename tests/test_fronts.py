@@ -302,3 +302,27 @@ def test_a_client_that_floods_its_session_is_held_back_at_the_front(models_dir, 
         wait_for(lambda: srv.runtime.used_slots() == 0, 10, "slot freed")
     finally:
         srv.stop(0.5)
+
+
+def test_an_adapter_trained_and_used_through_fronts_generates_as_the_full_model(models_dir, fronted, tiny, tmp_path):
+    """Training through a front (passed through), then generation with the adapter on the trunk (a relayed session
+    whose steps all take the servicer's usual path: they run with the session's adapter, alone)."""
+    from client.train import Run, TrainConfig
+
+    engine = tiny_split_engine(models_dir, f"127.0.0.1:{fronted.port}")
+    cfg = TrainConfig(steps=6, eval_every=0, eval_batches=1, batch_size=4, block_size=32, lora_rank=4, lr=3e-2)
+    cfg.out = str(tmp_path / "adapter")
+    data = TextData.from_path(ROOT / "README.md", engine.encode, block=32)
+    trainer = SplitTrainer(engine, cfg.lora())
+    list(Run(trainer, data, cfg, "random:tiny"))
+    trainer.close()
+    engine.close()
+    split = tiny_split_engine(models_dir, f"127.0.0.1:{fronted.port}", adapter=cfg.out)
+    full = FullEngine(tiny, torch.device("cpu"), torch.float32, adapter=cfg.out)
+    got = split.run("Once upon a time", 20, GREEDY).token_ids
+    assert got == full.run("Once upon a time", 20, GREEDY).token_ids
+    split.use_adapter = full.use_adapter = False
+    base = split.run("Once upon a time", 20, GREEDY).token_ids
+    assert base == full.run("Once upon a time", 20, GREEDY).token_ids and base != got  # the adapter did change it
+    split.close()
+    wait_for(lambda: fronted.sessions.active() == 0, what="sessions freed")
