@@ -20,7 +20,7 @@ import sys
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from server.relay import FRONT_NAME, RELAY_METHOD, STATUS_CODES, Outbox
+from server.relay import CLIENT_PEER, FRONT_NAME, RELAY_METHOD, STATUS_CODES, Outbox
 from splitcomm.channel import DEFAULT_MAX_MESSAGE_BYTES, add_port, make_server, method_handler, new_event_loop
 from splitcomm.proto import trunk_pb2 as pb
 from splitcore.errors import SplitError
@@ -131,7 +131,7 @@ class Front:
 
             async def unary(request, context):
                 try:
-                    return await call_engine(request, timeout=context.time_remaining())
+                    return await call_engine(request, timeout=context.time_remaining(), metadata=_peer(context))
                 except grpc.aio.AioRpcError as e:
                     await context.abort(e.code(), e.details())
 
@@ -141,10 +141,10 @@ class Front:
         async def streamed(request_or_iterator, context):
             pump = None
             if method.client_streaming:
-                call = call_engine(timeout=context.time_remaining())
+                call = call_engine(timeout=context.time_remaining(), metadata=_peer(context))
                 pump = asyncio.ensure_future(_forward(request_or_iterator, call))
             else:
-                call = call_engine(request_or_iterator, timeout=context.time_remaining())
+                call = call_engine(request_or_iterator, timeout=context.time_remaining(), metadata=_peer(context))
             try:
                 while (resp := await call.read()) is not grpc.aio.EOF:
                     yield resp
@@ -163,6 +163,10 @@ class Front:
             fn = self.Session if m.name == "Session" else self._passed(m)
             out[m.name] = method_handler(m)(fn)  # bytes in, bytes out
         return grpc.method_handlers_generic_handler(SERVICE.full_name, out)
+
+
+def _peer(context) -> tuple:
+    return ((CLIENT_PEER, context.peer()),)  # the engine logs and counts the client, not this front
 
 
 async def _forward(request_iterator, call) -> None:

@@ -33,6 +33,7 @@ RELAY_METHOD = f"/{RELAY_SERVICE}/Relay"
 BATCH_BYTES = 64 * 2**20  # a relay batch holds at most this much (one larger item goes alone): protobuf's 2 GiB cap
 STATUS_CODES = {c.value[0]: c for c in grpc.StatusCode}
 FRONT_NAME = "x-gpt2split-front"  # metadata of a relay: the front's name, for the engine's log
+CLIENT_PEER = "x-gpt2split-peer"  # metadata of a call a front passes on: the client's address
 
 
 @dataclass

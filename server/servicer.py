@@ -24,7 +24,7 @@ from server.metrics import Metrics
 from server.monitor import GpuProbe, Sampler
 from server.runtime import TrunkRuntime
 from server.sessions import SessionRegistry
-from server.status import check_fingerprint, closer, status_on_error
+from server.status import check_fingerprint, closer, peer, status_on_error
 from server.training import TrainHandler, settings_from_pb
 from splitcomm import codec
 from splitcomm.channel import method_handler
@@ -109,7 +109,7 @@ class TrunkServicer(pb_grpc.TrunkServicer):
                 f"per session (model context {self.trunk.n_positions}, max session tokens)"
             )
         model = await self._adapted(weights, o.lora) if weights else None
-        session = self.sessions.open(context.peer(), want, closer())
+        session = self.sessions.open(peer(context), want, closer())
         try:
             session.slot = self.runtime.acquire_slot()
         except LimitExceeded:
@@ -312,7 +312,7 @@ class TrunkServicer(pb_grpc.TrunkServicer):
     # --- Train ------------------------------------------------------------------------------------------
     async def Train(self, request_iterator, context):
         async with status_on_error(context, "training session", self._count):
-            async for resp in self.training.stream(request_iterator, context.peer(), closer(), self.in_thread):
+            async for resp in self.training.stream(request_iterator, peer(context), closer(), self.in_thread):
                 yield resp
 
     # --- Monitor ----------------------------------------------------------------------------------------

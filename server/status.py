@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 import grpc
 
+from server.relay import CLIENT_PEER
 from server.sessions import ServerDraining
 from splitcomm.proto import trunk_pb2 as pb
 from splitcore.errors import InvalidInput, LimitExceeded, Mismatch, SplitError
@@ -17,6 +18,15 @@ from splitcore.fingerprint import Fingerprint
 logger = logging.getLogger(__name__)
 
 CLOSED_BY_SERVER = "closed by the server"
+
+
+def peer(context) -> str:
+    """The client's address: the front's word for it on a call that came through one (over the engine's Unix
+    socket, which only the server's own fronts can reach; a call over TCP cannot claim another's address)."""
+    address = context.peer()
+    if address.startswith("unix:"):
+        return dict(context.invocation_metadata() or ()).get(CLIENT_PEER, address)
+    return address
 
 
 def closer() -> Callable[[str], None]:
@@ -41,7 +51,7 @@ async def status_on_error(context: grpc.aio.ServicerContext, what: str, count: C
     try:
         yield
     except asyncio.CancelledError as e:  # the client cancelled or disconnected, or the server closed the call
-        logger.debug("%s from %s cancelled", what, context.peer())
+        logger.debug("%s from %s cancelled", what, peer(context))
         if count is not None:
             count("CANCELLED")
         reason = e.args[0] if e.args and isinstance(e.args[0], str) else ""
@@ -52,12 +62,12 @@ async def status_on_error(context: grpc.aio.ServicerContext, what: str, count: C
         raise
     except SplitError as e:
         code = next((c for t, c in _STATUS if isinstance(e, t)), grpc.StatusCode.INVALID_ARGUMENT)
-        logger.info("%s from %s rejected: %s %s", what, context.peer(), code.name, e)
+        logger.info("%s from %s rejected: %s %s", what, peer(context), code.name, e)
         if count is not None:
             count(code.name)
         await context.abort(code, str(e))
     except Exception as e:
-        logger.exception("%s from %s failed", what, context.peer())
+        logger.exception("%s from %s failed", what, peer(context))
         if count is not None:
             count("INTERNAL")
         await context.abort(grpc.StatusCode.INTERNAL, f"internal error in the trunk server: {type(e).__name__}: {e}")

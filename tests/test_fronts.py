@@ -326,3 +326,31 @@ def test_an_adapter_trained_and_used_through_fronts_generates_as_the_full_model(
     assert base == full.run("Once upon a time", 20, GREEDY).token_ids and base != got  # the adapter did change it
     split.close()
     wait_for(lambda: fronted.sessions.active() == 0, what="sessions freed")
+
+
+def test_the_engine_knows_the_client_of_a_call_a_front_passed_on(models_dir, fronted, server):
+    """The engine registers and logs the client's address for a training session that came through a front (its
+    transport peer is the front's Unix socket); a call over TCP cannot claim another address that way."""
+    for srv, through_front in ((fronted, True), (server, False)):
+        engine = tiny_split_engine(models_dir, f"127.0.0.1:{srv.port}")
+        trainer = SplitTrainer(engine, SETTINGS)
+        trainer.remote.forward(1, torch.zeros(2, 32, 64))
+        (session,) = list(srv.sessions._sessions.values())
+        assert session.peer.startswith("ipv4:127.0.0.1:"), (through_front, session.peer)
+        trainer.close()
+        engine.close()
+        wait_for(lambda srv=srv: srv.sessions.active() == 0, what="training session freed")
+    from server.status import peer
+
+    class Context:
+        def __init__(self, address):
+            self.address = address
+
+        def peer(self):
+            return self.address
+
+        def invocation_metadata(self):
+            return (("x-gpt2split-peer", "ipv4:10.0.0.7:5555"),)
+
+    assert peer(Context("unix:")) == "ipv4:10.0.0.7:5555"  # from a front, over the engine's socket
+    assert peer(Context("ipv4:127.0.0.1:4444")) == "ipv4:127.0.0.1:4444"  # a client's claim over TCP is not taken
