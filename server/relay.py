@@ -5,8 +5,10 @@ not the GPU, bounds what the trunk serves (an echo server with no model at all c
 25x one session needs). With fronts, N processes share the public port (SO_REUSEPORT) and terminate the clients'
 gRPC; each relays the messages of all its sessions to the engine, the process that owns the model, over one stream
 on a local socket, many messages to a relay batch. The engine's loop then pays gRPC's per-message cost once per
-batch; it still runs each session's step (parse, checks, the runtime, encode) as without fronts, with the same
-code: the servicer's Session handler, fed from the relay.
+batch. Each relayed session runs the servicer's own Session handler, fed from the relay, so that opening, limits,
+errors and the idle reaper are the same code as without fronts; its decode steps start at once with no task of
+their own (`TrunkServicer.step_now`, the same checks and answer as `_step`), the steps of a relay batch queued with
+the runtime together.
 
 Both ends use the same outbox: items queue as they come and one writer sends all that have queued each time it
 gets to write, so a batch is whatever arrived while the previous one was being written (the answers of one
