@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -45,6 +46,7 @@ logger = logging.getLogger(__name__)
 VERSION = "0.1.0"
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Trunk"].full_name
 LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
+RESTART_AFTER_S = 5.0  # a gRPC front that exits is started again if it had served this long
 
 
 def configure_switch_interval(ms: float) -> None:
@@ -147,6 +149,7 @@ class TrunkServer:
         if self.metrics is not None and self.relay is not None:
             self.metrics.relay(self.relay.stats)
         self.fronts: list[subprocess.Popen] = []  # with --fronts: the processes that serve the port
+        self._fronts_lock = threading.Lock()
         self._engine_dir: str | None = None  # and the private directory of this process's own socket
         self.port: int | None = None
         self._stopped = threading.Event()
@@ -249,33 +252,64 @@ class TrunkServer:
         ):
             if value:
                 args += [flag, value]
-        for i in range(cfg.fronts):
-            self.fronts.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", "server.front", *args, "--name", f"front-{i}"],
-                    stdin=subprocess.PIPE,  # it ends when this process does, and so does the front
-                    stdout=subprocess.PIPE,
-                    text=True,
-                    env=env,
-                )
-            )
+        self._front_cmd, self._front_env = [sys.executable, "-m", "server.front", *args], env
+        self.fronts = [self._front(i) for i in range(cfg.fronts)]  # all start at once
         for i, p in enumerate(self.fronts):
-            line = p.stdout.readline()  # its ready line, or nothing if it failed (it said why on stderr)
-            if not line.startswith(READY):
-                raise OSError(f"gRPC front {i} did not start (exit code {p.wait()}): see the error above")
-            threading.Thread(target=self._watch, args=(i, p), daemon=True, name=f"front-{i}-watch").start()
+            self._ready(i, p)
         logger.info("%d gRPC fronts serving port %d (pids %s)", len(self.fronts), port, [p.pid for p in self.fronts])
         return port
 
+    def _front(self, i: int) -> subprocess.Popen:
+        return subprocess.Popen(
+            [*self._front_cmd, "--name", f"front-{i}"],
+            stdin=subprocess.PIPE,  # it ends when this process does, and so does the front
+            stdout=subprocess.PIPE,
+            text=True,
+            env=self._front_env,
+        )
+
+    def _ready(self, i: int, p: subprocess.Popen) -> None:
+        """Wait for front i's ready line (nothing if it failed: it said why on stderr), then watch it."""
+        if not p.stdout.readline().startswith(READY):
+            raise OSError(f"gRPC front {i} did not start (exit code {p.wait()}): see the error above")
+        threading.Thread(target=self._watch, args=(i, p), daemon=True, name=f"front-{i}-watch").start()
+
     def _watch(self, i: int, p: subprocess.Popen) -> None:
+        """A front that exits while the server runs is started again (its sessions have ended: the engine freed
+        their slots, and their clients reconnect and replay), unless it lived less than RESTART_AFTER_S."""
+        started = time.monotonic()
         code = p.wait()
-        if not self._stopped.is_set():
+        if self._stopped.is_set():
+            return
+        lived = time.monotonic() - started
+        if lived < RESTART_AFTER_S:
             logger.error(
-                "gRPC front %d (pid %d) exited with code %s; its sessions ended, the others serve on", i, p.pid, code
+                "gRPC front %d (pid %d) exited with code %s after %.1f s; not restarted (it would only "
+                "exit again); the others serve on",
+                i,
+                p.pid,
+                code,
+                lived,
             )
+            return
+        logger.error(
+            "gRPC front %d (pid %d) exited with code %s; its sessions ended; starting it again", i, p.pid, code
+        )
+        with self._fronts_lock:
+            if self._stopped.is_set():
+                return
+            again = self._front(i)
+            self.fronts[i] = again
+        try:
+            self._ready(i, again)
+            logger.info("gRPC front %d serving again (pid %d)", i, again.pid)
+        except (OSError, ValueError) as e:  # ValueError: the server stopped meanwhile and closed its pipe
+            logger.error("gRPC front %d not started again: %s", i, e)
 
     def _stop_fronts(self, grace: float) -> None:
         """Tell every front to stop, wait for them (calls in flight get `grace` s), and remove the socket."""
+        with self._fronts_lock:  # no front is started again meanwhile (_watch)
+            pass
         for p in self.fronts:
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)

@@ -64,8 +64,11 @@ def test_split_training_through_fronts_equals_local_training(models_dir, fronted
     wait_for(lambda: fronted.sessions.active() == 0, what="training session freed")
 
 
-def test_a_front_that_dies_ends_its_own_sessions_only(models_dir, tiny, monkeypatch):
+def test_a_front_that_dies_ends_its_own_sessions_only_and_is_started_again(models_dir, tiny, monkeypatch):
+    import server.app
     import splitcomm.channel
+
+    monkeypatch.setattr(server.app, "RESTART_AFTER_S", 0.0)  # it had served long enough to be started again
 
     options = splitcomm.channel.channel_options  # a connection per client (one process's channels share one)
     monkeypatch.setattr(
@@ -96,7 +99,8 @@ def test_a_front_that_dies_ends_its_own_sessions_only(models_dir, tiny, monkeypa
         wait_for(lambda: srv.runtime.used_slots() == len(alive), what="the dead front's slots freed")
         for s in alive:
             s.step(torch.zeros(1, 1, 64))
-        engine = tiny_split_engine(models_dir, target)  # a new connection goes to the front that is left
+        wait_for(lambda: srv.fronts[0].pid != victim.pid and srv.relay.stats.fronts == 2, 20, "the front again")
+        engine = tiny_split_engine(models_dir, target)
         want = FullEngine(tiny, torch.device("cpu"), torch.float32).run("Still here", 8, GREEDY).token_ids
         assert engine.run("Still here", 8, GREEDY).token_ids == want
         engine.close()
@@ -354,3 +358,19 @@ def test_the_engine_knows_the_client_of_a_call_a_front_passed_on(models_dir, fro
 
     assert peer(Context("unix:")) == "ipv4:10.0.0.7:5555"  # from a front, over the engine's socket
     assert peer(Context("ipv4:127.0.0.1:4444")) == "ipv4:127.0.0.1:4444"  # a client's claim over TCP is not taken
+
+
+def test_a_front_that_dies_at_once_is_not_started_again(models_dir, tiny):
+    """A front that exits within RESTART_AFTER_S of starting would only exit again: it is left down, said so."""
+    srv = start_tiny_server(models_dir, max_sessions=4, kv_slots=2, grace_s=0.5, fronts=2)
+    try:
+        victim = srv.fronts[0]
+        victim.send_signal(signal.SIGKILL)
+        wait_for(lambda: srv.relay.stats.fronts == 1, what="the engine sees it gone")
+        time.sleep(0.5)
+        assert srv.fronts[0] is victim and srv.relay.stats.fronts == 1
+        engine = tiny_split_engine(models_dir, f"127.0.0.1:{srv.port}")  # the other serves
+        assert len(engine.run("Still", 4, GREEDY).token_ids) == 4
+        engine.close()
+    finally:
+        srv.stop(0.5)
