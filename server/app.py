@@ -150,6 +150,7 @@ class TrunkServer:
             self.metrics.relay(self.relay.stats)
         self.fronts: list[subprocess.Popen] = []  # with --fronts: the processes that serve the port
         self._fronts_lock = threading.Lock()
+        self._fronts_stopping = False
         self._engine_dir: str | None = None  # and the private directory of this process's own socket
         self.port: int | None = None
         self._stopped = threading.Event()
@@ -279,7 +280,7 @@ class TrunkServer:
         their slots, and their clients reconnect and replay), unless it lived less than RESTART_AFTER_S."""
         started = time.monotonic()
         code = p.wait()
-        if self._stopped.is_set():
+        if self._fronts_stopping:
             return
         lived = time.monotonic() - started
         if lived < RESTART_AFTER_S:
@@ -296,7 +297,7 @@ class TrunkServer:
             "gRPC front %d (pid %d) exited with code %s; its sessions ended; starting it again", i, p.pid, code
         )
         with self._fronts_lock:
-            if self._stopped.is_set():
+            if self._fronts_stopping:
                 return
             again = self._front(i)
             self.fronts[i] = again
@@ -308,8 +309,8 @@ class TrunkServer:
 
     def _stop_fronts(self, grace: float) -> None:
         """Tell every front to stop, wait for them (calls in flight get `grace` s), and remove the socket."""
-        with self._fronts_lock:  # no front is started again meanwhile (_watch)
-            pass
+        with self._fronts_lock:  # and none is started again (_watch)
+            self._fronts_stopping = True
         for p in self.fronts:
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
