@@ -107,6 +107,7 @@ class _Call:
 
     def __init__(self, stream: int, out: Outbox):
         self.stream, self.out = stream, out
+        self.ended = False  # its end (and status) has gone to the front
         self.requests: asyncio.Queue = asyncio.Queue()
         self.task: asyncio.Task | None = None
         self.session = None  # once open
@@ -129,10 +130,19 @@ class _Call:
             self.failed = result
             self.requests.put_nowait(_WAKE)
         else:
-            self.out.put(pb.RelayItem(stream=self.stream, message=result.SerializeToString(), has_message=True))
+            self.send(result)
         if self.answer_seen is not None:
             self.answer_seen.set_result(None)
             self.answer_seen = None
+
+    def send(self, resp: pb.StepResponse) -> None:
+        self.out.put(pb.RelayItem(stream=self.stream, message=resp.SerializeToString(), has_message=True))
+
+    def end(self, code: grpc.StatusCode, details: str) -> None:
+        """The call is over, with this status: the front is told once."""
+        if not self.ended:
+            self.ended = True
+            self.out.put(pb.RelayItem(stream=self.stream, end=True, code=code.value[0], details=details))
 
     async def iterate(self) -> AsyncIterator:
         while True:
@@ -207,7 +217,7 @@ class RelayServicer:
                         continue  # a late item of a stream that has ended here: its front forgets it too
                     newest = item.stream
                     call = calls[item.stream] = _Call(item.stream, out)
-                    call.task = asyncio.ensure_future(self._serve(item.stream, item.peer, call, out, calls))
+                    call.task = asyncio.ensure_future(self._serve(call, item.peer, calls))
                 if item.has_message:
                     req = self._parse(item.message)
                     if call.idle() and self._servicer.step_now(call.session, req, call.answered, starts):
@@ -221,20 +231,14 @@ class RelayServicer:
             if starts:
                 self._servicer.runtime.decode_then(starts)
 
-    async def _serve(self, stream: int, peer: str, call: _Call, out: Outbox, calls: dict[int, _Call]) -> None:
-        def end(code: grpc.StatusCode, details: str) -> None:
-            if not ended:
-                ended.append(code)
-                out.put(pb.RelayItem(stream=stream, end=True, code=code.value[0], details=details))
-
-        ended: list = []
+    async def _serve(self, call: _Call, peer: str, calls: dict[int, _Call]) -> None:
         try:
-            async for resp in self._servicer.Session(call.iterate(), _Context(peer, end), call.opened):
-                out.put(pb.RelayItem(stream=stream, message=resp.SerializeToString(), has_message=True))
-            end(grpc.StatusCode.OK, "")
+            async for resp in self._servicer.Session(call.iterate(), _Context(peer, call.end), call.opened):
+                call.send(resp)
+            call.end(grpc.StatusCode.OK, "")
         except grpc.aio.AbortError:
             pass  # its status went out with `end`
         except asyncio.CancelledError:
-            end(grpc.StatusCode.CANCELLED, "cancelled")  # the front has forgotten it, or is gone
+            call.end(grpc.StatusCode.CANCELLED, "cancelled")  # the front has forgotten it, or is gone
         finally:
-            calls.pop(stream, None)
+            calls.pop(call.stream, None)

@@ -236,16 +236,13 @@ class TrunkServicer(pb_grpc.TrunkServicer):
         what is wrong and says so). The caller runs no other step of the session until it is answered."""
         if not isinstance(req, pb.StepRequest) or session.closed or session.batch != 1 or session.model is not None:
             return False
-        if req.WhichOneof("kind") != "step":
-            return False
-        if req.step.HasField("truncate_to") or req.step.hidden.dtype not in codec.NUMPY_FLOATS:
-            return False
+        hidden = req.step.hidden  # (a message that is no step has none: its dtype is unset)
+        if req.step.HasField("truncate_to") or hidden.dtype not in codec.NUMPY_FLOATS or hidden.shape[:2] != [1, 1]:
+            return False  # before decoding: a prefill is decoded once, by _step
         arrived = time.perf_counter()
         try:
             h, wire = self._check(session, req)
         except (InvalidInput, LimitExceeded):
-            return False
-        if h.shape[:2] != (1, 1):
             return False
 
         def then(out, ms: float, rows: int, error: BaseException | None) -> None:
