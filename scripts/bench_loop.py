@@ -8,9 +8,10 @@ compare when changing the per-step path (README, "Many clients, one trunk"). Any
 
 `--path relay` runs the engine's side of the gRPC fronts instead (`python -m server --fronts N`): the sessions'
 steps come and go in relay batches, as from a front, through the relay and the servicer's Session handler
-(opened with a real fingerprint; then every step a decode step, started at once with no task). Without gRPC
-either way, the two paths differ by what the relay adds and saves on the event loop; gRPC's own cost per message,
-which the relay pays once per batch, comes on top of the servicer path on a real server.
+(opened with a real fingerprint; the first step a message, then every step a decode step packed as a front packs
+it, started at once with no task). Without gRPC either way, the two paths differ by what the relay adds and saves
+on the event loop; gRPC's own cost per message, which the relay pays once per batch, comes on top of the servicer
+path on a real server, and parsing and building the messages of packed steps is the fronts' work, not counted.
 
     python scripts/bench_loop.py                          # N = 1, 16, 64 on uvloop
     python scripts/bench_loop.py --path servicer,relay    # the two side by side
@@ -37,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 from scripts.bench import numbers  # noqa: E402
 from scripts.simulated_server import SimulatedDevice  # noqa: E402
-from server.relay import RelayServicer  # noqa: E402
+from server.relay import Outbox, RelayServicer  # noqa: E402
 from server.runtime import TrunkRuntime  # noqa: E402
 from server.servicer import TrunkServicer, lenient  # noqa: E402
 from server.sessions import SessionRegistry  # noqa: E402
@@ -73,26 +74,20 @@ def measure(trunk, fingerprint, n: int, seconds: float, loop_kind: str, wire: to
         return time.perf_counter() - t0
 
     async def relayed() -> float:
-        """A front's side, as the engine sees it: every session's next step goes out, many to a relay batch, as
-        soon as its answer is in."""
+        """A front's side, as the engine sees it: every session's next step goes out packed, as a front packs a
+        plain decode step, many to a relay batch, as soon as its answer is in."""
         fp = pb.Fingerprint(**fingerprint.to_dict(), digest=fingerprint.digest)
         opening = pb.StepRequest(open=pb.SessionOpen(fingerprint=fp, max_length=32)).SerializeToString()
-        pending = [pb.RelayItem(stream=i + 1, peer="bench", message=opening, has_message=True) for i in range(n)]
-        ready = asyncio.Event()
-
-        def step(i: int) -> pb.RelayItem:
-            raw = pb.StepRequest(step=pb.Step(step=steps[i], hidden=hidden)).SerializeToString()
-            return pb.RelayItem(stream=i + 1, message=raw, has_message=True)
-
-        pending += [step(i) for i in range(n)]
+        width = trunk.config.n_embd
+        out = Outbox()
+        for i in range(n):
+            out.put(pb.RelayItem(stream=i + 1, peer="bench", message=opening, has_message=True))
+        first = pb.StepRequest(step=pb.Step(step=0, hidden=hidden))  # the first step goes as a message: a prefill
+        for i in range(n):
+            out.put(pb.RelayItem(stream=i + 1, message=first.SerializeToString(), has_message=True))
 
         async def front():
-            while True:
-                while not pending:
-                    ready.clear()
-                    await ready.wait()
-                batch = pb.RelayBatch(items=pending)
-                pending.clear()
+            async for batch in out.batches():
                 yield pb.RelayBatch.FromString(batch.SerializeToString())  # as received
 
         relay = RelayServicer(svc, lenient(pb.StepRequest))
@@ -103,10 +98,12 @@ def measure(trunk, fingerprint, n: int, seconds: float, loop_kind: str, wire: to
             for item in batch.items:
                 if item.end:
                     raise RuntimeError(f"session {item.stream} ended: {item.code} {item.details}")
-                i = item.stream - 1
-                steps[i] += 1
-                pending.append(step(i))
-            ready.set()
+                steps[item.stream - 1] += 1
+                out.put_row(item.stream, steps[item.stream - 1], hidden.dtype, width, hidden.data)
+            for rows in batch.rows:
+                for stream in rows.stream:
+                    steps[stream - 1] += 1
+                    out.put_row(stream, steps[stream - 1], hidden.dtype, width, hidden.data)
             if time.perf_counter() - t0 >= seconds:
                 break
         wall = time.perf_counter() - t0

@@ -180,12 +180,12 @@ def newcomer_ttft(client: TrunkClient, fp, prompt_h: torch.Tensor, wire: torch.d
 
 def scrape(port: int) -> dict[str, float]:
     """The server's Prometheus metrics that the table reads: decode batches, their rows, compute seconds; with
-    fronts, the relay's batches and items each way."""
+    fronts, the relay's batches, items and rows each way."""
     import urllib.request
 
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     want = {"trunk_decode_batch_rows_count", "trunk_decode_batch_rows_sum", "trunk_compute_seconds_total"}
-    want |= {f'trunk_relay_{x}_total{{direction="{d}"}}' for x in ("batches", "items") for d in ("in", "out")}
+    want |= {f'trunk_relay_{x}_total{{direction="{d}"}}' for x in ("batches", "items", "rows") for d in ("in", "out")}
     got = {k: float(v) for k, v in (line.split() for line in text.splitlines() if line.split(" ")[0] in want)}
     return {k: got.get(k, 0.0) for k in want}  # the relay's are there only with fronts
 
@@ -278,6 +278,9 @@ def run_load(target, args, n: int, prompt_h, step_hs, fp, metrics_port: int, ser
             / max(1.0, after[f'trunk_relay_batches_total{{direction="{d}"}}'])
             for d in ("in", "out")
         },
+        # with fronts: the share of the steps relayed that went packed as rows (plain decode steps)
+        "relay_rows_share": after['trunk_relay_rows_total{direction="in"}']
+        / max(1.0, after['trunk_relay_items_total{direction="in"}']),
         "sessions": n,
         "tokens_per_s": total / wall,
         "p50_ms": percentile(lat, 50),

@@ -3,9 +3,10 @@
 It shares the server's public port with the other fronts (SO_REUSEPORT: the kernel hands each new connection to
 one of them), checks the token, and relays: the messages of every session stream go to the engine many to a
 relay batch and come back the same way; the other calls (Info, Forward, Monitor, Train) pass through one by one.
-Messages pass as bytes: a front parses none of them, and never loads torch or the model. It stops when told to
-(SIGTERM, SIGINT), letting its calls finish for --grace s, and when the engine has gone (its stdin, a pipe from
-the engine, ends)."""
+A front parses a session's messages only to pack its plain decode steps as rows, and builds their responses from
+the engine's rows (server/relay.py); everything else passes as bytes. It never loads torch, numpy or the model. It
+stops when told to (SIGTERM, SIGINT), letting its calls finish for --grace s, and when the engine has gone (its
+stdin, a pipe from the engine, ends)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import sys
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from server.relay import CLIENT_PEER, FRONT_NAME, RELAY_METHOD, STATUS_CODES, Outbox
+from server.relay import CLIENT_PEER, FRONT_NAME, RELAY_METHOD, STATUS_CODES, Outbox, answers, plain_decode
 from splitcomm.channel import DEFAULT_MAX_MESSAGE_BYTES, add_port, make_server, method_handler, new_event_loop
 from splitcomm.proto import trunk_pb2 as pb
 from splitcore.errors import SplitError
@@ -71,6 +72,11 @@ class Front:
                     inbox = self._streams.get(item.stream)
                     if inbox is not None:
                         inbox.put_nowait(item)
+                for rows in batch.rows:  # after the items: the engine's outbox keeps that order
+                    for stream, message in answers(rows):
+                        inbox = self._streams.get(stream)
+                        if inbox is not None:
+                            inbox.put_nowait(message)
         except grpc.aio.AioRpcError as e:
             logger.error("relay to the engine broke: %s %s", e.code().name, e.details())
         finally:  # every open session ends: the engine that held its cache is gone
@@ -97,6 +103,10 @@ class Front:
         try:
             while True:
                 item = await inbox.get()
+                if isinstance(item, bytes):  # a response built from the engine's rows
+                    ahead.release()
+                    yield item
+                    continue
                 if item.has_message:
                     ahead.release()
                     yield item.message
@@ -116,10 +126,15 @@ class Front:
         flow control then holds the client back, as it does without fronts)."""
         first = True
         async for raw in request_iterator:
+            row = None
             if not first:  # every message but the opening one gets an answer
                 await ahead.acquire()
+                row = plain_decode(raw)
             first = False
-            self._out.put(pb.RelayItem(stream=stream, message=raw, has_message=True))
+            if row is None:
+                self._out.put(pb.RelayItem(stream=stream, message=raw, has_message=True))
+            else:
+                self._out.put_row(stream, *row)
         self._out.put(pb.RelayItem(stream=stream, end=True))  # the client has closed its side
 
     # --- every other call, passed through -----------------------------------------------------------------

@@ -57,11 +57,22 @@ class _FromRuntime:
             items = CounterMetricFamily(
                 "trunk_relay_items", "Messages and events in relay batches, by direction", labels=["direction"]
             )
-            for direction, b, i in (("in", r.batches_in, r.items_in), ("out", r.batches_out, r.items_out)):
+            rows = CounterMetricFamily(
+                "trunk_relay_rows",
+                "Of the items, decode steps packed as rows (in) and their answers (out): steps that started with no "
+                "message parsed or built on the engine",
+                labels=["direction"],
+            )
+            for direction, b, i, n in (
+                ("in", r.batches_in, r.items_in, r.rows_in),
+                ("out", r.batches_out, r.items_out, r.rows_out),
+            ):
                 batches.add_metric([direction], b)
                 items.add_metric([direction], i)
+                rows.add_metric([direction], n)
             yield batches
             yield items
+            yield rows
 
 
 class Metrics:

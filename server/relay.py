@@ -5,25 +5,38 @@ not the GPU, bounds what the trunk serves (an echo server with no model at all c
 25x one session needs). With fronts, N processes share the public port (SO_REUSEPORT) and terminate the clients'
 gRPC; each relays the messages of all its sessions to the engine, the process that owns the model, over one stream
 on a local socket, many messages to a relay batch. The engine's loop then pays gRPC's per-message cost once per
-batch. Each relayed session runs the servicer's own Session handler, fed from the relay, so that opening, limits,
-errors and the idle reaper are the same code as without fronts; its decode steps start at once with no task of
-their own (`TrunkServicer.step_now`, the same checks and answer as `_step`), the steps of a relay batch queued with
-the runtime together.
+batch.
 
-Both ends use the same outbox: items queue as they come and one writer sends all that have queued each time it
-gets to write, so a batch is whatever arrived while the previous one was being written (the answers of one
-decode batch are settled in one pass of the loop, and go out together).
+- **Plain decode steps travel packed** (`RelayRows`): a front parses each session message, and one that is a
+  decode step and nothing else (one position, float32 or float16, no rollback) goes as a row: its stream, its step
+  number and its raw hidden state, the rows of a batch one after the other in one bytes field. The engine reads
+  all of a batch's rows with one numpy call (and checks them finite with another), starts each with no task and no
+  message of its own (`TrunkServicer.start_row`), queues them with the runtime together, and answers in rows too,
+  from which the front builds each StepResponse. So per decode step the engine parses and builds no protobuf
+  message; the fronts, in parallel, do.
+- **Everything else** (open, prompt, rollback, adapters, malformed messages, and a row that cannot start at once)
+  goes the servicer's usual way: each relayed session runs the servicer's own Session handler, fed from the relay,
+  so that opening, limits, errors and the idle reaper are the same code as without fronts. A row that cannot start
+  at once is made a StepRequest again, and `_step` says what is wrong with it.
+
+Both ends use the same outbox: items and rows queue as they come and one writer sends all that have queued each
+time it gets to write, so a batch is whatever arrived while the previous one was being written (the answers of one
+decode batch are settled in one pass of the loop, and go out together). A batch's items are read before its rows;
+the outbox starts a new batch rather than put a stream's item, or a second row, after a row of it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import logging
-from collections.abc import AsyncIterator, Callable
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from server.futures import Held
 from splitcomm.proto import trunk_pb2 as pb
@@ -36,51 +49,152 @@ BATCH_BYTES = 64 * 2**20  # a relay batch holds at most this much (one larger it
 STATUS_CODES = {c.value[0]: c for c in grpc.StatusCode}
 FRONT_NAME = "x-gpt2split-front"  # metadata of a relay: the front's name, for the engine's log
 CLIENT_PEER = "x-gpt2split-peer"  # metadata of a call a front passes on: the client's address
+_ITEMSIZE = {pb.FLOAT32: 4, pb.FLOAT16: 2}  # the wire dtypes of rows (no numpy here: a front loads none)
 
 
 @dataclass
 class RelayStats:
-    """Running totals of the engine's relay (Prometheus reads them): relay batches and the items in them, each
-    way; items over batches is how many messages one relay message carried."""
+    """Running totals of the engine's relay (Prometheus reads them): relay batches and the items in them (messages,
+    events and rows), each way; items over batches is how many messages one relay message carried."""
 
     fronts: int = 0  # relay streams open: fronts connected
     batches_in: int = 0
     items_in: int = 0
     batches_out: int = 0
     items_out: int = 0
+    rows_in: int = 0  # of the items: decode steps packed as rows, and their answers
+    rows_out: int = 0
+
+
+def plain_decode(raw: bytes) -> tuple[int, int, int, bytes] | None:
+    """(step, dtype, width, hidden bytes) of a serialized StepRequest that is a decode step and nothing else: one
+    position of float32 or float16 with as many bytes as its shape says, no rollback. None for anything else, which
+    a front relays as it is."""
+    try:
+        req = pb.StepRequest.FromString(raw)
+    except DecodeError:
+        return None
+    if req.WhichOneof("kind") != "step" or req.step.HasField("truncate_to"):
+        return None
+    hidden = req.step.hidden
+    size = _ITEMSIZE.get(hidden.dtype)
+    shape = hidden.shape
+    if size is None or len(shape) != 3 or shape[0] != 1 or shape[1] != 1 or shape[2] < 1:
+        return None
+    data = hidden.data  # read once: each read of a bytes field makes a bytes object
+    if len(data) != shape[2] * size:
+        return None
+    return req.step.step, hidden.dtype, shape[2], data
+
+
+def unpacked(rows: pb.RelayRows, i: int) -> pb.StepRequest:
+    """Row `i` as the StepRequest it was packed from (for the usual path, which says what is wrong with it)."""
+    size = rows.width * _ITEMSIZE.get(rows.dtype, 0)
+    hidden = pb.Tensor(data=rows.data[i * size : (i + 1) * size], shape=(1, 1, rows.width), dtype=rows.dtype)
+    return pb.StepRequest(step=pb.Step(step=rows.step[i], hidden=hidden))
+
+
+def answers(rows: pb.RelayRows) -> Iterator[tuple[int, bytes]]:
+    """(stream, serialized StepResponse) for each row of the engine's packed answers."""
+    wire, width, data = rows.dtype, rows.width, rows.data
+    size, shape = width * _ITEMSIZE[wire], (1, 1, width)
+    for i, (stream, step, length, ms, wall) in enumerate(
+        zip(rows.stream, rows.step, rows.cache_length, rows.server_ms, rows.server_wall_ms, strict=True)
+    ):
+        hidden = pb.Tensor(data=data[i * size : (i + 1) * size], shape=shape, dtype=wire)
+        resp = pb.StepResponse(step=step, hidden=hidden, server_ms=ms, cache_length=length, server_wall_ms=wall)
+        yield stream, resp.SerializeToString()
+
+
+class _Rows:
+    """The rows of one dtype and width in the batch being filled."""
+
+    __slots__ = ("stream", "step", "data", "cache_length", "server_ms", "server_wall_ms")
+
+    def __init__(self):
+        self.stream, self.step, self.data = [], [], []
+        self.cache_length, self.server_ms, self.server_wall_ms = [], [], []
+
+    def message(self, wire: int, width: int) -> pb.RelayRows:
+        return pb.RelayRows(
+            stream=self.stream,
+            step=self.step,
+            dtype=wire,
+            width=width,
+            data=b"".join(self.data),
+            cache_length=self.cache_length,
+            server_ms=self.server_ms,
+            server_wall_ms=self.server_wall_ms,
+        )
 
 
 class Outbox:
-    """Relay items waiting to be written; `batches` yields what has queued each time the writer is free."""
+    """Relay items and rows waiting to be written; `batches` yields what has queued each time the writer is free.
+    A stream's item, or second row, after a row of it in the batch being filled starts a new batch (a batch's
+    items are read before its rows), as does one that would take a batch past BATCH_BYTES."""
 
     def __init__(self):
+        self._full: collections.deque[pb.RelayBatch] = collections.deque()  # closed to more: they go first
         self._items: list[pb.RelayItem] = []
+        self._rows: dict[tuple[int, int], _Rows] = {}
+        self._rowed: set[int] = set()  # streams with a row in the batch being filled
+        self._size = 0
         self._ready = asyncio.Event()
         self.closed = False
 
     def put(self, item: pb.RelayItem) -> None:
+        if item.stream in self._rowed:
+            self._close_batch()
+        self._add(len(item.message))
         self._items.append(item)
-        self._ready.set()
+
+    def put_row(
+        self, stream: int, step: int, wire: int, width: int, data: bytes, answer: tuple[int, float, float] | None = None
+    ) -> None:
+        """A decode step (front to engine), or with `answer` (cache length, server ms, server wall ms) its
+        answer (engine to front)."""
+        if stream in self._rowed:
+            self._close_batch()
+        self._add(len(data))
+        rows = self._rows.get((wire, width))
+        if rows is None:
+            rows = self._rows[(wire, width)] = _Rows()
+        rows.stream.append(stream)
+        rows.step.append(step)
+        rows.data.append(data)
+        if answer is not None:
+            rows.cache_length.append(answer[0])
+            rows.server_ms.append(answer[1])
+            rows.server_wall_ms.append(answer[2])
+        self._rowed.add(stream)
 
     def close(self) -> None:
         self.closed = True
         self._ready.set()
 
+    def _add(self, size: int) -> None:
+        if (self._items or self._rows) and self._size + size > BATCH_BYTES:
+            self._close_batch()
+        self._size += size
+        self._ready.set()
+
+    def _close_batch(self) -> None:
+        if self._items or self._rows:
+            self._full.append(self._batch())
+
+    def _batch(self) -> pb.RelayBatch:
+        batch = pb.RelayBatch(items=self._items, rows=[r.message(*key) for key, r in self._rows.items()])
+        self._items, self._rows, self._rowed, self._size = [], {}, set(), 0
+        return batch
+
     async def batches(self) -> AsyncIterator[pb.RelayBatch]:
         while True:
-            while not self._items:
+            while not (self._full or self._items or self._rows):
                 if self.closed:
                     return
                 self._ready.clear()
                 await self._ready.wait()
-            size, n = 0, 0
-            for it in self._items:
-                size += len(it.message)
-                if n and size > BATCH_BYTES:
-                    break
-                n += 1
-            batch, self._items = self._items[:n], self._items[n:]
-            yield pb.RelayBatch(items=batch)
+            yield self._full.popleft() if self._full else self._batch()
 
 
 class _Context:
@@ -100,10 +214,10 @@ class _Context:
 
 class _Call:
     """One relayed session stream on the engine: the task that serves it (the servicer's Session handler) and the
-    requests it has yet to read. A decode step that comes while the task waits for its next request starts at
-    once, with no task (`step_now`), and its answer goes straight out. The task reads nothing more until that
-    step is answered, so the session's steps stay in order, and it cannot end while the step runs (its slot is
-    given back only when nothing of it is in flight)."""
+    requests it has yet to read. A packed decode step that comes while the task waits for its next request starts
+    at once, with no task (`start_row`), and its answer goes straight out as a row. The task reads nothing more
+    until that step is answered, so the session's steps stay in order, and it cannot end while the step runs (its
+    slot is given back only when nothing of it is in flight)."""
 
     def __init__(self, stream: int, out: Outbox):
         self.stream, self.out = stream, out
@@ -123,14 +237,16 @@ class _Call:
         """Open, and waiting for its next request with nothing queued or in flight: a step may start at once."""
         return self.waiting and not self.busy and self.session is not None and self.requests.empty()
 
-    def answered(self, result) -> None:
-        """The answer of a step started at once: the response goes to the front; an error, to the task."""
+    def answered(self, step: int, wire: int, width: int, result) -> None:
+        """The answer of a step started at once, (output bytes, server ms, cache length, server wall ms): a row to
+        the front; an error, to the task."""
         self.busy = False
         if isinstance(result, BaseException):
             self.failed = result
             self.requests.put_nowait(_WAKE)
         else:
-            self.send(result)
+            data, ms, length, wall = result
+            self.out.put_row(self.stream, step, wire, width, data, (length, ms, wall))
         if self.answer_seen is not None:
             self.answer_seen.set_result(None)
             self.answer_seen = None
@@ -173,8 +289,8 @@ def _closed(out: Outbox, reader: asyncio.Task) -> None:
 
 class RelayServicer:
     """The engine's end of the relay. `servicer` serves each relayed session stream with its Session handler
-    (request iterator, context, opened) and starts decode steps at once with `step_now`; `parse` reads a
-    StepRequest's bytes."""
+    (request iterator, context, opened) and starts packed decode steps at once (`decode_rows`, `start_row`);
+    `parse` reads a StepRequest's bytes."""
 
     def __init__(self, servicer, parse: Callable[[bytes], object]):
         self._servicer, self._parse = servicer, parse
@@ -190,7 +306,9 @@ class RelayServicer:
         try:
             async for batch in out.batches():
                 stats.batches_out += 1
-                stats.items_out += len(batch.items)
+                rows = sum(len(r.stream) for r in batch.rows)
+                stats.items_out += len(batch.items) + rows
+                stats.rows_out += rows
                 yield batch
         finally:  # the front has gone (or the server stops): end its sessions, which gives their slots back
             stats.fronts -= 1
@@ -209,7 +327,6 @@ class RelayServicer:
         async for batch in request_iterator:
             stats.batches_in += 1
             stats.items_in += len(batch.items)
-            starts: list = []  # decode steps that start at once, queued with the runtime together
             for item in batch.items:
                 call = calls.get(item.stream)
                 if call is None:
@@ -219,17 +336,38 @@ class RelayServicer:
                     call = calls[item.stream] = _Call(item.stream, out)
                     call.task = asyncio.ensure_future(self._serve(call, item.peer, calls))
                 if item.has_message:
-                    req = self._parse(item.message)
-                    if call.idle() and self._servicer.step_now(call.session, req, call.answered, starts):
-                        call.busy = True
-                    else:
-                        call.requests.put_nowait(req)
+                    call.requests.put_nowait(self._parse(item.message))
                 if item.end:
                     call.requests.put_nowait(None)
                 if item.cancel:
                     call.task.cancel()
-            if starts:
-                self._servicer.runtime.decode_then(starts)
+            if batch.rows:
+                starts: list = []  # decode steps that start at once, queued with the runtime together
+                arrived = time.perf_counter()
+                for rows in batch.rows:
+                    stats.items_in += len(rows.stream)
+                    stats.rows_in += len(rows.stream)
+                    self._start(rows, calls, starts, arrived)
+                if starts:
+                    self._servicer.runtime.decode_then(starts)
+
+    def _start(self, rows: pb.RelayRows, calls: dict[int, _Call], starts: list, arrived: float) -> None:
+        """Start each packed decode step at once, or hand it to its session's task as a StepRequest."""
+        wire, width = rows.dtype, rows.width
+        steps = list(rows.step)  # one conversion: an index into a repeated field costs more than into a list
+        decoded = self._servicer.decode_rows(rows.data, wire, width, len(steps))
+        hidden, finite = decoded if decoded is not None else ((), ())
+        for i, stream in enumerate(list(rows.stream)):
+            call = calls.get(stream)
+            if call is None:
+                continue  # it has ended here: its front forgets it too
+            if i < len(finite) and finite[i] and call.idle():
+                step = steps[i]
+                answer = functools.partial(call.answered, step, wire, width)
+                if self._servicer.start_row(call.session, step, hidden[i], wire, arrived, answer, starts):
+                    call.busy = True
+                    continue
+            call.requests.put_nowait(unpacked(rows, i))
 
     async def _serve(self, call: _Call, peer: str, calls: dict[int, _Call]) -> None:
         try:

@@ -69,7 +69,7 @@ class RuntimeStats:
     compute_ms: float = 0.0  # summed over every forward and piece of work alone: the busy time of the device
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Work:
     slot: int | None  # a decode step's slot; None for work that runs alone
     payload: Any  # the hidden state (1, 1, C) of a decode step, or the callable of work that runs alone

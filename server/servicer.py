@@ -201,13 +201,17 @@ class TrunkServicer(pb_grpc.TrunkServicer):
             )
         return h, wire
 
-    def _answer(self, session, req, shape, wire: int, out, ms: float, rows: int, arrived: float) -> pb.StepResponse:
-        """The response to a step that has run, and the session's books."""
+    def _book(self, session, shape, ms: float, rows: int) -> None:
+        """A step of `shape` has run in a forward of `rows` rows that took `ms`: the session's and server's books."""
         session.next_step += 1
         session.last_active = time.monotonic()
         self.sessions.record_step(ms / rows)  # its share of the forward it ran in
         if self.metrics is not None:
             self.metrics.step("decode" if shape[1] == 1 else "prefill", shape[0] * shape[1])
+
+    def _answer(self, session, req, shape, wire: int, out, ms: float, rows: int, arrived: float) -> pb.StepResponse:
+        """The response to a step that has run, and the session's books."""
+        self._book(session, shape, ms, rows)
         resp = pb.StepResponse(
             step=req.step.step,
             hidden=codec.encode(out, codec.wire_torch_dtype(wire)),
@@ -226,29 +230,36 @@ class TrunkServicer(pb_grpc.TrunkServicer):
         out, ms, rows = await self._compute(session, h, wire)
         return self._answer(session, req, h.shape, wire, out, ms, rows, arrived)
 
-    def step_now(
-        self, session, req: pb.StepRequest, answer: Callable[[pb.StepResponse | BaseException], None], starts: list
+    def decode_rows(self, data: bytes, wire: int, width: int, count: int) -> tuple[np.ndarray, list[bool]] | None:
+        """The hidden states of `count` decode steps packed by a gRPC front (`codec.decode_rows`), or None unless
+        they are `count` whole rows of this trunk's width in float32 or float16."""
+        if width != self.trunk.config.n_embd or width > self.max_elements or wire not in codec.NUMPY_FLOATS:
+            return None
+        if len(data) != count * width * np.dtype(codec.NUMPY_FLOATS[wire]).itemsize:
+            return None
+        return codec.decode_rows(data, wire, width)
+
+    def start_row(
+        self, session, step: int, h: np.ndarray, wire: int, arrived: float, answer: Callable[[Any], None], starts: list
     ) -> bool:
-        """Make ready a session's decode step that runs with no task of its own (the relay from the fronts: no
-        task wakes up for it on the way in or out): True if taken, and then it is in `starts`, for the runtime's
-        `decode_then`, and `answer` gets the response, or the error, on this event loop once it has run. False
-        for any other step, or for one with anything wrong with it, which then goes the usual way (`_step` finds
-        what is wrong and says so). The caller runs no other step of the session until it is answered."""
-        if not isinstance(req, pb.StepRequest) or session.closed or session.batch != 1 or session.model is not None:
+        """Make ready a decode step that a gRPC front packed (the relay: no message to parse, no task to wake on
+        the way in or out), with its hidden state `h` (1, 1, C) of wire dtype `wire` decoded and finite: True if
+        taken, and then it is in `starts`, for the runtime's `decode_then`, and `answer` gets (output bytes of
+        `wire`, compute ms, cache length, server wall ms), or the error, on this event loop once it has run. False
+        for a step that cannot start so (its session is not at `step`, has an adapter or several rows, or is
+        full), which then goes the usual way, where `_step` says what is wrong. The caller runs no other step of
+        the session until this one is answered."""
+        if session.closed or session.batch != 1 or session.model is not None or step != session.next_step:
             return False
-        hidden = req.step.hidden  # (a message that is no step has none: its dtype is unset)
-        if req.step.HasField("truncate_to") or hidden.dtype not in codec.NUMPY_FLOATS or hidden.shape[:2] != [1, 1]:
-            return False  # before decoding: a prefill is decoded once, by _step
-        arrived = time.perf_counter()
-        try:
-            h, wire = self._check(session, req)
-        except (InvalidInput, LimitExceeded):
+        if self._length(session) >= session.max_length:
             return False
 
         def then(out, ms: float, rows: int, error: BaseException | None) -> None:
             if error is None:
                 try:
-                    answer(self._answer(session, req, h.shape, wire, out, ms, rows, arrived))
+                    self._book(session, h.shape, ms, rows)
+                    wall = (time.perf_counter() - arrived) * 1e3
+                    answer((codec.row_bytes(out, wire), ms, self._length(session), wall))
                     return
                 except Exception as e:  # handed on, as any error of the step
                     error = e

@@ -216,6 +216,13 @@ def test_metrics_and_monitor_report_batches_slots_and_errors(batching_server):
             > 0
         )
         assert value(r'trunk_relay_items_total\{direction="out"\}') >= 3  # two answers and an end, at least
+        # decode steps went packed as rows, and answers came back as rows (a row that cannot start at once is
+        # answered the usual way, as a message)
+        assert (
+            value(r'trunk_relay_rows_total\{direction="in"\}')
+            >= value(r'trunk_relay_rows_total\{direction="out"\}')
+            >= 1
+        )
     else:
         assert "trunk_fronts" not in text
     client.close()

@@ -374,3 +374,186 @@ def test_a_front_that_dies_at_once_is_not_started_again(models_dir, tiny):
         engine.close()
     finally:
         srv.stop(0.5)
+
+
+def _read_order(batches) -> list[tuple[int, object]]:
+    """(stream, what) in the order the other end reads a relay: each batch's items, then its rows."""
+    order = []
+    for b in batches:
+        order += [(it.stream, it.message or "end") for it in b.items]
+        order += [(s, ("row", step)) for r in b.rows for s, step in zip(r.stream, r.step, strict=True)]
+    return order
+
+
+def test_the_outbox_keeps_each_streams_order_across_items_and_rows(monkeypatch):
+    """A batch is read items first, then rows: an item, or a second row, of a stream after a row of it must start a
+    new batch, or the other end would read them out of order (a session's end before its last step)."""
+    import asyncio
+
+    import server.relay
+    from server.relay import Outbox
+
+    puts = [
+        ("item", 1, b"open"),
+        ("row", 1, 5),
+        ("row", 2, 7),
+        ("row", 3, 1),  # float16: a group of its own
+        ("item", 1, b""),  # stream 1's end, after its row
+        ("row", 2, 8),  # stream 2's second row
+        ("item", 3, b"rollback"),
+        ("row", 4, 1),
+    ]
+    out = Outbox()
+    for kind, stream, x in puts:
+        if kind == "item":
+            out.put(pb.RelayItem(stream=stream, message=x, has_message=bool(x), end=not x))
+        else:
+            wire = pb.FLOAT16 if stream == 3 else pb.FLOAT32
+            out.put_row(stream, x, wire, 2, bytes([stream]) * (4 if stream == 3 else 8))
+    out.close()
+
+    async def drain(o):
+        return [b async for b in o.batches()]
+
+    batches = asyncio.run(drain(out))
+    want = [(s, x or "end") if k == "item" else (s, ("row", x)) for k, s, x in puts]
+    for stream in (1, 2, 3, 4):
+        assert [w for w in _read_order(batches) if w[0] == stream] == [w for w in want if w[0] == stream], stream
+    assert len(batches) == 2  # a new batch only where order needs one
+    first = batches[0].rows
+    assert [(r.dtype, list(r.stream), r.data) for r in first] == [
+        (pb.FLOAT32, [1, 2], b"\x01" * 8 + b"\x02" * 8),
+        (pb.FLOAT16, [3], b"\x03" * 4),
+    ]
+
+    monkeypatch.setattr(server.relay, "BATCH_BYTES", 20)  # a batch that would grow past the cap is closed first
+    out = Outbox()
+    for stream in range(1, 6):
+        out.put_row(stream, 0, pb.FLOAT32, 2, b"\0" * 8)
+    out.close()
+    assert [len(b.rows[0].stream) for b in asyncio.run(drain(out))] == [2, 2, 1]
+
+
+def test_a_front_packs_plain_decode_steps_only_and_the_engine_can_unpack_them():
+    from server.relay import Outbox, plain_decode, unpacked
+    from splitcomm.codec import encode
+
+    def req(shape, dtype=torch.float32, **step):
+        return pb.StepRequest(step=pb.Step(step=3, hidden=encode(torch.randn(shape).to(dtype)), **step))
+
+    plain = [req((1, 1, 64)), req((1, 1, 64), torch.float16), req((1, 1, 32))]
+    for r in plain:
+        assert plain_decode(r.SerializeToString()) == (
+            3,
+            r.step.hidden.dtype,
+            r.step.hidden.shape[2],
+            r.step.hidden.data,
+        )
+    short = req((1, 1, 64))
+    short.step.hidden.data = short.step.hidden.data[:-4]
+    others = [
+        req((1, 3, 64)),  # a prefill
+        req((2, 1, 64)),  # several rows
+        req((1, 1, 64), torch.bfloat16),
+        req((1, 1, 64), truncate_to=2),  # a rollback
+        short,
+        pb.StepRequest(step=pb.Step(step=3, truncate_to=1)),  # a rollback alone
+        pb.StepRequest(open=pb.SessionOpen(max_length=4)),
+        pb.StepRequest(),
+    ]
+    for r in others:
+        assert plain_decode(r.SerializeToString()) is None, r
+    assert plain_decode(b"\xff\xff\xff") is None  # malformed: relayed as it is, for the engine to refuse
+
+    out = Outbox()
+    for i, r in enumerate(plain):
+        out.put_row(i + 1, *plain_decode(r.SerializeToString()))
+    batch = pb.RelayBatch.FromString(next(_batches(out)).SerializeToString())
+    got = {s: unpacked(rows, i) for rows in batch.rows for i, s in enumerate(rows.stream)}
+    assert [got[i + 1] for i in range(len(plain))] == plain
+
+
+def _batches(out):
+    import asyncio
+
+    out.close()
+    return iter(asyncio.run(_collect(out)))
+
+
+async def _collect(out):
+    return [b async for b in out.batches()]
+
+
+def _stepwise(target: str, msgs: list[pb.StepRequest]):
+    """A session stream that sends each step only once the one before it is answered (as a client decoding does):
+    (the answers, status code, details)."""
+    import queue
+
+    from splitcomm.proto import trunk_pb2_grpc as pb_grpc
+
+    q: queue.Queue = queue.Queue()
+    q.put(msgs[0])  # the opening message: no answer
+    got = []
+    with grpc.insecure_channel(target) as channel:
+        call = pb_grpc.TrunkStub(channel).Session(iter(q.get, None), timeout=20)
+        try:
+            for m in msgs[1:]:
+                q.put(m)
+                got.append(next(call))
+        except grpc.RpcError as e:
+            return got, e.code(), e.details()
+        finally:
+            q.put(None)
+    return got, grpc.StatusCode.OK, ""
+
+
+def test_decode_steps_go_packed_and_give_what_they_give_without_fronts(fronted, server):
+    """Plain decode steps cross the relay as rows, checked by the engine without their messages: their answers,
+    and the refusals of those that cannot start at once (out of order, NaN, another width, past the session's
+    length), are those of a server without fronts, field for field."""
+    from splitcomm.codec import decode, encode
+
+    fp = pb.Fingerprint(**server.fingerprint.to_dict(), digest=server.fingerprint.digest)
+    torch.manual_seed(0)
+    prompt, steps = torch.randn(1, 3, 64), [torch.randn(1, 1, 64) for _ in range(3)]
+
+    def session(last: pb.Step, max_length: int = 16, wire=torch.float32) -> list[pb.StepRequest]:
+        msgs = [pb.StepRequest(open=pb.SessionOpen(fingerprint=fp, max_length=max_length))]
+        msgs += [pb.StepRequest(step=pb.Step(step=0, hidden=encode(prompt, wire)))]
+        msgs += [pb.StepRequest(step=pb.Step(step=i + 1, hidden=encode(h, wire))) for i, h in enumerate(steps)]
+        return msgs + [pb.StepRequest(step=last)]
+
+    nan = torch.full((1, 1, 64), float("nan"))
+    cases = {
+        "good": session(pb.Step(step=4, hidden=encode(torch.randn(1, 1, 64)))),
+        "float16": session(pb.Step(step=4, hidden=encode(torch.randn(1, 1, 64), torch.float16)), wire=torch.float16),
+        "out of order": session(pb.Step(step=9, hidden=encode(torch.randn(1, 1, 64)))),
+        "NaN": session(pb.Step(step=4, hidden=encode(nan))),
+        "another width": session(pb.Step(step=4, hidden=encode(torch.randn(1, 1, 32)))),
+        "past its length": session(pb.Step(step=4, hidden=encode(torch.randn(1, 1, 64))), max_length=6),
+    }
+    rows_before = fronted.relay.stats.rows_in
+    codes = {}
+    for name, msgs in cases.items():
+        want = _stepwise(f"127.0.0.1:{server.port}", msgs)
+        got = _stepwise(f"127.0.0.1:{fronted.port}", msgs)
+        assert got[1:] == want[1:], (name, got[1:], want[1:])
+        codes[name] = got[1].name
+        assert len(got[0]) == len(want[0]), name
+        for a, b in zip(got[0], want[0], strict=True):
+            fields = ("step", "cache_length")
+            assert [getattr(a, f) for f in fields] == [getattr(b, f) for f in fields], name
+            assert (a.hidden.dtype, a.hidden.shape) == (b.hidden.dtype, b.hidden.shape), name
+            assert torch.allclose(decode(a.hidden).float(), decode(b.hidden).float(), atol=1e-6), name
+            assert 0 < a.server_ms <= a.server_wall_ms, name
+    assert codes == {
+        "good": "OK",
+        "float16": "OK",
+        "out of order": "INVALID_ARGUMENT",
+        "NaN": "INVALID_ARGUMENT",
+        "another width": "INVALID_ARGUMENT",
+        "past its length": "RESOURCE_EXHAUSTED",
+    }
+    # the decode steps went as rows: three of each session, and the last of "good" and "float16"
+    assert fronted.relay.stats.rows_in - rows_before >= len(cases) * 3 + 2
+    wait_for(lambda: fronted.sessions.active() == 0 and fronted.runtime.used_slots() == 0, what="sessions freed")

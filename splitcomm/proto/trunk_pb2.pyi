@@ -363,8 +363,30 @@ class RelayItem(_message.Message):
     details: str
     def __init__(self, stream: _Optional[int] = ..., message: _Optional[bytes] = ..., has_message: _Optional[bool] = ..., peer: _Optional[str] = ..., end: _Optional[bool] = ..., cancel: _Optional[bool] = ..., code: _Optional[int] = ..., details: _Optional[str] = ...) -> None: ...
 
+class RelayRows(_message.Message):
+    __slots__ = ("stream", "step", "dtype", "width", "data", "cache_length", "server_ms", "server_wall_ms")
+    STREAM_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    CACHE_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    SERVER_MS_FIELD_NUMBER: _ClassVar[int]
+    SERVER_WALL_MS_FIELD_NUMBER: _ClassVar[int]
+    stream: _containers.RepeatedScalarFieldContainer[int]
+    step: _containers.RepeatedScalarFieldContainer[int]
+    dtype: DType
+    width: int
+    data: bytes
+    cache_length: _containers.RepeatedScalarFieldContainer[int]
+    server_ms: _containers.RepeatedScalarFieldContainer[float]
+    server_wall_ms: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, stream: _Optional[_Iterable[int]] = ..., step: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., width: _Optional[int] = ..., data: _Optional[bytes] = ..., cache_length: _Optional[_Iterable[int]] = ..., server_ms: _Optional[_Iterable[float]] = ..., server_wall_ms: _Optional[_Iterable[float]] = ...) -> None: ...
+
 class RelayBatch(_message.Message):
-    __slots__ = ("items",)
+    __slots__ = ("items", "rows")
     ITEMS_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
     items: _containers.RepeatedCompositeFieldContainer[RelayItem]
-    def __init__(self, items: _Optional[_Iterable[_Union[RelayItem, _Mapping]]] = ...) -> None: ...
+    rows: _containers.RepeatedCompositeFieldContainer[RelayRows]
+    def __init__(self, items: _Optional[_Iterable[_Union[RelayItem, _Mapping]]] = ..., rows: _Optional[_Iterable[_Union[RelayRows, _Mapping]]] = ...) -> None: ...
