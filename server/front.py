@@ -72,11 +72,13 @@ class Front:
                     inbox = self._streams.get(item.stream)
                     if inbox is not None:
                         inbox.put_nowait(item)
+                self._out.hold_s = batch.hold_ms / 1e3
                 for rows in batch.rows:  # after the items: the engine's outbox keeps that order
                     for stream, message in answers(rows):
                         inbox = self._streams.get(stream)
                         if inbox is not None:
                             inbox.put_nowait(message)
+                            self._out.want(stream)  # a decoding session: its next step is awaited
         except grpc.aio.AioRpcError as e:
             logger.error("relay to the engine broke: %s %s", e.code().name, e.details())
         finally:  # every open session ends: the engine that held its cache is gone

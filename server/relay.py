@@ -131,7 +131,12 @@ class _Rows:
 class Outbox:
     """Relay items and rows waiting to be written; `batches` yields what has queued each time the writer is free.
     A stream's item, or second row, after a row of it in the batch being filled starts a new batch (a batch's
-    items are read before its rows), as does one that would take a batch past BATCH_BYTES."""
+    items are read before its rows), as does one that would take a batch past BATCH_BYTES.
+
+    A front's outbox also gathers: a batch waits, up to `hold_s`, for a row of each stream it `want`s (the sessions
+    whose decode steps were just answered), so that the next steps of a front's decoding sessions reach the engine
+    in one relay batch rather than one or two at a time (each relay message costs the engine's event loop as much as
+    several rows). A stream that does not send in time is not waited for again until it is answered again."""
 
     def __init__(self):
         self._full: collections.deque[pb.RelayBatch] = collections.deque()  # closed to more: they go first
@@ -141,8 +146,22 @@ class Outbox:
         self._size = 0
         self._ready = asyncio.Event()
         self.closed = False
+        self.hold_s = 0.0
+        self._wanted: set[int] = set()  # streams whose next row the batch being filled waits for
+        self._complete: asyncio.Future | None = None  # what the writer awaits while it waits for them
+
+    def want(self, stream: int) -> None:
+        """The next batch waits, up to `hold_s`, for this stream's next message."""
+        self._wanted.add(stream)
+
+    def _got(self, stream: int) -> None:
+        if self._wanted:
+            self._wanted.discard(stream)
+            if not self._wanted and self._complete is not None:
+                _wake(self._complete)
 
     def put(self, item: pb.RelayItem) -> None:
+        self._got(item.stream)
         if item.stream in self._rowed:
             self._close_batch()
         self._add(len(item.message))
@@ -153,6 +172,7 @@ class Outbox:
     ) -> None:
         """A decode step (front to engine), or with `answer` (cache length, server ms, server wall ms) its
         answer (engine to front)."""
+        self._got(stream)
         if stream in self._rowed:
             self._close_batch()
         self._add(len(data))
@@ -171,6 +191,8 @@ class Outbox:
     def close(self) -> None:
         self.closed = True
         self._ready.set()
+        if self._complete is not None:
+            _wake(self._complete)
 
     def _add(self, size: int) -> None:
         if (self._items or self._rows) and self._size + size > BATCH_BYTES:
@@ -194,7 +216,25 @@ class Outbox:
                     return
                 self._ready.clear()
                 await self._ready.wait()
+            if self._wanted and self.hold_s > 0 and not (self._full or self.closed):
+                await self._hold()
+            self._wanted.clear()  # those that did not come in time: not waited for until answered again
             yield self._full.popleft() if self._full else self._batch()
+
+    async def _hold(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._complete = loop.create_future()
+        timer = loop.call_later(self.hold_s, _wake, self._complete)
+        try:
+            await self._complete
+        finally:
+            timer.cancel()
+            self._complete = None
+
+
+def _wake(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 class _Context:
@@ -304,7 +344,9 @@ class RelayServicer:
         stats = self.stats
         stats.fronts += 1
         try:
+            runtime = self._servicer.runtime
             async for batch in out.batches():
+                batch.hold_ms = runtime.gather_s() * 1e3 / 2  # a front holds its steps for half the scheduler's wait
                 stats.batches_out += 1
                 rows = sum(len(r.stream) for r in batch.rows)
                 stats.items_out += len(batch.items) + rows

@@ -436,13 +436,17 @@ class TrunkRuntime:
         every decoding session has sent its step or the batch is full; a session decoding alone waits for no
         one. Counted from now, not from the first arrival: steps that queued while a batch ran would otherwise
         go at once, without the sessions whose answers that batch just sent, and stay out of step with them."""
-        wait = min(self.batch_wait_s, max(self._step_s, 0.0005))  # waiting costs at most about one step
-        deadline = time.perf_counter() + wait
+        deadline = time.perf_counter() + self.gather_s()
         while len(self._decodes) < self._expected() and not self._stopping:
             left = deadline - time.perf_counter()
             if left <= 0:
                 break
             self._cv.wait(left)
+
+    def gather_s(self) -> float:
+        """How long a decode batch waits for the sessions that are decoding, at most: `batch_wait_ms`, and never
+        much longer than a batch takes to compute (waiting costs at most about one step)."""
+        return min(self.batch_wait_s, max(self._step_s, 0.0005))
 
     def _run_alone(self, w: _Work) -> None:
         t0 = time.perf_counter()

@@ -557,3 +557,54 @@ def test_decode_steps_go_packed_and_give_what_they_give_without_fronts(fronted, 
     # the decode steps went as rows: three of each session, and the last of "good" and "float16"
     assert fronted.relay.stats.rows_in - rows_before >= len(cases) * 3 + 2
     wait_for(lambda: fronted.sessions.active() == 0 and fronted.runtime.used_slots() == 0, what="sessions freed")
+
+
+def test_a_fronts_outbox_holds_a_batch_for_its_decoding_sessions_next_steps_up_to_the_engines_hold():
+    """A front waits for the next step of each session it has just answered, so that they reach the engine in one
+    relay batch, but no longer than the hold the engine gives it; a session that did not send in time is not
+    waited for again until it is answered again."""
+    import asyncio
+
+    from server.relay import Outbox
+
+    async def main():
+        out = Outbox()
+        out.hold_s = 0.3
+        got: asyncio.Queue = asyncio.Queue()
+
+        async def write():
+            async for b in out.batches():
+                await got.put((time.monotonic(), b))
+
+        writer = asyncio.ensure_future(write())
+        for stream in (1, 2, 3):
+            out.want(stream)
+        t0 = time.monotonic()
+        out.put_row(1, 5, pb.FLOAT32, 2, b"\0" * 8)
+        out.put_row(2, 5, pb.FLOAT32, 2, b"\0" * 8)
+        await asyncio.sleep(0.05)
+        assert got.empty()  # stream 3 has yet to send
+        out.put(pb.RelayItem(stream=3, end=True))  # its end is its message: the batch is complete
+        at, batch = await asyncio.wait_for(got.get(), 1)
+        assert at - t0 < 0.25 and list(batch.rows[0].stream) == [1, 2] and batch.items[0].stream == 3
+
+        for stream in (1, 2):
+            out.want(stream)
+        t0 = time.monotonic()
+        out.put_row(1, 6, pb.FLOAT32, 2, b"\0" * 8)  # stream 2 never sends: the hold runs out
+        at, batch = await asyncio.wait_for(got.get(), 2)
+        assert 0.25 <= at - t0 < 1.0 and list(batch.rows[0].stream) == [1]
+        t0 = time.monotonic()
+        out.put_row(1, 7, pb.FLOAT32, 2, b"\0" * 8)  # nothing wanted now (stream 2 is forgotten): at once
+        at, batch = await asyncio.wait_for(got.get(), 1)
+        assert at - t0 < 0.2
+
+        out.want(2)
+        out.put_row(1, 8, pb.FLOAT32, 2, b"\0" * 8)
+        await asyncio.sleep(0.05)
+        out.close()  # a closing front does not hold its last batch
+        at, batch = await asyncio.wait_for(got.get(), 1)
+        assert list(batch.rows[0].step) == [8]
+        await asyncio.wait_for(writer, 1)
+
+    asyncio.run(main())

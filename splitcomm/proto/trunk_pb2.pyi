@@ -384,9 +384,11 @@ class RelayRows(_message.Message):
     def __init__(self, stream: _Optional[_Iterable[int]] = ..., step: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., width: _Optional[int] = ..., data: _Optional[bytes] = ..., cache_length: _Optional[_Iterable[int]] = ..., server_ms: _Optional[_Iterable[float]] = ..., server_wall_ms: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class RelayBatch(_message.Message):
-    __slots__ = ("items", "rows")
+    __slots__ = ("items", "rows", "hold_ms")
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
+    HOLD_MS_FIELD_NUMBER: _ClassVar[int]
     items: _containers.RepeatedCompositeFieldContainer[RelayItem]
     rows: _containers.RepeatedCompositeFieldContainer[RelayRows]
-    def __init__(self, items: _Optional[_Iterable[_Union[RelayItem, _Mapping]]] = ..., rows: _Optional[_Iterable[_Union[RelayRows, _Mapping]]] = ...) -> None: ...
+    hold_ms: float
+    def __init__(self, items: _Optional[_Iterable[_Union[RelayItem, _Mapping]]] = ..., rows: _Optional[_Iterable[_Union[RelayRows, _Mapping]]] = ..., hold_ms: _Optional[float] = ...) -> None: ...
