@@ -38,6 +38,8 @@ sys.path.insert(0, str(ROOT))
 
 from scripts.bench import numbers  # noqa: E402
 from scripts.simulated_server import SimulatedDevice  # noqa: E402
+from server.app import configure_switch_interval  # noqa: E402
+from server.config import ServerConfig  # noqa: E402
 from server.relay import Outbox, RelayServicer  # noqa: E402
 from server.runtime import TrunkRuntime  # noqa: E402
 from server.servicer import TrunkServicer, lenient  # noqa: E402
@@ -152,10 +154,17 @@ def main() -> None:
         type=lambda v: [x.strip() for x in v.split(",") if x.strip()],
         help="servicer (a server without fronts), relay (the engine of one with fronts), or both, comma-separated",
     )
+    p.add_argument(
+        "--switch-interval-ms",
+        type=float,
+        default=ServerConfig.switch_interval_ms,
+        help="the interpreter's switch interval, as the server sets it (default: the server's)",
+    )
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
     if not args.path or set(args.path) - {"servicer", "relay"}:
         p.error("--path takes servicer, relay or both, comma-separated")
+    configure_switch_interval(args.switch_interval_ms)  # the scheduler thread and the loop share the GIL as on a server
     model = resolve_model(args.model, args.models_dir)
     trunk = load_parts(model, "2,10", ("trunk",))["trunk"]
     fingerprint = model_fingerprint(model, Split.parse("2,10", model.config.n_layer))
@@ -165,7 +174,10 @@ def main() -> None:
             wire = codec.WIRE_DTYPES[args.wire_dtype]
             rows.append(measure(trunk, fingerprint, n, args.seconds, args.event_loop, wire, path))
             print(f"  {path} N={n}: {rows[-1]['steps_per_s']:,.0f} steps/s", file=sys.stderr)
-    print(f"\nno network, a device of 0 ms; {args.event_loop} loop, {args.wire_dtype} wire\n")
+    print(
+        f"\nno network, a device of 0 ms; {args.event_loop} loop, {args.wire_dtype} wire, "
+        f"switch interval {args.switch_interval_ms:g} ms\n"
+    )
     print("| path | sessions | steps/s | us a step | mean batch |\n|---|---:|---:|---:|---:|")
     for r in rows:
         print(
@@ -174,7 +186,8 @@ def main() -> None:
         )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"command": " ".join(sys.argv), "rows": rows}, indent=2))
+        meta = {"command": " ".join(sys.argv), "switch_interval_ms": args.switch_interval_ms}
+        args.json.write_text(json.dumps({**meta, "rows": rows}, indent=2))
         print(f"\nwrote {args.json}")
 
 

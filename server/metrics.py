@@ -94,19 +94,24 @@ class Metrics:
         self._children: dict[str, tuple] = {}  # per step kind: its steps and tokens counters
         self._collector = _FromRuntime(runtime, sessions)
         self.registry.register(self._collector)
-        runtime.on_wait = self.queue_wait.observe  # seconds each piece of work waited for the scheduler
+        runtime.on_wait = self._waited  # seconds each piece of work waited for the scheduler, and its steps
         self.port: int | None = None
         self._server = None
+
+    def _waited(self, seconds: float, steps: int) -> None:
+        for _ in range(steps):
+            self.queue_wait.observe(seconds)
 
     def relay(self, stats) -> None:
         """Report the relay of a server with gRPC fronts too (its RelayStats)."""
         self._collector.relay = stats
 
-    def step(self, kind: str, tokens: int) -> None:
+    def step(self, kind: str, tokens: int, steps: int = 1) -> None:
+        """`steps` steps of `kind` have run, `tokens` positions in all."""
         children = self._children.get(kind)
         if children is None:  # a label lookup is a lock and a dict of tuples: once per kind, not per step
             children = self._children[kind] = (self.steps.labels(kind), self.tokens.labels(kind))
-        children[0].inc()
+        children[0].inc(steps)
         children[1].inc(tokens)
 
     def error(self, code: str) -> None:

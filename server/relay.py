@@ -10,10 +10,10 @@ batch.
 - **Plain decode steps travel packed** (`RelayRows`): a front parses each session message, and one that is a
   decode step and nothing else (one position, float32 or float16, no rollback) goes as a row: its stream, its step
   number and its raw hidden state, the rows of a batch one after the other in one bytes field. The engine reads
-  all of a batch's rows with one numpy call (and checks them finite with another), starts each with no task and no
-  message of its own (`TrunkServicer.start_row`), queues them with the runtime together, and answers in rows too,
-  from which the front builds each StepResponse. So per decode step the engine parses and builds no protobuf
-  message; the fronts, in parallel, do.
+  all of a batch's rows with one numpy call (and checks them finite with another), starts them with no task and no
+  message of their own, as one piece of work for the runtime (`TrunkServicer.start_rows`), and answers in rows
+  too, all of a piece's at once, from which the front builds each StepResponse. So per decode step the engine
+  parses and builds no protobuf message and makes no Python object of its own; the fronts, in parallel, do.
 - **Everything else** (open, prompt, rollback, adapters, malformed messages, and a row that cannot start at once)
   goes the servicer's usual way: each relayed session runs the servicer's own Session handler, fed from the relay,
   so that opening, limits, errors and the idle reaper are the same code as without fronts. A row that cannot start
@@ -167,26 +167,40 @@ class Outbox:
         self._add(len(item.message))
         self._items.append(item)
 
-    def put_row(
-        self, stream: int, step: int, wire: int, width: int, data: bytes, answer: tuple[int, float, float] | None = None
+    def put_row(self, stream: int, step: int, wire: int, width: int, data: bytes) -> None:
+        """A decode step (front to engine)."""
+        self.put_rows([stream], [step], wire, width, data)
+
+    def put_rows(
+        self,
+        streams: list[int],
+        steps: list[int],
+        wire: int,
+        width: int,
+        data: bytes,
+        answers: tuple[list[int], float, float] | None = None,
     ) -> None:
-        """A decode step (front to engine), or with `answer` (cache length, server ms, server wall ms) its
-        answer (engine to front)."""
-        self._got(stream)
-        if stream in self._rowed:
+        """Decode steps of `streams` (front to engine), or with `answers` (their cache lengths, server ms, server
+        wall ms) their answers (engine to front): `data` holds their rows one after the other. They go in one
+        batch, a new one if any of them has a row in the batch being filled."""
+        if self._wanted:
+            for stream in streams:
+                self._got(stream)
+        if not self._rowed.isdisjoint(streams):
             self._close_batch()
         self._add(len(data))
         rows = self._rows.get((wire, width))
         if rows is None:
             rows = self._rows[(wire, width)] = _Rows()
-        rows.stream.append(stream)
-        rows.step.append(step)
+        rows.stream += streams
+        rows.step += steps
         rows.data.append(data)
-        if answer is not None:
-            rows.cache_length.append(answer[0])
-            rows.server_ms.append(answer[1])
-            rows.server_wall_ms.append(answer[2])
-        self._rowed.add(stream)
+        if answers is not None:
+            lengths, ms, wall = answers
+            rows.cache_length += lengths
+            rows.server_ms += [ms] * len(streams)
+            rows.server_wall_ms += [wall] * len(streams)
+        self._rowed.update(streams)
 
     def close(self) -> None:
         self.closed = True
@@ -255,7 +269,7 @@ class _Context:
 class _Call:
     """One relayed session stream on the engine: the task that serves it (the servicer's Session handler) and the
     requests it has yet to read. A packed decode step that comes while the task waits for its next request starts
-    at once, with no task (`start_row`), and its answer goes straight out as a row. The task reads nothing more
+    at once, with no task (`start_rows`), and its answer goes straight out as a row. The task reads nothing more
     until that step is answered, so the session's steps stay in order, and it cannot end while the step runs (its
     slot is given back only when nothing of it is in flight)."""
 
@@ -277,16 +291,13 @@ class _Call:
         """Open, and waiting for its next request with nothing queued or in flight: a step may start at once."""
         return self.waiting and not self.busy and self.session is not None and self.requests.empty()
 
-    def answered(self, step: int, wire: int, width: int, result) -> None:
-        """The answer of a step started at once, (output bytes, server ms, cache length, server wall ms): a row to
-        the front; an error, to the task."""
+    def answered(self, error: BaseException | None = None) -> None:
+        """The step started at once has been answered (its row has gone to the front), or has failed with `error`,
+        which the task raises."""
         self.busy = False
-        if isinstance(result, BaseException):
-            self.failed = result
+        if error is not None:
+            self.failed = error
             self.requests.put_nowait(_WAKE)
-        else:
-            data, ms, length, wall = result
-            self.out.put_row(self.stream, step, wire, width, data, (length, ms, wall))
         if self.answer_seen is not None:
             self.answer_seen.set_result(None)
             self.answer_seen = None
@@ -320,6 +331,21 @@ class _Call:
 _WAKE = object()  # wakes a call's task to raise how its step failed
 
 
+def _answered(
+    calls: list[_Call], streams: list[int], steps: list[int], wire: int, width: int, out: Outbox, part: slice, result
+) -> None:
+    """The answers of packed decode steps that started together (`part` of them, when they ran in pieces): rows to
+    the front, or each session's task told the error."""
+    if isinstance(result, BaseException):
+        for call in calls[part]:
+            call.answered(result)
+        return
+    data, ms, lengths, wall = result
+    out.put_rows(streams[part], steps[part], wire, width, data, (lengths, ms, wall))
+    for call in calls[part]:
+        call.answered()
+
+
 def _closed(out: Outbox, reader: asyncio.Task) -> None:
     """The front's side of the relay has ended: so does the engine's, once its answers are out."""
     if not reader.cancelled() and reader.exception() is not None:
@@ -329,8 +355,8 @@ def _closed(out: Outbox, reader: asyncio.Task) -> None:
 
 class RelayServicer:
     """The engine's end of the relay. `servicer` serves each relayed session stream with its Session handler
-    (request iterator, context, opened) and starts packed decode steps at once (`decode_rows`, `start_row`);
-    `parse` reads a StepRequest's bytes."""
+    (request iterator, context, opened) and starts packed decode steps at once (`decode_rows`, `can_start`,
+    `start_rows`); `parse` reads a StepRequest's bytes."""
 
     def __init__(self, servicer, parse: Callable[[bytes], object]):
         self._servicer, self._parse = servicer, parse
@@ -384,32 +410,36 @@ class RelayServicer:
                 if item.cancel:
                     call.task.cancel()
             if batch.rows:
-                starts: list = []  # decode steps that start at once, queued with the runtime together
                 arrived = time.perf_counter()
                 for rows in batch.rows:
                     stats.items_in += len(rows.stream)
                     stats.rows_in += len(rows.stream)
-                    self._start(rows, calls, starts, arrived)
-                if starts:
-                    self._servicer.runtime.decode_then(starts)
+                    self._start(rows, calls, out, arrived)
 
-    def _start(self, rows: pb.RelayRows, calls: dict[int, _Call], starts: list, arrived: float) -> None:
-        """Start each packed decode step at once, or hand it to its session's task as a StepRequest."""
+    def _start(self, rows: pb.RelayRows, calls: dict[int, _Call], out: Outbox, arrived: float) -> None:
+        """Start the packed decode steps that can start at once, together; hand each other one to its session's task
+        as a StepRequest."""
         wire, width = rows.dtype, rows.width
-        steps = list(rows.step)  # one conversion: an index into a repeated field costs more than into a list
+        steps, streams = list(rows.step), list(rows.stream)  # an index into a repeated field costs more than a list's
         decoded = self._servicer.decode_rows(rows.data, wire, width, len(steps))
         hidden, finite = decoded if decoded is not None else ((), ())
-        for i, stream in enumerate(list(rows.stream)):
+        can_start, go = self._servicer.can_start, []
+        for i, stream in enumerate(streams):
             call = calls.get(stream)
             if call is None:
                 continue  # it has ended here: its front forgets it too
-            if i < len(finite) and finite[i] and call.idle():
-                step = steps[i]
-                answer = functools.partial(call.answered, step, wire, width)
-                if self._servicer.start_row(call.session, step, hidden[i], wire, arrived, answer, starts):
-                    call.busy = True
-                    continue
-            call.requests.put_nowait(unpacked(rows, i))
+            if i < len(finite) and finite[i] and call.idle() and can_start(call.session, steps[i]):
+                call.busy = True
+                go.append(i)
+            else:
+                call.requests.put_nowait(unpacked(rows, i))
+        if not go:
+            return
+        if len(go) < len(steps):
+            hidden, streams, steps = hidden[go], [streams[i] for i in go], [steps[i] for i in go]
+        group = [calls[stream] for stream in streams]
+        answer = functools.partial(_answered, group, streams, steps, wire, width, out)
+        self._servicer.start_rows([c.session for c in group], hidden.reshape(len(go), 1, width), wire, arrived, answer)
 
     async def _serve(self, call: _Call, peer: str, calls: dict[int, _Call]) -> None:
         try:

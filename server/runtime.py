@@ -71,19 +71,34 @@ class RuntimeStats:
 
 @dataclass(eq=False, slots=True)
 class _Work:
-    slot: int | None  # a decode step's slot; None for work that runs alone
-    payload: Any  # the hidden state (1, 1, C) of a decode step, or the callable of work that runs alone
+    slots: list[int] | None  # the slots of a group of decode steps (one each); None for work that runs alone
+    payload: Any  # the hidden states (K, 1, C) of the group, or the callable of work that runs alone
     arrived: float = field(default_factory=time.perf_counter)
     done: Callable[[], None] | None = None  # a thread's: told once it has run or been dropped
     fut: asyncio.Future | None = None  # or an event loop's: settled then, on its loop
-    result: Any = None
+    then: Callable[..., None] | None = None  # decode_then's callback (with a Then as `fut`)
+    part: slice | None = None  # decode_then's: which of its group's steps these are (a batch may take it in pieces)
+    result: Any = None  # a group's outputs (K, 1, C)
     error: BaseException | None = None
     compute_ms: float = 0.0
     batch: int = 1  # rows of the forward it ran in
 
 
-def _then(w: _Work, then: Callable[[Any, float, int, BaseException | None], None]) -> None:
-    then(w.result, w.compute_ms, w.batch, w.error)
+def _then(w: _Work) -> None:
+    w.then(w.part, w.result, w.compute_ms, w.batch, w.error)
+
+
+def _split(w: _Work, k: int) -> tuple[_Work, _Work]:
+    """A decode_then group's first `k` steps, and the rest: pieces that batches take one at a time, each answered
+    on its own."""
+    start = w.part.start
+    head, tail = (
+        _Work(w.slots[:k], w.payload[:k], w.arrived, then=w.then, part=slice(start, start + k)),
+        _Work(w.slots[k:], w.payload[k:], w.arrived, then=w.then, part=slice(start + k, start + len(w.slots))),
+    )
+    for piece in (head, tail):
+        piece.fut = Then(w.fut.get_loop(), functools.partial(_then, piece))
+    return head, tail
 
 
 def _settle(futs: list[asyncio.Future]) -> None:
@@ -164,10 +179,11 @@ class TrunkRuntime:
         self._x_np = self._x_host.numpy() if trunk.dtype in _NUMPY_DTYPES else None
         self._pos_np = self._pos_host.numpy()
         self.stats = RuntimeStats()
-        self.on_wait: Callable[[float], None] | None = None  # told each step's queue wait, s (metrics)
+        self.on_wait: Callable[[float, int], None] | None = None  # told a queue wait, s, and its steps (metrics)
         self._free = list(range(slots))  # a heap: the lowest free slot first, so batches stay short
         self._decoding: set[int] = set()  # slots whose latest step was a decode step: the batch waits for them
         self._decodes: list[_Work] = []
+        self._queued_rows = 0  # decode steps in _decodes (a group counts each)
         self._alone: collections.deque[_Work] = collections.deque()
         self.pipeline_depth = pipeline_depth
         self._launched: collections.deque[list[_Work]] = collections.deque()  # handed to the device thread
@@ -230,7 +246,7 @@ class TrunkRuntime:
         """One new position for the one-row session in `slot` (h: (1, 1, C), a tensor or a float32/float16 array),
         batched with the other sessions'.
         Returns the trunk's output (1, 1, C) on the CPU, and the compute ms and rows of the batch it ran in."""
-        w = self._wait(_Work(slot, h), decode=True)
+        w = self._wait(_Work([slot], h), decode=True)
         return torch.as_tensor(w.result), w.compute_ms, w.batch
 
     async def decode_async(
@@ -238,25 +254,22 @@ class TrunkRuntime:
     ) -> tuple[np.ndarray | torch.Tensor, float, int]:
         """`decode` for the event loop, with the output as the batch left it: a numpy array for a float32 or float16
         trunk (what the servicer encodes with numpy), else a tensor."""
-        w = await self._wait_async(_Work(slot, h), decode=True)
+        w = await self._wait_async(_Work([slot], h), decode=True)
         return w.result, w.compute_ms, w.batch
 
-    def decode_then(self, steps: list[tuple[int, np.ndarray, Callable[[Any, float, int, BaseException | None], None]]]):
-        """`decode_async` for many steps at once with no task to wake, queued together: for each (slot, h, then),
-        `then(output, compute ms, rows, error)` is called on the running event loop once the step has run (or has
-        failed: output None and the error)."""
-        loop = asyncio.get_running_loop()
-        works = []
-        for slot, h, then in steps:
-            w = _Work(slot, h)
-            w.fut = Then(loop, functools.partial(_then, w, then))
-            works.append(w)
+    def decode_then(self, slots: list[int], h: np.ndarray | torch.Tensor, then: Callable[..., None]) -> None:
+        """Decode steps of many one-row sessions at once, as one piece of work with no task to wake: one new
+        position each for `slots`, with hidden states `h` (K, 1, C) in the same order. `then(part, outputs, compute
+        ms, rows, error)` is called on the running event loop once they have run: `part` (a slice) says which of the
+        K they are (a batch may take a group in pieces, each answered on its own), `outputs` is their (len, 1, C)
+        output (None if they failed, with the error)."""
+        w = _Work(slots, h, then=then, part=slice(0, len(slots)))
+        w.fut = Then(asyncio.get_running_loop(), functools.partial(_then, w))
         try:
-            self._queue_all(works, decode=True)
+            self._queue(w, decode=True)
         except ServerDraining as e:
-            for w in works:
-                w.error = e
-            self._tell(works)
+            w.error = e
+            self._tell([w])
 
     def _chunks(self, slot: int, h: torch.Tensor, model: GPT2 | None) -> list[Callable[[], torch.Tensor]]:
         with self._cv:
@@ -312,21 +325,19 @@ class TrunkRuntime:
         return w
 
     def _queue(self, w: _Work, decode: bool) -> None:
-        self._queue_all([w], decode)
-
-    def _queue_all(self, works: list[_Work], decode: bool) -> None:
         with self._cv:
             if self._stopping:
                 raise ServerDraining("the trunk server is shutting down; retry on another server or later")
             idle = not (self._decodes or self._alone)
             if decode:
-                self._decoding.update(w.slot for w in works)
-                self._decodes.extend(works)
+                self._decoding.update(w.slots)
+                self._decodes.append(w)
+                self._queued_rows += len(w.slots)
             else:
-                self._alone.extend(works)
+                self._alone.append(w)
             # Wake the scheduler when it waits for work, or when the batch it gathers is complete: not at every
             # arrival, which would take the GIL from the event loop that is receiving the others.
-            if idle or not decode or len(self._decodes) >= self._expected():
+            if idle or not decode or self._queued_rows >= self._expected():
                 self._cv.notify_all()
 
     def stop(self) -> None:
@@ -344,7 +355,7 @@ class TrunkRuntime:
         for w in queued:
             w.error = ServerDraining("the trunk server is shutting down; retry on another server or later")
         self._tell(queued)
-        self._decodes, self._alone = [], collections.deque()
+        self._decodes, self._alone, self._queued_rows = [], collections.deque(), 0
 
     @staticmethod
     def _tell(works: list[_Work]) -> None:
@@ -377,12 +388,10 @@ class TrunkRuntime:
                     return
                 if self._batch_next():
                     self._gather()
-                    batch, self._decodes = self._decodes[: self._cap()], self._decodes[self._cap() :]
-                    self._flying.update(w.slot for w in batch)
-                    work = batch
+                    work = self._take(self._cap())
                 else:
                     work = [self._alone.popleft()]
-                self._alone_next = work[0].slot is not None
+                self._alone_next = work[0].slots is not None
                 if self.pipeline_depth > 1:
                     self._in_flight += 1
                     self._launched.append(work)
@@ -408,8 +417,25 @@ class TrunkRuntime:
                 self._cv.notify_all()
             work = None
 
+    def _take(self, cap: int) -> list[_Work]:
+        """Under the lock: the queued decode steps of the next batch, up to `cap` of them, in the order they came (a
+        group that does not fit whole goes in pieces)."""
+        decodes, batch, room, i = self._decodes, [], cap, 0
+        while i < len(decodes) and room:
+            w = decodes[i]
+            if len(w.slots) > room:
+                w, decodes[i] = _split(w, room)
+            else:
+                i += 1
+            batch.append(w)
+            room -= len(w.slots)
+        del decodes[:i]
+        self._flying.update(s for w in batch for s in w.slots)
+        self._queued_rows -= cap - room
+        return batch
+
     def _run(self, work: list[_Work]) -> None:
-        if work[0].slot is None:
+        if work[0].slots is None:
             self._run_alone(work[0])
         else:
             self._run_batch(work)
@@ -437,7 +463,7 @@ class TrunkRuntime:
         one. Counted from now, not from the first arrival: steps that queued while a batch ran would otherwise
         go at once, without the sessions whose answers that batch just sent, and stay out of step with them."""
         deadline = time.perf_counter() + self.gather_s()
-        while len(self._decodes) < self._expected() and not self._stopping:
+        while self._queued_rows < self._expected() and not self._stopping:
             left = deadline - time.perf_counter()
             if left <= 0:
                 break
@@ -454,37 +480,41 @@ class TrunkRuntime:
             w.result = w.payload()
         except BaseException as e:  # handed to the waiting thread, which maps it to a status
             w.error = e
-        self._finish([w], t0, 1)
+        self._finish([w], t0, None)
 
     @torch.inference_mode()
     def _run_batch(self, batch: list[_Work]) -> None:
         t0 = time.perf_counter()
+        slots = [s for w in batch for s in w.slots]
         try:
-            out = self._forward(batch)
-            rows = out.numpy() if out.dtype in _NUMPY_DTYPES else out  # a numpy row is a fraction of a torch slice
-            for w in batch:
-                self.cache.lengths[w.slot] += 1
-                w.result = rows[w.slot : w.slot + 1]
+            out = self._forward(batch, slots)
+            rows = out.numpy() if out.dtype in _NUMPY_DTYPES else out  # numpy indexing: a fraction of torch's
+            lengths = self.cache.lengths
+            for s in slots:
+                lengths[s] += 1
+            for w in batch:  # a view of a step's row, a copy of a group's
+                w.result = rows[w.slots[0] : w.slots[0] + 1] if len(w.slots) == 1 else rows[w.slots]
         except BaseException as e:
-            logger.exception("a decode batch of %d failed", len(batch))
+            logger.exception("a decode batch of %d failed", len(slots))
             for w in batch:
                 w.error = e
-        self._finish(batch, t0, len(batch))
+        self._finish(batch, t0, slots)
 
-    def _forward(self, batch: list[_Work]) -> torch.Tensor:
-        """One forward over rows [0, N) of the pool for the slots in `batch`; (N, 1, C) on the CPU."""
+    def _forward(self, batch: list[_Work], slots: list[int]) -> torch.Tensor:
+        """One forward over rows [0, N) of the pool for `slots`, the slots of `batch`; (N, 1, C) on the CPU."""
         lengths = self.cache.lengths
-        n = max(w.slot for w in batch) + 1
-        end = max(lengths[w.slot] for w in batch) + 1
-        for w in batch:
-            if lengths[w.slot] >= self.max_length:
-                raise LimitExceeded(f"slot {w.slot} is full ({self.max_length} positions)")
+        n = max(slots) + 1
+        held = [lengths[s] for s in slots]
+        end = max(held) + 1
+        if end > self.max_length:
+            full = slots[held.index(end - 1)]
+            raise LimitExceeded(f"slot {full} is full ({self.max_length} positions)")
         graph = None
         if self._graphs:
             n = _bucket(n, self._row_buckets)
             end = _bucket(end, self._end_buckets)
             graph = self._graphs.get((n, end))
-        x, positions = self._stage(batch, n)
+        x, positions = self._stage(batch, n, slots, held)
         if graph is not None:
             out = graph.run()  # its first nodes copy the host buffers in
         else:
@@ -493,29 +523,37 @@ class TrunkRuntime:
             out = self.trunk.decode_rows(x, self.cache, positions, end)
         return out.cpu()  # one copy for the whole batch (and the syncs that frees the host buffers again)
 
-    def _stage(self, batch: list[_Work], n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The batch's inputs and positions in the host buffers (pinned on a GPU), rows [0, N): numpy writes, a
-        fraction of the cost of building them with torch calls (a forward's fixed cost is the scheduler's own
-        time on the GIL). A row that sits the step out keeps an old input and writes to its spare position."""
+    def _stage(self, batch: list[_Work], n: int, slots: list[int], held: list[int]) -> tuple[torch.Tensor, ...]:
+        """The batch's inputs and positions (its `slots` hold `held` positions) in the host buffers
+        (pinned on a GPU), rows [0, N): numpy writes, one for each group, a fraction of the cost of torch calls (a
+        forward's fixed cost is the scheduler's own time on the GIL). A row that sits the step out keeps an old
+        input and writes to its spare position."""
         pos = self._pos_np
         pos[:n] = self.spare
+        pos[slots] = held
         for w in batch:
-            pos[w.slot] = self.cache.lengths[w.slot]
-            p = w.payload  # (1, 1, C): a tensor, or a float32/float16 array as the servicer decoded it
+            p = w.payload  # (K, 1, C): a tensor, or a float32/float16 array as the servicer decoded it
             if isinstance(p, torch.Tensor) and p.dtype in _NUMPY_DTYPES and p.device.type == "cpu":
                 p = p.numpy()
             if self._x_np is not None and isinstance(p, np.ndarray):
-                self._x_np[w.slot] = p[0]
+                if len(w.slots) == 1:  # an index: a fraction of a list's cost
+                    self._x_np[w.slots[0]] = p[0]
+                else:
+                    self._x_np[w.slots] = p
             else:  # bfloat16 on either side (numpy has none), or already on the device
-                self._x_host[w.slot].copy_(torch.as_tensor(p)[0])
+                for j, s in enumerate(w.slots):
+                    self._x_host[s].copy_(torch.as_tensor(p[j]))
         return self._x_host[:n], self._pos_host[:n]
 
-    def _finish(self, works: list[_Work], t0: float, rows: int) -> None:
+    def _finish(self, works: list[_Work], t0: float, slots: list[int] | None) -> None:
+        """The books of a decode batch over `slots`, or of a piece of work alone (None), run from t0."""
         ms = (time.perf_counter() - t0) * 1e3
+        rows = 1 if slots is None else len(slots)
+        waits = [(t0 - w.arrived, 1 if w.slots is None else len(w.slots)) for w in works]
         with self._cv:
-            self._flying.difference_update(w.slot for w in works)
             s = self.stats
-            if works[0].slot is not None:
+            if slots is not None:
+                self._flying.difference_update(slots)
                 self._step_s = 0.8 * self._step_s + 0.2 * ms / 1e3
                 s.batches += 1
                 s.batched_rows += rows
@@ -523,12 +561,11 @@ class TrunkRuntime:
             else:
                 s.jobs += 1
             s.compute_ms += ms
-            for w in works:
-                s.queue_wait_ms += (t0 - w.arrived) * 1e3
-                s.waited += 1
+            s.queue_wait_ms += sum(wait * steps for wait, steps in waits) * 1e3
+            s.waited += rows
         if self.on_wait is not None:
-            for w in works:
-                self.on_wait(t0 - w.arrived)
+            for wait, steps in waits:
+                self.on_wait(wait, steps)
         for w in works:
             w.compute_ms, w.batch = ms, rows
         self._tell(works)

@@ -201,17 +201,21 @@ class TrunkServicer(pb_grpc.TrunkServicer):
             )
         return h, wire
 
-    def _book(self, session, shape, ms: float, rows: int) -> None:
-        """A step of `shape` has run in a forward of `rows` rows that took `ms`: the session's and server's books."""
-        session.next_step += 1
-        session.last_active = time.monotonic()
-        self.sessions.record_step(ms / rows)  # its share of the forward it ran in
+    def _book(self, sessions: list, shape, ms: float, rows: int) -> None:
+        """A step of `shape` each of `sessions` has run in a forward of `rows` rows that took `ms`: the sessions'
+        and the server's books."""
+        now = time.monotonic()
+        for session in sessions:
+            session.next_step += 1
+            session.last_active = now
+        self.sessions.record_steps(len(sessions), ms / rows * len(sessions))  # their share of the forward
         if self.metrics is not None:
-            self.metrics.step("decode" if shape[1] == 1 else "prefill", shape[0] * shape[1])
+            kind = "decode" if shape[1] == 1 else "prefill"
+            self.metrics.step(kind, shape[0] * shape[1] * len(sessions), len(sessions))
 
     def _answer(self, session, req, shape, wire: int, out, ms: float, rows: int, arrived: float) -> pb.StepResponse:
         """The response to a step that has run, and the session's books."""
-        self._book(session, shape, ms, rows)
+        self._book([session], shape, ms, rows)
         resp = pb.StepResponse(
             step=req.step.step,
             hidden=codec.encode(out, codec.wire_torch_dtype(wire)),
@@ -240,34 +244,39 @@ class TrunkServicer(pb_grpc.TrunkServicer):
         except codec.CodecError:
             return None
 
-    def start_row(
-        self, session, step: int, h: np.ndarray, wire: int, arrived: float, answer: Callable[[Any], None], starts: list
-    ) -> bool:
-        """Make ready a decode step that a gRPC front packed (the relay: no message to parse, no task to wake on
-        the way in or out), with its hidden state `h` (1, 1, C) of wire dtype `wire` decoded and finite: True if
-        taken, and then it is in `starts`, for the runtime's `decode_then`, and `answer` gets (output bytes of
-        `wire`, compute ms, cache length, server wall ms), or the error, on this event loop once it has run. False
-        for a step that cannot start so (its session is not at `step`, has an adapter or several rows, or is
-        full), which then goes the usual way, where `_step` says what is wrong. The caller runs no other step of
-        the session until this one is answered."""
-        if session.closed or session.batch != 1 or session.model is not None or step != session.next_step:
-            return False
-        if self._length(session) >= session.max_length:
-            return False
+    def can_start(self, session, step: int) -> bool:
+        """Whether a decode step that a gRPC front packed can start at once (`start_rows`): its session is open and
+        at `step`, has one row and no adapter, and has room for one more position. A step that cannot goes the usual
+        way, where `_step` says what is wrong with it."""
+        return (
+            not session.closed
+            and session.batch == 1
+            and session.model is None
+            and step == session.next_step
+            and self._length(session) < session.max_length
+        )
 
-        def then(out, ms: float, rows: int, error: BaseException | None) -> None:
+    def start_rows(self, sessions: list, h: np.ndarray, wire: int, arrived: float, answer: Callable[..., None]) -> None:
+        """Start packed decode steps of `sessions` (each checked with `can_start`), with their hidden states `h`
+        (K, 1, C) of wire dtype `wire`, decoded and finite: one piece of work for the runtime, no message parsed or
+        built and no task woken. `answer(part, result)` is called on this event loop as they run (all at once, or
+        in pieces: `part` is a slice of `sessions`), with result (their outputs' bytes in `wire`, one after the
+        other; compute ms; their cache lengths; server wall ms), or the error. The caller runs no other step of
+        these sessions until they are answered."""
+
+        def then(part: slice, out, ms: float, rows: int, error: BaseException | None) -> None:
             if error is None:
                 try:
-                    self._book(session, h.shape, ms, rows)
+                    done = sessions[part]
+                    self._book(done, (1, 1), ms, rows)
                     wall = (time.perf_counter() - arrived) * 1e3
-                    answer((codec.row_bytes(out, wire), ms, self._length(session), wall))
+                    answer(part, (codec.rows_bytes(out, wire), ms, [self._length(s) for s in done], wall))
                     return
-                except Exception as e:  # handed on, as any error of the step
+                except Exception as e:  # handed on, as any error of the steps
                     error = e
-            answer(error)
+            answer(part, error)
 
-        starts.append((session.slot, h, then))
-        return True
+        self.runtime.decode_then([s.slot for s in sessions], h, then)
 
     async def Session(self, request_iterator, context, opened: Callable[[object], None] | None = None):
         """One session stream; `opened` is told the session once it is open (the relay from the fronts)."""
@@ -311,7 +320,7 @@ class TrunkServicer(pb_grpc.TrunkServicer):
 
         with self.sessions.call():
             (out, new_kv), ms = self.runtime.run_timed(stateless)
-        self.sessions.record_step(ms)
+        self.sessions.record_steps(1, ms)
         if self.metrics is not None:
             self.metrics.step("stateless", h.shape[0] * h.shape[1])
         resp = pb.ForwardResponse(hidden=codec.encode(out, h.dtype), kv=codec.encode(new_kv, h.dtype), server_ms=ms)

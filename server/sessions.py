@@ -102,9 +102,10 @@ class SessionRegistry:
                 self.counters.active_sessions,
             )
 
-    def record_step(self, compute_ms: float) -> None:
+    def record_steps(self, steps: int, compute_ms: float) -> None:
+        """`steps` steps have run, taking `compute_ms` of compute in all."""
         with self._lock:
-            self.counters.total_steps += 1
+            self.counters.total_steps += steps
             self.counters.total_compute_ms += compute_ms
 
     def active(self) -> int:

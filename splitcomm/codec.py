@@ -134,9 +134,9 @@ def decode_rows(data: bytes, wire: int, width: int, rows: int) -> tuple[np.ndarr
     return a, np.isfinite(a).all(axis=(1, 2, 3)).tolist()
 
 
-def row_bytes(out: np.ndarray | torch.Tensor, wire: int) -> bytes:
-    """A decode step's output (1, 1, C), numpy or a tensor, -> its raw bytes in wire dtype `wire` (a row of a
-    relay's packed answers)."""
+def rows_bytes(out: np.ndarray | torch.Tensor, wire: int) -> bytes:
+    """Decode steps' outputs (K, 1, C), numpy or a tensor, -> their raw bytes in wire dtype `wire`, one row after
+    the other (a relay's packed answers)."""
     if isinstance(out, np.ndarray) and wire in NUMPY_FLOATS:
         return out.astype(NUMPY_FLOATS[wire], copy=False).tobytes()
     return encode(out, _FROM_WIRE[wire]).data

@@ -4,6 +4,7 @@ say what the scheduler did."""
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import re
 import threading
@@ -300,6 +301,49 @@ def test_pipelined_cohorts_give_each_session_what_it_gets_alone(tiny):
     assert not any(t.is_alive() for t in rt._threads)
     with pytest.raises(ServerDraining):
         rt.decode(0, torch.zeros(1, 1, 64))
+
+
+def test_a_group_of_decode_steps_runs_in_pieces_when_a_batch_cannot_take_it_whole(tiny):
+    """decode_then queues the steps of many sessions as one piece of work (what the relay from gRPC fronts does): a
+    batch takes at most --max-batch of them, so five steps go as three and two, each piece answered on its own,
+    and each step gets what the trunk computes for its session alone, in the group's order, not the slots'."""
+    trunk = load_parts(tiny, "2,10", ("trunk",))["trunk"]
+    rt = TrunkRuntime(trunk, slots=6, max_length=64, max_batch=3, batch_wait_ms=0)
+    waits = []
+    rt.on_wait = lambda seconds, steps: waits.append(steps)
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randn(1, 2 + i, 64, generator=gen) for i in range(5)]
+    x = torch.randn(5, 1, 64, generator=gen)
+    try:
+        slots = [rt.acquire_slot() for _ in prompts][::-1]  # the group's order is not the slots'
+        for slot, p in zip(slots, prompts, strict=True):
+            rt.prefill(slot, p)
+        answered = []
+
+        async def run() -> None:
+            done = asyncio.get_running_loop().create_future()
+
+            def then(part, out, ms, rows, error):
+                answered.append((part, None if out is None else torch.as_tensor(out).clone(), rows, error))
+                if part.stop == len(slots):
+                    done.set_result(None)
+
+            rt.decode_then(slots, x.numpy(), then)
+            await asyncio.wait_for(done, 60)
+
+        asyncio.run(run())
+        assert [(a[0], a[2], a[3]) for a in answered] == [(slice(0, 3), 3, None), (slice(3, 5), 2, None)]
+        assert sorted(rt.stats.batch_sizes.elements()) == [2, 3]
+        outs = torch.cat([a[1] for a in answered])
+        for i, p in enumerate(prompts):
+            cache = trunk.new_cache()
+            trunk(p, cache)
+            assert float((trunk(x[i : i + 1], cache) - outs[i : i + 1]).abs().max()) <= 1e-5
+            assert rt.length(slots[i]) == p.shape[1] + 1
+        assert waits == [1] * 5 + [3, 2]  # each prefill, then the two pieces: a wait a step
+        assert rt.stats.waited == 10 and rt.stats.batched_rows == 5
+    finally:
+        rt.stop()
 
 
 def test_nothing_of_a_session_reaches_the_next_user_of_its_slot(tiny):

@@ -197,7 +197,7 @@ def test_a_session_cancelled_with_a_step_in_flight_keeps_its_slot_until_the_step
 
     def checked_release(slot: int) -> None:
         with rt._cv:
-            released.append((slot, slot in rt._flying or any(w.slot == slot for w in rt._decodes)))
+            released.append((slot, slot in rt._flying or any(slot in w.slots for w in rt._decodes)))
         release(slot)
 
     rt.release_slot = checked_release
@@ -533,6 +533,7 @@ def test_decode_steps_go_packed_and_give_what_they_give_without_fronts(fronted, 
         "past its length": session(pb.Step(step=4, hidden=encode(torch.randn(1, 1, 64))), max_length=6),
     }
     rows_before = fronted.relay.stats.rows_in
+    books_before = (server.sessions.counters.total_steps, fronted.sessions.counters.total_steps)
     codes = {}
     for name, msgs in cases.items():
         want = _stepwise(f"127.0.0.1:{server.port}", msgs)
@@ -556,6 +557,9 @@ def test_decode_steps_go_packed_and_give_what_they_give_without_fronts(fronted, 
     }
     # the decode steps went as rows: three of each session, and the last of "good" and "float16"
     assert fronted.relay.stats.rows_in - rows_before >= len(cases) * 3 + 2
+    # and were booked as steps, one each, as without fronts
+    steps_run = server.sessions.counters.total_steps - books_before[0]
+    assert fronted.sessions.counters.total_steps - books_before[1] == steps_run == len(cases) * 4 + 2
     wait_for(lambda: fronted.sessions.active() == 0 and fronted.runtime.used_slots() == 0, what="sessions freed")
 
 
