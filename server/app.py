@@ -46,6 +46,7 @@ logger = logging.getLogger(__name__)
 VERSION = "0.1.0"
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Trunk"].full_name
 LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
+SIGNAL_POLL_S = 0.2  # how soon a signal taken by another thread gets handled
 RESTART_AFTER_S = 5.0  # a gRPC front that exits is started again if it had served this long
 
 
@@ -360,7 +361,11 @@ class TrunkServer:
         self._done.set()
 
     def wait(self) -> None:
-        self._done.wait()
+        """Until the server has stopped. In slices: the kernel may hand SIGTERM to any thread (gRPC's, torch's),
+        and Python runs its handler on the main thread only once that thread runs Python again; a wait without a
+        timeout would never return to it."""
+        while not self._done.wait(SIGNAL_POLL_S):
+            pass
 
 
 def _claim(host: str, port: int) -> int:

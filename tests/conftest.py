@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -130,6 +131,15 @@ def start_server_process(port: int, *args: str, log_file: str | None = None):
         p.kill()
         raise RuntimeError(f"server did not start: {line!r} {p.stderr.read()[-2000:]}")
     return p
+
+
+def sigterm_another_thread(pid: int) -> None:
+    """SIGTERM to process `pid` through a thread other than its main one, which then takes it: the kernel hands a
+    process's signal to any of its threads that does not block it (Linux prefers the one whose id was named)."""
+    import psutil
+
+    other = next(t.id for t in psutil.Process(pid).threads() if t.id != pid)
+    os.kill(other, signal.SIGTERM)
 
 
 def wait_for(cond, timeout: float = 10.0, what: str = "condition") -> None:

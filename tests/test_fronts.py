@@ -24,7 +24,15 @@ from splitcomm.trunk_client import TrunkClient, TrunkClientConfig
 from splitcore.engine import FullEngine
 from splitcore.sampling import SamplingParams
 from splitcore.training import TextData
-from tests.conftest import ROOT, TINY, start_tiny_server, subprocess_env, tiny_split_engine, wait_for
+from tests.conftest import (
+    ROOT,
+    TINY,
+    sigterm_another_thread,
+    start_tiny_server,
+    subprocess_env,
+    tiny_split_engine,
+    wait_for,
+)
 from tests.test_training import BAD, SETTINGS, _open, _raw_train
 
 GREEDY = SamplingParams(temperature=0.0)
@@ -132,7 +140,7 @@ def test_server_process_with_fronts_starts_stops_and_they_follow_it(tmp_path):
         assert len(fronts) == 2 and all("server.front" in " ".join(f.cmdline()) for f in fronts)
         with TrunkClient(TrunkClientConfig(f"127.0.0.1:{port}")) as c:
             assert c.info().split_start == 2
-        p.send_signal(signal.SIGTERM)
+        sigterm_another_thread(p.pid)
         assert p.wait(timeout=30) == 0
         gone, alive = psutil.wait_procs(fronts, timeout=10)
         assert not alive

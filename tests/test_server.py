@@ -22,7 +22,7 @@ from splitcore.engine import FullEngine
 from splitcore.errors import Mismatch
 from splitcore.parts import load_parts
 from splitcore.sampling import SamplingParams
-from tests.conftest import ROOT, subprocess_env, tiny_split_engine, wait_for
+from tests.conftest import ROOT, sigterm_another_thread, subprocess_env, tiny_split_engine, wait_for
 
 GREEDY = SamplingParams(temperature=0.0)
 PROMPT = "In a hole in the ground there lived a hobbit. Not a nasty, dirty, wet hole"
@@ -336,7 +336,7 @@ def test_server_process_ready_line_logs_and_sigterm(tmp_path):
         port = int(line.split("127.0.0.1:")[1].split(":")[0])
         with TrunkClient(TrunkClientConfig(f"127.0.0.1:{port}")) as c:
             assert c.info().split_start == 2
-        p.send_signal(signal.SIGTERM)
+        sigterm_another_thread(p.pid)
         assert p.wait(timeout=20) == 0
     finally:
         p.kill()
