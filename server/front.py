@@ -232,13 +232,12 @@ async def serve(args: argparse.Namespace) -> None:
     await server.start()
     for name in ("", SERVICE.full_name):
         await checks.set(name, health_pb2.HealthCheckResponse.SERVING)
-    logger.info("%s serving on %s (pid %d), relaying to %s", args.name, address, os.getpid(), args.engine)
-    print(f"{READY} {port}", flush=True)
-
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in (signal.SIGTERM, signal.SIGINT):  # before the ready line: a signal after it stops this one cleanly
         loop.add_signal_handler(sig, stop.set)
+    logger.info("%s serving on %s (pid %d), relaying to %s", args.name, address, os.getpid(), args.engine)
+    print(f"{READY} {port}", flush=True)
 
     def engine_said() -> None:  # stdin is a pipe from the engine: it ends when the engine does
         if not os.read(0, 4096):
