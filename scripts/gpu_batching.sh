@@ -3,8 +3,8 @@
 #   1. the engine loop's cost a decode step, without and through fronts (bench_loop, no network, no model);
 #   2. the whole server with 0, 2, 4 and 8 gRPC fronts at pipeline depths 1 and 2, for 1, 16 and 64 sessions;
 #   3. the CUDA tests.
-# On a GPU machine prepared as ../shared/gpu/README.md says:
-#   bash .gpu/run.sh bash scripts/gpu_batching.sh          # JSON into $OUT if set, else bench_results/
+# On a GPU host with the project's requirements (and CUDA torch) installed, from the project's root:
+#   bash scripts/gpu_batching.sh          # JSON into $OUT if set, else bench_results/
 # Read "x one" and "p50 x one" (targets: 16 sessions >= 10x, 64 >= 25x, p50 at 16 <= 1.5x), "loop us/step" and
 # "fronts CPU"; the README's batching section says what each column is.
 set -uo pipefail
