@@ -268,6 +268,7 @@ class TrunkServer:
             stdout=subprocess.PIPE,
             text=True,
             env=self._front_env,
+            process_group=0,  # a terminal's Ctrl-C reaches this process alone, which stops the fronts in order
         )
 
     def _ready(self, i: int, p: subprocess.Popen) -> None:

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from client.train import LocalTrainer, SplitTrainer
+from server.app import RESTART_AFTER_S
 from splitcomm.errors import TrunkError, TrunkUnavailable
 from splitcomm.proto import trunk_pb2 as pb
 from splitcomm.trunk_client import TrunkClient, TrunkClientConfig
@@ -120,9 +121,18 @@ def test_a_front_that_dies_ends_its_own_sessions_only_and_is_started_again(model
         srv.stop(0.5)
 
 
-def _start(*args: str) -> tuple[subprocess.Popen, str]:
+def _start(*args: str, terminal: bool = False) -> tuple[subprocess.Popen, str]:
+    """The server process; `terminal`: in a process group of its own, as a shell starts a command."""
     cmd = [sys.executable, "-m", "server", "--model", TINY, "--host", "127.0.0.1", "--device", "cpu", *args]
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env(), cwd=ROOT)
+    p = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=subprocess_env(),
+        cwd=ROOT,
+        start_new_session=terminal,
+    )
     return p, p.stdout.readline()
 
 
@@ -148,6 +158,22 @@ def test_server_process_with_fronts_starts_stops_and_they_follow_it(tmp_path):
         _end(p)
     log = (tmp_path / "s.log").read_text()
     assert "front-0 serving" in log and "front-1 stopped" in log and "trunk server stopped" in log
+
+    log = tmp_path / "ctrl-c.log"  # Ctrl-C in a terminal: SIGINT to the process group; the engine stops its fronts
+    p, line = _start("--port", "0", "--fronts", "2", "--log-file", str(log), terminal=True)
+    try:
+        fronts = psutil.Process(p.pid).children()
+        time.sleep(RESTART_AFTER_S + 0.5)  # a front that exited on its own now would be started again
+        os.killpg(p.pid, signal.SIGINT)
+        assert p.wait(timeout=30) == 0
+        gone, alive = psutil.wait_procs(fronts, timeout=10)
+        assert not alive
+    finally:
+        _end(p)
+    lines = log.read_text().splitlines()
+    said = next(i for i, x in enumerate(lines) if "signal 2: shutting down" in x)
+    assert not any("stopping" in x for x in lines[:said]), lines  # the fronts heard it from the engine, after it
+    assert not any("starting it again" in x for x in lines)
 
     p, line = _start("--port", "0", "--fronts", "1")  # an engine that dies: its fronts stop too
     try:
