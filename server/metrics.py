@@ -5,14 +5,47 @@ read from the runtime and the session table at each scrape, so nothing is counte
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import logging
+import threading
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 
 logger = logging.getLogger(__name__)
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+WAIT_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+
+
+class CountedHistogram:
+    """A histogram whose `observe` takes a count: the steps of a relay batch start as one piece of work and waited
+    alike, so a batch of 64 is one bisect and one addition on the scheduler thread, not 64 observations
+    (prometheus-client's Histogram takes one value at a time, about 0.75 µs each)."""
+
+    def __init__(self, name: str, documentation: str, edges: tuple[float, ...]):
+        self.name, self.documentation, self.edges = name, documentation, edges
+        self._counts = [0] * (len(edges) + 1)  # the last: above every edge
+        self._sum = 0.0
+        self._lock = threading.Lock()  # the scheduler observes, the HTTP thread collects
+
+    def observe(self, value: float, count: int = 1) -> None:
+        i = bisect.bisect_left(self.edges, value)  # the first edge >= value: Prometheus buckets are "le"
+        with self._lock:
+            self._counts[i] += count
+            self._sum += value * count
+
+    def collect(self):
+        with self._lock:
+            counts, total = list(self._counts), self._sum
+        cumulative = list(itertools.accumulate(counts))
+        buckets = [(floatToGoString(e), n) for e, n in zip(self.edges, cumulative, strict=False)]
+        buckets.append(("+Inf", cumulative[-1]))
+        h = HistogramMetricFamily(self.name, self.documentation)
+        h.add_metric([], buckets, sum_value=total)
+        yield h
 
 
 class _FromRuntime:
@@ -85,22 +118,16 @@ class Metrics:
         self.errors = Counter(
             "trunk_errors", "Requests refused or failed, by gRPC status", ["code"], registry=self.registry
         )
-        self.queue_wait = Histogram(
-            "trunk_queue_wait_seconds",
-            "Wait of a session step before its forward started",
-            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0),
-            registry=self.registry,
+        self.queue_wait = CountedHistogram(
+            "trunk_queue_wait_seconds", "Wait of a session step before its forward started", WAIT_BUCKETS
         )
+        self.registry.register(self.queue_wait)
         self._children: dict[str, tuple] = {}  # per step kind: its steps and tokens counters
         self._collector = _FromRuntime(runtime, sessions)
         self.registry.register(self._collector)
-        runtime.on_wait = self._waited  # seconds each piece of work waited for the scheduler, and its steps
+        runtime.on_wait = self.queue_wait.observe  # seconds each piece of work waited for the scheduler, its steps
         self.port: int | None = None
         self._server = None
-
-    def _waited(self, seconds: float, steps: int) -> None:
-        for _ in range(steps):
-            self.queue_wait.observe(seconds)
 
     def relay(self, stats) -> None:
         """Report the relay of a server with gRPC fronts too (its RelayStats)."""

@@ -14,7 +14,9 @@ import grpc
 import psutil
 import pytest
 import torch
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
+from server.metrics import WAIT_BUCKETS, CountedHistogram
 from server.runtime import TrunkRuntime
 from server.sessions import ServerDraining
 from splitcomm.errors import TrunkError
@@ -182,6 +184,31 @@ def test_open_close_500_sessions_leaves_rss_flat(batching_server):
     client.close()
 
 
+def test_queue_wait_histogram_counts_a_group_as_prometheus_client_counts_its_steps_one_by_one():
+    """The runtime reports a group of steps that waited alike as one (wait, steps); the exposition must be what
+    prometheus-client's own Histogram gives for those steps observed one at a time, edges included."""
+    waits = [(0.003, 64), (0.0001, 1), (0.001, 3), (0.0005, 2), (2.0, 2), (0.05, 1)]
+    ours, theirs = CollectorRegistry(), CollectorRegistry()
+    counted = CountedHistogram("trunk_queue_wait_seconds", "wait", WAIT_BUCKETS)
+    ours.register(counted)
+    one_by_one = Histogram("trunk_queue_wait_seconds", "wait", buckets=WAIT_BUCKETS, registry=theirs)
+    for seconds, steps in waits:
+        counted.observe(seconds, steps)
+        for _ in range(steps):
+            one_by_one.observe(seconds)
+
+    def samples(registry) -> dict[str, float]:
+        text = generate_latest(registry).decode()
+        pairs = (x.rsplit(" ", 1) for x in text.splitlines() if x.startswith("trunk_queue_wait_seconds_"))
+        return {name: float(v) for name, v in pairs if "created" not in name}
+
+    got, want = samples(ours), samples(theirs)
+    assert got.keys() == want.keys() and len(got) == len(WAIT_BUCKETS) + 3  # the buckets, +Inf, count, sum
+    sum_ = "trunk_queue_wait_seconds_sum"
+    assert got.pop(sum_) == pytest.approx(want.pop(sum_), rel=1e-12)  # one product against n additions
+    assert got == want and got["trunk_queue_wait_seconds_count"] == 73
+
+
 def test_metrics_and_monitor_report_batches_slots_and_errors(batching_server):
     srv = batching_server
     client = TrunkClient(TrunkClientConfig(f"127.0.0.1:{srv.port}"))
@@ -208,6 +235,11 @@ def test_metrics_and_monitor_report_batches_slots_and_errors(batching_server):
     assert value(r"trunk_decode_batch_rows_count") >= 1
     assert value(r"trunk_kv_slot_bytes") == srv.runtime.slot_bytes
     assert 0 < value(r"trunk_compute_seconds_total") <= srv.runtime.stats.compute_ms / 1e3
+    # one count for each step that waited, a group of steps counted as its steps; cumulative "le" buckets
+    edges = ("0.0005", "0.005", "1.0", "+Inf")
+    waits = [value(rf'trunk_queue_wait_seconds_bucket\{{le="{re.escape(le)}"\}}') for le in edges]
+    assert waits == sorted(waits) and waits[-1] == value("trunk_queue_wait_seconds_count") == srv.runtime.stats.waited
+    assert value("trunk_queue_wait_seconds_sum") == pytest.approx(srv.runtime.stats.queue_wait_ms / 1e3, rel=1e-6)
     assert samples[-1].kv_slots_used >= 1 and samples[-1].kv_slots_used + samples[-1].kv_slots_free == 20
     if srv.fronts:  # the relay's own: the fronts connected, and messages many to a relay batch (at least one)
         assert value("trunk_fronts") == 2
