@@ -361,6 +361,17 @@ class TrunkServer:
         logger.info("trunk server stopped")
         self._done.set()
 
+    def abort(self) -> None:
+        """For a stop at once (a second signal, while `stop` drains): the fronts are killed and the socket's
+        directory goes; the caller then exits the process, which ends every session."""
+        with self._fronts_lock:
+            self._fronts_stopping = True
+        for p in self.fronts:
+            if p.poll() is None:
+                p.kill()
+        if self._engine_dir:
+            shutil.rmtree(self._engine_dir, ignore_errors=True)
+
     def wait(self) -> None:
         """Until the server has stopped. In slices: the kernel may hand SIGTERM to any thread (gRPC's, torch's),
         and Python runs its handler on the main thread only once that thread runs Python again; a wait without a
@@ -394,9 +405,19 @@ def main(argv: list[str] | None = None, server_class: type[TrunkServer] = TrunkS
         server = server_class(cfg)
         server.start()
 
+        heard = []
+
         def on_signal(signum, frame):
-            logger.info("signal %d: shutting down (grace %g s)", signum, cfg.grace_s)
-            threading.Thread(target=server.stop, daemon=True).start()
+            heard.append(signum)
+            if len(heard) == 1:
+                logger.info("signal %d: shutting down (grace %g s; again to stop at once)", signum, cfg.grace_s)
+                threading.Thread(target=server.stop, daemon=True).start()
+                return
+            logger.warning("signal %d again: stopping at once; sessions in flight are lost", signum)
+            server.abort()
+            for handler in logging.getLogger().handlers:
+                handler.flush()
+            os._exit(128 + signum)  # as a shell reports a process ended by the signal
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)

@@ -75,7 +75,12 @@ class ServerConfig(ModelConfig):
     )
     max_monitors: int = setting(16, None, "concurrent monitor streams")
     monitor_interval_s: float = setting(1.0, None, "default time between monitor samples, s", flag="--monitor-interval")
-    grace_s: float = setting(10.0, "GPT2_GRACE", "on shutdown, in-flight work gets this long, s", flag="--grace")
+    grace_s: float = setting(
+        10.0,
+        "GPT2_GRACE",
+        "on shutdown, in-flight work gets this long, s (a second signal: stop at once)",
+        flag="--grace",
+    )
     log_file: str = setting("logs/gpt2_server.log", "GPT2_SERVER_LOG", "the server's log")
     tls_cert: str | None = setting(None, "GPT2_TLS_CERT", "server certificate (PEM): enables TLS")
     tls_key: str | None = setting(None, "GPT2_TLS_KEY", "its private key (PEM)")

@@ -9,6 +9,7 @@ import sys
 import time
 
 import grpc
+import psutil
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -342,6 +343,39 @@ def test_server_process_ready_line_logs_and_sigterm(tmp_path):
         p.kill()
     text = log.read_text()
     assert "serving random:tiny blocks 2-9" in text and "trunk server stopped" in text
+
+
+@pytest.mark.parametrize("fronts", ["0", "1"])
+def test_a_second_signal_stops_a_draining_server_at_once(tmp_path, fronts):
+    """SIGTERM drains: an open session holds the server for --grace s. Another signal meanwhile ends it at once
+    (exit 128 + 15, as a shell reports it), fronts and the engine's socket directory included."""
+    log = tmp_path / "server.log"
+    cmd = [sys.executable, "-m", "server", "--model", "random:tiny", "--host", "127.0.0.1", "--port", "0"]
+    cmd += ["--grace", "60", "--fronts", fronts, "--log-file", str(log)]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env(), cwd=ROOT)
+    try:
+        line = p.stdout.readline()
+        port = int(line.split("127.0.0.1:")[1].split(":")[0])
+        children = psutil.Process(p.pid).children()
+        with TrunkClient(TrunkClientConfig(f"127.0.0.1:{port}")) as c:
+            s = c.session(c.info().fingerprint)
+            s.step(torch.zeros(1, 3, 64))  # open, and left open: the drain waits for it
+            p.send_signal(signal.SIGTERM)
+            wait_for(lambda: "signal 15: shutting down" in log.read_text(), 20, "the drain")
+            time.sleep(1.0)
+            assert p.poll() is None  # draining
+            p.send_signal(signal.SIGTERM)
+            assert p.wait(timeout=10) == 128 + signal.SIGTERM
+        gone, alive = psutil.wait_procs(children, timeout=10)
+        assert not alive
+    finally:
+        p.kill()
+    text = log.read_text()
+    assert "signal 15 again: stopping at once" in text and "trunk server stopped" not in text
+    engine_dirs = [x for x in text.splitlines() if "relaying to unix:" in x]
+    for x in engine_dirs:  # a front's line names the engine's socket
+        assert not os.path.exists(x.split("relaying to unix:")[1].rsplit("/", 1)[0])
+    assert len(engine_dirs) == int(fronts)
 
 
 @pytest.mark.parametrize(
