@@ -216,12 +216,41 @@ def fronts_cpu(pid: int) -> float | None:
     return sum(sum((thread_cpu(k) or {}).values()) for k in kids)
 
 
+def host_busy() -> float | None:
+    """CPU seconds the host's cores have been busy (not idle, not waiting for I/O) since boot, all of them
+    together; None where there is no /proc."""
+    try:
+        ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except OSError:
+        return None
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # user .. steal, less idle and iowait
+
+
+def cpu_now(server_pid: int, client_pids: list[int]) -> tuple:
+    """What `cpu_shares` compares: the server's threads, its fronts, the load's client processes, the host."""
+    clients = [thread_cpu(pid) for pid in client_pids]
+    used = None if None in clients else sum(sum(c.values()) for c in clients)
+    return thread_cpu(server_pid), fronts_cpu(server_pid), used, host_busy()
+
+
 def cpu_shares(before: tuple, after: tuple, seconds: float, steps: int) -> dict:
-    """The server's CPU over a run, in cores: its event loop's, its scheduler's, all of its threads', its fronts';
+    """CPU over a run, in cores: the server's event loop, its scheduler, all of its threads, its fronts; the load's
+    client processes and the whole host (of os.cpu_count() cores: near it, the host is the bound, not the server);
     and the CPU time of the event loop per decode step served, µs (what bounds the server where the loop is busy)."""
-    (before, fronts_before), (after, fronts_after) = before, after
+    (before, fronts_before, clients_before, host_before), (after, fronts_after, clients_after, host_after) = (
+        before,
+        after,
+    )
     if before is None or after is None:
-        return {"loop_cpu": None, "scheduler_cpu": None, "server_cpu": None, "fronts_cpu": None, "thread_cpu": {}}
+        return {
+            "loop_cpu": None,
+            "scheduler_cpu": None,
+            "server_cpu": None,
+            "fronts_cpu": None,
+            "clients_cpu": None,
+            "host_cpu": None,
+            "thread_cpu": {},
+        }
     used = {k: (v - before.get(k, 0.0)) / seconds for k, v in after.items()}
     return {
         "loop_cpu": used.get("grpc-loop", 0.0),
@@ -229,6 +258,8 @@ def cpu_shares(before: tuple, after: tuple, seconds: float, steps: int) -> dict:
         "scheduler_cpu": used.get("trunk-scheduler", 0.0),
         "server_cpu": sum(used.values()),
         "fronts_cpu": (fronts_after - fronts_before) / seconds,
+        "clients_cpu": (clients_after - clients_before) / seconds,
+        "host_cpu": (host_after - host_before) / seconds,
         "thread_cpu": {k: round(v, 3) for k, v in sorted(used.items())},  # (/proc counts in 10 ms ticks)
     }
 
@@ -252,7 +283,7 @@ def run_load(target, args, n: int, prompt_h, step_hs, fp, metrics_port: int, ser
     for _ in procs:
         ready.get(timeout=600)
     client = TrunkClient(TrunkClientConfig(target))
-    cpu_before = thread_cpu(server_pid), fronts_cpu(server_pid)
+    cpu_before = cpu_now(server_pid, [p.pid for p in procs])
     before, t_before = scrape(metrics_port), time.monotonic()
     go.set()
     total = n * step_hs.shape[0]
@@ -262,7 +293,7 @@ def run_load(target, args, n: int, prompt_h, step_hs, fp, metrics_port: int, ser
     newcomer_during = done.value < total
     results = [r for _ in procs for r in out.get(timeout=600)]
     wall = max(r[2] for r in results) - min(r[1] for r in results)
-    cpu_after = thread_cpu(server_pid), fronts_cpu(server_pid)
+    cpu_after = cpu_now(server_pid, [p.pid for p in procs])  # before they end: their /proc goes with them
     cpu = cpu_shares(cpu_before, cpu_after, time.monotonic() - t_before, total)
     after = {k: v - before[k] for k, v in scrape(metrics_port).items()}  # the newcomer's prefill is in there too
     for p in procs:
@@ -415,9 +446,9 @@ def main() -> None:
     )
     print(
         "| config | sessions | tokens/s | x one | p50 ms | p50 x one | p99 ms | newcomer TTFT ms | x idle "
-        "| mean batch | compute busy | loop CPU | loop µs/step | server CPU | fronts CPU |"
+        "| mean batch | compute busy | loop CPU | loop µs/step | server CPU | fronts CPU | clients CPU | host CPU |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         one = next(x for x in rows if x["config"] == r["config"] and x["sessions"] == ns[0])
         r["x_one"] = r["tokens_per_s"] / one["tokens_per_s"]
@@ -427,7 +458,8 @@ def main() -> None:
             f"| {r['config']} | {r['sessions']} | {r['tokens_per_s']:,.1f} | {r['x_one']:.2f} | {r['p50_ms']:.2f} | "
             f"{r['p50_x_one']:.2f} | {r['p99_ms']:.2f} | {r['newcomer_ttft_ms']:.1f} | {r['ttft_x_idle']:.2f} | "
             f"{r['mean_batch']:.1f} | {r['busy_share']:.0%} | {cores(r['loop_cpu'])} | "
-            f"{us(r.get('loop_us_per_step'))} | {cores(r['server_cpu'])} | {cores(r['fronts_cpu'])} |"
+            f"{us(r.get('loop_us_per_step'))} | {cores(r['server_cpu'])} | {cores(r['fronts_cpu'])} | "
+            f"{cores(r['clients_cpu'])} | {cores(r['host_cpu'])} |"
         )
     out = {"model": args.model, "machine": machine, "command": " ".join(sys.argv), "rows": rows}
     if args.json:

@@ -98,5 +98,7 @@ def test_bench_server_runs_settings_side_by_side(tmp_path, models_dir, tiny):
     assert sum(r["loop_cpu"] for r in got.values()) > 0  # /proc counts in ticks of 10 ms: short runs may show 0
     assert all(r["fronts_cpu"] == 0 for (c, _), r in got.items() if c == names[0])
     assert sum(r["fronts_cpu"] for (c, _), r in got.items() if c == names[1]) > 0  # the front's process, found
+    # the load's client processes, and the host's busy cores (what says whether the host is the bound)
+    assert sum(r["clients_cpu"] for r in got.values()) > 0 and sum(r["host_cpu"] for r in got.values()) > 0
     assert all(r["relay_items_per_batch"]["in"] >= 1 for (c, _), r in got.items() if c == names[1])
     assert "SIMULATED device of 0.5 ms" in d["stdout"]
