@@ -424,6 +424,8 @@ def main() -> None:
                 r = run_load(target, args, n, prompt_h, step_hs, fp, metrics_port, proc.pid)
                 r |= {"config": name, "idle_ttft_ms": idle}
                 rows.append(r)
+                if args.json:  # as it goes: a run cut short (a time limit) keeps what it measured
+                    save(args.json, {"model": args.model, "command": " ".join(sys.argv), "rows": rows} | PARTIAL)
                 print(
                     f"  {name} N={n}: {r['tokens_per_s']:.1f} tok/s, p50 {r['p50_ms']:.2f} ms, "
                     f"newcomer TTFT {r['newcomer_ttft_ms']:.1f} ms (idle {idle:.1f})",
@@ -461,13 +463,20 @@ def main() -> None:
             f"{us(r.get('loop_us_per_step'))} | {cores(r['server_cpu'])} | {cores(r['fronts_cpu'])} | "
             f"{cores(r['clients_cpu'])} | {cores(r['host_cpu'])} |"
         )
-    out = {"model": args.model, "machine": machine, "command": " ".join(sys.argv), "rows": rows}
+    out = {"model": args.model, "machine": machine, "command": " ".join(sys.argv), "rows": rows, "complete": True}
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=2))
+        save(args.json, out)
         print(f"\nwrote {args.json}")
     if args.plot:
         plot(rows, args.plot)
+
+
+PARTIAL = {"complete": False}  # what a JSON written before the end of the run says
+
+
+def save(path: Path, out: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=2))
 
 
 def cores(x: float | None) -> str:

@@ -14,5 +14,5 @@ py=$(command -v python3 || command -v python)
 nproc
 "$py" scripts/bench_loop.py --path servicer,relay --sessions 16,64 --json "$out/loop_gpu_host.json"
 "$py" scripts/bench_server.py --device cuda --dtype float16 --sessions 1,16,64 --steps 64 --client-procs 8 \
-  --fronts 0,2,4,8 --pipeline-depth 1,2 --json "$out/fronts_gpu.json" 2>&1 | grep -v "^  "
+  --fronts 0,2,4,8 --pipeline-depth 1,2 --json "$out/fronts_gpu.json"  # the JSON is written as it goes
 timeout 200 "$py" -m pytest -q -x tests/test_gpu.py 2>&1 | tail -4

@@ -102,3 +102,4 @@ def test_bench_server_runs_settings_side_by_side(tmp_path, models_dir, tiny):
     assert sum(r["clients_cpu"] for r in got.values()) > 0 and sum(r["host_cpu"] for r in got.values()) > 0
     assert all(r["relay_items_per_batch"]["in"] >= 1 for (c, _), r in got.items() if c == names[1])
     assert "SIMULATED device of 0.5 ms" in d["stdout"]
+    assert d["complete"] is True  # (written after each row too, with False, for a run cut short)
