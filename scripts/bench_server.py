@@ -236,30 +236,20 @@ def cpu_now(server_pid: int, client_pids: list[int]) -> tuple:
 def cpu_shares(before: tuple, after: tuple, seconds: float, steps: int) -> dict:
     """CPU over a run, in cores: the server's event loop, its scheduler, all of its threads, its fronts; the load's
     client processes and the whole host (of os.cpu_count() cores: near it, the host is the bound, not the server);
-    and the CPU time of the event loop per decode step served, µs (what bounds the server where the loop is busy)."""
-    (before, fronts_before, clients_before, host_before), (after, fronts_after, clients_after, host_after) = (
-        before,
-        after,
-    )
-    if before is None or after is None:
-        return {
-            "loop_cpu": None,
-            "scheduler_cpu": None,
-            "server_cpu": None,
-            "fronts_cpu": None,
-            "clients_cpu": None,
-            "host_cpu": None,
-            "thread_cpu": {},
-        }
-    used = {k: (v - before.get(k, 0.0)) / seconds for k, v in after.items()}
-    return {
+    and the CPU time of the event loop per decode step served, µs (what bounds the server where the loop is busy).
+    None for what /proc could not say."""
+    (threads0, *totals0), (threads1, *totals1) = before, after
+    pairs = zip(totals0, totals1, strict=True)
+    fronts, clients, host = (None if a is None or b is None else (b - a) / seconds for a, b in pairs)
+    out = {"fronts_cpu": fronts, "clients_cpu": clients, "host_cpu": host}
+    if threads0 is None or threads1 is None:
+        return out | {"loop_cpu": None, "scheduler_cpu": None, "server_cpu": None, "thread_cpu": {}}
+    used = {k: (v - threads0.get(k, 0.0)) / seconds for k, v in threads1.items()}
+    return out | {
         "loop_cpu": used.get("grpc-loop", 0.0),
         "loop_us_per_step": used.get("grpc-loop", 0.0) * seconds / steps * 1e6,
         "scheduler_cpu": used.get("trunk-scheduler", 0.0),
         "server_cpu": sum(used.values()),
-        "fronts_cpu": (fronts_after - fronts_before) / seconds,
-        "clients_cpu": (clients_after - clients_before) / seconds,
-        "host_cpu": (host_after - host_before) / seconds,
         "thread_cpu": {k: round(v, 3) for k, v in sorted(used.items())},  # (/proc counts in 10 ms ticks)
     }
 
