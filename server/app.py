@@ -309,16 +309,17 @@ class TrunkServer:
         except (OSError, ValueError) as e:  # ValueError: the server stopped meanwhile and closed its pipe
             logger.error("gRPC front %d not started again: %s", i, e)
 
-    def _stop_fronts(self, grace: float) -> None:
-        """Tell every front to stop, wait for them (calls in flight get `grace` s), and remove the socket."""
+    def _stop_fronts(self, grace: float | None) -> None:
+        """Tell every front to stop, wait for them (calls in flight get `grace` s; None: killed at once), and remove
+        the socket."""
         with self._fronts_lock:  # and none is started again (_watch)
             self._fronts_stopping = True
         for p in self.fronts:
             if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
+                p.send_signal(signal.SIGTERM if grace is not None else signal.SIGKILL)
         for p in self.fronts:
             try:
-                p.wait(grace + 10)
+                p.wait(None if grace is None else grace + 10)
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
@@ -364,13 +365,7 @@ class TrunkServer:
     def abort(self) -> None:
         """For a stop at once (a second signal, while `stop` drains): the fronts are killed and the socket's
         directory goes; the caller then exits the process, which ends every session."""
-        with self._fronts_lock:
-            self._fronts_stopping = True
-        for p in self.fronts:
-            if p.poll() is None:
-                p.kill()
-        if self._engine_dir:
-            shutil.rmtree(self._engine_dir, ignore_errors=True)
+        self._stop_fronts(None)
 
     def wait(self) -> None:
         """Until the server has stopped. In slices: the kernel may hand SIGTERM to any thread (gRPC's, torch's),

@@ -23,7 +23,15 @@ from splitcore.engine import FullEngine
 from splitcore.errors import Mismatch
 from splitcore.parts import load_parts
 from splitcore.sampling import SamplingParams
-from tests.conftest import ROOT, sigterm_another_thread, subprocess_env, tiny_split_engine, wait_for
+from tests.conftest import (
+    ROOT,
+    free_port,
+    sigterm_another_thread,
+    start_server_process,
+    subprocess_env,
+    tiny_split_engine,
+    wait_for,
+)
 
 GREEDY = SamplingParams(temperature=0.0)
 PROMPT = "In a hole in the ground there lived a hobbit. Not a nasty, dirty, wet hole"
@@ -349,13 +357,9 @@ def test_server_process_ready_line_logs_and_sigterm(tmp_path):
 def test_a_second_signal_stops_a_draining_server_at_once(tmp_path, fronts):
     """SIGTERM drains: an open session holds the server for --grace s. Another signal meanwhile ends it at once
     (exit 128 + 15, as a shell reports it), fronts and the engine's socket directory included."""
-    log = tmp_path / "server.log"
-    cmd = [sys.executable, "-m", "server", "--model", "random:tiny", "--host", "127.0.0.1", "--port", "0"]
-    cmd += ["--grace", "60", "--fronts", fronts, "--log-file", str(log)]
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env(), cwd=ROOT)
+    log, port = tmp_path / "server.log", free_port()
+    p = start_server_process(port, "--grace", "60", "--fronts", fronts, log_file=str(log))
     try:
-        line = p.stdout.readline()
-        port = int(line.split("127.0.0.1:")[1].split(":")[0])
         children = psutil.Process(p.pid).children()
         with TrunkClient(TrunkClientConfig(f"127.0.0.1:{port}")) as c:
             s = c.session(c.info().fingerprint)
