@@ -35,8 +35,9 @@ def server_markdown(engine: SplitEngine, feed: MonitorFeed | None) -> tuple[str,
 
 
 def build_app(
-    engine: SplitEngine, monitor_interval_s: float = 1.0, speculate: str = "none"
+    engine: SplitEngine, monitor_interval_s: float = 1.0, speculate: str = "none", meter=None
 ) -> tuple[gr.Blocks, MonitorFeed | None]:
+    """The app; with `meter` (client/privacy.py, prepared) the generation tab shows what the trunk could read."""
     feed = None if engine.trunk_client is None else MonitorFeed(engine.trunk_client, monitor_interval_s).start()
     with gr.Blocks(title="GPT-2 split client") as demo:
         history = gr.State(charts.History())
@@ -48,7 +49,7 @@ def build_app(
         )
         with gr.Tabs():
             with gr.Tab("Text generation"):
-                adapter_switch = ui.generation_tab(engine, history, speculate)
+                adapter_switch = ui.generation_tab(engine, history, speculate, meter)
             with gr.Tab("Server monitoring"):
                 info_md = gr.Markdown()
                 status_md = gr.Markdown(elem_classes="error-banner")
@@ -77,7 +78,12 @@ def build_app(
 
 def serve(engine: SplitEngine, args: argparse.Namespace) -> None:
     engine.check_speculate(args.speculate)
-    demo, feed = build_app(engine, speculate=args.speculate)
+    meter = None
+    if engine.cfg.privacy_meter:
+        from client.privacy import prepare_meter
+
+        meter = prepare_meter(engine)
+    demo, feed = build_app(engine, speculate=args.speculate, meter=meter)
     logger.info("split client app on %s:%d, trunk %s", args.host, args.port, engine.trunk_label)
     try:
         ui.launch(demo, args.host, args.port)

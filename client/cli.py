@@ -114,6 +114,23 @@ def run_distill(args: argparse.Namespace) -> None:
     print(f"saved {cfg.out}: {report_line(cfg.out)}; generate with --speculate draft:{cfg.out}")
 
 
+def metered(engine: SplitEngine):
+    """A tap that records what the generation sends, and the report that reads the prompt back from it."""
+    from client.privacy import Recorder, prepare_meter
+
+    meter, recorder = prepare_meter(engine), Recorder()
+
+    def report(prompt_ids: list[int]):
+        reading = meter.read(prompt_ids, recorder.prefill)
+        line = (
+            f"privacy meter: the trunk could read {sum(reading.hits)} of {len(prompt_ids)} prompt tokens "
+            f"({reading.share:.0%}) from what was sent ({reading.attacker}): {engine.decode(reading.read_ids)!r}"
+        )
+        return "privacy", reading.to_json(engine.decode), line
+
+    return recorder, report
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_app_args(build_parser(), argv)
 
@@ -149,8 +166,11 @@ def main(argv: list[str] | None = None) -> None:
                 "split": str(engine.split),
                 "trunk": engine.trunk_label,
             }
+            tap = report = None
+            if engine.cfg.privacy_meter:
+                tap, report = metered(engine)
             try:
-                run_generate(engine, args, extra)
+                run_generate(engine, args, extra, tap, report)
             finally:
                 engine.close()
         else:

@@ -15,7 +15,8 @@ from splitcomm.errors import TrunkError, TrunkUnavailable
 from splitcomm.proto import trunk_pb2 as pb
 from splitcomm.trunk_client import TrunkClient, TrunkClientConfig, TrunkSession
 from splitcore.cudagraph import DecoderPool
-from splitcore.engine import Engine, Notify
+from splitcore.defence import NOISE_KINDS, Noise, Protect
+from splitcore.engine import Engine, Notify, Tap
 from splitcore.errors import InvalidInput, Mismatch
 from splitcore.fingerprint import Fingerprint, model_fingerprint
 from splitcore.generate import LocalTrunkLink, SplitStepper, Stepper
@@ -27,6 +28,8 @@ from splitcore.settings import GenerateConfig, setting
 from splitcore.speculative import ModelDraft
 
 logger = logging.getLogger(__name__)
+
+DEFENCES = ("none", *NOISE_KINDS)
 
 
 @dataclass
@@ -58,6 +61,42 @@ class ClientConfig(GenerateConfig):
     added_delay_ms: float = setting(
         0.0, None, "sleep this long each way on every trunk call: simulates a remote trunk, ms"
     )
+    defence: str = setting(
+        "none",
+        "GPT2_DEFENCE",
+        "what the client does to hidden states before they cross: none, or norm clipping plus gaussian or "
+        "laplace noise (docs/privacy.md)",
+        choices=list(DEFENCES),
+    )
+    noise_scale: float = setting(0.0, "GPT2_NOISE_SCALE", "noise std, as a multiple of the reference RMS")
+    noise_clip: float = setting(
+        0.0, "GPT2_NOISE_CLIP", "clip each position's RMS to this before the noise, which then scales with it; 0 = off"
+    )
+    defence_seed: int | None = setting(None, None, "seed of the noise (default: a secret one from the OS)")
+    attack_data: str | None = setting(
+        None,
+        "GPT2_ATTACK_DATA",
+        "public text the privacy meter's attacker trains on: a text file, a directory of them, or bible:PASSAGES "
+        "(bible:Gen1:1-Mal4:6, the Old Testament, from Debian's bible-kjv)",
+    )
+
+    privacy_meter: bool = setting(
+        False,
+        "GPT2_PRIVACY_METER",
+        "read each prompt back as the trunk's best attacker could, from what was sent (needs --attack-data; "
+        "trains the attacker once, then caches it)",
+    )
+    attack_steps: int = setting(400, None, "training steps of the privacy meter's attacker")
+
+    def noise(self) -> Noise:
+        """The defence these settings name, checked: a readable error for a bad one."""
+        if self.defence not in DEFENCES:
+            raise InvalidInput(f"unknown defence '{self.defence}'; choose one of {', '.join(DEFENCES)}")
+        if self.defence == "none":
+            if self.noise_scale or self.noise_clip:
+                raise InvalidInput("--noise-scale and --noise-clip need a defence: --defence gaussian or laplace")
+            return Noise()
+        return Noise(self.defence, self.noise_scale, self.noise_clip)
 
     def trunk_client_config(self) -> TrunkClientConfig:
         return TrunkClientConfig(
@@ -253,6 +292,12 @@ class SplitEngine(Engine):
         super().__init__(model, device, resolve_dtype(cfg.dtype, device))
         self.cfg = cfg
         self.split = Split.parse(cfg.split, model.config.n_layer)
+        self.noise = cfg.noise()  # a bad defence fails before anything is loaded or reached
+        if cfg.privacy_meter and not cfg.attack_data:
+            raise InvalidInput("--privacy-meter needs public text to train its attacker on: give --attack-data")
+        if cfg.attack_steps < 1:
+            raise InvalidInput(f"--attack-steps must be at least 1, got {cfg.attack_steps}")
+        self.protect = Protect(self.noise, cfg.defence_seed) if self.noise.active else None
         self.wire_dtype = parse_wire_dtype(cfg.wire_dtype)
         parts = ("bottom", "trunk", "top") if cfg.local_trunk else ("bottom", "top")
         logger.info("%s", configure_attention(device))
@@ -278,9 +323,11 @@ class SplitEngine(Engine):
 
     @property
     def trunk_label(self) -> str:
+        defence = f", defence {self.noise.label()}" if self.noise.active else ""
         if self.cfg.local_trunk:
-            return "in-process trunk"
-        return f"{self.cfg.server} ({'stateless' if self.cfg.stateless else 'session'}, {self.cfg.wire_dtype} wire)"
+            return f"in-process trunk{defence}"
+        mode = "stateless" if self.cfg.stateless else "session"
+        return f"{self.cfg.server} ({mode}, {self.cfg.wire_dtype} wire{defence})"
 
     def server_info(self) -> pb.ServerInfo:
         """The server's info; raises TrunkUnavailable within the connect timeout when it can't be reached."""
@@ -300,7 +347,7 @@ class SplitEngine(Engine):
             )
         return info
 
-    def new_stepper(self, max_length: int = 0, notify: Notify | None = None) -> Stepper:
+    def new_stepper(self, max_length: int = 0, notify: Notify | None = None, tap: Tap | None = None) -> Stepper:
         a = self.adapter if self.use_adapter else None
         parts, pools = (a.parts, a.pools) if a else (self.parts, self.pools)
         if self.trunk_client is None:
@@ -321,7 +368,7 @@ class SplitEngine(Engine):
             )
         if self.cfg.added_delay_ms > 0:
             link = DelayedLink(link, self.cfg.added_delay_ms)
-        return SplitStepper(parts["bottom"], parts["top"], link, max_length, pools)
+        return SplitStepper(parts["bottom"], parts["top"], link, max_length, pools, self.protect, tap)
 
     draft_sources = ("none", "lookup", "self")
 

@@ -206,11 +206,12 @@ class SplitTrainer:
         )
         self.remote = engine.trunk_client.training(open_msg, engine.wire_dtype)
         self.client_trains = self.client_opt is not None
+        self.protect = engine.protect or (lambda h: h)  # the defence on what crosses, as in generation
 
     def step(self, step: int, ids: torch.Tensor) -> StepStats:
         t0 = time.perf_counter()
         with torch.set_grad_enabled(self.client_trains):
-            h1 = self.bottom(ids.to(self.bottom.device), all_positions=True)  # (B, T, C)
+            h1 = self.protect(self.bottom(ids.to(self.bottom.device), all_positions=True))  # (B, T, C), sent
         fwd = self.remote.forward(step, h1.detach())
         h2 = fwd.tensor.to(self.top.device, self.top.dtype).requires_grad_(True)
         with torch.enable_grad():
@@ -231,7 +232,8 @@ class SplitTrainer:
 
     @torch.no_grad()
     def eval_loss(self, ids: torch.Tensor) -> float:
-        h = self.remote.forward(0, self.bottom(ids.to(self.bottom.device), all_positions=True), eval=True).tensor
+        sent = self.protect(self.bottom(ids.to(self.bottom.device), all_positions=True))
+        h = self.remote.forward(0, sent, eval=True).tensor
         return float(lm_loss(self.top(h.to(self.top.device, self.top.dtype), all_positions=True), ids))
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], int]:

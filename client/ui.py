@@ -41,10 +41,11 @@ def header(title: str, model: ResolvedModel, details: str) -> None:
         )
 
 
-def generation_tab(engine: Engine, history: gr.State, speculate: str = "none") -> gr.Checkbox:
+def generation_tab(engine: Engine, history: gr.State, speculate: str = "none", meter=None) -> gr.Checkbox:
     """Prompt and settings in, streamed text and a statistics panel out; Stop cancels mid-generation. Returns the
     adapter switch (the Fine-tune tab turns it on when a run ends). `speculate`: the Speculative decoding
-    switch's setting at start (a draft:SPEC joins its choices)."""
+    switch's setting at start (a draft:SPEC joins its choices). `meter` (client/privacy.py): after each
+    generation, show the prompt as the trunk's attacker reads it from what was sent."""
     sources = list(engine.draft_sources) + ([speculate] if speculate not in engine.draft_sources else [])
     with gr.Row():
         with gr.Column(scale=3):
@@ -74,24 +75,36 @@ def generation_tab(engine: Engine, history: gr.State, speculate: str = "none") -
                 info="LoRA adapter from the Fine-tune tab or --adapter; off = the base model, to compare",
             )
             stats_panel = gr.Markdown("_Statistics appear here after a run._")
+    privacy_share = gr.Markdown(visible=meter is not None, elem_id="privacy-share")
+    privacy_read = gr.HighlightedText(
+        label="What the trunk could read: your prompt, as the attacker reads it from the hidden states sent",
+        color_map={"read": "#f4a3a3", "wrong": "#d9ead3"},
+        show_legend=True,
+        combine_adjacent=False,
+        visible=meter is not None,
+        elem_id="privacy-read",
+    )
 
     def on_generate(prompt_text, n, temp, k, p, seed_value, source, hist):
         stats = GenerationStats()
         text, notice = "", ""
         seed_int = int(seed_value) if seed_value is not None and seed_value >= 0 else None
         params = SamplingParams(float(temp), int(k), float(p), seed_int)
-        run = BackgroundStream(engine, prompt_text, int(n), params, stats, source or "none")
+        ids = engine.encode(prompt_text or "")
+        tap = None if meter is None else privacy_recorder()
+        run = BackgroundStream(engine, ids, int(n), params, stats, source or "none", tap)
+        keep = gr.update()  # the privacy panel, unchanged until the generation is done
         try:
-            yield text, charts.stats_markdown(stats, running=True), "", hist
+            yield text, charts.stats_markdown(stats, running=True), "", hist, keep, keep
             for kind, value in run.events():
                 if kind == "token":
                     text += value.text
                 elif kind == "notice":  # the trunk was lost or came back: say so while the tokens wait
                     notice = f"⚠️ {value}"
-                yield text, charts.stats_markdown(stats, running=True), notice, hist
+                yield text, charts.stats_markdown(stats, running=True), notice, hist, keep, keep
         except SplitError as e:
             logger.warning("generation failed: %s", e)
-            yield text, charts.stats_markdown(stats), f"⚠️ {e}", hist
+            yield text, charts.stats_markdown(stats), f"⚠️ {e}", hist, keep, keep
             return
         finally:
             run.stop()
@@ -103,10 +116,18 @@ def generation_tab(engine: Engine, history: gr.State, speculate: str = "none") -
                     stats.ttft_ms,
                     stats.tokens_per_s,
                 )
-        yield text, charts.stats_markdown(stats), notice, hist
+        share, read = keep, keep
+        if tap is not None and tap.prefill is not None:
+            reading = meter.read(ids, tap.prefill)
+            share = (
+                f"**What the trunk could read:** {sum(reading.hits)} of {len(ids)} prompt tokens "
+                f"(**{reading.share:.0%}**), read back by a {reading.attacker}, defence: {engine.noise.label()}"
+            )
+            read = reading.segments(lambda t: engine.decode(t))
+        yield text, charts.stats_markdown(stats), notice, hist, share, read
 
     inputs = [prompt, max_tokens, temperature, top_k, top_p, seed, speculation, history]
-    outputs = [output, stats_panel, status, history]
+    outputs = [output, stats_panel, status, history, privacy_share, privacy_read]
     ev_click = run.click(on_generate, inputs, outputs)
     ev_submit = prompt.submit(on_generate, inputs, outputs)
     stop.click(None, cancels=[ev_click, ev_submit])
@@ -118,6 +139,12 @@ def generation_tab(engine: Engine, history: gr.State, speculate: str = "none") -
     return adapter_switch
 
 
+def privacy_recorder():
+    from client.privacy import Recorder  # the meter's pieces: the split client only
+
+    return Recorder()
+
+
 class BackgroundStream:
     """One generation on a worker thread, so that the UI can show notices (a lost trunk) while a step waits.
 
@@ -125,17 +152,24 @@ class BackgroundStream:
     `stop()` ends the generation at the next token (the UI's Stop button, or a closed browser tab)."""
 
     def __init__(
-        self, engine: Engine, prompt: str, max_new_tokens: int, params: SamplingParams, stats, speculate: str = "none"
+        self,
+        engine: Engine,
+        prompt: str | list[int],
+        max_new_tokens: int,
+        params: SamplingParams,
+        stats,
+        speculate: str = "none",
+        tap=None,
     ):
         self._q: queue.SimpleQueue = queue.SimpleQueue()
         self._stop = threading.Event()
-        args = (engine, prompt, max_new_tokens, params, stats, speculate)
+        args = (engine, prompt, max_new_tokens, params, stats, speculate, tap)
         self._thread = threading.Thread(target=self._run, args=args, daemon=True, name="generation")
         self._thread.start()
 
-    def _run(self, engine, prompt, max_new_tokens, params, stats, speculate) -> None:
+    def _run(self, engine, prompt, max_new_tokens, params, stats, speculate, tap) -> None:
         notify = lambda m: self._q.put(("notice", m))  # noqa: E731
-        stream = engine.stream(prompt, max_new_tokens, params, stats, notify=notify, speculate=speculate)
+        stream = engine.stream(prompt, max_new_tokens, params, stats, notify=notify, speculate=speculate, tap=tap)
         try:
             for event in stream:
                 self._q.put(("token", event))

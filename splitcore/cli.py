@@ -83,20 +83,33 @@ def add_speculate_arg(p: argparse.ArgumentParser, what: str = "") -> None:
     )
 
 
-def run_generate(engine: Engine, args: argparse.Namespace, extra: dict | None = None) -> None:
-    """Generate for the CLI: stream text to stdout, or print one JSON object with --json."""
+Report = Callable[[list[int]], tuple[str, dict, str]]  # prompt ids -> (JSON key, JSON value, line for stderr)
+
+
+def run_generate(
+    engine: Engine, args: argparse.Namespace, extra: dict | None = None, tap=None, report: Report | None = None
+) -> None:
+    """Generate for the CLI: stream text to stdout, or print one JSON object with --json. `tap` hears what
+    crosses to the trunk; `report`, called once the generation is done, adds to the JSON (or a line on stderr)."""
     params = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
     if args.json:
-        result = engine.run(args.prompt, args.max_tokens, params, args.speculate)
-        print(json.dumps(result.to_json(**(extra or {}))))
+        result = engine.run(args.prompt, args.max_tokens, params, args.speculate, tap=tap)
+        more = dict(extra or {})
+        if report is not None:
+            key, value, _ = report(result.prompt_token_ids)
+            more[key] = value
+        print(json.dumps(result.to_json(**more)))
         return
-    events = engine.stream(args.prompt, args.max_tokens, params, speculate=args.speculate)
+    ids = engine.encode(args.prompt)
+    events = engine.stream(ids, args.max_tokens, params, speculate=args.speculate, tap=tap)
     first = next(events, None)  # a request that cannot run fails here, before the prompt is echoed
     sys.stdout.write(args.prompt)
     for event in [first, *events] if first is not None else []:
         sys.stdout.write(event.text)
         sys.stdout.flush()
     sys.stdout.write("\n")
+    if report is not None:
+        print(report(ids)[2], file=sys.stderr)
 
 
 def main_guard(fn: Callable[[], None], extra_errors: tuple[type[BaseException], ...] = ()) -> None:

@@ -31,6 +31,7 @@ from splitcore.stats import GenerationStats
 logger = logging.getLogger(__name__)
 
 Notify = Callable[[str], None]
+Tap = Callable[[torch.Tensor], None]  # hears the hidden states of each step as they cross to the trunk
 
 
 @dataclass
@@ -68,10 +69,11 @@ class Engine:
     def has_adapter(self) -> bool:
         return False
 
-    def new_stepper(self, max_length: int = 0, notify: Notify | None = None) -> Stepper:
+    def new_stepper(self, max_length: int = 0, notify: Notify | None = None, tap: Tap | None = None) -> Stepper:
         """A fresh stepper (fresh caches) for one generation of at most `max_length` tokens.
 
-        `notify` hears what happens on the way that the caller may want to show (a lost trunk, a reconnect)."""
+        `notify` hears what happens on the way that the caller may want to show (a lost trunk, a reconnect);
+        `tap` hears what crosses to the trunk, step by step (nothing crosses in an unsplit engine)."""
         raise NotImplementedError
 
     def encode(self, prompt: str) -> list[int]:
@@ -89,11 +91,12 @@ class Engine:
         notify: Notify | None = None,
         speculate: str = "none",
         logprobs: int | None = None,
+        tap: Tap | None = None,
     ) -> Iterator[TokenEvent]:
         """Yield tokens as they are generated; `stats` (if given) fills in as they come; `notify` hears of a lost
         and regained trunk while the generation waits for it. `speculate` names a draft source (lookup, self):
         tokens verified several to a round trip, distributed as without (greedy: the same tokens). `logprobs`: see
-        `generate`."""
+        `generate`. `tap`: see `new_stepper`."""
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         check_source(speculate)
         run = functools.partial(generate, logprobs=logprobs)
@@ -102,7 +105,7 @@ class Engine:
         if speculate != "none":
             stats = stats if stats is not None else GenerationStats()
             stats.speculation = SpeculationStats(speculate)
-        stepper = self.new_stepper_checked(ids, max_new_tokens, params, notify)
+        stepper = self.new_stepper_checked(ids, max_new_tokens, params, notify, tap)
         if speculate != "none":
             try:
                 draft = self.draft_source(speculate, len(ids) + max_new_tokens)
@@ -143,17 +146,28 @@ class Engine:
         raise InvalidInput(f"--speculate {name} needs the split client's own parts; here use lookup")
 
     def new_stepper_checked(
-        self, ids: list[int], max_new_tokens: int, params: SamplingParams, notify: Notify | None = None
+        self,
+        ids: list[int],
+        max_new_tokens: int,
+        params: SamplingParams,
+        notify: Notify | None = None,
+        tap: Tap | None = None,
     ) -> Stepper:
         check_request(ids, max_new_tokens, self.n_positions, params)  # before opening any remote session
-        return self.new_stepper(len(ids) + max_new_tokens, notify)
+        return self.new_stepper(len(ids) + max_new_tokens, notify, tap)
 
     def run(
-        self, prompt: str | list[int], max_new_tokens: int, params: SamplingParams, speculate: str = "none"
+        self,
+        prompt: str | list[int],
+        max_new_tokens: int,
+        params: SamplingParams,
+        speculate: str = "none",
+        tap: Tap | None = None,
     ) -> GenerationResult:
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         stats = GenerationStats()
-        tokens = [e.token_id for e in self.stream(ids, max_new_tokens, params, stats, speculate=speculate)]
+        events = self.stream(ids, max_new_tokens, params, stats, speculate=speculate, tap=tap)
+        tokens = [e.token_id for e in events]
         return GenerationResult(self.decode(tokens), ids, tokens, stats)
 
 
@@ -183,6 +197,6 @@ class FullEngine(Engine):
     def has_adapter(self) -> bool:
         return self.adapted is not None
 
-    def new_stepper(self, max_length: int = 0, notify: Notify | None = None) -> Stepper:
+    def new_stepper(self, max_length: int = 0, notify: Notify | None = None, tap: Tap | None = None) -> Stepper:
         model = self.adapted if self.use_adapter and self.adapted is not None else self.full
         return FullStepper(model, max_length, self.pools.get(id(model)))

@@ -127,11 +127,22 @@ class FullStepper:
 class SplitStepper:
     """Bottom and top here, trunk behind a link: ids -> bottom -> trunk -> top -> logits."""
 
-    def __init__(self, bottom: GPT2, top: GPT2, link: TrunkLink, capacity: int = 0, pools: dict | None = None):
+    def __init__(
+        self,
+        bottom: GPT2,
+        top: GPT2,
+        link: TrunkLink,
+        capacity: int = 0,
+        pools: dict | None = None,
+        protect: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        tap: Callable[[torch.Tensor], None] | None = None,
+    ):
+        """`protect`: the defence applied to every hidden state before it crosses (splitcore/defence.py); `tap`
+        hears each step's hidden states exactly as they cross (the privacy meter reads them)."""
         pools = pools or {}
         self.bottom = PartRun(bottom, capacity, pools.get("bottom"))
         self.top = PartRun(top, capacity, pools.get("top"))
-        self.link = link
+        self.link, self.protect, self.tap = link, protect, tap
         self.n_positions = bottom.n_positions
         # the latest step's client_ms, part by part: bottom, top blocks, final norm + LM head (0 when the top's
         # decode step is one CUDA graph: the head is inside it)
@@ -142,6 +153,10 @@ class SplitStepper:
         """Logits of the last new position (vocab,), or with `all_positions` of every new one (T, vocab)."""
         t0 = time.perf_counter()
         h = self.bottom.run(ids)  # (1, T, C)
+        if self.protect is not None:
+            h = self.protect(h)
+        if self.tap is not None:
+            self.tap(h)
         t1 = time.perf_counter()
         h, server_ms, b_out, b_in = self.link.forward(h)
         t2 = time.perf_counter()

@@ -1,0 +1,303 @@
+"""What the trunk could read: attacks on the hidden states that cross the cut, and the client's privacy meter.
+
+The attacker is the trunk's honest-but-curious operator (docs/privacy.md). It knows the public weights, this
+code and the client's defence settings; it does not know the client's text, noise draws or private weights.
+It collects public text and runs the client's own bottom and defence over it (`Observer`), then learns to read
+tokens back from what it observes. Each attack has `fit(public ids)` and `predict(observed states)`, and
+`recovered` scores one on private text it never saw: the share of tokens read exactly at their position.
+
+- `NearestNeighbour`: each state's nearest token + position embedding (wte + wpe). Nothing to learn.
+- `LearnedInverter` (SIP-style, SplitLLM arXiv 2409.00960): a small bidirectional transformer over the
+  sequence of observed states, its output tied to the public wte. Retrained for every (model, split, defence):
+  one trained on clean states understates what it reads from defended ones.
+
+`PrivacyMeter` trains the inverter once per (model, split, defence, public text), caches it under the models
+directory, and reads each prompt back from the states its generation actually sent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from splitcore.defence import Noise, noise_generator
+from splitcore.errors import InvalidInput
+from splitcore.gpt2 import GPT2
+
+logger = logging.getLogger(__name__)
+
+Progress = Callable[[int, int, float], None]  # step, steps, loss
+
+
+def public_text(spec: str) -> str:
+    """The attacker's public text: a text file, a directory of them, or bible:PASSAGES (Debian's bible-kjv)."""
+    if not spec:
+        raise InvalidInput("the privacy meter needs public text to train its attacker on: give --attack-data")
+    if spec.startswith("bible:"):
+        from splitcore.presets import kjv_text
+
+        return kjv_text(spec.removeprefix("bible:"))
+    path = Path(spec)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".txt", ".md", ""))
+    elif path.is_file():
+        files = [path]
+    else:
+        raise InvalidInput(f"attack data '{spec}' does not exist: give a text file, a directory or bible:PASSAGES")
+    if not files:
+        raise InvalidInput(f"no text files (.txt, .md) in attack data directory {spec}")
+    return "\n\n".join(p.read_text(encoding="utf-8", errors="replace") for p in files)
+
+
+def windows(ids: torch.Tensor, length: int, count: int | None = None) -> torch.Tensor:
+    """Consecutive windows (N, length) of a 1-D id tensor: what a client would send as prompts."""
+    n = len(ids) // length if count is None else min(count, len(ids) // length)
+    if n < 1:
+        raise InvalidInput(f"text of {len(ids)} tokens is too short for windows of {length}")
+    return ids[: n * length].view(n, length)
+
+
+class Observer:
+    """What the trunk sees for given token ids: the client's own bottom, then its defence, at the wire's dtype.
+    The attacker's noise draws are its own (`seed`): it knows the mechanism, not the client's draws."""
+
+    def __init__(self, bottom: GPT2, noise: Noise, wire_dtype: torch.dtype = torch.float32, seed: int = 0):
+        self.bottom, self.noise, self.wire_dtype = bottom, noise, wire_dtype
+        self.generator = noise_generator(seed, bottom.device)
+
+    @torch.no_grad()
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.bottom.hidden(ids.to(self.bottom.device))  # (B, T, C)
+        return self.noise.apply(h, self.generator).to(self.wire_dtype).float()
+
+
+class NearestNeighbour:
+    """Each observed state read as the token whose embedding plus its position's is nearest (L2)."""
+
+    name = "nearest neighbour"
+
+    def __init__(self, wte: torch.Tensor, wpe: torch.Tensor):
+        self.wte, self.wpe = wte.detach().float(), wpe.detach().float()
+
+    def fit(self, public_ids: torch.Tensor, observe: Observer, progress: Progress | None = None) -> NearestNeighbour:
+        return self  # knows the public embeddings; nothing to learn
+
+    @torch.no_grad()
+    def predict(self, states: torch.Tensor) -> torch.Tensor:
+        """(B, T, C) states -> (B, T) token ids."""
+        b, t, _ = states.shape
+        wte, wpe = self.wte.to(states.device), self.wpe[:t].to(states.device)
+        # |s - w - p|^2 = |s - p|^2 - 2 (s - p).w + |w|^2, per position
+        x = states.float() - wpe  # (B, T, C)
+        return (wte.pow(2).sum(-1) - 2 * x @ wte.T).argmin(-1)
+
+
+@dataclass(frozen=True)
+class InverterConfig:
+    """The learned inverter's size and training budget."""
+
+    width: int = 256  # the transformer's width
+    layers: int = 2
+    heads: int = 4
+    steps: int = 400  # optimizer steps
+    batch_size: int = 16  # windows per step
+    block_size: int = 64  # tokens per window
+    lr: float = 1e-3  # peak, after a linear warm-up, cosine to a tenth
+    seed: int = 0
+
+
+class LearnedInverter(nn.Module):
+    """A bidirectional transformer from observed states (B, T, C) to token logits, tied to the public wte."""
+
+    name = "learned inverter"
+
+    def __init__(self, wte: torch.Tensor, d_in: int, cfg: InverterConfig = InverterConfig()):
+        super().__init__()
+        self.cfg = cfg
+        self.register_buffer("wte", wte.detach().float().clone(), persistent=False)  # public: never trained
+        self.inp = nn.Sequential(nn.LayerNorm(d_in), nn.Linear(d_in, cfg.width))
+        layer = nn.TransformerEncoderLayer(
+            cfg.width, cfg.heads, 4 * cfg.width, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
+        )
+        self.body = nn.TransformerEncoder(layer, cfg.layers, enable_nested_tensor=False)
+        self.out = nn.Sequential(nn.LayerNorm(cfg.width), nn.Linear(cfg.width, self.wte.shape[1]))
+        self.bias = nn.Parameter(torch.zeros(self.wte.shape[0]))
+
+    def forward(self, states: torch.Tensor) -> torch.Tensor:
+        """(B, T, C) -> (B, T, vocab) logits. No position embedding: the states carry their positions."""
+        return self.out(self.body(self.inp(states.float()))) @ self.wte.T + self.bias
+
+    def fit(self, public_ids: torch.Tensor, observe: Observer, progress: Progress | None = None) -> LearnedInverter:
+        """Train on random windows of public text sent through `observe`, fresh noise every batch."""
+        c = self.cfg
+        if len(public_ids) < 2 * c.block_size:
+            raise InvalidInput(f"{len(public_ids)} tokens of public text: too little to train an attacker on")
+        g = torch.Generator().manual_seed(c.seed)
+        torch.manual_seed(c.seed)
+        opt = torch.optim.AdamW(self.parameters(), lr=c.lr, weight_decay=0.01)
+        self.train()
+        for step in range(1, c.steps + 1):
+            lr = c.lr * min(1.0, step / 20) * (0.55 + 0.45 * math.cos(math.pi * step / c.steps))
+            for group in opt.param_groups:
+                group["lr"] = lr
+            starts = torch.randint(0, len(public_ids) - c.block_size, (c.batch_size,), generator=g).tolist()
+            ids = torch.stack([public_ids[s : s + c.block_size] for s in starts])
+            states = observe(ids).to(self.wte.device)
+            with torch.enable_grad():
+                loss = F.cross_entropy(self(states).flatten(0, 1), ids.flatten().to(self.wte.device))
+                loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if progress is not None:
+                progress(step, c.steps, float(loss.detach()))
+        return self.eval()
+
+    @torch.no_grad()
+    def predict(self, states: torch.Tensor) -> torch.Tensor:
+        return self(states.to(self.wte.device)).argmax(-1)
+
+
+def recovered(attack, observe: Observer, private_ids: torch.Tensor, batch: int = 16) -> float:
+    """The share of private tokens `attack` reads exactly at their position, over windows (N, T) of private
+    text sent through `observe`."""
+    hits = total = 0
+    for i in range(0, len(private_ids), batch):
+        ids = private_ids[i : i + batch]
+        pred = attack.predict(observe(ids)).cpu()
+        hits += int((pred == ids).sum())
+        total += ids.numel()
+    return hits / total
+
+
+# --- the meter ----------------------------------------------------------------------------------------------
+@dataclass
+class Reading:
+    """A prompt as the trunk's best attacker reads it from what was sent."""
+
+    token_ids: list[int]  # the prompt's
+    read_ids: list[int]  # what the inverter read at each position
+    share: float  # of the prompt's tokens read exactly
+    attacker: str  # who read it, and what it trained on
+
+    @property
+    def hits(self) -> list[bool]:
+        return [a == b for a, b in zip(self.token_ids, self.read_ids, strict=True)]
+
+    def to_json(self, decode: Callable[[list[int]], str]) -> dict:
+        return {
+            "recovered_share": self.share,
+            "recovered_tokens": sum(self.hits),
+            "prompt_tokens": len(self.token_ids),
+            "read_text": decode(self.read_ids),
+            "attacker": self.attacker,
+        }
+
+    def segments(self, decode: Callable[[list[int]], str]) -> list[tuple[str, str]]:
+        """The prompt as read, token by token, each labelled 'read' (exactly the prompt's) or 'wrong'."""
+        return [(decode([r]), "read" if hit else "wrong") for r, hit in zip(self.read_ids, self.hits, strict=True)]
+
+
+def inverter_key(weights_digest: str, split: str, noise: Noise, wire: str, public: str, cfg: InverterConfig) -> str:
+    """What an inverter depends on: the bottom's weights, the cut, the defence, the wire, the data, the recipe."""
+    text = json.dumps([weights_digest, split, noise.label(), wire, public, asdict(cfg)])
+    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
+
+
+class PrivacyMeter:
+    """Reads each prompt back from the states a generation sent, with an inverter trained for this client's
+    model, split and defence on public text (trained once, then loaded from `cache_dir`)."""
+
+    def __init__(self, engine, attack_data: str, cache_dir: Path, cfg: InverterConfig = InverterConfig()):
+        self.engine, self.cfg = engine, cfg
+        self.tokens_text = attack_data
+        bottom = engine.parts["bottom"]
+        self.observer = Observer(bottom, engine.noise, engine.wire_dtype, seed=cfg.seed + 1)
+        key = inverter_key(
+            engine.fingerprint.weights, str(engine.split), engine.noise, str(engine.wire_dtype), attack_data, cfg
+        )
+        self.path = Path(cache_dir) / "privacy" / f"inverter-{key}.pt"
+        self.inverter = LearnedInverter(bottom.wte.weight, bottom.config.n_embd, cfg)
+        self.report: dict = {}
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.report)
+
+    def prepare(self, progress: Progress | None = None) -> PrivacyMeter:
+        """Load the cached inverter, or train it (minutes) on the public text and cache it."""
+        if self.path.is_file():
+            saved = torch.load(self.path, weights_only=True)
+            self.inverter.load_state_dict(saved["state"])
+            self.inverter.eval()
+            self.report = json.loads(saved["report"])
+            logger.info("privacy meter: inverter loaded from %s", self.path)
+            return self
+        ids = torch.tensor(self.engine.encode(public_text(self.tokens_text)), dtype=torch.long)
+        t0 = time.perf_counter()
+        self.inverter.fit(ids, self.observer, progress)
+        self.report = {
+            "attacker": "learned inverter",
+            "trained_on": self.tokens_text,
+            "public_tokens": len(ids),
+            "defence": self.engine.noise.label(),
+            "split": str(self.engine.split),
+            "train_seconds": round(time.perf_counter() - t0, 1),
+            "inverter": asdict(self.cfg),
+        }
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        torch.save({"state": self.inverter.state_dict(), "report": json.dumps(self.report)}, tmp)
+        tmp.replace(self.path)
+        logger.info("privacy meter: inverter trained in %.0f s, saved in %s", self.report["train_seconds"], self.path)
+        return self
+
+    def read(self, prompt_ids: list[int], sent: torch.Tensor) -> Reading:
+        """The prompt read back from `sent`, the states its prefill sent (1, T, C)."""
+        n = len(prompt_ids)
+        if sent.ndim != 3 or sent.shape[1] < n:
+            raise InvalidInput(f"sent states of shape {list(sent.shape)} do not cover a prompt of {n} tokens")
+        read = self.inverter.predict(sent[:, :n].float())[0].tolist()
+        share = sum(a == b for a, b in zip(prompt_ids, read, strict=True)) / n
+        who = f"learned inverter trained on {self.report.get('public_tokens', '?')} public tokens ({self.tokens_text})"
+        return Reading(list(prompt_ids), read, share, who)
+
+
+class Recorder:
+    """A stepper's tap that keeps the first step's states (the prompt's prefill) as they crossed."""
+
+    def __init__(self):
+        self.prefill: torch.Tensor | None = None
+
+    def __call__(self, h: torch.Tensor) -> None:
+        if self.prefill is None:
+            self.prefill = h.detach().cpu()
+
+
+def prepare_meter(engine) -> PrivacyMeter:
+    """The engine's privacy meter, its attacker loaded or trained now (a progress bar on stderr meanwhile)."""
+    from tqdm import tqdm
+
+    cfg = engine.cfg
+    meter = PrivacyMeter(engine, cfg.attack_data, Path(cfg.models_dir), InverterConfig(steps=cfg.attack_steps))
+    if meter.path.is_file():
+        return meter.prepare()
+    public_text(cfg.attack_data)  # a missing file fails now, in one line
+    logger.info(
+        "privacy meter: training the attacker for %s, split %s, defence %s (once)",
+        engine.model.spec,
+        engine.split,
+        engine.noise.label(),
+    )
+    with tqdm(total=meter.cfg.steps, desc="privacy meter: training the attacker (once)", unit="step") as bar:
+        meter.prepare(lambda step, steps, loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.2f}")))
+    return meter

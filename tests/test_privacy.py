@@ -1,0 +1,217 @@
+"""Privacy of the cut: the attacks read what crosses, the defence is bitwise off at strength zero, the meter's
+share falls under noise, a defended client still generates and trains over gRPC, and bad settings are one line.
+
+The attacker trains on public text (the Old Testament, from Debian's bible-kjv) through the client's own bottom
+and defence, and is scored on private text it never saw (the New Testament)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from client.privacy import (
+    InverterConfig,
+    LearnedInverter,
+    NearestNeighbour,
+    Observer,
+    PrivacyMeter,
+    Recorder,
+    public_text,
+    recovered,
+    windows,
+)
+from splitcore.defence import Noise, Protect
+from splitcore.errors import InvalidInput
+from splitcore.sampling import SamplingParams
+from tests.conftest import ROOT, TINY, subprocess_env, tiny_split_engine
+
+GREEDY = SamplingParams(temperature=0.0)
+OLD, NEW = "bible:Gen1:1-Gen50:26", "bible:Matt1:1-Matt28:20"  # public (Genesis), private (Matthew)
+FAST = InverterConfig(width=128, layers=2, heads=4, steps=150, batch_size=8, block_size=32, lr=2e-3)
+
+
+def _need_bible() -> None:
+    if shutil.which("bible") is None:
+        if os.environ.get("CI"):
+            pytest.fail("Debian's bible-kjv is not installed (scripts/test.sh installs it)")
+        pytest.skip("Debian's bible-kjv is not installed")
+
+
+@pytest.fixture(scope="module")
+def local(models_dir):
+    e = tiny_split_engine(models_dir, local_trunk=True)
+    yield e
+    e.close()
+
+
+@pytest.fixture(scope="module")
+def texts(local):
+    _need_bible()
+    public = torch.tensor(local.encode(public_text(OLD)), dtype=torch.long)
+    private = windows(torch.tensor(local.encode(public_text(NEW)), dtype=torch.long), 32, 24)
+    return public, private
+
+
+def _attack(local, noise: Noise, public):
+    bottom = local.parts["bottom"]
+    observe = Observer(bottom, noise, seed=11)  # the attacker's own draws
+    return LearnedInverter(bottom.wte.weight, bottom.config.n_embd, FAST).fit(public, observe), observe
+
+
+@pytest.fixture(scope="module")
+def clean_attack(local, texts):
+    return _attack(local, Noise(), texts[0])
+
+
+def test_learned_inverter_reads_most_private_tokens_undefended(local, texts, clean_attack):
+    inverter, observe = clean_attack
+    share = recovered(inverter, observe, texts[1])
+    nn_share = recovered(
+        NearestNeighbour(local.parts["bottom"].wte.weight, local.parts["bottom"].wpe.weight), observe, texts[1]
+    )
+    assert share > 0.5, share  # the meter can say "the trunk reads your prompt"
+    assert 0.0 <= nn_share <= 1.0
+
+
+def test_meter_share_drops_under_noise(local, texts, clean_attack):
+    noisy = Noise("gaussian", 3.0)
+    inverter, observe = _attack(local, noisy, texts[0])  # retrained on defended states, as an attacker would
+    clean = recovered(clean_attack[0], clean_attack[1], texts[1])
+    defended = recovered(inverter, observe, texts[1])
+    assert defended < clean - 0.2, (clean, defended)
+
+
+def test_defence_of_strength_zero_is_the_undefended_path(models_dir, local):
+    h = torch.randn(1, 5, 64)
+    assert Noise("laplace", 0.0, 0.0).apply(h) is h
+    zero = tiny_split_engine(models_dir, local_trunk=True, defence="gaussian", noise_scale=0.0)
+    try:
+        assert zero.protect is None
+        got, want = Recorder(), Recorder()
+        a = zero.run("In the beginning", 8, GREEDY, tap=got)
+        b = local.run("In the beginning", 8, GREEDY, tap=want)
+        assert a.token_ids == b.token_ids
+        assert torch.equal(got.prefill, want.prefill)
+        sa, sb = zero.new_stepper(16), local.new_stepper(16)
+        ids = torch.tensor([a.prompt_token_ids])
+        assert torch.equal(sa.step(ids, all_positions=True).logits, sb.step(ids, all_positions=True).logits)
+        sa.close(), sb.close()
+    finally:
+        zero.close()
+
+
+def test_noise_is_calibrated_and_clipped():
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(4, 256, 64) * torch.tensor([1.0, 10.0, 100.0, 0.1])[:, None, None]
+    for kind in ("gaussian", "laplace"):
+        out = Noise(kind, 2.0).apply(h, g)  # relative: std 2 x each position's RMS
+        rms = h.pow(2).mean(-1, keepdim=True).sqrt()
+        ratio = ((out - h) / rms).std()
+        assert 1.9 < float(ratio) < 2.1, (kind, float(ratio))
+    clipped = Noise("gaussian", 0.0, clip=1.0).apply(h, g)
+    assert float(clipped.pow(2).mean(-1).sqrt().max()) <= 1.0 + 1e-5
+    small = h[3:]  # under the clip: untouched
+    assert torch.equal(Noise("gaussian", 0.0, clip=1.0).apply(small, g), small)
+    fixed = Noise("gaussian", 0.5, clip=1.0).apply(h, g) - Noise("gaussian", 0.0, clip=1.0).apply(h, g)
+    assert 0.45 < float(fixed.std()) < 0.55  # with a clip the noise does not depend on the data
+
+
+def test_protect_draws_secret_noise_unless_seeded():
+    h = torch.ones(1, 3, 8)
+    a, b = Protect(Noise("gaussian", 1.0))(h), Protect(Noise("gaussian", 1.0))(h)
+    assert not torch.equal(a, b)
+    assert torch.equal(Protect(Noise("gaussian", 1.0), seed=5)(h), Protect(Noise("gaussian", 1.0), seed=5)(h))
+
+
+def test_defended_generation_and_training_over_grpc(models_dir, server_target):
+    from client.train import SplitTrainer, TrainConfig
+    from splitcore.training import TextData
+
+    e = tiny_split_engine(models_dir, server_target, defence="laplace", noise_scale=0.5, noise_clip=2.0)
+    try:
+        sent = Recorder()
+        r = e.run("Hello world, this is a test", 10, GREEDY, tap=sent)
+        assert len(r.token_ids) == 10 and r.stats.tokens and r.stats.tokens[0].bytes_out > 0
+        clean = e.parts["bottom"].hidden(torch.tensor([r.prompt_token_ids]))
+        assert not torch.allclose(sent.prefill, clean)  # what crossed is not the bottom's output
+        assert float(sent.prefill.pow(2).mean(-1).sqrt().max()) < 2.0 * 3  # clipped to RMS 2, then noised
+        data = TextData.from_path(ROOT / "tests" / "test_privacy.py", e.encode, block=16)
+        trainer = SplitTrainer(e, TrainConfig(lora_rank=2, lr=1e-2, seed=1).lora())
+        try:
+            losses = [trainer.step(step, data.batch(step, 2, seed=0)).loss for step in range(1, 4)]
+            assert all(torch.isfinite(torch.tensor(losses)))
+            assert torch.isfinite(torch.tensor(trainer.eval_loss(data.eval_batches(2, 1)[0])))
+        finally:
+            trainer.close()
+    finally:
+        e.close()
+
+
+def test_meter_reads_the_prompt_from_what_was_sent_and_caches(models_dir, local, tmp_path):
+    _need_bible()
+    cfg = InverterConfig(width=64, layers=1, heads=2, steps=3, batch_size=2, block_size=16)
+    meter = PrivacyMeter(local, OLD, tmp_path, cfg).prepare()
+    assert meter.path.is_file() and meter.report["public_tokens"] > 1000
+    rec = Recorder()
+    r = local.run("And Jesus said unto them", 4, GREEDY, tap=rec)
+    reading = meter.read(r.prompt_token_ids, rec.prefill)
+    assert len(reading.read_ids) == len(r.prompt_token_ids) and 0.0 <= reading.share <= 1.0
+    assert [label for _, label in reading.segments(local.decode)].count("read") == sum(reading.hits)
+    again = PrivacyMeter(local, OLD, tmp_path, cfg).prepare()  # loaded, not retrained
+    assert again.report == meter.report
+    assert again.read(r.prompt_token_ids, rec.prefill).read_ids == reading.read_ids
+    noisy = tiny_split_engine(models_dir, local_trunk=True, defence="gaussian", noise_scale=1.0)
+    try:
+        assert PrivacyMeter(noisy, OLD, tmp_path, cfg).path != meter.path  # a defence gets its own attacker
+    finally:
+        noisy.close()
+
+
+@pytest.mark.parametrize(
+    "settings,msg",
+    [
+        (dict(defence="gaussian", noise_scale=-1.0), "noise scale must be a finite number >= 0"),
+        (dict(defence="speckle"), "unknown defence 'speckle'"),
+        (dict(noise_scale=1.0), "need a defence"),
+        (dict(privacy_meter=True), "--privacy-meter needs public text"),
+    ],
+)
+def test_bad_defence_settings_are_clear_errors(models_dir, settings, msg):
+    with pytest.raises(InvalidInput, match=msg):
+        tiny_split_engine(models_dir, local_trunk=True, **settings)
+
+
+@pytest.mark.parametrize(
+    "args,msg",
+    [
+        (["--defence", "gaussian", "--noise-scale", "-0.5"], "error: noise scale must be a finite number >= 0"),
+        (["--defence", "speckle"], "invalid choice: 'speckle'"),
+        (["--privacy-meter"], "error: --privacy-meter needs public text"),
+        (["--privacy-meter", "--attack-data", "/nonexistent/text"], "error: attack data '/nonexistent/text' does"),
+    ],
+)
+def test_bad_privacy_flags_are_one_readable_line(args, msg):
+    cmd = [sys.executable, "-m", "client", "generate", "hi", "--model", TINY, "--local-trunk", "--device", "cpu"]
+    out = subprocess.run(cmd + args, capture_output=True, text=True, env=subprocess_env(), cwd=ROOT, timeout=120)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert msg in out.stderr.strip().splitlines()[-1], out.stderr
+
+
+def test_generate_cli_reports_the_meter_in_json(tmp_path):
+    _need_bible()
+    import json
+
+    cmd = [sys.executable, "-m", "client", "generate", "And Jesus said", "--model", TINY, "--local-trunk"]
+    cmd += ["--device", "cpu", "--max-tokens", "3", "--temperature", "0", "--json", "--privacy-meter"]
+    cmd += ["--attack-data", OLD, "--attack-steps", "2", "--models-dir", str(tmp_path)]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout)["privacy"]
+    assert got["prompt_tokens"] == len(json.loads(out.stdout)["prompt_token_ids"])
+    assert 0.0 <= got["recovered_share"] <= 1.0 and "learned inverter" in got["attacker"]
+    assert "privacy meter: training the attacker" in out.stderr  # progress shown
