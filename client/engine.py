@@ -15,7 +15,7 @@ from splitcomm.errors import TrunkError, TrunkUnavailable
 from splitcomm.proto import trunk_pb2 as pb
 from splitcomm.trunk_client import TrunkClient, TrunkClientConfig, TrunkSession
 from splitcore.cudagraph import DecoderPool
-from splitcore.defence import NOISE_KINDS, Noise, Protect
+from splitcore.defence import DENOISERS, NOISE_KINDS, Noise, Protect, subtract_noise
 from splitcore.engine import Engine, Notify, Tap
 from splitcore.errors import InvalidInput, Mismatch
 from splitcore.fingerprint import Fingerprint, model_fingerprint
@@ -72,6 +72,12 @@ class ClientConfig(GenerateConfig):
     noise_clip: float = setting(
         0.0, "GPT2_NOISE_CLIP", "clip each position's RMS to this before the noise, which then scales with it; 0 = off"
     )
+    denoise: str = setting(
+        "none",
+        "GPT2_DENOISE",
+        "repair the trunk's answer on the client: subtract takes the client's own noise back out of it",
+        choices=list(DENOISERS),
+    )
     defence_seed: int | None = setting(None, None, "seed of the noise (default: a secret one from the OS)")
     attack_data: str | None = setting(
         None,
@@ -86,13 +92,17 @@ class ClientConfig(GenerateConfig):
         "read each prompt back as the trunk's best attacker could, from what was sent (needs --attack-data; "
         "trains the attacker once, then caches it)",
     )
-    attack_steps: int = setting(400, None, "training steps of the privacy meter's attacker")
+    attack_steps: int = setting(600, None, "training steps of the privacy meter's attacker")
 
     def noise(self) -> Noise:
         """The defence these settings name, checked: a readable error for a bad one."""
         if self.defence not in DEFENCES:
             raise InvalidInput(f"unknown defence '{self.defence}'; choose one of {', '.join(DEFENCES)}")
+        if self.denoise not in DENOISERS:
+            raise InvalidInput(f"unknown denoiser '{self.denoise}'; choose one of {', '.join(DENOISERS)}")
         if self.defence == "none":
+            if self.denoise != "none":
+                raise InvalidInput("--denoise repairs a defence's noise: give --defence gaussian or laplace too")
             if self.noise_scale or self.noise_clip:
                 raise InvalidInput("--noise-scale and --noise-clip need a defence: --defence gaussian or laplace")
             return Noise()
@@ -298,6 +308,7 @@ class SplitEngine(Engine):
         if cfg.attack_steps < 1:
             raise InvalidInput(f"--attack-steps must be at least 1, got {cfg.attack_steps}")
         self.protect = Protect(self.noise, cfg.defence_seed) if self.noise.active else None
+        self.repair = subtract_noise if self.protect is not None and cfg.denoise == "subtract" else None
         self.wire_dtype = parse_wire_dtype(cfg.wire_dtype)
         parts = ("bottom", "trunk", "top") if cfg.local_trunk else ("bottom", "top")
         logger.info("%s", configure_attention(device))
@@ -368,7 +379,7 @@ class SplitEngine(Engine):
             )
         if self.cfg.added_delay_ms > 0:
             link = DelayedLink(link, self.cfg.added_delay_ms)
-        return SplitStepper(parts["bottom"], parts["top"], link, max_length, pools, self.protect, tap)
+        return SplitStepper(parts["bottom"], parts["top"], link, max_length, pools, self.protect, tap, self.repair)
 
     draft_sources = ("none", "lookup", "self")
 

@@ -207,15 +207,18 @@ class SplitTrainer:
         self.remote = engine.trunk_client.training(open_msg, engine.wire_dtype)
         self.client_trains = self.client_opt is not None
         self.protect = engine.protect or (lambda h: h)  # the defence on what crosses, as in generation
+        self.repair = engine.repair or (lambda out, clean, sent: out)  # and the client's repair of the answer
 
     def step(self, step: int, ids: torch.Tensor) -> StepStats:
         t0 = time.perf_counter()
         with torch.set_grad_enabled(self.client_trains):
-            h1 = self.protect(self.bottom(ids.to(self.bottom.device), all_positions=True))  # (B, T, C), sent
+            clean = self.bottom(ids.to(self.bottom.device), all_positions=True)  # (B, T, C)
+            h1 = self.protect(clean)  # what is sent
         fwd = self.remote.forward(step, h1.detach())
         h2 = fwd.tensor.to(self.top.device, self.top.dtype).requires_grad_(True)
         with torch.enable_grad():
-            loss = lm_loss(self.top(h2, all_positions=True), ids.to(self.top.device))  # labels never leave
+            top_in = self.repair(h2, clean.detach(), h1.detach())  # h2 + a constant: h2.grad is the trunk's
+            loss = lm_loss(self.top(top_in, all_positions=True), ids.to(self.top.device))  # labels never leave
             loss.backward()
         back = self.remote.backward(step, h2.grad)
         if self.client_trains:
@@ -232,9 +235,10 @@ class SplitTrainer:
 
     @torch.no_grad()
     def eval_loss(self, ids: torch.Tensor) -> float:
-        sent = self.protect(self.bottom(ids.to(self.bottom.device), all_positions=True))
-        h = self.remote.forward(0, sent, eval=True).tensor
-        return float(lm_loss(self.top(h.to(self.top.device, self.top.dtype), all_positions=True), ids))
+        clean = self.bottom(ids.to(self.bottom.device), all_positions=True)
+        sent = self.protect(clean)
+        h = self.remote.forward(0, sent, eval=True).tensor.to(self.top.device, self.top.dtype)
+        return float(lm_loss(self.top(self.repair(h, clean, sent), all_positions=True), ids))
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], int]:
         remote = self.remote.export()

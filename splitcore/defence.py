@@ -11,6 +11,10 @@ here is applied to each hidden state on its way out, in inference (SplitStepper)
   reference RMS: `clip` when clipping (then the noise does not depend on the data: the Gaussian and Laplace
   mechanisms on vectors of bounded norm), otherwise each position's own RMS (noise relative to the signal).
 
+The client knows its own noise, so it can repair part of the damage (Split-and-Denoise, arXiv 2310.09130):
+`subtract_noise` takes what was added back out of the trunk's answer, where the trunk's residual stream carries
+it straight through (its blocks' reaction to the noise stays).
+
 The noise comes from the client's own generator, seeded from the operating system unless a seed is given
 (tests, benchmarks): the attacker knows the mechanism and its strength, never the draws. A strength of zero is
 the undefended path itself: `apply` returns its input unchanged.
@@ -98,3 +102,12 @@ class Protect:
         if g is None:
             g = self._generators[h.device] = noise_generator(self.seed, h.device)
         return self.noise.apply(h, g)
+
+
+DENOISERS = ("none", "subtract")
+
+
+def subtract_noise(out: torch.Tensor, clean: torch.Tensor, sent: torch.Tensor) -> torch.Tensor:
+    """The trunk's answer to `sent` less what the defence added to `clean`: a block's output is its input plus
+    what the block computes, so the perturbation rides the residual stream through every trunk block."""
+    return out - (sent - clean).to(out.device, out.dtype)

@@ -136,13 +136,15 @@ class SplitStepper:
         pools: dict | None = None,
         protect: Callable[[torch.Tensor], torch.Tensor] | None = None,
         tap: Callable[[torch.Tensor], None] | None = None,
+        repair: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     ):
         """`protect`: the defence applied to every hidden state before it crosses (splitcore/defence.py); `tap`
-        hears each step's hidden states exactly as they cross (the privacy meter reads them)."""
+        hears each step's hidden states exactly as they cross (the privacy meter reads them); `repair` takes the
+        trunk's answer, the bottom's clean output and what was sent, and returns the answer the top runs on."""
         pools = pools or {}
         self.bottom = PartRun(bottom, capacity, pools.get("bottom"))
         self.top = PartRun(top, capacity, pools.get("top"))
-        self.link, self.protect, self.tap = link, protect, tap
+        self.link, self.protect, self.tap, self.repair = link, protect, tap, repair
         self.n_positions = bottom.n_positions
         # the latest step's client_ms, part by part: bottom, top blocks, final norm + LM head (0 when the top's
         # decode step is one CUDA graph: the head is inside it)
@@ -152,14 +154,15 @@ class SplitStepper:
     def step(self, ids: torch.Tensor, all_positions: bool = False) -> StepResult:
         """Logits of the last new position (vocab,), or with `all_positions` of every new one (T, vocab)."""
         t0 = time.perf_counter()
-        h = self.bottom.run(ids)  # (1, T, C)
-        if self.protect is not None:
-            h = self.protect(h)
+        clean = self.bottom.run(ids)  # (1, T, C)
+        sent = clean if self.protect is None else self.protect(clean)
         if self.tap is not None:
-            self.tap(h)
+            self.tap(sent)
         t1 = time.perf_counter()
-        h, server_ms, b_out, b_in = self.link.forward(h)
+        h, server_ms, b_out, b_in = self.link.forward(sent)
         t2 = time.perf_counter()
+        if self.repair is not None:
+            h = self.repair(h, clean, sent)
         if self.top.decoder is not None and h.shape[1] == 1 and not all_positions:
             logits, t3 = self.top.run(h, head=True)[0], None
         else:

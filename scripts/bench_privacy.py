@@ -1,0 +1,106 @@
+"""What the trunk can read, and what each defence costs: one row per cut and defence, on private text the
+attacker never saw. Prints a markdown table and writes JSON (after each row, so a cut-short run keeps its rows).
+
+    python scripts/bench_privacy.py                          # trained:kjv: public = Old Testament, private = New
+    python scripts/bench_privacy.py --rows quick --steps 200 # fewer rows, a weaker (cheaper) attacker
+    python scripts/bench_privacy.py --json bench_results/privacy.json
+
+The attacker (client/privacy.py) trains on the public text sent through the client's own bottom and defence,
+with its own noise draws, and is retrained for every row; the client draws its noise from another seed.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as every entry point: before torch loads
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from dataclasses import asdict  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from client.privacy import InverterConfig, public_text, windows  # noqa: E402
+from client.privacy_eval import Setting, Texts, evaluate, table  # noqa: E402
+from splitcore.models import load_tokenizer, resolve_model  # noqa: E402
+
+ROWS = {
+    "default": [
+        *(Setting(f"{c},10") for c in (1, 2, 4, 6)),
+        *(Setting("2,10", "gaussian", s) for s in (0.3, 1.0, 3.0, 10.0)),
+        *(Setting("2,10", "gaussian", s, denoise="subtract") for s in (1.0, 3.0, 10.0, 30.0)),
+        Setting("2,10", "laplace", 10.0, denoise="subtract"),
+    ],
+    "quick": [Setting("2,10"), Setting("2,10", "gaussian", 3.0), Setting("2,10", "gaussian", 3.0, denoise="subtract")],
+}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="trained:kjv")
+    p.add_argument("--models-dir", default=os.environ.get("GPT2_MODELS_DIR", "models"))
+    p.add_argument("--public", default="bible:Gen1:1-Mal4:6", help="the attacker's text (default: Old Testament)")
+    p.add_argument("--private", default="bible:Matt1:1-Rev22:21", help="the client's (default: New Testament)")
+    p.add_argument("--rows", choices=sorted(ROWS), default="default")
+    p.add_argument("--windows", type=int, default=32, help="private windows of 64 tokens scored (and perplexity)")
+    p.add_argument("--prompts", type=int, default=20, help="prompts for greedy agreement and decode time")
+    p.add_argument("--tokens", type=int, default=64, help="greedy tokens per prompt")
+    p.add_argument("--steps", type=int, default=InverterConfig.steps, help="the inverter's training steps")
+    p.add_argument("--json", default="bench_results/privacy.json")
+    args = p.parse_args()
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+
+    model = resolve_model(args.model, args.models_dir)
+    tok = load_tokenizer(model.path)
+    private = torch.tensor(tok.encode(public_text(args.private)), dtype=torch.long)
+    scored = windows(private, 64, args.windows)
+    rest = private[scored.numel() :]
+    prompts = [rest[i * 97 : i * 97 + 16].tolist() for i in range(args.prompts)]  # spread over the text
+    texts = Texts(torch.tensor(tok.encode(public_text(args.public)), dtype=torch.long), scored, prompts)
+    inverter = InverterConfig(steps=args.steps)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+    out = {
+        "when": time.strftime("%Y-%m-%d %H:%M"),
+        "host": f"{platform.node()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
+        "commit": commit.stdout.strip(),
+        "command": " ".join(sys.argv),
+        "model": args.model,
+        "public": f"{args.public}: {len(texts.public)} tokens",
+        "private": f"{args.private}: {scored.numel()} tokens scored, {len(prompts)} prompts of 16",
+        "inverter": asdict(inverter),
+        "complete": False,
+        "rows": [],
+    }
+    path = Path(args.json)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    clean: dict = {}
+    for s in ROWS[args.rows]:
+        row = evaluate(
+            args.model,
+            args.models_dir,
+            s,
+            texts,
+            inverter,
+            args.tokens,
+            clean,
+            lambda m: print(m, file=sys.stderr, flush=True),
+        )
+        out["rows"].append(row)
+        path.write_text(json.dumps(out, indent=1))
+    out["complete"] = True
+    path.write_text(json.dumps(out, indent=1))
+    print(table(out["rows"]))
+    print(f"\nJSON: {path}")
+
+
+if __name__ == "__main__":
+    main()
