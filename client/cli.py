@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import fields
+from dataclasses import fields, replace
 
 from client.engine import ClientConfig, SplitEngine
 from client.train import TrainConfig
@@ -16,6 +16,7 @@ from splitcore.cli import (
     run_generate,
 )
 from splitcore.distill import DistillConfig
+from splitcore.errors import InvalidInput
 from splitcore.logs import setup_logging
 from splitcore.runtime import configure_threads
 from splitcore.settings import dataclass_flags
@@ -70,8 +71,25 @@ def add_distill_command(sub) -> None:
     d.add_argument("-v", "--verbose", action="store_true")
 
 
+def add_privacy_command(sub) -> None:
+    r = sub.add_parser(
+        "privacy-report",
+        help="what the trunk could read with these settings, and what the defence costs: a table, no UI",
+        description="Train the attacks on public text (--attack-data) through this client's bottom and defence, "
+        "score them on private text (--private-data) they never saw, and measure the defence's cost in "
+        "perplexity, greedy agreement and decode time against the undefended split at the same cut. The trunk "
+        "runs in this process.",
+    )
+    add_split_args(r)
+    r.add_argument("--private-data", required=True, help="the text to score: a file, a directory or bible:PASSAGES")
+    r.add_argument("--windows", type=int, default=32, help="private windows of 64 tokens scored (default 32)")
+    r.add_argument("--prompts", type=int, default=20, help="prompts for greedy agreement (default 20)")
+    r.add_argument("--json", action="store_true", help="print the rows as JSON")
+
+
 def add_commands(sub) -> None:
     add_train_command(sub)
+    add_privacy_command(sub)
     add_api_command(sub)
     add_distill_command(sub)
 
@@ -114,6 +132,29 @@ def run_distill(args: argparse.Namespace) -> None:
     print(f"saved {cfg.out}: {report_line(cfg.out)}; generate with --speculate draft:{cfg.out}")
 
 
+def run_privacy_report(args: argparse.Namespace, cfg: ClientConfig) -> None:
+    """The privacy table for these settings: the undefended split at this cut, then this defence."""
+    import json
+
+    from client.privacy import InverterConfig
+    from client.privacy_eval import Setting, evaluate, load_texts, table
+
+    if not cfg.attack_data:
+        raise InvalidInput("privacy-report needs public text to train its attacker on: give --attack-data")
+    engine = SplitEngine(replace(cfg, local_trunk=True))  # checks the settings before the text is read
+    texts = load_texts(engine.encode, cfg.attack_data, args.private_data, args.windows, args.prompts)
+    engine.close()
+    ours = Setting(str(engine.split), cfg.defence, cfg.noise_scale, cfg.noise_clip, cfg.denoise)
+    settings = [Setting(str(engine.split))] + ([ours] if ours != Setting(str(engine.split)) else [])
+    say = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    clean: dict = {}
+    rows = [
+        evaluate(cfg.model, cfg.models_dir, s, texts, InverterConfig(steps=cfg.attack_steps), 64, clean, say)
+        for s in settings
+    ]
+    print(json.dumps(rows, indent=1) if args.json else table(rows))
+
+
 def metered(engine: SplitEngine):
     """A tap that records what the generation sends, and the report that reads the prompt back from it."""
     from client.privacy import Recorder, prepare_meter
@@ -141,6 +182,10 @@ def main(argv: list[str] | None = None) -> None:
             from client.train_cli import run_train
 
             run_train(args, client_config(args))
+        elif args.command == "privacy-report":
+            setup_logging(None, args.verbose)
+            configure_threads(args.threads)
+            run_privacy_report(args, client_config(args))
         elif args.command == "distill":
             setup_logging(None, args.verbose)
             configure_threads(args.threads)

@@ -241,6 +241,7 @@ class PrivacyMeter:
         )
         self.path = Path(cache_dir) / "privacy" / f"inverter-{key}.pt"
         self.inverter: LearnedInverter | None = None
+        self.nearest = NearestNeighbour(bottom.wte.weight, bottom.wpe.weight)
         self.report: dict = {}
 
     @property
@@ -280,13 +281,22 @@ class PrivacyMeter:
         return self
 
     def read(self, prompt_ids: list[int], sent: torch.Tensor) -> Reading:
-        """The prompt read back from `sent`, the states its prefill sent (1, T, C)."""
+        """The prompt read back from `sent`, the states its prefill sent (1, T, C), by whichever attack reads
+        more of it: the learned inverter, or the nearest neighbour (which wins on untrained, random weights)."""
         n = len(prompt_ids)
         if sent.ndim != 3 or sent.shape[1] < n:
             raise InvalidInput(f"sent states of shape {list(sent.shape)} do not cover a prompt of {n} tokens")
-        read = self.inverter.predict(sent[:, :n].float())[0].tolist()
-        share = sum(a == b for a, b in zip(prompt_ids, read, strict=True)) / n
-        who = f"learned inverter trained on {self.report.get('public_tokens', '?')} public tokens ({self.tokens_text})"
+        states = sent[:, :n].float()
+        public = f"trained on {self.report.get('public_tokens', '?')} public tokens ({self.tokens_text})"
+        readings = [
+            self._reading(prompt_ids, self.inverter.predict(states)[0].tolist(), f"learned inverter {public}"),
+            self._reading(prompt_ids, self.nearest.predict(states)[0].tolist(), "nearest neighbour (wte + wpe)"),
+        ]
+        return max(readings, key=lambda r: r.share)  # the first, the inverter, on a tie
+
+    @staticmethod
+    def _reading(prompt_ids: list[int], read: list[int], who: str) -> Reading:
+        share = sum(a == b for a, b in zip(prompt_ids, read, strict=True)) / len(prompt_ids)
         return Reading(list(prompt_ids), read, share, who)
 
 

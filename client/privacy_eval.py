@@ -20,7 +20,16 @@ import torch
 import torch.nn.functional as F
 
 from client.engine import ClientConfig, SplitEngine
-from client.privacy import InverterConfig, LearnedInverter, NearestNeighbour, Observer, recovered, vocabulary
+from client.privacy import (
+    InverterConfig,
+    LearnedInverter,
+    NearestNeighbour,
+    Observer,
+    public_text,
+    recovered,
+    vocabulary,
+    windows,
+)
 from splitcore.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -55,6 +64,16 @@ class Texts:
     public: torch.Tensor  # (N,)
     private: torch.Tensor  # (W, T) for the attacks and the perplexity
     prompts: list[list[int]] = field(default_factory=list)  # for greedy agreement and decode time
+
+
+def load_texts(encode, public: str, private: str, n_windows: int = 32, n_prompts: int = 20) -> Texts:
+    """The attacker's public text, and from the private text: windows of 64 tokens to score and prompts of 16
+    (spread over the rest of it) to generate from."""
+    ids = torch.tensor(encode(public_text(private)), dtype=torch.long)
+    scored = windows(ids, 64, n_windows)
+    rest = ids[scored.numel() :]
+    prompts = [rest[i * 97 : i * 97 + 16].tolist() for i in range(n_prompts) if len(rest) >= i * 97 + 16]
+    return Texts(torch.tensor(encode(public_text(public)), dtype=torch.long), scored, prompts)
 
 
 def engine_for(model: str, models_dir: str, s: Setting) -> SplitEngine:

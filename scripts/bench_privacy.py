@@ -29,8 +29,8 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from client.privacy import InverterConfig, public_text, windows  # noqa: E402
-from client.privacy_eval import Setting, Texts, evaluate, table  # noqa: E402
+from client.privacy import InverterConfig  # noqa: E402
+from client.privacy_eval import Setting, evaluate, load_texts, table  # noqa: E402
 from splitcore.models import load_tokenizer, resolve_model  # noqa: E402
 
 ROWS = {
@@ -61,11 +61,7 @@ def main() -> None:
 
     model = resolve_model(args.model, args.models_dir)
     tok = load_tokenizer(model.path)
-    private = torch.tensor(tok.encode(public_text(args.private)), dtype=torch.long)
-    scored = windows(private, 64, args.windows)
-    rest = private[scored.numel() :]
-    prompts = [rest[i * 97 : i * 97 + 16].tolist() for i in range(args.prompts)]  # spread over the text
-    texts = Texts(torch.tensor(tok.encode(public_text(args.public)), dtype=torch.long), scored, prompts)
+    texts = load_texts(tok.encode, args.public, args.private, args.windows, args.prompts)
     inverter = InverterConfig(steps=args.steps)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
     out = {
@@ -75,7 +71,7 @@ def main() -> None:
         "command": " ".join(sys.argv),
         "model": args.model,
         "public": f"{args.public}: {len(texts.public)} tokens",
-        "private": f"{args.private}: {scored.numel()} tokens scored, {len(prompts)} prompts of 16",
+        "private": f"{args.private}: {texts.private.numel()} tokens scored, {len(texts.prompts)} prompts of 16",
         "inverter": asdict(inverter),
         "complete": False,
         "rows": [],

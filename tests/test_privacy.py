@@ -213,5 +213,6 @@ def test_generate_cli_reports_the_meter_in_json(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     got = json.loads(out.stdout)["privacy"]
     assert got["prompt_tokens"] == len(json.loads(out.stdout)["prompt_token_ids"])
-    assert 0.0 <= got["recovered_share"] <= 1.0 and "learned inverter" in got["attacker"]
+    assert 0.0 <= got["recovered_share"] <= 1.0
+    assert got["attacker"].startswith(("learned inverter", "nearest neighbour"))
     assert "privacy meter: training the attacker" in out.stderr  # progress shown

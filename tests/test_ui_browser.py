@@ -332,3 +332,45 @@ def test_finetune_tab_trains_then_generation_uses_the_adapter(browser, trunk, mo
         feed.stop()
         demo.close()
         engine.close()
+
+
+@pytest.fixture(scope="module")
+def metered_app(models_dir):
+    """The client app with the privacy meter, its attacker trained on Genesis (a small budget)."""
+    from client.app import build_app
+    from client.privacy import InverterConfig, PrivacyMeter
+
+    if shutil.which("bible") is None:
+        if os.environ.get("CI"):
+            pytest.fail("Debian's bible-kjv is not installed (scripts/test.sh installs it)")
+        pytest.skip("Debian's bible-kjv is not installed")
+    engine = tiny_split_engine(models_dir, local_trunk=True)
+    cfg = InverterConfig(width=128, layers=2, steps=150, batch_size=8, block_size=32, lr=2e-3)
+    meter = PrivacyMeter(engine, "bible:Gen1:1-Gen50:26", models_dir, cfg).prepare()
+    demo, _ = build_app(engine, meter=meter)
+    port = _free_port()
+    ui.launch(demo, "127.0.0.1", port, block=False)
+    yield f"http://127.0.0.1:{port}", engine, meter
+    demo.close()
+    engine.close()
+
+
+def test_client_app_shows_what_the_trunk_could_read(browser, metered_app):
+    from client.privacy import Recorder
+    from splitcore.sampling import SamplingParams
+
+    url, engine, meter = metered_app
+    prompt = "And Jesus answered and said unto them, Go and shew John again those things which ye do hear and see"
+    rec = Recorder()
+    r = engine.run(prompt, 20, SamplingParams(0.0), tap=rec)
+    want = meter.read(r.prompt_token_ids, rec.prefill)
+    page = browser.new_page(viewport={"width": 1400, "height": 1100})
+    page.goto(url)
+    _generate(page, prompt)
+    page.get_by_text("What the trunk could read:").first.wait_for(timeout=30_000)
+    text = page.locator("#privacy-share").inner_text()
+    assert f"{sum(want.hits)} of {len(r.prompt_token_ids)} prompt tokens" in text, text
+    assert f"{want.share:.0%}" in text and want.share > 0.3, text
+    assert page.locator("#privacy-read").get_by_text("read", exact=True).count() >= 1  # the legend
+    _shot(page, "privacy_meter")
+    page.close()
