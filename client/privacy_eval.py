@@ -47,9 +47,14 @@ class Setting:
     noise_scale: float = 0.0
     noise_clip: float = 0.0
     denoise: str = "none"  # none, or "subtract": the client takes its own noise out of the trunk's answer
+    adapter: str | None = None  # the client's privately trained parts (learned obfuscation)
+    attacker_adapter: str | None = None  # the attacker's own run of the same recipe; None: it has the client's
+    name: str = ""  # what the row is called, when the rest does not say it
 
     @property
     def label(self) -> str:
+        if self.name:
+            return f"{self.name}, cut {self.split}"
         if self.defence == "none":
             return f"none, cut {self.split}"
         clip = f" clip {self.noise_clip:g}" if self.noise_clip else ""
@@ -87,9 +92,19 @@ def engine_for(model: str, models_dir: str, s: Setting) -> SplitEngine:
         noise_scale=s.noise_scale,
         noise_clip=s.noise_clip,
         denoise=s.denoise,
+        adapter=s.adapter,
         defence_seed=CLIENT_SEED,
     )
     return SplitEngine(cfg)
+
+
+def bottom_of(engine: SplitEngine, adapter: str | None = None):
+    """The bottom a client runs: the engine's, with its adapter (trained parts) if any, or with `adapter`."""
+    from client.engine import load_adapter
+
+    if adapter is not None:
+        return load_adapter(adapter, engine, engine._base_fp, False).parts["bottom"]
+    return (engine.adapter.parts if engine.adapter is not None else engine.parts)["bottom"]
 
 
 @torch.no_grad()
@@ -138,13 +153,16 @@ def evaluate(
         clean[s.split] = (ref, split_perplexity(ref, texts.private))
     reference, ppl_clean = clean[s.split]
     engine = engine_for(model, models_dir, s) if s != Setting(s.split) else reference
-    bottom = engine.parts["bottom"]
-    observe = Observer(bottom, engine.noise, engine.wire_dtype, seed=ATTACKER_SEED)
-    nn_share = recovered(NearestNeighbour(bottom.wte.weight, bottom.wpe.weight), observe, texts.private)
+    bottom, public = bottom_of(engine), reference.parts["bottom"]  # the client's; the public weights
+    observe = Observer(bottom, engine.noise, engine.wire_dtype, seed=ATTACKER_SEED)  # the client's states
+    nn_share = recovered(NearestNeighbour(public.wte.weight, public.wpe.weight), observe, texts.private)
+    # the attacker's training states: through the client's own bottom (worst case), or its own run of the recipe
+    mine = bottom if s.attacker_adapter is None else bottom_of(reference, s.attacker_adapter)
+    train_on = Observer(mine, engine.noise, engine.wire_dtype, seed=ATTACKER_SEED)
     say(f"{s.label}: training the learned inverter ({inverter.steps} steps)")
     t0 = time.perf_counter()
-    inv = LearnedInverter(bottom.wte.weight, bottom.config.n_embd, inverter, vocabulary(texts.public))
-    inv.fit(texts.public, observe)
+    inv = LearnedInverter(public.wte.weight, public.config.n_embd, inverter, vocabulary(texts.public))
+    inv.fit(texts.public, train_on)
     train_s = time.perf_counter() - t0
     inv_share = recovered(inv, observe, texts.private)
     ppl = split_perplexity(engine, texts.private) if engine is not reference else ppl_clean
@@ -154,6 +172,7 @@ def evaluate(
         "split": s.split,
         "defence": engine.noise.label(),
         "denoise": s.denoise,
+        "attacker": "has the client's weights" if s.attacker_adapter is None else "knows the recipe, not the weights",
         "nearest_neighbour": nn_share,
         "learned_inverter": inv_share,
         "inverter_train_s": round(train_s, 1),
@@ -187,3 +206,44 @@ def format_row(r: dict) -> str:
 
 def table(rows: list[dict]) -> str:
     return "\n".join([HEADER, *(format_row(r) for r in rows)])
+
+
+def train_obfuscated(
+    model: str,
+    models_dir: str,
+    server: str,
+    split: str,
+    text: str,
+    out: str,
+    weight: float,
+    steps: int,
+    seed: int,
+    progress: Callable[[str], None] | None = None,
+) -> str:
+    """Learned obfuscation, the client's recipe: `python -m client train --client-train full --privacy-weight W`
+    on `text` over the trunk at `server`; returns the adapter directory (the client's private parts)."""
+    import tempfile
+    from pathlib import Path
+
+    from client.train import Run, SplitTrainer, TrainConfig
+    from splitcore.training import TextData
+
+    say = progress or (lambda m: logger.info("%s", m))
+    f = Path(tempfile.mkdtemp(prefix="obfuscate-")) / "text.txt"
+    f.write_text(text, encoding="utf-8")
+    engine = SplitEngine(ClientConfig(model=model, models_dir=models_dir, device="cpu", split=split, server=server))
+    cfg = TrainConfig(
+        data=str(f), steps=steps, batch_size=8, block_size=64, lr=5e-4, eval_every=0, eval_batches=2,
+        out=out, client_train="full", seed=seed, privacy_weight=weight,
+    )  # fmt: skip
+    data = TextData.from_path(f, engine.encode, cfg.block_size)
+    trainer = SplitTrainer(engine, cfg.lora(), "full", None, weight, vocabulary(data.train))
+    try:
+        for ev in Run(trainer, data, cfg, model):
+            if ev.kind == "step" and ev.step % 50 == 0:
+                say(f"obfuscation (seed {seed}): step {ev.step}/{steps}, LM loss {ev.stats.loss:.3f}, "
+                    f"the adversary's cross-entropy {trainer.adversary.last_ce:.3f}")  # fmt: skip
+    finally:
+        trainer.close()
+        engine.close()
+    return out

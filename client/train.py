@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from splitcomm.codec import decode_named, encode_named
 from splitcomm.proto import trunk_pb2 as pb
@@ -58,6 +60,8 @@ class TrainConfig:
     client_train: str = "none"  # the client's own parts: none (frozen), lora (adapters), full (every weight)
     seed: int = 0  # adapter initialisation and batch order
     resume: bool = False  # go on from the latest checkpoint in `out`
+    privacy_weight: float = 0.0  # learned obfuscation: the client's parts also learn to defeat an inverter
+    # retrained alongside them, at this weight against the LM loss (needs --client-train lora or full); 0 = off
 
     def lora(self) -> LoraSettings:
         targets = tuple(t.strip() for t in self.lora_targets.split(",") if t.strip())
@@ -165,8 +169,23 @@ class SplitTrainer:
     """Bottom and top here (frozen, with adapters of their own, or trained in full), the trunk's adapter on the
     server. Trained in full, the bottom's embedding and the top's head stay one tied weight, as in GPT-2."""
 
-    def __init__(self, engine, settings: LoraSettings, client_train: str = "none", resume=None):
+    def __init__(
+        self,
+        engine,
+        settings: LoraSettings,
+        client_train: str = "none",
+        resume=None,
+        privacy_weight: float = 0.0,
+        adversary_classes: torch.Tensor | None = None,
+    ):
+        """`privacy_weight` > 0: learned obfuscation (Adversary); `adversary_classes`: the tokens its inverter
+        reads among (default: all; the training text's tokens train several times faster)."""
         check_client_train(client_train)
+        if privacy_weight < 0 or (privacy_weight > 0 and client_train == "none"):
+            raise InvalidInput(
+                f"--privacy-weight {privacy_weight}: needs a weight >= 0, and --client-train lora or full for the "
+                "client's parts to learn to hide what they send"
+            )
         if engine.trunk_client is None:
             raise InvalidInput("split training needs a trunk server (or use --local for the in-process reference)")
         self.engine, self.settings = engine, settings
@@ -207,6 +226,12 @@ class SplitTrainer:
         self.remote = engine.trunk_client.training(open_msg, engine.wire_dtype)
         self.client_trains = self.client_opt is not None
         self.protect = engine.protect or (lambda h: h)  # the defence on what crosses, as in generation
+        bottom = engine.parts["bottom"]
+        self.adversary = (
+            Adversary(bottom.wte.weight, bottom.config.n_embd, privacy_weight, adversary_classes, settings.seed)
+            if privacy_weight > 0
+            else None
+        )
         self.repair = engine.repair or (lambda out, clean, sent: out)  # and the client's repair of the answer
 
     def step(self, step: int, ids: torch.Tensor) -> StepStats:
@@ -222,8 +247,13 @@ class SplitTrainer:
             loss.backward()
         back = self.remote.backward(step, h2.grad)
         if self.client_trains:
-            h1.backward(back.tensor.to(h1.device, h1.dtype))
+            grad = back.tensor.to(h1.device, h1.dtype)
+            if self.adversary is not None:
+                grad = grad + self.adversary.push(h1.detach(), ids)  # and away from what its inverter reads
+            h1.backward(grad)
             self.client_opt.step()
+            if self.adversary is not None:
+                self.adversary.learn(h1.detach(), ids)
         return StepStats(
             step,
             float(loss.detach()),
@@ -253,6 +283,50 @@ class SplitTrainer:
 
     def close(self) -> None:
         self.remote.close()
+
+
+class Adversary:
+    """Learned obfuscation (adversarial representation learning, as NoPeek and SplitLLM's defences): an inverter
+    retrained alongside the client's parts on what they send, and a push on what they send away from it.
+
+    Each step the parts descend the LM loss plus `weight` times the negative of the inverter's cross-entropy on
+    what was sent, capped at the uniform guess's (log of its classes) so that the parts are not pushed past
+    "the inverter reads nothing" into blowing their states up; then the inverter takes a step of its own on the
+    same states. The trunk's operator never sees this inverter or the parts it shaped."""
+
+    def __init__(self, wte: torch.Tensor, d: int, weight: float, classes: torch.Tensor | None, seed: int = 0):
+        from client.privacy import InverterConfig, LearnedInverter
+
+        torch.manual_seed(seed + 7)
+        cfg = InverterConfig(width=128, layers=2, heads=4)
+        self.inverter = LearnedInverter(wte, d, cfg, classes).train()
+        self.opt = torch.optim.AdamW(self.inverter.parameters(), lr=cfg.lr, weight_decay=0.01)
+        self.weight, self.cap = weight, math.log(len(self.inverter.classes))
+        self.last_ce = float("nan")
+
+    def _ce(self, sent: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        target = torch.searchsorted(self.inverter.classes, ids.flatten().to(sent.device))
+        known = self.inverter.classes[target.clamp_max(len(self.inverter.classes) - 1)] == ids.flatten()
+        logits = self.inverter(sent).flatten(0, 1)
+        return F.cross_entropy(logits[known], target[known])
+
+    def push(self, sent: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The gradient, with respect to what was sent, of -weight x the inverter's (capped) cross-entropy."""
+        x = sent.detach().requires_grad_(True)
+        with torch.enable_grad():
+            ce = self._ce(x, ids)
+            self.last_ce = float(ce.detach())
+            if self.last_ce >= self.cap:
+                return torch.zeros_like(sent)
+            (-self.weight * ce).backward()
+        self.inverter.zero_grad(set_to_none=True)
+        return x.grad
+
+    def learn(self, sent: torch.Tensor, ids: torch.Tensor) -> None:
+        with torch.enable_grad():
+            self._ce(sent, ids).backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
 
 
 def _base(moment_name: str) -> str:

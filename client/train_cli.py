@@ -60,6 +60,8 @@ def _resume_state(cfg: TrainConfig):
 def _trainer(args: argparse.Namespace, ccfg: ClientConfig, cfg: TrainConfig, resume):
     """(trainer, encode, model spec, model context)"""
     if args.local:
+        if cfg.privacy_weight or ccfg.noise().active:
+            raise InvalidInput("--local trains without a cut: defences and --privacy-weight need the split")
         device = resolve_device(ccfg.device)
         model = resolve_with_fallback(ccfg.model, ccfg.models_dir, ccfg.fallback_random)
         n_layer = model.config.n_layer
@@ -72,7 +74,12 @@ def _trainer(args: argparse.Namespace, ccfg: ClientConfig, cfg: TrainConfig, res
         raise InvalidInput("train runs the trunk on a server; for everything in this process use --local")
     engine = SplitEngine(ccfg)
     engine.check_server()
-    trainer = SplitTrainer(engine, cfg.lora(), cfg.client_train, resume)
+    classes = None
+    if cfg.privacy_weight > 0:  # the adversary reads among the tokens of the client's text
+        from client.privacy import vocabulary
+
+        classes = vocabulary(TextData.from_path(cfg.data, engine.encode, cfg.block_size).train)
+    trainer = SplitTrainer(engine, cfg.lora(), cfg.client_train, resume, cfg.privacy_weight, classes)
     return trainer, engine.encode, engine.model.spec, engine.n_positions
 
 

@@ -29,7 +29,7 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from client.privacy import InverterConfig  # noqa: E402
+from client.privacy import InverterConfig, public_text  # noqa: E402
 from client.privacy_eval import Setting, evaluate, load_texts, table  # noqa: E402
 from splitcore.models import load_tokenizer, resolve_model  # noqa: E402
 
@@ -44,6 +44,41 @@ ROWS = {
 }
 
 
+def say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def obfuscation_rows(args, texts, say) -> list[Setting]:
+    """Train the client's private parts and the attacker's own copy of the recipe over a trunk server, and
+    name the two rows: the attacker with the client's weights, and the attacker with the recipe alone."""
+    from client.privacy_eval import train_obfuscated
+    from scripts.bench import start_server
+    from splitcore.presets import OLD_TESTAMENT, kjv_text
+
+    text = kjv_text(OLD_TESTAMENT) if args.public == "bible:Gen1:1-Mal4:6" else public_text(args.public)
+    halves = text[: len(text) // 2], text[len(text) // 2 :]
+    proc, target = start_server(args.model, args.models_dir, None, ["--device", "cpu"])
+    out = Path(args.json).parent / "obfuscation"
+    w = args.obfuscate
+    try:
+        client = train_obfuscated(
+            args.model, args.models_dir, target, "2,10", halves[0], str(out / f"client-w{w:g}"), w,
+            args.obfuscate_steps, seed=1, progress=say,
+        )  # fmt: skip
+        attacker = train_obfuscated(
+            args.model, args.models_dir, target, "2,10", halves[1], str(out / f"attacker-w{w:g}"), w,
+            args.obfuscate_steps, seed=2, progress=say,
+        )  # fmt: skip
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    name = f"learned obfuscation, weight {w:g}"
+    return [
+        Setting("2,10", adapter=client, name=f"{name} (attacker has the client's weights)"),
+        Setting("2,10", adapter=client, attacker_adapter=attacker, name=f"{name} (attacker knows the recipe)"),
+    ]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="trained:kjv")
@@ -55,6 +90,15 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=20, help="prompts for greedy agreement and decode time")
     p.add_argument("--tokens", type=int, default=64, help="greedy tokens per prompt")
     p.add_argument("--steps", type=int, default=InverterConfig.steps, help="the inverter's training steps")
+    p.add_argument(
+        "--obfuscate",
+        type=float,
+        default=None,
+        metavar="W",
+        help="instead of the rows: learned obfuscation at privacy weight W (a trunk server on loopback; the "
+        "client trains on one half of the public text, the attacker's own run of the recipe on the other)",
+    )
+    p.add_argument("--obfuscate-steps", type=int, default=300)
     p.add_argument("--json", default="bench_results/privacy.json")
     args = p.parse_args()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -79,17 +123,9 @@ def main() -> None:
     path = Path(args.json)
     path.parent.mkdir(parents=True, exist_ok=True)
     clean: dict = {}
-    for s in ROWS[args.rows]:
-        row = evaluate(
-            args.model,
-            args.models_dir,
-            s,
-            texts,
-            inverter,
-            args.tokens,
-            clean,
-            lambda m: print(m, file=sys.stderr, flush=True),
-        )
+    settings = ROWS[args.rows] if args.obfuscate is None else obfuscation_rows(args, texts, say)
+    for s in settings:
+        row = evaluate(args.model, args.models_dir, s, texts, inverter, args.tokens, clean, say)
         out["rows"].append(row)
         path.write_text(json.dumps(out, indent=1))
     out["complete"] = True

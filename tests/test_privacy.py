@@ -216,3 +216,42 @@ def test_generate_cli_reports_the_meter_in_json(tmp_path):
     assert 0.0 <= got["recovered_share"] <= 1.0
     assert got["attacker"].startswith(("learned inverter", "nearest neighbour"))
     assert "privacy meter: training the attacker" in out.stderr  # progress shown
+
+
+def test_learned_obfuscation_trains_the_bottom_against_an_inverter(models_dir, server_target):
+    from client.train import SplitTrainer, TrainConfig
+    from splitcore.training import TextData
+
+    e = tiny_split_engine(models_dir, server_target)
+    try:
+        data = TextData.from_path(ROOT / "tests" / "test_privacy.py", e.encode, block=16)
+        settings = TrainConfig(lora_rank=2, lr=1e-3, seed=1).lora()
+        with pytest.raises(InvalidInput, match="--client-train lora or full"):
+            SplitTrainer(e, settings, "none", privacy_weight=1.0)
+        from client.privacy import vocabulary
+
+        trainer = SplitTrainer(e, settings, "full", privacy_weight=1.0, adversary_classes=vocabulary(data.train))
+        try:
+            before = trainer.bottom.h["0"].mlp.c_fc.weight.detach().clone()
+            for step in range(1, 4):
+                assert torch.isfinite(torch.tensor(trainer.step(step, data.batch(step, 2, seed=0)).loss))
+            assert torch.isfinite(torch.tensor(trainer.adversary.last_ce))
+            assert not torch.equal(before, trainer.bottom.h["0"].mlp.c_fc.weight)  # the client's bottom trained
+            assert "wte.weight" in trainer.adapter()  # and is the client's to keep, with the adapter
+        finally:
+            trainer.close()
+    finally:
+        e.close()
+
+
+def test_privacy_report_prints_the_table_for_the_clients_settings(tmp_path):
+    _need_bible()
+    cmd = [sys.executable, "-m", "client", "privacy-report", "--model", TINY, "--device", "cpu"]
+    cmd += ["--defence", "gaussian", "--noise-scale", "3", "--denoise", "subtract", "--attack-data", OLD]
+    cmd += ["--private-data", NEW, "--attack-steps", "5", "--windows", "2", "--prompts", "1"]
+    cmd += ["--models-dir", str(tmp_path)]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [line for line in out.stdout.splitlines() if line.startswith("| ") and "cut 2,10" in line]
+    assert [r.split(" | ")[0] for r in rows] == ["| none, cut 2,10", "| gaussian 3 + denoise subtract, cut 2,10"]
+    assert "training the learned inverter" in out.stderr  # progress shown
