@@ -81,13 +81,15 @@ def load_texts(encode, public: str, private: str, n_windows: int = 32, n_prompts
     return Texts(torch.tensor(encode(public_text(public)), dtype=torch.long), scored, prompts)
 
 
-def engine_for(model: str, models_dir: str, s: Setting) -> SplitEngine:
+def engine_for(model: str, models_dir: str, s: Setting, server: str | None = None) -> SplitEngine:
+    """The client of row `s`, its trunk in-process (or on `server`)."""
     cfg = ClientConfig(
         model=model,
         models_dir=models_dir,
         device="cpu",
         split=s.split,
-        local_trunk=True,
+        local_trunk=server is None,
+        server=server or "localhost:50051",
         defence=s.defence,
         noise_scale=s.noise_scale,
         noise_clip=s.noise_clip,
@@ -208,20 +210,23 @@ def table(rows: list[dict]) -> str:
     return "\n".join([HEADER, *(format_row(r) for r in rows)])
 
 
-def train_obfuscated(
+def train_split(
     model: str,
     models_dir: str,
     server: str,
-    split: str,
+    s: Setting,
     text: str,
     out: str,
-    weight: float,
     steps: int,
     seed: int,
+    client_train: str = "full",
+    privacy_weight: float = 0.0,
     progress: Callable[[str], None] | None = None,
 ) -> str:
-    """Learned obfuscation, the client's recipe: `python -m client train --client-train full --privacy-weight W`
-    on `text` over the trunk at `server`; returns the adapter directory (the client's private parts)."""
+    """`python -m client train` with the row's cut and defence over the trunk at `server`, on `text`; returns
+    the adapter directory. Learned obfuscation: client_train full with a privacy weight (the client's private
+    parts). Noise-aware fine-tuning: client_train none under noise (the trunk's LoRA learns to work through
+    it; the bottom stays the public one, so what crosses is as private as with the noise alone)."""
     import tempfile
     from pathlib import Path
 
@@ -229,20 +234,21 @@ def train_obfuscated(
     from splitcore.training import TextData
 
     say = progress or (lambda m: logger.info("%s", m))
-    f = Path(tempfile.mkdtemp(prefix="obfuscate-")) / "text.txt"
+    f = Path(tempfile.mkdtemp(prefix="split-train-")) / "text.txt"
     f.write_text(text, encoding="utf-8")
-    engine = SplitEngine(ClientConfig(model=model, models_dir=models_dir, device="cpu", split=split, server=server))
+    engine = engine_for(model, models_dir, s, server)
     cfg = TrainConfig(
-        data=str(f), steps=steps, batch_size=8, block_size=64, lr=5e-4, eval_every=0, eval_batches=2,
-        out=out, client_train="full", seed=seed, privacy_weight=weight,
+        data=str(f), steps=steps, batch_size=8, block_size=64, lr=5e-4 if client_train == "full" else 1e-3,
+        eval_every=0, eval_batches=2, out=out, client_train=client_train, seed=seed, privacy_weight=privacy_weight,
     )  # fmt: skip
     data = TextData.from_path(f, engine.encode, cfg.block_size)
-    trainer = SplitTrainer(engine, cfg.lora(), "full", None, weight, vocabulary(data.train))
+    classes = vocabulary(data.train) if privacy_weight > 0 else None
+    trainer = SplitTrainer(engine, cfg.lora(), client_train, None, privacy_weight, classes)
     try:
         for ev in Run(trainer, data, cfg, model):
             if ev.kind == "step" and ev.step % 50 == 0:
-                say(f"obfuscation (seed {seed}): step {ev.step}/{steps}, LM loss {ev.stats.loss:.3f}, "
-                    f"the adversary's cross-entropy {trainer.adversary.last_ce:.3f}")  # fmt: skip
+                adv = f", the adversary's cross-entropy {trainer.adversary.last_ce:.3f}" if trainer.adversary else ""
+                say(f"training {out} (seed {seed}): step {ev.step}/{steps}, LM loss {ev.stats.loss:.3f}{adv}")
     finally:
         trainer.close()
         engine.close()

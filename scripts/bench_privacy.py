@@ -21,7 +21,7 @@ import platform  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
-from dataclasses import asdict  # noqa: E402
+from dataclasses import asdict, replace  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
@@ -48,35 +48,44 @@ def say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def obfuscation_rows(args, texts, say) -> list[Setting]:
-    """Train the client's private parts and the attacker's own copy of the recipe over a trunk server, and
-    name the two rows: the attacker with the client's weights, and the attacker with the recipe alone."""
-    from client.privacy_eval import train_obfuscated
+def trained_rows(args, say) -> list[Setting]:
+    """Rows whose client trains over a trunk server on loopback first, on the public text (the attacker's
+    own run of a recipe on the other half of it). --obfuscate W: learned obfuscation, with an attacker that has
+    the client's weights and one that has the recipe alone. --noise-aware S: the trunk's LoRA trained through
+    gaussian noise S with denoising by subtraction, and the same LoRA recipe without noise as its control."""
+    from client.privacy_eval import train_split
     from scripts.bench import start_server
-    from splitcore.presets import OLD_TESTAMENT, kjv_text
 
-    text = kjv_text(OLD_TESTAMENT) if args.public == "bible:Gen1:1-Mal4:6" else public_text(args.public)
+    text = public_text(args.public)
     halves = text[: len(text) // 2], text[len(text) // 2 :]
+    out = Path(args.json).parent / "trained"
+    steps = args.train_steps
     proc, target = start_server(args.model, args.models_dir, None, ["--device", "cpu"])
-    out = Path(args.json).parent / "obfuscation"
-    w = args.obfuscate
     try:
-        client = train_obfuscated(
-            args.model, args.models_dir, target, "2,10", halves[0], str(out / f"client-w{w:g}"), w,
-            args.obfuscate_steps, seed=1, progress=say,
-        )  # fmt: skip
-        attacker = train_obfuscated(
-            args.model, args.models_dir, target, "2,10", halves[1], str(out / f"attacker-w{w:g}"), w,
-            args.obfuscate_steps, seed=2, progress=say,
-        )  # fmt: skip
+        if args.obfuscate is not None:
+            w, cut = args.obfuscate, Setting("2,10")
+            mine = train_split(args.model, args.models_dir, target, cut, halves[0], str(out / f"obfuscate-w{w:g}"),
+                               steps, 1, "full", w, say)  # fmt: skip
+            theirs = train_split(args.model, args.models_dir, target, cut, halves[1],
+                                 str(out / f"obfuscate-w{w:g}-attacker"), steps, 2, "full", w, say)  # fmt: skip
+            name = f"learned obfuscation, weight {w:g}"
+            return [
+                Setting("2,10", adapter=mine, name=f"{name} (attacker has the client's weights)"),
+                Setting("2,10", adapter=mine, attacker_adapter=theirs, name=f"{name} (attacker knows the recipe)"),
+            ]
+        sigma = args.noise_aware
+        noisy = Setting("2,10", "gaussian", sigma, denoise="subtract")
+        lora = train_split(args.model, args.models_dir, target, noisy, halves[0], str(out / f"noise-aware-{sigma:g}"),
+                           steps, 1, "none", 0.0, say)  # fmt: skip
+        control = train_split(args.model, args.models_dir, target, Setting("2,10"), halves[0],
+                              str(out / "lora-control"), steps, 1, "none", 0.0, say)  # fmt: skip
+        return [
+            Setting("2,10", adapter=control, name="none + the same LoRA recipe without noise (control)"),
+            replace(noisy, adapter=lora, name=f"gaussian {sigma:g} + denoise subtract + noise-aware trunk LoRA"),
+        ]
     finally:
         proc.terminate()
         proc.wait(30)
-    name = f"learned obfuscation, weight {w:g}"
-    return [
-        Setting("2,10", adapter=client, name=f"{name} (attacker has the client's weights)"),
-        Setting("2,10", adapter=client, attacker_adapter=attacker, name=f"{name} (attacker knows the recipe)"),
-    ]
 
 
 def main() -> None:
@@ -98,7 +107,14 @@ def main() -> None:
         help="instead of the rows: learned obfuscation at privacy weight W (a trunk server on loopback; the "
         "client trains on one half of the public text, the attacker's own run of the recipe on the other)",
     )
-    p.add_argument("--obfuscate-steps", type=int, default=300)
+    p.add_argument(
+        "--noise-aware",
+        type=float,
+        default=None,
+        metavar="S",
+        help="instead of the rows: the trunk's LoRA trained through gaussian noise S (with denoising), and a control",
+    )
+    p.add_argument("--train-steps", type=int, default=300, help="split training steps for those rows")
     p.add_argument("--json", default="bench_results/privacy.json")
     args = p.parse_args()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -123,7 +139,8 @@ def main() -> None:
     path = Path(args.json)
     path.parent.mkdir(parents=True, exist_ok=True)
     clean: dict = {}
-    settings = ROWS[args.rows] if args.obfuscate is None else obfuscation_rows(args, texts, say)
+    trained = args.obfuscate is not None or args.noise_aware is not None
+    settings = trained_rows(args, say) if trained else ROWS[args.rows]
     for s in settings:
         row = evaluate(args.model, args.models_dir, s, texts, inverter, args.tokens, clean, say)
         out["rows"].append(row)
