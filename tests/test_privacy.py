@@ -23,6 +23,7 @@ from client.privacy import (
     Recorder,
     public_text,
     recovered,
+    vocabulary,
     windows,
 )
 from splitcore.defence import Noise, Protect
@@ -60,7 +61,8 @@ def texts(local):
 def _attack(local, noise: Noise, public):
     bottom = local.parts["bottom"]
     observe = Observer(bottom, noise, seed=11)  # the attacker's own draws
-    return LearnedInverter(bottom.wte.weight, bottom.config.n_embd, FAST).fit(public, observe), observe
+    inverter = LearnedInverter(bottom.wte.weight, bottom.config.n_embd, FAST, vocabulary(public))
+    return inverter.fit(public, observe), observe
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +77,7 @@ def test_learned_inverter_reads_most_private_tokens_undefended(local, texts, cle
         NearestNeighbour(local.parts["bottom"].wte.weight, local.parts["bottom"].wpe.weight), observe, texts[1]
     )
     assert share > 0.5, share  # the meter can say "the trunk reads your prompt"
-    assert 0.0 <= nn_share <= 1.0
+    assert nn_share > 0.9, nn_share  # random weights: the embeddings show through
 
 
 def test_meter_share_drops_under_noise(local, texts, clean_attack):
