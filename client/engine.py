@@ -329,8 +329,12 @@ class SplitEngine(Engine):
 
     def set_adapter(self, path: str) -> None:
         """Generate with the adapter in `path` from now on (the Fine-tune tab, when a run ends)."""
-        self.adapter = load_adapter(path, self, self._base_fp, self._graphs)
+        self.adapter = self.load_adapter(path)
         self.use_adapter = True
+
+    def load_adapter(self, path: str) -> Adapter:
+        """The adapter in `path` on this engine's parts, without generating with it."""
+        return load_adapter(path, self, self._base_fp, self._graphs)
 
     @property
     def trunk_label(self) -> str:

@@ -47,16 +47,9 @@ def public_text(spec: str) -> str:
         from splitcore.presets import kjv_text
 
         return kjv_text(spec.removeprefix("bible:"))
-    path = Path(spec)
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".txt", ".md", ""))
-    elif path.is_file():
-        files = [path]
-    else:
-        raise InvalidInput(f"attack data '{spec}' does not exist: give a text file, a directory or bible:PASSAGES")
-    if not files:
-        raise InvalidInput(f"no text files (.txt, .md) in attack data directory {spec}")
-    return "\n\n".join(p.read_text(encoding="utf-8", errors="replace") for p in files)
+    from splitcore.training import read_text
+
+    return read_text(spec, "attack data (or bible:PASSAGES)")[0]
 
 
 def vocabulary(ids: torch.Tensor) -> torch.Tensor:

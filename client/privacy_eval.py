@@ -102,10 +102,8 @@ def engine_for(model: str, models_dir: str, s: Setting, server: str | None = Non
 
 def bottom_of(engine: SplitEngine, adapter: str | None = None):
     """The bottom a client runs: the engine's, with its adapter (trained parts) if any, or with `adapter`."""
-    from client.engine import load_adapter
-
     if adapter is not None:
-        return load_adapter(adapter, engine, engine._base_fp, False).parts["bottom"]
+        return engine.load_adapter(adapter).parts["bottom"]
     return (engine.adapter.parts if engine.adapter is not None else engine.parts)["bottom"]
 
 

@@ -98,6 +98,20 @@ def held_bytes(part: GPT2, x: torch.Tensor, recompute: bool = False) -> int:
     return sum(held.values())
 
 
+def read_text(path: str | Path, what: str = "text") -> tuple[str, list[Path]]:
+    """The text of a file, or of the text files (.txt, .md, no suffix) under a directory, and those files."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".txt", ".md", ""))
+    elif path.is_file():
+        files = [path]
+    else:
+        raise InvalidInput(f"{what} '{path}' does not exist (give a text file or a directory of them)")
+    if not files:
+        raise InvalidInput(f"no text files (.txt, .md) in {path}")
+    return "\n\n".join(p.read_text(encoding="utf-8", errors="replace") for p in files), files
+
+
 @dataclass
 class TextData:
     """Token ids of some text files, the last `eval_fraction` held out; batches of random windows."""
@@ -109,16 +123,7 @@ class TextData:
 
     @classmethod
     def from_path(cls, path: str | Path, encode, block: int, eval_fraction: float = 0.1) -> TextData:
-        path = Path(path)
-        if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".txt", ".md", ""))
-        elif path.is_file():
-            files = [path]
-        else:
-            raise InvalidInput(f"training data '{path}' does not exist (give a text file or a directory of them)")
-        if not files:
-            raise InvalidInput(f"no text files (.txt, .md) in {path}")
-        text = "\n\n".join(p.read_text(encoding="utf-8", errors="replace") for p in files)
+        text, files = read_text(path, "training data")
         ids = torch.tensor(encode(text), dtype=torch.long)
         held = max(block + 1, int(len(ids) * eval_fraction))
         if len(ids) < held + 2 * block:

@@ -194,7 +194,10 @@ def test_bad_defence_settings_are_clear_errors(models_dir, settings, msg):
         (["--defence", "gaussian", "--noise-scale", "-0.5"], "error: noise scale must be a finite number >= 0"),
         (["--defence", "speckle"], "invalid choice: 'speckle'"),
         (["--privacy-meter"], "error: --privacy-meter needs public text"),
-        (["--privacy-meter", "--attack-data", "/nonexistent/text"], "error: attack data '/nonexistent/text' does"),
+        (
+            ["--privacy-meter", "--attack-data", "/nonexistent/text"],
+            "error: attack data (or bible:PASSAGES) '/nonexistent/text' does not exist",
+        ),
     ],
 )
 def test_bad_privacy_flags_are_one_readable_line(args, msg):
