@@ -87,9 +87,24 @@ def add_privacy_command(sub) -> None:
     r.add_argument("--json", action="store_true", help="print the rows as JSON")
 
 
+def add_denoiser_command(sub) -> None:
+    d = sub.add_parser(
+        "train-denoiser",
+        help="train the client's denoiser for its defence from the trunk's answers on public text",
+        description="Send public text to the trunk twice, clean and with this client's defence, and train a small "
+        "model on this machine that repairs the noisy answer (Split-and-Denoise); then generate with "
+        "--denoise OUT and the same defence. Only public text crosses clean.",
+    )
+    add_split_args(d)
+    d.add_argument("--data", required=True, help="public text: a file, a directory or bible:PASSAGES")
+    d.add_argument("--out", required=True, help="where the denoiser is saved")
+    d.add_argument("--steps", type=int, default=300, help="training steps of 8 windows of 64 tokens (default 300)")
+
+
 def add_commands(sub) -> None:
     add_train_command(sub)
     add_privacy_command(sub)
+    add_denoiser_command(sub)
     add_api_command(sub)
     add_distill_command(sub)
 
@@ -155,6 +170,31 @@ def run_privacy_report(args: argparse.Namespace, cfg: ClientConfig) -> None:
     print(json.dumps(rows, indent=1) if args.json else table(rows))
 
 
+def run_train_denoiser(args: argparse.Namespace, cfg: ClientConfig) -> None:
+    import torch
+    from tqdm import tqdm
+
+    from client.denoise import train_denoiser
+    from client.privacy import public_text
+
+    if args.steps < 1:
+        raise InvalidInput(f"--steps must be at least 1, got {args.steps}")
+    engine = SplitEngine(replace(cfg, denoise="none"))
+    try:
+        if engine.trunk_client is not None:
+            engine.check_server()
+        ids = torch.tensor(engine.encode(public_text(args.data)), dtype=torch.long)
+        with tqdm(total=args.steps, desc="training the denoiser", unit="step") as bar:
+            denoiser = train_denoiser(
+                engine, ids, args.steps, progress=lambda s, n, loss: (bar.update(1), bar.set_postfix(kl=f"{loss:.4f}"))
+            )
+        denoiser.save(args.out)
+    finally:
+        engine.close()
+    print(f"denoiser saved in {args.out}; generate with --defence {cfg.defence} --noise-scale {cfg.noise_scale:g} "
+          f"--denoise {args.out}")  # fmt: skip
+
+
 def metered(engine: SplitEngine):
     """A tap that records what the generation sends, and the report that reads the prompt back from it."""
     from client.privacy import Recorder, prepare_meter
@@ -186,6 +226,10 @@ def main(argv: list[str] | None = None) -> None:
             setup_logging(None, args.verbose)
             configure_threads(args.threads)
             run_privacy_report(args, client_config(args))
+        elif args.command == "train-denoiser":
+            setup_logging(None, args.verbose)
+            configure_threads(args.threads)
+            run_train_denoiser(args, client_config(args))
         elif args.command == "distill":
             setup_logging(None, args.verbose)
             configure_threads(args.threads)

@@ -15,7 +15,7 @@ from splitcomm.errors import TrunkError, TrunkUnavailable
 from splitcomm.proto import trunk_pb2 as pb
 from splitcomm.trunk_client import TrunkClient, TrunkClientConfig, TrunkSession
 from splitcore.cudagraph import DecoderPool
-from splitcore.defence import DENOISERS, NOISE_KINDS, Noise, Protect, subtract_noise
+from splitcore.defence import DENOISERS, NOISE_KINDS, Denoiser, Noise, Protect, subtract_noise
 from splitcore.engine import Engine, Notify, Tap
 from splitcore.errors import InvalidInput, Mismatch
 from splitcore.fingerprint import Fingerprint, model_fingerprint
@@ -75,8 +75,8 @@ class ClientConfig(GenerateConfig):
     denoise: str = setting(
         "none",
         "GPT2_DENOISE",
-        "repair the trunk's answer on the client: subtract takes the client's own noise back out of it",
-        choices=list(DENOISERS),
+        "repair the trunk's answer on the client: subtract takes the client's own noise back out of it; a "
+        "directory from `python -m client train-denoiser` also repairs what the trunk made of the noise",
     )
     defence_seed: int | None = setting(None, None, "seed of the noise (default: a secret one from the OS)")
     attack_data: str | None = setting(
@@ -98,8 +98,10 @@ class ClientConfig(GenerateConfig):
         """The defence these settings name, checked: a readable error for a bad one."""
         if self.defence not in DEFENCES:
             raise InvalidInput(f"unknown defence '{self.defence}'; choose one of {', '.join(DEFENCES)}")
-        if self.denoise not in DENOISERS:
-            raise InvalidInput(f"unknown denoiser '{self.denoise}'; choose one of {', '.join(DENOISERS)}")
+        if self.denoise not in DENOISERS and not Path(self.denoise).is_dir():
+            raise InvalidInput(
+                f"unknown denoiser '{self.denoise}'; choose {', '.join(DENOISERS)} or a trained denoiser's directory"
+            )
         if self.defence == "none":
             if self.denoise != "none":
                 raise InvalidInput("--denoise repairs a defence's noise: give --defence gaussian or laplace too")
@@ -308,7 +310,11 @@ class SplitEngine(Engine):
         if cfg.attack_steps < 1:
             raise InvalidInput(f"--attack-steps must be at least 1, got {cfg.attack_steps}")
         self.protect = Protect(self.noise, cfg.defence_seed) if self.noise.active else None
-        self.repair = subtract_noise if self.protect is not None and cfg.denoise == "subtract" else None
+        self.repair = None
+        if self.protect is not None and cfg.denoise == "subtract":
+            self.repair = subtract_noise
+        elif self.protect is not None and cfg.denoise != "none":
+            self.repair = Denoiser.load(cfg.denoise, model.config.n_embd).to(device)
         self.wire_dtype = parse_wire_dtype(cfg.wire_dtype)
         parts = ("bottom", "trunk", "top") if cfg.local_trunk else ("bottom", "top")
         logger.info("%s", configure_attention(device))
@@ -407,3 +413,9 @@ class SplitEngine(Engine):
     def close(self) -> None:
         if self.trunk_client is not None:
             self.trunk_client.close()
+
+    def __enter__(self) -> SplitEngine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

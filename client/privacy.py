@@ -214,6 +214,15 @@ class Reading:
         return [(decode([r]), "read" if hit else "wrong") for r, hit in zip(self.read_ids, self.hits, strict=True)]
 
 
+def state_digest(part: nn.Module) -> str:
+    """A short digest of a part's weights (a privately trained bottom has no published digest)."""
+    h = hashlib.blake2b(digest_size=8)
+    for name, t in sorted(part.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def inverter_key(weights_digest: str, split: str, noise: Noise, wire: str, public: str, cfg: InverterConfig) -> str:
     """What an inverter depends on: the bottom's weights, the cut, the defence, the wire, the data, the recipe."""
     text = json.dumps([weights_digest, split, noise.label(), wire, public, asdict(cfg)])
@@ -222,16 +231,20 @@ def inverter_key(weights_digest: str, split: str, noise: Noise, wire: str, publi
 
 class PrivacyMeter:
     """Reads each prompt back from the states a generation sent, with an inverter trained for this client's
-    model, split and defence on public text (trained once, then loaded from `cache_dir`)."""
+    model, split and defence on public text (trained once, then loaded from `cache_dir`).
+
+    With an adapter that trained the client's bottom (learned obfuscation), the meter's attacker has the client's
+    weights: the worst case, and so what the meter reports."""
 
     def __init__(self, engine, attack_data: str, cache_dir: Path, cfg: InverterConfig = InverterConfig()):
         self.engine, self.cfg = engine, cfg
         self.tokens_text = attack_data
-        bottom = engine.parts["bottom"]
+        adapted = engine.adapter is not None and engine.use_adapter
+        bottom = (engine.adapter.parts if adapted else engine.parts)["bottom"]
+        self.bottom = bottom
         self.observer = Observer(bottom, engine.noise, engine.wire_dtype, seed=cfg.seed + 1)
-        key = inverter_key(
-            engine.fingerprint.weights, str(engine.split), engine.noise, str(engine.wire_dtype), attack_data, cfg
-        )
+        weights = engine.fingerprint.weights + (f"+{state_digest(bottom)}" if adapted else "")
+        key = inverter_key(weights, str(engine.split), engine.noise, str(engine.wire_dtype), attack_data, cfg)
         self.path = Path(cache_dir) / "privacy" / f"inverter-{key}.pt"
         self.inverter: LearnedInverter | None = None
         self.nearest = NearestNeighbour(bottom.wte.weight, bottom.wpe.weight)
@@ -243,7 +256,7 @@ class PrivacyMeter:
 
     def prepare(self, progress: Progress | None = None) -> PrivacyMeter:
         """Load the cached inverter, or train it (minutes) on the public text and cache it."""
-        bottom = self.engine.parts["bottom"]
+        bottom = self.bottom
         if self.path.is_file():
             saved = torch.load(self.path, weights_only=True)
             classes = saved["state"]["classes"]

@@ -58,7 +58,7 @@ class Setting:
         if self.defence == "none":
             return f"none, cut {self.split}"
         clip = f" clip {self.noise_clip:g}" if self.noise_clip else ""
-        den = f" + denoise {self.denoise}" if self.denoise != "none" else ""
+        den = {"none": "", "subtract": " + denoise subtract"}.get(self.denoise, " + learned denoiser")
         return f"{self.defence} {self.noise_scale:g}{clip}{den}, cut {self.split}"
 
 

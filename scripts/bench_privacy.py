@@ -48,12 +48,21 @@ def say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def every_50(what: str, say):
+    def progress(step: int, steps: int, loss: float) -> None:
+        if step % 50 == 0 or step == steps:
+            say(f"{what}: step {step}/{steps}, loss {loss:.4f}")
+
+    return progress
+
+
 def trained_rows(args, say) -> list[Setting]:
     """Rows whose client trains over a trunk server on loopback first, on the public text (the attacker's
     own run of a recipe on the other half of it). --obfuscate W: learned obfuscation, with an attacker that has
     the client's weights and one that has the recipe alone. --noise-aware S: the trunk's LoRA trained through
     gaussian noise S with denoising by subtraction, and the same LoRA recipe without noise as its control."""
-    from client.privacy_eval import train_split
+    from client.denoise import train_denoiser
+    from client.privacy_eval import engine_for, train_split
     from scripts.bench import start_server
 
     text = public_text(args.public)
@@ -75,11 +84,16 @@ def trained_rows(args, say) -> list[Setting]:
             ]
         sigma = args.noise_aware
         noisy = Setting("2,10", "gaussian", sigma, denoise="subtract")
+        denoiser = str(out / f"denoiser-{sigma:g}")
+        with engine_for(args.model, args.models_dir, noisy) as engine:  # the trunk in-process: the same answers
+            ids = torch.tensor(engine.encode(halves[0]), dtype=torch.long)
+            train_denoiser(engine, ids, min(steps, 200), progress=every_50("denoiser", say)).save(denoiser)
         lora = train_split(args.model, args.models_dir, target, noisy, halves[0], str(out / f"noise-aware-{sigma:g}"),
                            steps, 1, "none", 0.0, say)  # fmt: skip
         control = train_split(args.model, args.models_dir, target, Setting("2,10"), halves[0],
                               str(out / "lora-control"), steps, 1, "none", 0.0, say)  # fmt: skip
         return [
+            replace(noisy, denoise=denoiser),
             Setting("2,10", adapter=control, name="none + the same LoRA recipe without noise (control)"),
             replace(noisy, adapter=lora, name=f"gaussian {sigma:g} + denoise subtract + noise-aware trunk LoRA"),
         ]

@@ -13,7 +13,7 @@ here is applied to each hidden state on its way out, in inference (SplitStepper)
 
 The client knows its own noise, so it can repair part of the damage (Split-and-Denoise, arXiv 2310.09130):
 `subtract_noise` takes what was added back out of the trunk's answer, where the trunk's residual stream carries
-it straight through (its blocks' reaction to the noise stays).
+it straight through (its blocks' reaction to the noise stays); a `Denoiser` learns to repair some of the rest.
 
 The noise comes from the client's own generator, seeded from the operating system unless a seed is given
 (tests, benchmarks): the attacker knows the mechanism and its strength, never the draws. A strength of zero is
@@ -22,11 +22,15 @@ the undefended path itself: `apply` returns its input unchanged.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from splitcore.errors import InvalidInput
 
@@ -104,7 +108,51 @@ class Protect:
         return self.noise.apply(h, g)
 
 
-DENOISERS = ("none", "subtract")
+DENOISERS = ("none", "subtract")  # or the directory of a trained Denoiser
+
+
+class Denoiser(nn.Module):
+    """A learned repair on the client (Split-and-Denoise): after subtracting its own noise, a small MLP per
+    position, from that and the bottom's clean output (both the client's), adds what the trunk's blocks made of
+    the noise. Trained from trunk answers on public text, clean against noised (client/privacy.py). Starts as
+    `subtract_noise` (its last layer is zero), and keeps no state, so decode steps run it as prefill does."""
+
+    def __init__(self, d: int, hidden: int = 0):
+        super().__init__()
+        self.d, self.hidden = d, hidden or 4 * d
+        self.ln_out, self.ln_in = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.fc, self.proj = nn.Linear(2 * d, self.hidden), nn.Linear(self.hidden, d)
+        nn.init.zeros_(self.proj.weight), nn.init.zeros_(self.proj.bias)
+
+    def forward(self, out: torch.Tensor, clean: torch.Tensor, sent: torch.Tensor) -> torch.Tensor:
+        base = subtract_noise(out, clean, sent).float()
+        x = torch.cat([self.ln_out(base), self.ln_in(clean.to(base.device).float())], dim=-1)
+        return (base + self.proj(F.gelu(self.fc(x)))).to(out.dtype)
+
+    def save(self, path: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(path / "denoiser.safetensors"))
+        (path / "denoiser.json").write_text(json.dumps({"d": self.d, "hidden": self.hidden}))
+
+    @classmethod
+    def load(cls, path: str | Path, d: int) -> Denoiser:
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        if not (path / "denoiser.json").is_file():
+            raise InvalidInput(
+                f"--denoise {path}: not a trained denoiser (no denoiser.json); use none, subtract or the --out of "
+                "python -m client train-denoiser"
+            )
+        meta = json.loads((path / "denoiser.json").read_text())
+        if meta["d"] != d:
+            raise InvalidInput(f"denoiser {path} is for hidden states of width {meta['d']}, this model's is {d}")
+        model = cls(d, meta["hidden"])
+        model.load_state_dict(load_file(str(path / "denoiser.safetensors")))
+        return model.eval().requires_grad_(False)
 
 
 def subtract_noise(out: torch.Tensor, clean: torch.Tensor, sent: torch.Tensor) -> torch.Tensor:

@@ -260,3 +260,32 @@ def test_privacy_report_prints_the_table_for_the_clients_settings(tmp_path):
     rows = [line for line in out.stdout.splitlines() if line.startswith("| ") and "cut 2,10" in line]
     assert [r.split(" | ")[0] for r in rows] == ["| none, cut 2,10", "| gaussian 3 + denoise subtract, cut 2,10"]
     assert "training the learned inverter" in out.stderr  # progress shown
+
+
+def test_learned_denoiser_starts_as_subtraction_learns_and_generates(models_dir, local, tmp_path):
+    from client.denoise import train_denoiser
+    from splitcore.defence import Denoiser, subtract_noise
+
+    out, clean = torch.randn(1, 4, 64), torch.randn(1, 4, 64)
+    sent = clean + torch.randn(1, 4, 64)
+    assert torch.allclose(Denoiser(64)(out, clean, sent), subtract_noise(out, clean, sent), atol=1e-6)
+    noisy = tiny_split_engine(models_dir, local_trunk=True, defence="gaussian", noise_scale=3.0, defence_seed=1)
+    try:
+        ids = torch.tensor(noisy.encode("In the beginning God created the heaven and the earth. " * 40))
+        losses = []
+        train_denoiser(noisy, ids, 30, batch_size=4, block_size=32, progress=lambda s, n, loss: losses.append(loss))
+        assert sum(losses[-5:]) < sum(losses[:5]), losses  # it learns
+        train_denoiser(noisy, ids, 2, batch_size=2, block_size=32).save(tmp_path / "d")
+    finally:
+        noisy.close()
+    e = tiny_split_engine(
+        models_dir, local_trunk=True, defence="gaussian", noise_scale=3.0, denoise=str(tmp_path / "d")
+    )
+    try:
+        assert isinstance(e.repair, Denoiser) and len(e.run("Hello", 4, GREEDY).token_ids) == 4
+    finally:
+        e.close()
+    with pytest.raises(InvalidInput, match="not a trained denoiser"):
+        tiny_split_engine(models_dir, local_trunk=True, defence="gaussian", noise_scale=1.0, denoise=str(tmp_path))
+    with pytest.raises(InvalidInput, match="unknown denoiser 'blur'"):
+        tiny_split_engine(models_dir, local_trunk=True, defence="gaussian", noise_scale=1.0, denoise="blur")
