@@ -37,6 +37,7 @@ from splitcore.gpt2 import GPT2
 logger = logging.getLogger(__name__)
 
 Progress = Callable[[int, int, float], None]  # step, steps, loss
+METER_CONTEXT = 256  # the meter's attacker learns to read states at positions up to this
 
 
 def public_text(spec: str) -> str:
@@ -112,6 +113,7 @@ class InverterConfig:
     block_size: int = 64  # tokens per window
     lr: float = 3e-3  # peak, after a linear warm-up, cosine to a tenth
     seed: int = 0
+    context: int = 64  # positions sent per window; past block_size, it trains on a window of them anywhere in it
 
 
 class LearnedInverter(nn.Module):
@@ -146,7 +148,7 @@ class LearnedInverter(nn.Module):
     def fit(self, public_ids: torch.Tensor, observe: Observer, progress: Progress | None = None) -> LearnedInverter:
         """Train on random windows of public text sent through `observe`, fresh noise every batch."""
         c = self.cfg
-        if len(public_ids) < 2 * c.block_size:
+        if len(public_ids) < 2 * max(c.context, c.block_size):
             raise InvalidInput(f"{len(public_ids)} tokens of public text: too little to train an attacker on")
         g = torch.Generator().manual_seed(c.seed)
         torch.manual_seed(c.seed)
@@ -156,9 +158,13 @@ class LearnedInverter(nn.Module):
             lr = c.lr * min(1.0, step / 20) * (0.55 + 0.45 * math.cos(math.pi * step / c.steps))
             for group in opt.param_groups:
                 group["lr"] = lr
-            starts = torch.randint(0, len(public_ids) - c.block_size, (c.batch_size,), generator=g).tolist()
-            ids = torch.stack([public_ids[s : s + c.block_size] for s in starts])
+            span = max(c.context, c.block_size)
+            starts = torch.randint(0, len(public_ids) - span, (c.batch_size,), generator=g).tolist()
+            ids = torch.stack([public_ids[s : s + span] for s in starts])
             states = observe(ids).to(self.wte.device)
+            if span > c.block_size:  # a window of the states, anywhere in the context
+                o = int(torch.randint(0, span - c.block_size + 1, (1,), generator=g))
+                ids, states = ids[:, o : o + c.block_size], states[:, o : o + c.block_size]
             target = torch.searchsorted(self.classes, ids.flatten().to(self.wte.device))  # class index
             with torch.enable_grad():
                 loss = F.cross_entropy(self(states).flatten(0, 1), target)
@@ -322,7 +328,9 @@ def prepare_meter(engine) -> PrivacyMeter:
     from tqdm import tqdm
 
     cfg = engine.cfg
-    meter = PrivacyMeter(engine, cfg.attack_data, Path(cfg.models_dir), InverterConfig(steps=cfg.attack_steps))
+    context = min(METER_CONTEXT, engine.n_positions)  # prompts longer than a training window: read them too
+    inverter = InverterConfig(steps=cfg.attack_steps, context=context)
+    meter = PrivacyMeter(engine, cfg.attack_data, Path(cfg.models_dir), inverter)
     if meter.path.is_file():
         return meter.prepare()
     public_text(cfg.attack_data)  # a missing file fails now, in one line
