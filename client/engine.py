@@ -18,7 +18,7 @@ from splitcore.cudagraph import DecoderPool
 from splitcore.defence import DENOISERS, NOISE_KINDS, Denoiser, Noise, Protect, subtract_noise
 from splitcore.engine import Engine, Notify, Tap
 from splitcore.errors import InvalidInput, Mismatch
-from splitcore.fingerprint import Fingerprint, model_fingerprint
+from splitcore.fingerprint import model_fingerprint
 from splitcore.generate import LocalTrunkLink, SplitStepper, Stepper
 from splitcore.lora import adapted, adapter_digest, adapter_layers, load_client_weights, load_peft, only_layers
 from splitcore.models import resolve_with_fallback
@@ -269,32 +269,6 @@ class Adapter:
     session_fingerprint: pb.Fingerprint | None  # the base fingerprint plus the trunk share's digest
 
 
-def load_adapter(path: str, engine, base: Fingerprint, graphs: bool) -> Adapter:
-    weights, settings = load_peft(Path(path))
-    client = load_client_weights(Path(path))  # the client's own weights, if the run trained them in full
-    n_layer = engine.model.config.n_layer
-    layers = sorted(adapter_layers(weights))
-    if not layers or layers[-1] >= n_layer:
-        raise InvalidInput(f"adapter {path} adapts blocks {layers}; this model has blocks 0-{n_layer - 1}")
-    parts = {name: adapted(part, weights, settings, client) for name, part in engine.parts.items()}
-    pools = {name: DecoderPool.warmed(part) for name, part in parts.items()} if graphs else {}
-    share = only_layers(weights, engine.split.layers("trunk", n_layer))
-    trunk_open = fp = None
-    if share and not engine.cfg.local_trunk:
-        lora = pb.LoraSpec(rank=settings.rank, alpha=settings.alpha, target_modules=settings.targets)
-        trunk_open = (lora, pb.AdapterState(weights=encode_named(share)))
-        f = base.with_adapter(adapter_digest(share))
-        fp = pb.Fingerprint(**f.to_dict(), digest=f.digest)
-    logger.info(
-        "adapter %s: LoRA rank %d on blocks %s%s",
-        path,
-        settings.rank,
-        layers,
-        f", the client's weights trained in full ({len(client)} tensors)" if client else "",
-    )
-    return Adapter(layers, parts, pools, trunk_open, fp)
-
-
 class SplitEngine(Engine):
     """Tokeniser, bottom and top here; the trunk where the config says."""
 
@@ -324,7 +298,7 @@ class SplitEngine(Engine):
         fp = model_fingerprint(model, self.split)
         self.fingerprint = pb.Fingerprint(**fp.to_dict(), digest=fp.digest)  # the base model's
         self._base_fp, self._graphs = fp, graphs
-        self.adapter = load_adapter(cfg.adapter, self, fp, graphs) if cfg.adapter else None
+        self.adapter = self.load_adapter(cfg.adapter) if cfg.adapter else None
         self.use_adapter = self.adapter is not None  # the app can switch it off to compare
         self.trunk_client = None if cfg.local_trunk else TrunkClient(cfg.trunk_client_config())
         self.notify = notify or (lambda msg: logger.warning("%s", msg))
@@ -339,8 +313,31 @@ class SplitEngine(Engine):
         self.use_adapter = True
 
     def load_adapter(self, path: str) -> Adapter:
-        """The adapter in `path` on this engine's parts, without generating with it."""
-        return load_adapter(path, self, self._base_fp, self._graphs)
+        """The adapter in `path` on this engine's parts (and what a session uploads of it), without generating
+        with it."""
+        weights, settings = load_peft(Path(path))
+        client = load_client_weights(Path(path))  # the client's own weights, if the run trained them in full
+        n_layer = self.model.config.n_layer
+        layers = sorted(adapter_layers(weights))
+        if not layers or layers[-1] >= n_layer:
+            raise InvalidInput(f"adapter {path} adapts blocks {layers}; this model has blocks 0-{n_layer - 1}")
+        parts = {name: adapted(part, weights, settings, client) for name, part in self.parts.items()}
+        pools = {name: DecoderPool.warmed(part) for name, part in parts.items()} if self._graphs else {}
+        share = only_layers(weights, self.split.layers("trunk", n_layer))
+        trunk_open = fp = None
+        if share and not self.cfg.local_trunk:
+            lora = pb.LoraSpec(rank=settings.rank, alpha=settings.alpha, target_modules=settings.targets)
+            trunk_open = (lora, pb.AdapterState(weights=encode_named(share)))
+            f = self._base_fp.with_adapter(adapter_digest(share))
+            fp = pb.Fingerprint(**f.to_dict(), digest=f.digest)
+        logger.info(
+            "adapter %s: LoRA rank %d on blocks %s%s",
+            path,
+            settings.rank,
+            layers,
+            f", the client's weights trained in full ({len(client)} tensors)" if client else "",
+        )
+        return Adapter(layers, parts, pools, trunk_open, fp)
 
     @property
     def trunk_label(self) -> str:
