@@ -122,6 +122,20 @@ def split_perplexity(engine: SplitEngine, windows: torch.Tensor) -> float:
     return math.exp(statistics.fmean(losses))
 
 
+@torch.no_grad()
+def perplexity_without_trunk(engine: SplitEngine, windows: torch.Tensor) -> float:
+    """Perplexity with no trunk at all: the client's top on its bottom's output (its repair, if it learned one,
+    given the clean states in place of the trunk's answer). A defended split that does no better than this
+    gets nothing from its trunk."""
+    parts = engine.adapter.parts if engine.adapter is not None else engine.parts
+    losses = []
+    for ids in windows:
+        clean = parts["bottom"](ids[None])
+        h = engine.repair(clean, clean, clean) if engine.repair is not None else clean
+        losses.append(float(F.cross_entropy(parts["top"](h, all_positions=True)[0, :-1].float(), ids[1:])))
+    return math.exp(statistics.fmean(losses))
+
+
 def agreement_and_time(defended: SplitEngine, reference: SplitEngine, prompts: list[list[int]], n: int):
     """Greedy agreement of `defended` with `reference` over `n` tokens per prompt (the share of positions with
     the same token), and the median decode ms/token of each, runs interleaved."""
@@ -172,6 +186,8 @@ def evaluate(
         "split": s.split,
         "defence": engine.noise.label(),
         "denoise": s.denoise,
+        "adapter": s.adapter,
+        "attacker_adapter": s.attacker_adapter,
         "attacker": "has the client's weights" if s.attacker_adapter is None else "knows the recipe, not the weights",
         "nearest_neighbour": nn_share,
         "learned_inverter": inv_share,
@@ -179,6 +195,7 @@ def evaluate(
         "perplexity": ppl,
         "perplexity_undefended": ppl_clean,
         "perplexity_ratio": ppl / ppl_clean,
+        "perplexity_without_trunk": perplexity_without_trunk(engine, texts.private),
         "greedy_agreement": agree,
         "decode_ms": ms,
         "decode_ms_undefended": ms_ref,
@@ -192,14 +209,17 @@ def evaluate(
 
 HEADER = (
     "| setting | nearest neighbour reads | learned inverter reads | perplexity (x undefended) "
-    "| greedy agreement, 64 tokens | decode ms/token (x undefended) |\n|---|---:|---:|---:|---:|---:|"
+    "| the same client without its trunk | greedy agreement, 64 tokens | decode ms/token (x undefended) |\n"
+    "|---|---:|---:|---:|---:|---:|---:|"
 )
 
 
 def format_row(r: dict) -> str:
+    alone = r.get("perplexity_without_trunk")
+    alone = f"{alone:.1f} ({alone / r['perplexity_undefended']:.2f}x)" if alone else "-"
     return (
         f"| {r['setting']} | {r['nearest_neighbour']:.1%} | {r['learned_inverter']:.1%} | "
-        f"{r['perplexity']:.1f} ({r['perplexity_ratio']:.2f}x) | {r['greedy_agreement']:.0%} | "
+        f"{r['perplexity']:.1f} ({r['perplexity_ratio']:.2f}x) | {alone} | {r['greedy_agreement']:.0%} | "
         f"{r['decode_ms']:.2f} ({r['decode_ratio']:.2f}x) |"
     )
 
