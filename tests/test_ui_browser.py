@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -13,7 +12,7 @@ import time
 import pytest
 
 from client import ui
-from tests.conftest import ROOT, TINY, start_tiny_server, subprocess_env, tiny_split_engine
+from tests.conftest import ROOT, TINY, free_port, start_tiny_server, subprocess_env, tiny_split_engine
 
 PROMPT = "The quick brown fox"
 SHOTS = ROOT / "logs"
@@ -26,12 +25,6 @@ CHROME_ARGS = [
     "--no-first-run",
     "--disable-dev-shm-usage",
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +44,7 @@ def browser():
 
 @pytest.fixture(scope="module")
 def trunk(models_dir, tiny):
-    port = _free_port()
+    port = free_port()
 
     def start():
         return start_tiny_server(models_dir, port=port, grace_s=0.5)
@@ -67,7 +60,7 @@ def client_app(trunk, models_dir):
 
     engine = tiny_split_engine(models_dir, f"127.0.0.1:{trunk['port']}", reconnect_s=1.0, connect_timeout_s=2)
     demo, feed = build_app(engine, monitor_interval_s=0.5)
-    port = _free_port()
+    port = free_port()
     ui.launch(demo, "127.0.0.1", port, block=False)
     yield f"http://127.0.0.1:{port}"
     feed.stop()
@@ -83,7 +76,7 @@ def full_app(tiny):
     from splitcore.engine import FullEngine
 
     demo = build_app(FullEngine(tiny, torch.device("cpu"), torch.float32))
-    port = _free_port()
+    port = free_port()
     ui.launch(demo, "127.0.0.1", port, block=False)
     yield f"http://127.0.0.1:{port}"
     demo.close()
@@ -249,7 +242,7 @@ def test_generation_survives_trunk_loss_mid_way_and_says_so(browser, trunk, mode
     expected = FullEngine(tiny, torch.device("cpu"), torch.float32).run(PROMPT, n, SamplingParams(0.0)).text
     engine = tiny_split_engine(models_dir, f"127.0.0.1:{trunk['port']}", reconnect_s=30)
     demo, feed = build_app(engine, monitor_interval_s=0.5)
-    port = _free_port()
+    port = free_port()
     ui.launch(demo, "127.0.0.1", port, block=False)
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     try:
@@ -289,7 +282,7 @@ def test_finetune_tab_trains_then_generation_uses_the_adapter(browser, trunk, mo
 
     engine = tiny_split_engine(models_dir, f"127.0.0.1:{trunk['port']}")
     demo, feed = build_app(engine, monitor_interval_s=0.5)
-    port = _free_port()
+    port = free_port()
     ui.launch(demo, "127.0.0.1", port, block=False)
     page = browser.new_page(viewport={"width": 1400, "height": 1200})
     out = tmp_path / "adapter"
@@ -348,7 +341,7 @@ def metered_app(models_dir):
     cfg = InverterConfig(width=128, layers=2, steps=150, batch_size=8, block_size=32, lr=2e-3)
     meter = PrivacyMeter(engine, "bible:Gen1:1-Gen50:26", models_dir, cfg).prepare()
     demo, _ = build_app(engine, meter=meter)
-    port = _free_port()
+    port = free_port()
     ui.launch(demo, "127.0.0.1", port, block=False)
     yield f"http://127.0.0.1:{port}", engine, meter
     demo.close()
