@@ -260,9 +260,16 @@ def test_train_cli_ctrl_c_saves_and_resume_finishes(tiny, tmp_path):
             env=subprocess_env(),
             cwd=ROOT,
         )
-        time.sleep(8)  # model load, the first evaluation, some steps
+        seen, deadline = "", time.monotonic() + 120
+        while "tok/s" not in seen and time.monotonic() < deadline:  # a step's progress line: training is on
+            chunk = p.stderr.read(1)
+            if not chunk:
+                break
+            seen += chunk
+        assert "tok/s" in seen, seen[-2000:]
         p.send_signal(signal.SIGINT)
         _, err = p.communicate(timeout=60)
+        err = seen + err
         assert p.returncode == 130, err[-2000:]
         stopped = int(err.split("stopped at step ")[1].split(":")[0])
         assert stopped >= 1 and (out / f"checkpoint-{stopped}" / "adapter_model.safetensors").exists()
