@@ -3,7 +3,8 @@ attacker never saw. Prints a markdown table and writes JSON (after each row, so 
 
     python scripts/bench_privacy.py                          # trained:kjv: public = Old Testament, private = New
     python scripts/bench_privacy.py --rows quick --steps 200 # fewer rows, a weaker (cheaper) attacker
-    python scripts/bench_privacy.py --json bench_results/privacy.json
+    python scripts/bench_privacy.py --noise-aware 10      # a learned denoiser and a noise-aware trunk LoRA at noise 10
+    python scripts/bench_privacy.py --obfuscate 0.1       # learned obfuscation at privacy weight 0.1, two attackers
 
 The attacker (client/privacy.py) trains on the public text sent through the client's own bottom and defence,
 with its own noise draws, and is retrained for every row; the client draws its noise from another seed.
