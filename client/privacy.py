@@ -11,8 +11,10 @@ tokens back from what it observes. Each attack has `fit(public ids)` and `predic
   sequence of observed states, its output tied to the public wte. Retrained for every (model, split, defence):
   one trained on clean states understates what it reads from defended ones.
 
-`PrivacyMeter` trains the inverter once per (model, split, defence, public text), caches it under the models
-directory, and reads each prompt back from the states its generation actually sent.
+`Adversary` is the client's own inverter in learned obfuscation (client/train.py): retrained alongside the
+client's parts, which learn to defeat it. `PrivacyMeter` trains the inverter once per (model, split, defence,
+public text), caches it under the models directory, and reads each prompt back from the states its generation
+actually sent.
 """
 
 from __future__ import annotations
@@ -343,3 +345,45 @@ def prepare_meter(engine) -> PrivacyMeter:
     with tqdm(total=meter.cfg.steps, desc="privacy meter: training the attacker (once)", unit="step") as bar:
         meter.prepare(lambda step, steps, loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.2f}")))
     return meter
+
+
+class Adversary:
+    """Learned obfuscation (adversarial representation learning, as NoPeek and SplitLLM's defences): an inverter
+    retrained alongside the client's parts on what they send, and a push on what they send away from it.
+
+    Each step the parts descend the LM loss plus `weight` times the negative of the inverter's cross-entropy on
+    what was sent, capped at the uniform guess's (log of its classes) so that the parts are not pushed past
+    "the inverter reads nothing" into blowing their states up; then the inverter takes a step of its own on the
+    same states. The trunk's operator never sees this inverter or the parts it shaped."""
+
+    def __init__(self, wte: torch.Tensor, d: int, weight: float, classes: torch.Tensor | None, seed: int = 0):
+        torch.manual_seed(seed + 7)
+        cfg = InverterConfig(width=128, layers=2, heads=4)
+        self.inverter = LearnedInverter(wte, d, cfg, classes).train()
+        self.opt = torch.optim.AdamW(self.inverter.parameters(), lr=cfg.lr, weight_decay=0.01)
+        self.weight, self.cap = weight, math.log(len(self.inverter.classes))
+        self.last_ce = float("nan")
+
+    def _ce(self, sent: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        target = torch.searchsorted(self.inverter.classes, ids.flatten().to(sent.device))
+        known = self.inverter.classes[target.clamp_max(len(self.inverter.classes) - 1)] == ids.flatten()
+        logits = self.inverter(sent).flatten(0, 1)
+        return F.cross_entropy(logits[known], target[known])
+
+    def push(self, sent: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The gradient, with respect to what was sent, of -weight x the inverter's (capped) cross-entropy."""
+        x = sent.detach().requires_grad_(True)
+        with torch.enable_grad():
+            ce = self._ce(x, ids)
+            self.last_ce = float(ce.detach())
+            if self.last_ce >= self.cap:
+                return torch.zeros_like(sent)
+            (-self.weight * ce).backward()
+        self.inverter.zero_grad(set_to_none=True)
+        return x.grad
+
+    def learn(self, sent: torch.Tensor, ids: torch.Tensor) -> None:
+        with torch.enable_grad():
+            self._ce(sent, ids).backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)

@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from splitcomm.codec import decode_named, encode_named
 from splitcomm.proto import trunk_pb2 as pb
@@ -227,6 +225,8 @@ class SplitTrainer:
         self.client_trains = self.client_opt is not None
         self.protect = engine.protect or (lambda h: h)  # the defence on what crosses, as in generation
         bottom = engine.parts["bottom"]
+        from client.privacy import Adversary
+
         self.adversary = (
             Adversary(bottom.wte.weight, bottom.config.n_embd, privacy_weight, adversary_classes, settings.seed)
             if privacy_weight > 0
@@ -283,50 +283,6 @@ class SplitTrainer:
 
     def close(self) -> None:
         self.remote.close()
-
-
-class Adversary:
-    """Learned obfuscation (adversarial representation learning, as NoPeek and SplitLLM's defences): an inverter
-    retrained alongside the client's parts on what they send, and a push on what they send away from it.
-
-    Each step the parts descend the LM loss plus `weight` times the negative of the inverter's cross-entropy on
-    what was sent, capped at the uniform guess's (log of its classes) so that the parts are not pushed past
-    "the inverter reads nothing" into blowing their states up; then the inverter takes a step of its own on the
-    same states. The trunk's operator never sees this inverter or the parts it shaped."""
-
-    def __init__(self, wte: torch.Tensor, d: int, weight: float, classes: torch.Tensor | None, seed: int = 0):
-        from client.privacy import InverterConfig, LearnedInverter
-
-        torch.manual_seed(seed + 7)
-        cfg = InverterConfig(width=128, layers=2, heads=4)
-        self.inverter = LearnedInverter(wte, d, cfg, classes).train()
-        self.opt = torch.optim.AdamW(self.inverter.parameters(), lr=cfg.lr, weight_decay=0.01)
-        self.weight, self.cap = weight, math.log(len(self.inverter.classes))
-        self.last_ce = float("nan")
-
-    def _ce(self, sent: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        target = torch.searchsorted(self.inverter.classes, ids.flatten().to(sent.device))
-        known = self.inverter.classes[target.clamp_max(len(self.inverter.classes) - 1)] == ids.flatten()
-        logits = self.inverter(sent).flatten(0, 1)
-        return F.cross_entropy(logits[known], target[known])
-
-    def push(self, sent: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """The gradient, with respect to what was sent, of -weight x the inverter's (capped) cross-entropy."""
-        x = sent.detach().requires_grad_(True)
-        with torch.enable_grad():
-            ce = self._ce(x, ids)
-            self.last_ce = float(ce.detach())
-            if self.last_ce >= self.cap:
-                return torch.zeros_like(sent)
-            (-self.weight * ce).backward()
-        self.inverter.zero_grad(set_to_none=True)
-        return x.grad
-
-    def learn(self, sent: torch.Tensor, ids: torch.Tensor) -> None:
-        with torch.enable_grad():
-            self._ce(sent, ids).backward()
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
 
 
 def _base(moment_name: str) -> str:
