@@ -258,10 +258,6 @@ class PrivacyMeter:
         self.nearest = NearestNeighbour(bottom.wte.weight, bottom.wpe.weight)
         self.report: dict = {}
 
-    @property
-    def ready(self) -> bool:
-        return bool(self.report)
-
     def prepare(self, progress: Progress | None = None) -> PrivacyMeter:
         """Load the cached inverter, or train it (minutes) on the public text and cache it."""
         bottom = self.bottom

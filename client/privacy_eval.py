@@ -10,14 +10,12 @@ inverter on public text through that client's bottom and defence, and scores it 
 from __future__ import annotations
 
 import logging
-import math
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from client.engine import ClientConfig, SplitEngine
 from client.privacy import (
@@ -31,6 +29,7 @@ from client.privacy import (
     windows,
 )
 from splitcore.sampling import SamplingParams
+from splitcore.training import lm_loss, perplexity
 
 logger = logging.getLogger(__name__)
 
@@ -107,33 +106,37 @@ def bottom_of(engine: SplitEngine, adapter: str | None = None):
     return (engine.adapter.parts if engine.adapter is not None else engine.parts)["bottom"]
 
 
-@torch.no_grad()
+def _perplexity(windows: torch.Tensor, logits_of: Callable[[torch.Tensor], torch.Tensor]) -> float:
+    """Perplexity of next-token prediction over (W, T) windows, `logits_of` giving a window's (1, T, vocab)."""
+    with torch.no_grad():
+        return perplexity(statistics.fmean(float(lm_loss(logits_of(ids[None]), ids[None])) for ids in windows))
+
+
 def split_perplexity(engine: SplitEngine, windows: torch.Tensor) -> float:
-    """Perplexity of next-token prediction over (W, T) windows, through the engine's stepper: bottom, defence,
-    trunk, top, exactly as a generation's prefill runs them."""
-    losses = []
-    for ids in windows:
-        stepper = engine.new_stepper(len(ids))
+    """Perplexity through the engine's stepper: bottom, defence, trunk, repair and top, exactly as a
+    generation's prefill runs them."""
+
+    def logits_of(ids: torch.Tensor) -> torch.Tensor:
+        stepper = engine.new_stepper(ids.shape[1])
         try:
-            logits = stepper.step(ids[None], all_positions=True).logits  # (T, vocab)
+            return stepper.step(ids, all_positions=True).logits[None]  # (1, T, vocab)
         finally:
             stepper.close()
-        losses.append(float(F.cross_entropy(logits[:-1].float(), ids[1:])))
-    return math.exp(statistics.fmean(losses))
+
+    return _perplexity(windows, logits_of)
 
 
-@torch.no_grad()
 def perplexity_without_trunk(engine: SplitEngine, windows: torch.Tensor) -> float:
     """Perplexity with no trunk at all: the client's top on its bottom's output (its repair, if it learned one,
     given the clean states in place of the trunk's answer). A defended split that does no better than this
     gets nothing from its trunk."""
     parts = engine.adapter.parts if engine.adapter is not None else engine.parts
-    losses = []
-    for ids in windows:
-        clean = parts["bottom"](ids[None])
-        h = engine.repair(clean, clean, clean) if engine.repair is not None else clean
-        losses.append(float(F.cross_entropy(parts["top"](h, all_positions=True)[0, :-1].float(), ids[1:])))
-    return math.exp(statistics.fmean(losses))
+
+    def logits_of(ids: torch.Tensor) -> torch.Tensor:
+        clean = parts["bottom"](ids)
+        return parts["top"](engine.repair(clean, clean, clean) if engine.repair else clean, all_positions=True)
+
+    return _perplexity(windows, logits_of)
 
 
 def agreement_and_time(defended: SplitEngine, reference: SplitEngine, prompts: list[list[int]], n: int):

@@ -224,14 +224,14 @@ class SplitTrainer:
         self.remote = engine.trunk_client.training(open_msg, engine.wire_dtype)
         self.client_trains = self.client_opt is not None
         self.protect = engine.protect or (lambda h: h)  # the defence on what crosses, as in generation
-        bottom = engine.parts["bottom"]
-        from client.privacy import Adversary
+        self.adversary = None
+        if privacy_weight > 0:
+            from client.privacy import Adversary
 
-        self.adversary = (
-            Adversary(bottom.wte.weight, bottom.config.n_embd, privacy_weight, adversary_classes, settings.seed)
-            if privacy_weight > 0
-            else None
-        )
+            public = engine.parts["bottom"]  # the adversary's inverter reads against the public embeddings
+            self.adversary = Adversary(
+                public.wte.weight, public.config.n_embd, privacy_weight, adversary_classes, settings.seed
+            )
         self.repair = engine.repair or (lambda out, clean, sent: out)  # and the client's repair of the answer
 
     def step(self, step: int, ids: torch.Tensor) -> StepStats:

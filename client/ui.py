@@ -123,7 +123,7 @@ def generation_tab(engine: Engine, history: gr.State, speculate: str = "none", m
                 f"**What the trunk could read:** {sum(reading.hits)} of {len(ids)} prompt tokens "
                 f"(**{reading.share:.0%}**), read back by a {reading.attacker}, defence: {engine.noise.label()}"
             )
-            read = reading.segments(lambda t: engine.decode(t))
+            read = reading.segments(engine.decode)
         yield text, charts.stats_markdown(stats), notice, hist, share, read
 
     inputs = [prompt, max_tokens, temperature, top_k, top_p, seed, speculation, history]
