@@ -37,7 +37,12 @@ class ClientConfig(GenerateConfig):
     """Settings of the split client (CLI, app, API): the model's, and the split's and the trunk server's."""
 
     split: str = setting(DEFAULT_SPLIT, "GPT2_SPLIT", "s1,s2: the trunk's blocks [s1, s2) (must match the server's)")
-    server: str = setting("localhost:50051", "GPT2_TRUNK_SERVER", "trunk server host:port")
+    server: str = setting(
+        "localhost:50051",
+        "GPT2_TRUNK_SERVER",
+        "trunk server host:port; or replicas, comma-separated (a:50051,b:50051) or as a gRPC target URI "
+        "(dns:///trunk.internal:50051, ipv4:10.0.0.5:50051,10.0.0.6:50051): round robin over the healthy ones",
+    )
     local_trunk: bool = setting(False, None, "run the trunk in this process (no server)")
     stateless: bool = setting(
         False, None, "send the trunk KV cache with every call instead of keeping it on the server"
@@ -50,7 +55,8 @@ class ClientConfig(GenerateConfig):
     reconnect_s: float = setting(
         30.0,
         "GPT2_RECONNECT_S",
-        "if the trunk goes away mid-generation, keep retrying this long, s (0 = don't)",
+        "if the trunk goes away mid-generation (its replica died or drained), replay the session on a trunk server "
+        "for up to this long, s (0 = don't)",
         flag="--reconnect",
     )
     tls_ca: str | None = setting(None, "GPT2_TLS_CA", "CA of the server's certificate (enables TLS)")
@@ -174,18 +180,24 @@ class SessionLink:
         return out
 
     def _recover(self, h: torch.Tensor, first_error: TrunkError) -> tuple[torch.Tensor, float, int, int]:
-        """Open a new session, send every position so far plus the new ones, keep the new ones' output."""
+        """Open a new session (with replicas, on a healthy one), send every position so far plus the new ones, keep
+        the new ones' output. The first try goes at once: another replica may be there already."""
         deadline, delay, error = time.monotonic() + self.reconnect_s, 0.25, first_error
-        self.notify(f"trunk server lost ({error}); reconnecting for up to {self.reconnect_s:g} s")
+        lost = f"replica {self.session.replica}" if self.session.replica else "trunk server"
+        self.notify(f"{lost} lost ({error}); replaying the session for up to {self.reconnect_s:g} s")
+        first = True
         while time.monotonic() < deadline:
             self.session.close()
-            time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
-            delay = min(delay * 2, 2.0)
+            if not first:
+                time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+                delay = min(delay * 2, 2.0)
+            first = False
             try:
                 self.session = self._open()
                 full = torch.cat([*self.history, h], dim=1)
                 out, ms, b_out, b_in = self.session.step(full)
-                self.notify(f"trunk server back: replayed {full.shape[1] - h.shape[1]} tokens")
+                where = f" on replica {self.session.replica}" if self.session.replica else ""
+                self.notify(f"trunk session back{where}: replayed {full.shape[1] - h.shape[1]} tokens")
                 return out[:, -h.shape[1] :], ms, b_out, b_in
             except TrunkUnavailable as e:
                 error = e

@@ -6,15 +6,7 @@ scheduler thread batches them over a device that takes no time. What it reports,
 is the ceiling the servicer and runtime put on a server before gRPC and the GPU take their share: the number to
 compare when changing the per-step path (README, "Many clients, one trunk"). Any machine; a few seconds.
 
-`--path relay` runs the engine's side of the gRPC fronts instead (`python -m server --fronts N`): the sessions'
-steps come and go in relay batches, as from a front, through the relay and the servicer's Session handler
-(opened with a real fingerprint; the first step a message, then every step a decode step packed as a front packs
-it, started at once with no task). Without gRPC either way, the two paths differ by what the relay adds and saves
-on the event loop; gRPC's own cost per message, which the relay pays once per batch, comes on top of the servicer
-path on a real server, and parsing and building the messages of packed steps is the fronts' work, not counted.
-
     python scripts/bench_loop.py                          # N = 1, 16, 64 on uvloop
-    python scripts/bench_loop.py --path servicer,relay    # the two side by side
     python scripts/bench_loop.py --sessions 16 --event-loop asyncio --json loop.json
 """
 
@@ -40,25 +32,23 @@ from scripts.bench import numbers  # noqa: E402
 from scripts.simulated_server import SimulatedDevice  # noqa: E402
 from server.app import configure_switch_interval  # noqa: E402
 from server.config import ServerConfig  # noqa: E402
-from server.relay import Outbox, RelayServicer  # noqa: E402
 from server.runtime import TrunkRuntime  # noqa: E402
-from server.servicer import TrunkServicer, lenient  # noqa: E402
+from server.servicer import TrunkServicer  # noqa: E402
 from server.sessions import SessionRegistry  # noqa: E402
 from splitcomm import codec  # noqa: E402
 from splitcomm.channel import new_event_loop  # noqa: E402
 from splitcomm.proto import trunk_pb2 as pb  # noqa: E402
-from splitcore.fingerprint import model_fingerprint  # noqa: E402
 from splitcore.models import resolve_model  # noqa: E402
-from splitcore.parts import Split, load_parts  # noqa: E402
+from splitcore.parts import load_parts  # noqa: E402
 
 
-def measure(trunk, fingerprint, n: int, seconds: float, loop_kind: str, wire: torch.dtype, path: str) -> dict:
-    """N sessions stepping for `seconds` on a fresh loop, runtime and servicer, through the servicer's `_step` or
-    the relay: steps/s and the mean batch."""
+def measure(trunk, n: int, seconds: float, loop_kind: str, wire: torch.dtype) -> dict:
+    """N sessions stepping for `seconds` on a fresh loop, runtime and servicer, through the servicer's `_step`:
+    steps/s and the mean batch."""
     rt = TrunkRuntime(trunk, n, 64, max_batch=n)  # the device below keeps no position: 64 is plenty
     rt.trunk = SimulatedDevice(trunk, 0.0)  # a decode batch takes no time and keeps nothing
     sessions = SessionRegistry(n + 1, 0)
-    svc = TrunkServicer(trunk, pb.ServerInfo(), fingerprint, sessions, 0, 1 << 24, 1.0, 1, rt)
+    svc = TrunkServicer(trunk, pb.ServerInfo(), None, sessions, 0, 1 << 24, 1.0, 1, rt)
     hidden = codec.encode(torch.randn(1, 1, trunk.config.n_embd), wire)
     steps = [0] * n
 
@@ -75,46 +65,9 @@ def measure(trunk, fingerprint, n: int, seconds: float, loop_kind: str, wire: to
         await asyncio.gather(*(session(i, t0 + seconds) for i in range(n)))
         return time.perf_counter() - t0
 
-    async def relayed() -> float:
-        """A front's side, as the engine sees it: every session's next step goes out packed, as a front packs a
-        plain decode step, many to a relay batch, as soon as its answer is in."""
-        fp = pb.Fingerprint(**fingerprint.to_dict(), digest=fingerprint.digest)
-        opening = pb.StepRequest(open=pb.SessionOpen(fingerprint=fp, max_length=32)).SerializeToString()
-        width = trunk.config.n_embd
-        out = Outbox()
-        for i in range(n):
-            out.put(pb.RelayItem(stream=i + 1, peer="bench", message=opening, has_message=True))
-        first = pb.StepRequest(step=pb.Step(step=0, hidden=hidden))  # the first step goes as a message: a prefill
-        for i in range(n):
-            out.put(pb.RelayItem(stream=i + 1, message=first.SerializeToString(), has_message=True))
-
-        async def front():
-            async for batch in out.batches():
-                yield pb.RelayBatch.FromString(batch.SerializeToString())  # as received
-
-        relay = RelayServicer(svc, lenient(pb.StepRequest))
-        answers = relay.Relay(front(), _Peer())
-        t0 = time.perf_counter()
-        async for batch in answers:
-            batch.SerializeToString()  # as sent
-            for item in batch.items:
-                if item.end:
-                    raise RuntimeError(f"session {item.stream} ended: {item.code} {item.details}")
-                steps[item.stream - 1] += 1
-                out.put_row(item.stream, steps[item.stream - 1], hidden.dtype, width, hidden.data)
-            for rows in batch.rows:
-                for stream in rows.stream:
-                    steps[stream - 1] += 1
-                    out.put_row(stream, steps[stream - 1], hidden.dtype, width, hidden.data)
-            if time.perf_counter() - t0 >= seconds:
-                break
-        wall = time.perf_counter() - t0
-        await answers.aclose()  # its sessions end, as when a front goes
-        return wall
-
     loop = new_event_loop(loop_kind)
     try:
-        wall = loop.run_until_complete(main() if path == "servicer" else relayed())
+        wall = loop.run_until_complete(main())
     finally:
         loop.close()
         rt.stop()
@@ -122,22 +75,11 @@ def measure(trunk, fingerprint, n: int, seconds: float, loop_kind: str, wire: to
         sessions.shutdown()
     total = sum(steps)
     return {
-        "path": path,
         "sessions": n,
         "steps_per_s": total / wall,
         "us_per_step": wall / total * 1e6,
         "mean_batch": rt.stats.batched_rows / max(1, rt.stats.batches),
     }
-
-
-class _Peer:
-    """What the relay reads of its gRPC context: the front's address and metadata."""
-
-    def peer(self) -> str:
-        return "bench-front"
-
-    def invocation_metadata(self) -> tuple:
-        return ()
 
 
 def main() -> None:
@@ -149,12 +91,6 @@ def main() -> None:
     p.add_argument("--event-loop", default="auto", choices=["auto", "uvloop", "asyncio"])
     p.add_argument("--wire-dtype", default="float32", choices=["float32", "float16"])
     p.add_argument(
-        "--path",
-        default="servicer",
-        type=lambda v: [x.strip() for x in v.split(",") if x.strip()],
-        help="servicer (a server without fronts), relay (the engine of one with fronts), or both, comma-separated",
-    )
-    p.add_argument(
         "--switch-interval-ms",
         type=float,
         default=ServerConfig.switch_interval_ms,
@@ -162,28 +98,21 @@ def main() -> None:
     )
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
-    if not args.path or set(args.path) - {"servicer", "relay"}:
-        p.error("--path takes servicer, relay or both, comma-separated")
     configure_switch_interval(args.switch_interval_ms)  # the scheduler thread and the loop share the GIL as on a server
     model = resolve_model(args.model, args.models_dir)
     trunk = load_parts(model, "2,10", ("trunk",))["trunk"]
-    fingerprint = model_fingerprint(model, Split.parse("2,10", model.config.n_layer))
     rows = []
-    for path in args.path:
-        for n in args.sessions:
-            wire = codec.WIRE_DTYPES[args.wire_dtype]
-            rows.append(measure(trunk, fingerprint, n, args.seconds, args.event_loop, wire, path))
-            print(f"  {path} N={n}: {rows[-1]['steps_per_s']:,.0f} steps/s", file=sys.stderr)
+    for n in args.sessions:
+        wire = codec.WIRE_DTYPES[args.wire_dtype]
+        rows.append(measure(trunk, n, args.seconds, args.event_loop, wire))
+        print(f"  N={n}: {rows[-1]['steps_per_s']:,.0f} steps/s", file=sys.stderr)
     print(
         f"\nno network, a device of 0 ms; {args.event_loop} loop, {args.wire_dtype} wire, "
         f"switch interval {args.switch_interval_ms:g} ms\n"
     )
-    print("| path | sessions | steps/s | us a step | mean batch |\n|---|---:|---:|---:|---:|")
+    print("| sessions | steps/s | us a step | mean batch |\n|---:|---:|---:|---:|")
     for r in rows:
-        print(
-            f"| {r['path']} | {r['sessions']} | {r['steps_per_s']:,.0f} | {r['us_per_step']:.1f} | "
-            f"{r['mean_batch']:.1f} |"
-        )
+        print(f"| {r['sessions']} | {r['steps_per_s']:,.0f} | {r['us_per_step']:.1f} | {r['mean_batch']:.1f} |")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         meta = {"command": " ".join(sys.argv), "switch_interval_ms": args.switch_interval_ms}

@@ -40,24 +40,11 @@ class ServerConfig(ModelConfig):
         "the loop gRPC runs on: auto is uvloop where installed",
         choices=["auto", "uvloop", "asyncio"],
     )
-    pipeline_depth: int = setting(
-        1,
-        "GPT2_PIPELINE_DEPTH",
-        "decode batches in flight: 2 splits the sessions into two cohorts out of phase, whose network legs "
-        "overlap each other's forward (served less than 1 on the CPU and on an H100 so far: README)",
-    )
     switch_interval_ms: float = setting(
         0.1,
         "GPT2_SWITCH_INTERVAL_MS",
         "how long a thread may hold the interpreter while another waits for it, ms (0 = Python's 5): the "
         "scheduler, woken for a batch, waits this long at most for the busy event loop",
-    )
-    fronts: int = setting(
-        0,
-        "GPT2_FRONTS",
-        "gRPC front processes on the port, relaying every session's steps to this one many to a message (0 = "
-        "none: this process serves gRPC itself); for many sessions on a GPU, where one event loop bounds the "
-        "server (README)",
     )
     metrics_port: int = setting(0, "GPT2_METRICS_PORT", "Prometheus /metrics on this port (0 = off)")
     metrics_host: str = setting("0.0.0.0", "GPT2_METRICS_HOST", "interface of the metrics endpoint")
@@ -78,7 +65,8 @@ class ServerConfig(ModelConfig):
     grace_s: float = setting(
         10.0,
         "GPT2_GRACE",
-        "on shutdown, in-flight work gets this long, s (a second signal: stop at once)",
+        "on SIGTERM or Ctrl-C the server drains: open sessions get this long to finish, then are ended so that "
+        "their clients replay them on another replica, s (a second signal: stop at once)",
         flag="--grace",
     )
     log_file: str = setting("logs/gpt2_server.log", "GPT2_SERVER_LOG", "the server's log")

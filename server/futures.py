@@ -1,11 +1,9 @@
-"""Futures that work run on another thread settles on an event loop: no torch here (the gRPC fronts import what
-uses them)."""
+"""Futures that work run on another thread settles on an event loop."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -33,26 +31,3 @@ async def settled(fut: asyncio.Future) -> Any:
             except asyncio.CancelledError:
                 pass
         raise
-
-
-class Then:
-    """In place of the future of a piece of work queued from an event loop: calls `fn` on that loop once the work
-    has run, with no task to wake (`_settle` calls set_result)."""
-
-    __slots__ = ("_loop", "_fn", "_done")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, fn: Callable[[], None]):
-        self._loop, self._fn, self._done = loop, fn, False
-
-    def get_loop(self) -> asyncio.AbstractEventLoop:
-        return self._loop
-
-    def done(self) -> bool:
-        return self._done
-
-    def set_result(self, _: Any) -> None:
-        self._done = True
-        try:
-            self._fn()
-        except Exception:  # the other waiters of the batch must still be told
-            logger.exception("a step's answer failed")

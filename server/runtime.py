@@ -18,12 +18,6 @@ encodes the answer (Petals' handler against its block functions; TGI's router ag
   no thread per session competes for the GIL (Python gRPC with a thread per stream carried ~2.5x one stream's
   messages at 64 streams, asyncio ~5.5x: scripts/bench_transport.py). Prefills go in chunks of
   `prefill_chunk` tokens: a long prompt does not hold 16 decoding sessions back for its whole length.
-- **Pipelining** (`pipeline_depth` > 1). The scheduler hands each batch to a device thread and gathers the next
-  one while it computes, from the sessions that are not in flight: with a depth of 2, the sessions settle into
-  two cohorts out of phase (a batch takes at most half of the decoding sessions), so that one cohort's network
-  leg and the event loop's work on its messages overlap the other's forward. It served less than depth 1 on
-  the CPU and on an H100 (where its device thread took about twice as long over half a batch), so the default
-  is 1: the scheduler computes each batch itself, and a batch waits for every decoding session.
 - **CUDA graphs** per (batch-size bucket, key-range bucket), captured at start over the pool's first rows.
 """
 
@@ -43,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from server.futures import Held, Then
+from server.futures import Held
 from server.sessions import ServerDraining
 from splitcore.cudagraph import MIN_BUCKET
 from splitcore.errors import InvalidInput, LimitExceeded
@@ -71,34 +65,15 @@ class RuntimeStats:
 
 @dataclass(eq=False, slots=True)
 class _Work:
-    slots: list[int] | None  # the slots of a group of decode steps (one each); None for work that runs alone
-    payload: Any  # the hidden states (K, 1, C) of the group, or the callable of work that runs alone
+    slots: list[int] | None  # the slot of a decode step (a list of one); None for work that runs alone
+    payload: Any  # the hidden states (1, 1, C) of the step, or the callable of work that runs alone
     arrived: float = field(default_factory=time.perf_counter)
     done: Callable[[], None] | None = None  # a thread's: told once it has run or been dropped
     fut: asyncio.Future | None = None  # or an event loop's: settled then, on its loop
-    then: Callable[..., None] | None = None  # decode_then's callback (with a Then as `fut`)
-    part: slice | None = None  # decode_then's: which of its group's steps these are (a batch may take it in pieces)
-    result: Any = None  # a group's outputs (K, 1, C)
+    result: Any = None  # a decode step's output (1, 1, C)
     error: BaseException | None = None
     compute_ms: float = 0.0
     batch: int = 1  # rows of the forward it ran in
-
-
-def _then(w: _Work) -> None:
-    w.then(w.part, w.result, w.compute_ms, w.batch, w.error)
-
-
-def _split(w: _Work, k: int) -> tuple[_Work, _Work]:
-    """A decode_then group's first `k` steps, and the rest: pieces that batches take one at a time, each answered
-    on its own."""
-    start = w.part.start
-    head, tail = (
-        _Work(w.slots[:k], w.payload[:k], w.arrived, then=w.then, part=slice(start, start + k)),
-        _Work(w.slots[k:], w.payload[k:], w.arrived, then=w.then, part=slice(start + k, start + len(w.slots))),
-    )
-    for piece in (head, tail):
-        piece.fut = Then(w.fut.get_loop(), functools.partial(_then, piece))
-    return head, tail
 
 
 def _settle(futs: list[asyncio.Future]) -> None:
@@ -162,12 +137,11 @@ class TrunkRuntime:
         batch_wait_ms: float = 5.0,
         prefill_chunk: int = 128,
         graphs: bool = False,
-        pipeline_depth: int = 1,
     ):
-        if min(slots, max_batch, max_length, prefill_chunk, pipeline_depth) < 1 or batch_wait_ms < 0:
+        if min(slots, max_batch, max_length, prefill_chunk) < 1 or batch_wait_ms < 0:
             raise InvalidInput(
-                f"need --kv-slots, --max-batch, --prefill-chunk and --pipeline-depth >= 1 and --batch-wait-ms >= 0; "
-                f"got {slots}, {max_batch}, {prefill_chunk}, {pipeline_depth}, {batch_wait_ms}"
+                f"need --kv-slots, --max-batch and --prefill-chunk >= 1 and --batch-wait-ms >= 0; "
+                f"got {slots}, {max_batch}, {prefill_chunk}, {batch_wait_ms}"
             )
         self.trunk, self.slots, self.max_length = trunk, slots, max_length
         self.max_batch, self.batch_wait_s, self.prefill_chunk = max_batch, batch_wait_ms / 1e3, prefill_chunk
@@ -179,16 +153,11 @@ class TrunkRuntime:
         self._x_np = self._x_host.numpy() if trunk.dtype in _NUMPY_DTYPES else None
         self._pos_np = self._pos_host.numpy()
         self.stats = RuntimeStats()
-        self.on_wait: Callable[[float, int], None] | None = None  # told a queue wait, s, and its steps (metrics)
+        self.on_wait: Callable[[float], None] | None = None  # told each queue wait, s (metrics)
         self._free = list(range(slots))  # a heap: the lowest free slot first, so batches stay short
         self._decoding: set[int] = set()  # slots whose latest step was a decode step: the batch waits for them
         self._decodes: list[_Work] = []
-        self._queued_rows = 0  # decode steps in _decodes (a group counts each)
         self._alone: collections.deque[_Work] = collections.deque()
-        self.pipeline_depth = pipeline_depth
-        self._launched: collections.deque[list[_Work]] = collections.deque()  # handed to the device thread
-        self._flying: set[int] = set()  # slots whose decode step is launched and not yet answered
-        self._in_flight = 0  # pieces of work launched and not yet answered (a batch counts once)
         self._cv = threading.Condition()
         self._stopping = False
         self._alone_next = False  # alternate: a decode batch, then one piece of work alone, ...
@@ -200,11 +169,8 @@ class TrunkRuntime:
         self._graphs: dict[tuple[int, int], _RowsGraph] = {}
         if graphs and trunk.device.type == "cuda":
             self._capture()
-        self._threads = [threading.Thread(target=self._schedule, daemon=True, name="trunk-scheduler")]
-        if pipeline_depth > 1:
-            self._threads.append(threading.Thread(target=self._device, daemon=True, name="trunk-device"))
-        for t in self._threads:
-            t.start()
+        self._thread = threading.Thread(target=self._schedule, daemon=True, name="trunk-scheduler")
+        self._thread.start()
 
     # --- slots ------------------------------------------------------------------------------------------
     @property
@@ -256,20 +222,6 @@ class TrunkRuntime:
         trunk (what the servicer encodes with numpy), else a tensor."""
         w = await self._wait_async(_Work([slot], h), decode=True)
         return w.result, w.compute_ms, w.batch
-
-    def decode_then(self, slots: list[int], h: np.ndarray | torch.Tensor, then: Callable[..., None]) -> None:
-        """Decode steps of many one-row sessions at once, as one piece of work with no task to wake: one new
-        position each for `slots`, with hidden states `h` (K, 1, C) in the same order. `then(part, outputs, compute
-        ms, rows, error)` is called on the running event loop once they have run: `part` (a slice) says which of the
-        K they are (a batch may take a group in pieces, each answered on its own), `outputs` is their (len, 1, C)
-        output (None if they failed, with the error)."""
-        w = _Work(slots, h, then=then, part=slice(0, len(slots)))
-        w.fut = Then(asyncio.get_running_loop(), functools.partial(_then, w))
-        try:
-            self._queue(w, decode=True)
-        except ServerDraining as e:
-            w.error = e
-            self._tell([w])
 
     def _chunks(self, slot: int, h: torch.Tensor, model: GPT2 | None) -> list[Callable[[], torch.Tensor]]:
         with self._cv:
@@ -327,17 +279,16 @@ class TrunkRuntime:
     def _queue(self, w: _Work, decode: bool) -> None:
         with self._cv:
             if self._stopping:
-                raise ServerDraining("the trunk server is shutting down; retry on another server or later")
+                raise ServerDraining("draining: this trunk server is shutting down; retry on another replica or later")
             idle = not (self._decodes or self._alone)
             if decode:
                 self._decoding.update(w.slots)
                 self._decodes.append(w)
-                self._queued_rows += len(w.slots)
             else:
                 self._alone.append(w)
             # Wake the scheduler when it waits for work, or when the batch it gathers is complete: not at every
             # arrival, which would take the GIL from the event loop that is receiving the others.
-            if idle or not decode or self._queued_rows >= self._expected():
+            if idle or not decode or len(self._decodes) >= self._expected():
                 self._cv.notify_all()
 
     def stop(self) -> None:
@@ -345,9 +296,8 @@ class TrunkRuntime:
         with self._cv:
             self._stopping = True
             self._cv.notify_all()
-        for t in self._threads:
-            if t is not threading.current_thread():
-                t.join(timeout=30)
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=30)
 
     def _drain(self) -> None:
         """Under the lock, stopping: fail everything queued."""
@@ -355,7 +305,7 @@ class TrunkRuntime:
         for w in queued:
             w.error = ServerDraining("the trunk server is shutting down; retry on another server or later")
         self._tell(queued)
-        self._decodes, self._alone, self._queued_rows = [], collections.deque(), 0
+        self._decodes, self._alone = [], collections.deque()
 
     @staticmethod
     def _tell(works: list[_Work]) -> None:
@@ -376,63 +326,23 @@ class TrunkRuntime:
     # --- the scheduling ---------------------------------------------------------------------------------
     def _schedule(self) -> None:
         """The scheduler thread: one decode batch or one piece of work alone at a time (alternating when both
-        wait), until stopped. It computes each itself, or with a pipeline, launches it on the device thread and
-        goes on gathering while fewer than `pipeline_depth` are in flight."""
+        wait), until stopped."""
         name_os_thread("trunk-scheduler")
         while True:
             with self._cv:
-                while not ((self._decodes or self._alone) and self._in_flight < self.pipeline_depth or self._stopping):
+                while not (self._decodes or self._alone or self._stopping):
                     self._cv.wait()
                 if self._stopping:
                     self._drain()
                     return
                 if self._batch_next():
                     self._gather()
-                    work = self._take(self._cap())
+                    work, self._decodes = self._decodes[: self.max_batch], self._decodes[self.max_batch :]
                 else:
                     work = [self._alone.popleft()]
                 self._alone_next = work[0].slots is not None
-                if self.pipeline_depth > 1:
-                    self._in_flight += 1
-                    self._launched.append(work)
-                    self._cv.notify_all()
-                    continue
             self._run(work)
             work = None  # hold no session's tensors or results (a trainer) while idle
-
-    def _device(self) -> None:
-        """The device thread of a pipeline: computes what the scheduler launched, in order; ends once stopping
-        and everything launched has been answered."""
-        name_os_thread("trunk-device")
-        while True:
-            with self._cv:
-                while not (self._launched or self._stopping):
-                    self._cv.wait()
-                if not self._launched:
-                    return
-                work = self._launched.popleft()
-            self._run(work)
-            with self._cv:
-                self._in_flight -= 1
-                self._cv.notify_all()
-            work = None
-
-    def _take(self, cap: int) -> list[_Work]:
-        """Under the lock: the queued decode steps of the next batch, up to `cap` of them, in the order they came (a
-        group that does not fit whole goes in pieces)."""
-        decodes, batch, room, i = self._decodes, [], cap, 0
-        while i < len(decodes) and room:
-            w = decodes[i]
-            if len(w.slots) > room:
-                w, decodes[i] = _split(w, room)
-            else:
-                i += 1
-            batch.append(w)
-            room -= len(w.slots)
-        del decodes[:i]
-        self._flying.update(s for w in batch for s in w.slots)
-        self._queued_rows -= cap - room
-        return batch
 
     def _run(self, work: list[_Work]) -> None:
         if work[0].slots is None:
@@ -440,17 +350,10 @@ class TrunkRuntime:
         else:
             self._run_batch(work)
 
-    def _cap(self) -> int:
-        """Under the lock: the most rows a batch takes: with a pipeline, a share of the decoding sessions, so that
-        they split into cohorts that take turns."""
-        if self.pipeline_depth == 1:
-            return self.max_batch
-        return max(1, min(self.max_batch, -(-len(self._decoding) // self.pipeline_depth)))
-
     def _expected(self) -> int:
-        """Under the lock: how many queued decode steps make a batch complete: every decoding session that is not
-        in flight already, up to the cap."""
-        return min(self._cap(), len(self._decoding) - len(self._flying))  # those in flight are decoding too
+        """Under the lock: how many queued decode steps make a batch complete: every decoding session's, up to
+        `max_batch`."""
+        return min(self.max_batch, len(self._decoding))
 
     def _batch_next(self) -> bool:
         """Under the lock: whether a decode batch goes next (else one piece of work alone): they alternate
@@ -463,7 +366,7 @@ class TrunkRuntime:
         one. Counted from now, not from the first arrival: steps that queued while a batch ran would otherwise
         go at once, without the sessions whose answers that batch just sent, and stay out of step with them."""
         deadline = time.perf_counter() + self.gather_s()
-        while self._queued_rows < self._expected() and not self._stopping:
+        while len(self._decodes) < self._expected() and not self._stopping:
             left = deadline - time.perf_counter()
             if left <= 0:
                 break
@@ -492,8 +395,8 @@ class TrunkRuntime:
             lengths = self.cache.lengths
             for s in slots:
                 lengths[s] += 1
-            for w in batch:  # a view of a step's row, a copy of a group's
-                w.result = rows[w.slots[0] : w.slots[0] + 1] if len(w.slots) == 1 else rows[w.slots]
+            for w in batch:  # a view of the step's row
+                w.result = rows[w.slots[0] : w.slots[0] + 1]
         except BaseException as e:
             logger.exception("a decode batch of %d failed", len(slots))
             for w in batch:
@@ -525,35 +428,30 @@ class TrunkRuntime:
 
     def _stage(self, batch: list[_Work], n: int, slots: list[int], held: list[int]) -> tuple[torch.Tensor, ...]:
         """The batch's inputs and positions (its `slots` hold `held` positions) in the host buffers
-        (pinned on a GPU), rows [0, N): numpy writes, one for each group, a fraction of the cost of torch calls (a
+        (pinned on a GPU), rows [0, N): numpy writes, one for each step, a fraction of the cost of torch calls (a
         forward's fixed cost is the scheduler's own time on the GIL). A row that sits the step out keeps an old
         input and writes to its spare position."""
         pos = self._pos_np
         pos[:n] = self.spare
         pos[slots] = held
         for w in batch:
-            p = w.payload  # (K, 1, C): a tensor, or a float32/float16 array as the servicer decoded it
+            p = w.payload  # (1, 1, C): a tensor, or a float32/float16 array as the servicer decoded it
             if isinstance(p, torch.Tensor) and p.dtype in _NUMPY_DTYPES and p.device.type == "cpu":
                 p = p.numpy()
             if self._x_np is not None and isinstance(p, np.ndarray):
-                if len(w.slots) == 1:  # an index: a fraction of a list's cost
-                    self._x_np[w.slots[0]] = p[0]
-                else:
-                    self._x_np[w.slots] = p
+                self._x_np[w.slots[0]] = p[0]
             else:  # bfloat16 on either side (numpy has none), or already on the device
-                for j, s in enumerate(w.slots):
-                    self._x_host[s].copy_(torch.as_tensor(p[j]))
+                self._x_host[w.slots[0]].copy_(torch.as_tensor(p[0]))
         return self._x_host[:n], self._pos_host[:n]
 
     def _finish(self, works: list[_Work], t0: float, slots: list[int] | None) -> None:
         """The books of a decode batch over `slots`, or of a piece of work alone (None), run from t0."""
         ms = (time.perf_counter() - t0) * 1e3
         rows = 1 if slots is None else len(slots)
-        waits = [(t0 - w.arrived, 1 if w.slots is None else len(w.slots)) for w in works]
+        waits = [t0 - w.arrived for w in works]
         with self._cv:
             s = self.stats
             if slots is not None:
-                self._flying.difference_update(slots)
                 self._step_s = 0.8 * self._step_s + 0.2 * ms / 1e3
                 s.batches += 1
                 s.batched_rows += rows
@@ -561,11 +459,11 @@ class TrunkRuntime:
             else:
                 s.jobs += 1
             s.compute_ms += ms
-            s.queue_wait_ms += sum(wait * steps for wait, steps in waits) * 1e3
+            s.queue_wait_ms += sum(waits) * 1e3
             s.waited += rows
         if self.on_wait is not None:
-            for wait, steps in waits:
-                self.on_wait(wait, steps)
+            for wait in waits:
+                self.on_wait(wait)
         for w in works:
             w.compute_ms, w.batch = ms, rows
         self._tell(works)

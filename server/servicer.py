@@ -72,6 +72,15 @@ class TrunkServicer(pb_grpc.TrunkServicer):
         self._gpu = GpuProbe(trunk.device.index or 0) if trunk.device.type == "cuda" else None
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc")  # stateless and training calls
 
+    @property
+    def name(self) -> str:
+        """How this replica names itself to clients (its address): in its info and its refusals."""
+        return self.training.replica
+
+    @name.setter
+    def name(self, value: str) -> None:
+        self.training.replica = value
+
     async def in_thread(self, fn: Callable[..., Any], *args, undo: Callable[[Any], None] | None = None) -> Any:
         """`fn(*args)` in a worker thread, awaited to its end even if the call is cancelled meanwhile (then `undo`
         gets what it returned, and the cancel goes on)."""
@@ -88,6 +97,7 @@ class TrunkServicer(pb_grpc.TrunkServicer):
         info = pb.ServerInfo()
         info.CopyFrom(self.info)
         info.active_sessions = self.sessions.active()
+        info.replica = self.name
         return info
 
     # --- Session ----------------------------------------------------------------------------------------
@@ -99,7 +109,7 @@ class TrunkServicer(pb_grpc.TrunkServicer):
         o = first.open
         weights = codec.decode_named(o.adapter.weights, self.max_elements, "adapter tensor")
         ours = self.fingerprint.with_adapter(adapter_digest(weights)) if weights else self.fingerprint
-        check_fingerprint(ours, o.fingerprint)
+        check_fingerprint(ours, o.fingerprint, self.name)
         want = o.max_length or self.max_length
         if want < 0:
             raise InvalidInput(f"max_length must be >= 0, got {want}")
@@ -201,21 +211,18 @@ class TrunkServicer(pb_grpc.TrunkServicer):
             )
         return h, wire
 
-    def _book(self, sessions: list, shape, ms: float, rows: int) -> None:
-        """A step of `shape` each of `sessions` has run in a forward of `rows` rows that took `ms`: the sessions'
-        and the server's books."""
-        now = time.monotonic()
-        for session in sessions:
-            session.next_step += 1
-            session.last_active = now
-        self.sessions.record_steps(len(sessions), ms / rows * len(sessions))  # their share of the forward
+    def _book(self, session, shape, ms: float, rows: int) -> None:
+        """A step of `shape` of `session` has run in a forward of `rows` rows that took `ms`: the session's and the
+        server's books."""
+        session.next_step += 1
+        session.last_active = time.monotonic()
+        self.sessions.record_steps(1, ms / rows)  # its share of the forward
         if self.metrics is not None:
-            kind = "decode" if shape[1] == 1 else "prefill"
-            self.metrics.step(kind, shape[0] * shape[1] * len(sessions), len(sessions))
+            self.metrics.step("decode" if shape[1] == 1 else "prefill", shape[0] * shape[1])
 
     def _answer(self, session, req, shape, wire: int, out, ms: float, rows: int, arrived: float) -> pb.StepResponse:
         """The response to a step that has run, and the session's books."""
-        self._book([session], shape, ms, rows)
+        self._book(session, shape, ms, rows)
         resp = pb.StepResponse(
             step=req.step.step,
             hidden=codec.encode(out, codec.wire_torch_dtype(wire)),
@@ -223,6 +230,8 @@ class TrunkServicer(pb_grpc.TrunkServicer):
             cache_length=self._length(session),
         )
         resp.server_wall_ms = (time.perf_counter() - arrived) * 1e3
+        if session.next_step == 1:  # its first answer: say which replica holds it
+            resp.replica = self.name
         return resp
 
     async def _step(self, session, req: pb.StepRequest) -> pb.StepResponse:
@@ -234,56 +243,10 @@ class TrunkServicer(pb_grpc.TrunkServicer):
         out, ms, rows = await self._compute(session, h, wire)
         return self._answer(session, req, h.shape, wire, out, ms, rows, arrived)
 
-    def decode_rows(self, data: bytes, wire: int, width: int, count: int) -> tuple[np.ndarray, list[bool]] | None:
-        """The hidden states of `count` decode steps packed by a gRPC front (`codec.decode_rows`), or None unless
-        they are `count` whole rows of this trunk's width in float32 or float16."""
-        if width != self.trunk.config.n_embd or width > self.max_elements:
-            return None
-        try:
-            return codec.decode_rows(data, wire, width, count)
-        except codec.CodecError:
-            return None
-
-    def can_start(self, session, step: int) -> bool:
-        """Whether a decode step that a gRPC front packed can start at once (`start_rows`): its session is open and
-        at `step`, has one row and no adapter, and has room for one more position. A step that cannot goes the usual
-        way, where `_step` says what is wrong with it."""
-        return (
-            not session.closed
-            and session.batch == 1
-            and session.model is None
-            and step == session.next_step
-            and self._length(session) < session.max_length
-        )
-
-    def start_rows(self, sessions: list, h: np.ndarray, wire: int, arrived: float, answer: Callable[..., None]) -> None:
-        """Start packed decode steps of `sessions` (each checked with `can_start`), with their hidden states `h`
-        (K, 1, C) of wire dtype `wire`, decoded and finite: one piece of work for the runtime, no message parsed or
-        built and no task woken. `answer(part, result)` is called on this event loop as they run (all at once, or
-        in pieces: `part` is a slice of `sessions`), with result (their outputs' bytes in `wire`, one after the
-        other; compute ms; their cache lengths; server wall ms), or the error. The caller runs no other step of
-        these sessions until they are answered."""
-
-        def then(part: slice, out, ms: float, rows: int, error: BaseException | None) -> None:
-            if error is None:
-                try:
-                    done = sessions[part]
-                    self._book(done, (1, 1), ms, rows)
-                    wall = (time.perf_counter() - arrived) * 1e3
-                    answer(part, (codec.rows_bytes(out, wire), ms, [self._length(s) for s in done], wall))
-                    return
-                except Exception as e:  # handed on, as any error of the steps
-                    error = e
-            answer(part, error)
-
-        self.runtime.decode_then([s.slot for s in sessions], h, then)
-
-    async def Session(self, request_iterator, context, opened: Callable[[object], None] | None = None):
-        """One session stream; `opened` is told the session once it is open (the relay from the fronts)."""
+    async def Session(self, request_iterator, context):
+        """One session stream: open, then one answer per step, until the client closes it."""
         async with status_on_error(context, "session", self._count):
             session = await self._open(await anext(request_iterator, None), context)
-            if opened is not None:
-                opened(session)
             try:
                 async for req in request_iterator:
                     if session.closed:  # by the idle reaper, which marks it and cancels the call
@@ -301,7 +264,7 @@ class TrunkServicer(pb_grpc.TrunkServicer):
     def _forward(self, request: pb.ForwardRequest) -> pb.ForwardResponse:
         """A stateless call, on a worker thread: its decoding is large (the KV cache comes with it)."""
         arrived = time.perf_counter()
-        check_fingerprint(self.fingerprint, request.fingerprint)
+        check_fingerprint(self.fingerprint, request.fingerprint, self.name)
         h = codec.decode(request.hidden, self.max_elements, finite="hidden states")
         kv = None
         if request.kv.dtype:  # read once, into the call's cache: no copy of its own

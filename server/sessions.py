@@ -1,5 +1,6 @@
-"""Live sessions of the trunk server: limits, counters, idle reaping; each session owns one KV cache, which
-only the session's own thread creates, uses and frees (so the reaper never pulls it from under a step)."""
+"""Live sessions of the trunk server: limits, counters, idle reaping, the end of a drain. A session's KV row and
+state are freed by its own stream handler once the stream ends, so a reaper or a drain only marks it closed and
+cancels its call, never pulling its state from under a step."""
 
 from __future__ import annotations
 
@@ -68,7 +69,7 @@ class SessionRegistry:
     def _admit(self) -> None:
         """Under the lock: room for one more session or stateless call, or the reason why not."""
         if self.draining:
-            raise ServerDraining("the trunk server is shutting down; retry on another server or later")
+            raise ServerDraining("draining: this trunk server is shutting down; retry on another replica or later")
         if len(self._sessions) + self._calls >= self.max_sessions:
             raise LimitExceeded(
                 f"too many sessions: the server's limit (max sessions) is {self.max_sessions}; sessions, training "
@@ -101,6 +102,16 @@ class SessionRegistry:
                 time.monotonic() - s.opened,
                 self.counters.active_sessions,
             )
+
+    def end_all(self, reason: str) -> int:
+        """End every open session now (a drain whose grace ran out), telling each client `reason`; returns how many
+        there were."""
+        with self._lock:
+            open_now = list(self._sessions.values())
+        for s in open_now:
+            self.close(s.id, "ended by the drain")
+            s.cancel(reason)
+        return len(open_now)
 
     def record_steps(self, steps: int, compute_ms: float) -> None:
         """`steps` steps have run, taking `compute_ms` of compute in all."""

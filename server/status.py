@@ -9,7 +9,6 @@ from collections.abc import Callable
 
 import grpc
 
-from server.relay import CLIENT_PEER
 from server.sessions import ServerDraining
 from splitcomm.proto import trunk_pb2 as pb
 from splitcore.errors import InvalidInput, LimitExceeded, Mismatch, SplitError
@@ -18,15 +17,12 @@ from splitcore.fingerprint import Fingerprint
 logger = logging.getLogger(__name__)
 
 CLOSED_BY_SERVER = "closed by the server"
+DRAINING = "draining"  # a reason that starts so ends the call with UNAVAILABLE: the client replays elsewhere
 
 
 def peer(context) -> str:
-    """The client's address: the front's word for it on a call that came through one (over the engine's Unix
-    socket, which only the server's own fronts can reach; a call over TCP cannot claim another's address)."""
-    address = context.peer()
-    if address.startswith("unix:"):
-        return dict(context.invocation_metadata() or ()).get(CLIENT_PEER, address)
-    return address
+    """The client's address, as gRPC saw it (a proxy's, for a call that came through one)."""
+    return context.peer()
 
 
 def closer() -> Callable[[str], None]:
@@ -56,7 +52,10 @@ async def status_on_error(context: grpc.aio.ServicerContext, what: str, count: C
             count("CANCELLED")
         reason = e.args[0] if e.args and isinstance(e.args[0], str) else ""
         if reason.startswith(CLOSED_BY_SERVER):  # tell the client why (a cancel alone sends nothing)
-            await context.abort(grpc.StatusCode.CANCELLED, reason)
+            reason = reason.removeprefix(f"{CLOSED_BY_SERVER}: ")
+            if reason.startswith(DRAINING):
+                await context.abort(grpc.StatusCode.UNAVAILABLE, reason)
+            await context.abort(grpc.StatusCode.CANCELLED, f"{CLOSED_BY_SERVER}: {reason}")
         raise
     except grpc.aio.AbortError:  # a status already sent
         raise
@@ -73,14 +72,16 @@ async def status_on_error(context: grpc.aio.ServicerContext, what: str, count: C
         await context.abort(grpc.StatusCode.INTERNAL, f"internal error in the trunk server: {type(e).__name__}: {e}")
 
 
-def check_fingerprint(ours: Fingerprint, theirs: pb.Fingerprint) -> None:
+def check_fingerprint(ours: Fingerprint, theirs: pb.Fingerprint, replica: str = "") -> None:
+    """Refuse a client whose model differs, saying how (and, in a replica set, which replica refused)."""
     if not theirs.digest:
         raise InvalidInput("no model fingerprint sent: the first message must carry the client's fingerprint")
     if theirs.digest == ours.digest:
         return
     other = Fingerprint(theirs.arch, theirs.split, theirs.weights, theirs.n_layer, theirs.n_embd, theirs.adapter)
     diffs = ours.differences(other) or ["fingerprint digest"]
+    where = f" (replica {replica})" if replica else ""
     raise Mismatch(
-        f"client and server models differ in {'; '.join(diffs)} (server vs client); start both "
+        f"client and server{where} models differ in {'; '.join(diffs)} (server vs client); start both "
         f"with the same --model and --split"
     )

@@ -61,13 +61,14 @@ class TrainHandler:
         self.trunk, self.fingerprint, self.sessions = trunk, fingerprint, sessions
         self.run = run  # runs a callable through the trunk runtime, one at a time: (result, compute ms)
         self.max_elements, self.max_length, self.recompute = max_elements, max_length, recompute
+        self.replica = ""  # the server's name for itself, in refusals (set once it listens)
         self.live: weakref.WeakValueDictionary[str, PartTrainer] = weakref.WeakValueDictionary()  # for tests
 
     def _open(self, first: pb.TrainRequest | None, peer: str, cancel) -> tuple[Session, PartTrainer]:
         if first is None or first.WhichOneof("kind") != "open":
             raise InvalidInput("the first message of a training session must be 'open' with the model fingerprint")
         o = first.open
-        check_fingerprint(self.fingerprint, o.fingerprint)
+        check_fingerprint(self.fingerprint, o.fingerprint, self.replica)
         settings = settings_from_pb(o.lora, o.optimizer, o.seed)
         settings.check(self.trunk.config.n_embd)
         weights = codec.decode_named(o.resume.weights, self.max_elements, "adapter tensor")

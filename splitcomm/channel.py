@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import logging
+import socket
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -38,18 +41,92 @@ def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[
     ]
 
 
-def server_options(
-    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, share_port: bool = False
-) -> list[tuple[str, int]]:
+def server_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
     return _limits(max_message_bytes) + [
         ("grpc.keepalive_time_ms", 60_000),
         ("grpc.keepalive_timeout_ms", 20_000),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ("grpc.http2.max_pings_without_data", 0),
-        # a second server on the same port must fail, not share it; the server's own gRPC fronts share theirs
-        ("grpc.so_reuseport", int(share_port)),
+        ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share it
     ]
+
+
+URI_SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:")  # gRPC's own target URIs, passed through
+BALANCED_SCHEMES = ("dns:", "ipv4:", "ipv6:")  # those that may name several backends
+
+
+def service_config(health_service: str) -> str:
+    """gRPC's service config of a channel over several replicas: round robin over those whose health check on
+    `health_service` says SERVING (grpc.health.v1, watched on each connection)."""
+    return json.dumps(
+        {"loadBalancingConfig": [{"round_robin": {}}], "healthCheckConfig": {"serviceName": health_service}}
+    )
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a client's trunk is: `uri` is what gRPC connects to; `replicas` the addresses known behind it (for
+    monitoring each one); `balanced`: round robin over them, with health checks."""
+
+    spec: str  # as the user gave it
+    uri: str
+    replicas: tuple[str, ...]
+    balanced: bool
+    authority: str | None = None  # host:port the channel names to the servers (their certificates' name)
+    replica_name: str | None = None  # the name in each replica's certificate, where `replicas` are addresses
+
+
+def _split_host_port(address: str) -> tuple[str, int]:
+    host, sep, port = address.strip().rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise InvalidInput(f"trunk server address '{address}' is not host:port")
+    return host.strip("[]"), int(port)
+
+
+def _resolve(host: str, port: int) -> list[str]:
+    """Every address `host` resolves to, as gRPC's ipv4:/ipv6: URIs write them."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise InvalidInput(f"cannot resolve trunk server host '{host}': {e.strerror}") from None
+    out = []
+    for family, _, _, _, addr in infos:
+        a = f"[{addr[0]}]:{addr[1]}" if family == socket.AF_INET6 else f"{addr[0]}:{addr[1]}"
+        if a not in out:
+            out.append(a)
+    return sorted(out, key=lambda a: a.startswith("["))  # IPv4 first: a list's names must agree on a family
+
+
+def parse_target(spec: str) -> Target:
+    """The client's --server: one host:port; a comma-separated list of them (round robin over the replicas); or a
+    gRPC target URI (dns:///trunk.internal:50051 over every address the name has, ipv4:10.0.0.5:50051,10.0.0.6:50051).
+    A list's names are resolved once, here, into an ipv4:/ipv6: URI."""
+    spec = spec.strip()
+    if not spec:
+        raise InvalidInput("no trunk server given: --server host:port (or a list, or a gRPC target URI)")
+    if spec.startswith(URI_SCHEMES):
+        scheme, _, rest = spec.partition(":")
+        balanced = spec.startswith(BALANCED_SCHEMES)
+        if scheme in ("ipv4", "ipv6"):
+            replicas = tuple(a.strip() for a in rest.split(",") if a.strip())
+        elif scheme == "dns":
+            name = rest.lstrip("/").split("/")[-1]  # dns:[//authority/]host:port
+            host, port = _split_host_port(name)
+            return Target(spec, spec, tuple(_resolve(host, port)), True, replica_name=host)
+        else:
+            replicas = (spec,)
+        return Target(spec, spec, replicas, balanced)
+    entries = [e.strip() for e in spec.split(",") if e.strip()]
+    if len(entries) == 1:
+        _split_host_port(entries[0])
+        return Target(spec, entries[0], (entries[0],), False)
+    resolved = [_resolve(*_split_host_port(e))[0] for e in entries]
+    v6 = [a.startswith("[") for a in resolved]
+    if any(v6) and not all(v6):
+        raise InvalidInput(f"trunk servers {spec}: mix IPv4 and IPv6 addresses; give one family (or a dns: URI)")
+    uri = ("ipv6:" if all(v6) else "ipv4:") + ",".join(resolved)
+    return Target(spec, uri, tuple(entries), True, authority=entries[0])
 
 
 def _read(path: str | None) -> bytes | None:
@@ -57,15 +134,23 @@ def _read(path: str | None) -> bytes | None:
 
 
 def make_channel(
-    target: str,
+    target: str | Target,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     tls_ca: str | None = None,
     tls_cert: str | None = None,
     tls_key: str | None = None,
     tls_server_name: str | None = None,
+    health_service: str = "",
 ) -> grpc.Channel:
-    """Insecure channel, or TLS when a CA is given (client certificate too for mutual TLS)."""
+    """Insecure channel, or TLS when a CA is given (client certificate too for mutual TLS). Over several replicas
+    (a list or a URI that may resolve to several), round robin with health checks of `health_service`."""
+    t = target if isinstance(target, Target) else parse_target(target)
     options = channel_options(max_message_bytes)
+    if t.balanced:
+        options.append(("grpc.service_config", service_config(health_service)))
+        if t.authority:
+            options.append(("grpc.default_authority", t.authority))
+    target = t.uri
     if not tls_ca:
         return grpc.insecure_channel(target, options=options)
     creds = grpc.ssl_channel_credentials(
@@ -120,13 +205,10 @@ def method_handler(method) -> Callable:
     return _HANDLERS[method.client_streaming, method.server_streaming]
 
 
-def make_server(
-    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, token: str | None = None, share_port: bool = False
-) -> grpc.aio.Server:
-    """An asyncio gRPC server (call on the event loop that will run it); `share_port`: one of several processes
-    on one port (SO_REUSEPORT), each taking its share of the connections."""
+def make_server(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, token: str | None = None) -> grpc.aio.Server:
+    """An asyncio gRPC server (call on the event loop that will run it)."""
     interceptors = [TokenAuthInterceptor(token)] if token else []
-    return grpc.aio.server(options=server_options(max_message_bytes, share_port), interceptors=interceptors)
+    return grpc.aio.server(options=server_options(max_message_bytes), interceptors=interceptors)
 
 
 def add_port(

@@ -124,24 +124,6 @@ def encode_array(a: np.ndarray, wire: int) -> pb.Tensor:
     return pb.Tensor(data=a.astype(_NUMPY[wire], copy=False).tobytes(), shape=a.shape, dtype=wire)
 
 
-def decode_rows(data: bytes, wire: int, width: int, rows: int) -> tuple[np.ndarray, list[bool]]:
-    """Packed decode steps of several sessions (a gRPC front's relay: one new position of `width` values each, one
-    after the other) -> a read-only (rows, 1, 1, width) numpy view of float32 or float16, and whether each row is
-    finite: one call for all of them where `decode_array` makes several for each."""
-    if wire not in NUMPY_FLOATS or width < 1 or len(data) != rows * width * _ITEMSIZE[wire]:
-        raise CodecError(f"packed rows: {len(data)} bytes are not {rows} rows of {width} {WIRE_NAMES.get(wire, wire)}")
-    a = np.frombuffer(data, dtype=NUMPY_FLOATS[wire]).reshape(rows, 1, 1, width)
-    return a, np.isfinite(a).all(axis=(1, 2, 3)).tolist()
-
-
-def rows_bytes(out: np.ndarray | torch.Tensor, wire: int) -> bytes:
-    """Decode steps' outputs (K, 1, C), numpy or a tensor, -> their raw bytes in wire dtype `wire`, one row after
-    the other (a relay's packed answers)."""
-    if isinstance(out, np.ndarray) and wire in NUMPY_FLOATS:
-        return out.astype(NUMPY_FLOATS[wire], copy=False).tobytes()
-    return encode(out, _FROM_WIRE[wire]).data
-
-
 def encode_named(tensors: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> list[pb.NamedTensor]:
     """Named tensors (an adapter's weights, an optimizer's state) -> messages, sorted by name."""
     return [pb.NamedTensor(name=k, tensor=encode(v, dtype)) for k, v in sorted(tensors.items())]

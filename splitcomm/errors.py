@@ -28,6 +28,8 @@ def from_rpc_error(e: grpc.RpcError, target: str) -> TrunkError:
         return TrunkUnavailable(
             f"trunk server at {target} closed the session ({details}): idle timeout, shutdown or restart", code
         )
+    if code == grpc.StatusCode.UNAVAILABLE and details.startswith("draining"):  # a replica shutting down
+        return TrunkUnavailable(f"trunk server at {target} is {details}", code)
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
         return TrunkUnavailable(
             f"trunk server at {target} is unreachable ({code.name}: {details}); check that it is running "

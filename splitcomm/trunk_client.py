@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import threading
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 import grpc
 import torch
 
-from splitcomm.channel import DEFAULT_MAX_MESSAGE_BYTES, auth_metadata, make_channel
+from splitcomm.channel import DEFAULT_MAX_MESSAGE_BYTES, Target, auth_metadata, make_channel, parse_target
 from splitcomm.codec import decode, encode
 from splitcomm.errors import TrunkError, TrunkUnavailable, from_rpc_error
 from splitcomm.proto import trunk_pb2 as pb
@@ -20,6 +21,7 @@ from splitcomm.proto import trunk_pb2_grpc as pb_grpc
 
 logger = logging.getLogger(__name__)
 
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Trunk"].full_name  # what a replica's health check names
 FRAME_OVERHEAD = 17  # per message: gRPC's 5-byte length prefix and the protobuf fields around the tensor's bytes
 _END = object()  # closes a session's request stream
 
@@ -28,7 +30,7 @@ _END = object()  # closes a session's request stream
 class TrunkClientConfig:
     """How to reach a trunk server and how long to wait for it."""
 
-    target: str = "localhost:50051"  # host:port (GPT2_TRUNK_SERVER)
+    target: str = "localhost:50051"  # host:port, a list of them, or a gRPC target URI (GPT2_TRUNK_SERVER)
     connect_timeout_s: float = 5.0  # to reach the server at all, s
     step_timeout_s: float = 60.0  # one step or stateless call, s (0 = no limit)
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
@@ -119,6 +121,7 @@ class TrunkSession:
         self.cfg, self.wire_dtype = cfg, wire_dtype
         self.steps = 0
         self.last: CallTimes | None = None  # of the latest step
+        self.replica = ""  # the server that holds it, as it names itself (with its first answer)
         # the open message goes out with the first step: no extra round trip
         self._stream = _Stream(stub.Session, pb.StepRequest(open=open_msg), cfg, "session")
 
@@ -133,6 +136,7 @@ class TrunkSession:
         resp = self._stream.exchange(req)
         t2 = time.perf_counter()
         self.steps += 1
+        self.replica = resp.replica or self.replica
         out = decode(resp.hidden)
         t3 = time.perf_counter()
         self.last = CallTimes((t3 - t0) * 1e3, (t1 - t0 + t3 - t2) * 1e3, resp.server_wall_ms, resp.server_ms)
@@ -200,12 +204,20 @@ class TrainingSession:
 
 
 class TrunkClient:
-    """A connection to one trunk server. Every call has a deadline; RPC errors become TrunkError."""
+    """A connection to a trunk server, or to several replicas with gRPC's round robin over the healthy ones: each
+    call (a session's whole stream) goes to one. Every call has a deadline; RPC errors become TrunkError."""
 
     def __init__(self, cfg: TrunkClientConfig):
         self.cfg = cfg
+        self.target: Target = parse_target(cfg.target)
         self.channel = make_channel(
-            cfg.target, cfg.max_message_bytes, cfg.tls_ca, cfg.tls_cert, cfg.tls_key, cfg.tls_server_name
+            self.target,
+            cfg.max_message_bytes,
+            cfg.tls_ca,
+            cfg.tls_cert,
+            cfg.tls_key,
+            cfg.tls_server_name,
+            SERVICE_NAME,
         )
         self.stub = pb_grpc.TrunkStub(self.channel)
         self._metadata = auth_metadata(cfg.token)
@@ -272,6 +284,15 @@ class TrunkClient:
                 raise from_rpc_error(e, self.cfg.target) from e
         finally:
             call.cancel()
+
+    def replicas(self) -> list[TrunkClient]:
+        """A client of each replica this one knows by address (one: itself), to monitor each on its own."""
+        if len(self.target.replicas) == 1 and not self.target.balanced:
+            return [self]
+        name = self.cfg.tls_server_name or self.target.authority
+        return [
+            TrunkClient(dataclasses.replace(self.cfg, target=a, tls_server_name=name)) for a in self.target.replicas
+        ]
 
     def close(self) -> None:
         self.channel.close()

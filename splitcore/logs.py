@@ -1,5 +1,4 @@
-"""Logging of every process: a real file (logs/...), and warnings on stderr. Imports nothing heavy: the gRPC
-fronts of the server use it without torch."""
+"""Logging of every process: a real file (logs/...), and warnings on stderr. Imports nothing heavy."""
 
 from __future__ import annotations
 

@@ -66,15 +66,46 @@ def start_tiny_server(models_dir, **settings):
     return srv
 
 
-def tiny_split_engine(models_dir, target: str | None = None, **settings):
+class Replicas:
+    """In-process trunk servers for random:tiny with the same settings: a replica set, and the client's target
+    naming them all (round robin over them)."""
+
+    def __init__(self, servers: list):
+        self.servers = servers
+        self.target = ",".join(f"127.0.0.1:{s.port}" for s in servers)
+        self.fingerprint = servers[0].fingerprint
+
+    def active(self) -> int:
+        return sum(s.sessions.active() for s in self.servers)
+
+    def total_steps(self) -> int:
+        return sum(s.sessions.counters.total_steps for s in self.servers)
+
+    def wait_all_ready(self, client) -> None:
+        """Until the balanced channel of `client` (a TrunkClient over `target`) reaches every replica: round robin
+        alternates between those it is connected to, so calls from then on spread evenly."""
+        names = {f"127.0.0.1:{s.port}" for s in self.servers}
+        wait_for(lambda: {client.info().replica for _ in range(2 * len(names))} == names, 20, "every replica up")
+
+    def stop(self, grace: float = 0.5) -> None:
+        for s in self.servers:
+            s.stop(grace)
+
+
+def start_tiny_replicas(models_dir, n: int, **settings) -> Replicas:
+    return Replicas([start_tiny_server(models_dir, **settings) for _ in range(n)])
+
+
+def tiny_split_engine(models_dir, target: str | None = None, notify=None, **settings):
     """A split client for random:tiny on the CPU, against the trunk at `target` (or in-process with
-    local_trunk=True); it fails at once when the trunk is lost unless `reconnect_s` says otherwise."""
+    local_trunk=True); it fails at once when the trunk is lost unless `reconnect_s` says otherwise. `notify` hears
+    what the engine would tell a user (a lost trunk, a replay)."""
     from client.engine import ClientConfig, SplitEngine
 
     settings.setdefault("reconnect_s", 0)
     if target is not None:
         settings["server"] = target
-    return SplitEngine(ClientConfig(model=TINY, models_dir=str(models_dir), device="cpu", **settings))
+    return SplitEngine(ClientConfig(model=TINY, models_dir=str(models_dir), device="cpu", **settings), notify)
 
 
 @pytest.fixture(scope="session")

@@ -14,11 +14,8 @@ import grpc
 import psutil
 import pytest
 import torch
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
-from server.metrics import WAIT_BUCKETS, CountedHistogram
 from server.runtime import TrunkRuntime
-from server.sessions import ServerDraining
 from splitcomm.errors import TrunkError
 from splitcomm.proto import trunk_pb2 as pb
 from splitcomm.proto import trunk_pb2_grpc as pb_grpc
@@ -38,8 +35,8 @@ PROMPTS = [
 ]
 
 
-@pytest.fixture(scope="module", params=[(1, 0), (2, 0), (1, 2)], ids=["one-in-flight", "pipelined", "fronts"])
-def batching_server(models_dir, tiny, request):
+@pytest.fixture(scope="module")
+def batching_server(models_dir, tiny):
     # a long wait, so that steps of sessions that are decoding meet in one batch on a busy 2-core machine
     srv = start_tiny_server(
         models_dir,
@@ -48,8 +45,6 @@ def batching_server(models_dir, tiny, request):
         batch_wait_ms=50,
         grace_s=0.5,
         metrics_port=free_port(),
-        pipeline_depth=request.param[0],
-        fronts=request.param[1],  # gRPC front processes relaying to this one: the same results, through them
     )
     yield srv
     srv.stop(0.5)
@@ -170,7 +165,7 @@ def test_open_close_500_sessions_leaves_rss_flat(batching_server):
                 s.step(x)
                 s.step(y)
 
-    procs = [psutil.Process()] + [psutil.Process(p.pid) for p in srv.fronts]  # this one, and the fronts if any
+    procs = [psutil.Process()]
     cycle(50)  # warm-up: allocator pools, gRPC buffers, logging
     wait_for(lambda: srv.sessions.active() == 0, what="warm-up sessions closed")
     gc.collect()
@@ -182,31 +177,6 @@ def test_open_close_500_sessions_leaves_rss_flat(batching_server):
         grown = p.memory_info().rss - before
         assert grown < 20 * 2**20, f"RSS of pid {p.pid} grew {grown / 2**20:.1f} MiB over 500 sessions"
     client.close()
-
-
-def test_queue_wait_histogram_counts_a_group_as_prometheus_client_counts_its_steps_one_by_one():
-    """The runtime reports a group of steps that waited alike as one (wait, steps); the exposition must be what
-    prometheus-client's own Histogram gives for those steps observed one at a time, edges included."""
-    waits = [(0.003, 64), (0.0001, 1), (0.001, 3), (0.0005, 2), (2.0, 2), (0.05, 1)]
-    ours, theirs = CollectorRegistry(), CollectorRegistry()
-    counted = CountedHistogram("trunk_queue_wait_seconds", "wait", WAIT_BUCKETS)
-    ours.register(counted)
-    one_by_one = Histogram("trunk_queue_wait_seconds", "wait", buckets=WAIT_BUCKETS, registry=theirs)
-    for seconds, steps in waits:
-        counted.observe(seconds, steps)
-        for _ in range(steps):
-            one_by_one.observe(seconds)
-
-    def samples(registry) -> dict[str, float]:
-        text = generate_latest(registry).decode()
-        pairs = (x.rsplit(" ", 1) for x in text.splitlines() if x.startswith("trunk_queue_wait_seconds_"))
-        return {name: float(v) for name, v in pairs if "created" not in name}
-
-    got, want = samples(ours), samples(theirs)
-    assert got.keys() == want.keys() and len(got) == len(WAIT_BUCKETS) + 3  # the buckets, +Inf, count, sum
-    sum_ = "trunk_queue_wait_seconds_sum"
-    assert got.pop(sum_) == pytest.approx(want.pop(sum_), rel=1e-12)  # one product against n additions
-    assert got == want and got["trunk_queue_wait_seconds_count"] == 73
 
 
 def test_metrics_and_monitor_report_batches_slots_and_errors(batching_server):
@@ -235,29 +205,12 @@ def test_metrics_and_monitor_report_batches_slots_and_errors(batching_server):
     assert value(r"trunk_decode_batch_rows_count") >= 1
     assert value(r"trunk_kv_slot_bytes") == srv.runtime.slot_bytes
     assert 0 < value(r"trunk_compute_seconds_total") <= srv.runtime.stats.compute_ms / 1e3
-    # one count for each step that waited, a group of steps counted as its steps; cumulative "le" buckets
+    # one count for each step that waited; cumulative "le" buckets
     edges = ("0.0005", "0.005", "1.0", "+Inf")
     waits = [value(rf'trunk_queue_wait_seconds_bucket\{{le="{re.escape(le)}"\}}') for le in edges]
     assert waits == sorted(waits) and waits[-1] == value("trunk_queue_wait_seconds_count") == srv.runtime.stats.waited
     assert value("trunk_queue_wait_seconds_sum") == pytest.approx(srv.runtime.stats.queue_wait_ms / 1e3, rel=1e-6)
     assert samples[-1].kv_slots_used >= 1 and samples[-1].kv_slots_used + samples[-1].kv_slots_free == 20
-    if srv.fronts:  # the relay's own: the fronts connected, and messages many to a relay batch (at least one)
-        assert value("trunk_fronts") == 2
-        assert (
-            value(r'trunk_relay_items_total\{direction="in"\}')
-            >= value(r'trunk_relay_batches_total\{direction="in"\}')
-            > 0
-        )
-        assert value(r'trunk_relay_items_total\{direction="out"\}') >= 3  # two answers and an end, at least
-        # decode steps went packed as rows, and answers came back as rows (a row that cannot start at once is
-        # answered the usual way, as a message)
-        assert (
-            value(r'trunk_relay_rows_total\{direction="in"\}')
-            >= value(r'trunk_relay_rows_total\{direction="out"\}')
-            >= 1
-        )
-    else:
-        assert "trunk_fronts" not in text
     client.close()
 
 
@@ -288,92 +241,6 @@ def test_prefill_runs_in_chunks_between_decode_batches(tiny):
         ref = trunk(x, trunk.new_cache())
         assert float((out - ref).abs().max()) <= 1e-5  # chunked equals whole
         assert order.count("d") >= 6  # decode steps went on while the prompt was computed
-    finally:
-        rt.stop()
-
-
-def test_pipelined_cohorts_give_each_session_what_it_gets_alone(tiny):
-    """With two batches in flight, eight decoding sessions split into cohorts of at most four (half of them),
-    computed on the device thread, and each still gets what the trunk computes for it alone."""
-    trunk = load_parts(tiny, "2,10", ("trunk",))["trunk"]
-    rt = TrunkRuntime(trunk, slots=8, max_length=64, batch_wait_ms=50, pipeline_depth=2)
-    gen = torch.Generator().manual_seed(7)
-    inputs = [
-        [torch.randn(1, 2 + i, 64, generator=gen)] + [torch.randn(1, 1, 64, generator=gen)] * 12 for i in range(8)
-    ]
-    got: dict[int, list[torch.Tensor]] = {}
-    start = threading.Barrier(len(inputs))
-
-    def run(i: int) -> None:
-        slot, outs = rt.acquire_slot(), []
-        outs.append(rt.prefill(slot, inputs[i][0])[0])
-        start.wait()
-        for x in inputs[i][1:]:
-            outs.append(rt.decode(slot, x)[0])
-        got[i] = outs
-        rt.release_slot(slot)
-
-    try:
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(inputs))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=120)
-        assert [t.name for t in rt._threads] == ["trunk-scheduler", "trunk-device"]
-        sizes = rt.stats.batch_sizes
-        assert max(sizes) <= 4, sizes  # a cohort is at most half of the eight
-        assert max(sizes) >= 2, sizes  # and the steps did meet in batches
-        for i, xs in enumerate(inputs):
-            cache = trunk.new_cache()
-            for x, out in zip(xs, got[i], strict=True):
-                assert float((trunk(x, cache) - out).abs().max()) <= 1e-5
-        assert rt.used_slots() == 0
-    finally:
-        rt.stop()
-    assert not any(t.is_alive() for t in rt._threads)
-    with pytest.raises(ServerDraining):
-        rt.decode(0, torch.zeros(1, 1, 64))
-
-
-def test_a_group_of_decode_steps_runs_in_pieces_when_a_batch_cannot_take_it_whole(tiny):
-    """decode_then queues the steps of many sessions as one piece of work (what the relay from gRPC fronts does): a
-    batch takes at most --max-batch of them, so five steps go as three and two, each piece answered on its own,
-    and each step gets what the trunk computes for its session alone, in the group's order, not the slots'."""
-    trunk = load_parts(tiny, "2,10", ("trunk",))["trunk"]
-    rt = TrunkRuntime(trunk, slots=6, max_length=64, max_batch=3, batch_wait_ms=0)
-    waits = []
-    rt.on_wait = lambda seconds, steps: waits.append(steps)
-    gen = torch.Generator().manual_seed(3)
-    prompts = [torch.randn(1, 2 + i, 64, generator=gen) for i in range(5)]
-    x = torch.randn(5, 1, 64, generator=gen)
-    try:
-        slots = [rt.acquire_slot() for _ in prompts][::-1]  # the group's order is not the slots'
-        for slot, p in zip(slots, prompts, strict=True):
-            rt.prefill(slot, p)
-        answered = []
-
-        async def run() -> None:
-            done = asyncio.get_running_loop().create_future()
-
-            def then(part, out, ms, rows, error):
-                answered.append((part, None if out is None else torch.as_tensor(out).clone(), rows, error))
-                if part.stop == len(slots):
-                    done.set_result(None)
-
-            rt.decode_then(slots, x.numpy(), then)
-            await asyncio.wait_for(done, 60)
-
-        asyncio.run(run())
-        assert [(a[0], a[2], a[3]) for a in answered] == [(slice(0, 3), 3, None), (slice(3, 5), 2, None)]
-        assert sorted(rt.stats.batch_sizes.elements()) == [2, 3]
-        outs = torch.cat([a[1] for a in answered])
-        for i, p in enumerate(prompts):
-            cache = trunk.new_cache()
-            trunk(p, cache)
-            assert float((trunk(x[i : i + 1], cache) - outs[i : i + 1]).abs().max()) <= 1e-5
-            assert rt.length(slots[i]) == p.shape[1] + 1
-        assert waits == [1] * 5 + [3, 2]  # each prefill, then the two pieces: a wait a step
-        assert rt.stats.waited == 10 and rt.stats.batched_rows == 5
     finally:
         rt.stop()
 
@@ -421,7 +288,6 @@ def test_nothing_of_a_session_reaches_the_next_user_of_its_slot(tiny):
 def test_a_cancelled_awaiter_stays_until_its_work_has_run(tiny):
     """The servicer's task for a session may be cancelled (the client went away) while its step is in a batch: the
     task must not end, and so give the slot back, before the batch has run; then it ends cancelled."""
-    import asyncio
 
     trunk = load_parts(tiny, "2,10", ("trunk",))["trunk"]
     rt = TrunkRuntime(trunk, slots=2, max_length=16)

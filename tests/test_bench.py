@@ -72,14 +72,13 @@ def run_script(tmp_path, models_dir, script: str, *args: str) -> dict:
 
 
 def test_bench_loop_measures_the_serving_path(tmp_path, models_dir, tiny):
-    args = ["--sessions", "1,4", "--seconds", "0.5", "--path", "servicer,relay"]
+    args = ["--sessions", "1,4", "--seconds", "0.5"]
     d = run_script(tmp_path, models_dir, "bench_loop", *args)
-    rows = {(r["path"], r["sessions"]): r for r in d["rows"]}
-    assert set(rows) == {(p, n) for p in ("servicer", "relay") for n in (1, 4)}
+    rows = {r["sessions"]: r for r in d["rows"]}
+    assert set(rows) == {1, 4}
     assert all(r["steps_per_s"] > 0 for r in rows.values())
-    for path in ("servicer", "relay"):  # the four met in batches, through either path
-        assert rows[path, 1]["mean_batch"] == 1.0 and rows[path, 4]["mean_batch"] >= 2
-    assert "| relay | 4 |" in d["stdout"]
+    assert rows[1]["mean_batch"] == 1.0 and rows[4]["mean_batch"] >= 2  # the four met in batches
+    assert "| 4 |" in d["stdout"]
 
 
 def test_bench_server_runs_settings_side_by_side(tmp_path, models_dir, tiny):

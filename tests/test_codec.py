@@ -111,19 +111,3 @@ def test_stubs_match_proto():
         for f in gen.generate(Path(tmp)):
             checked_in = ROOT / "splitcomm" / "proto" / f.name
             assert checked_in.read_text() == f.read_text(), f"{checked_in} is stale: run scripts/gen_protos.py"
-
-
-def test_packed_rows_decode_with_one_finite_flag_each_and_refuse_a_wrong_size():
-    from splitcomm.codec import decode_rows, rows_bytes
-
-    rows = torch.randn(3, 1, 1, 8)
-    rows[1, 0, 0, 5] = float("inf")
-    for wire, dtype in ((pb.FLOAT32, torch.float32), (pb.FLOAT16, torch.float16)):
-        data = b"".join(rows_bytes(r.numpy(), wire) for r in rows)
-        a, finite = decode_rows(data, wire, 8, 3)
-        assert a.shape == (3, 1, 1, 8) and finite == [True, False, True]
-        assert torch.equal(torch.from_numpy(a.copy()), rows.to(dtype))
-        with pytest.raises(CodecError, match="are not 2 rows of 8"):
-            decode_rows(data, wire, 8, 2)
-    with pytest.raises(CodecError):
-        decode_rows(b"\0" * 16, pb.BFLOAT16, 8, 1)  # numpy has no bfloat16: such rows are never packed

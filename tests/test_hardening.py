@@ -15,12 +15,20 @@ import pytest
 import torch
 
 from server.sessions import SessionRegistry
+from splitcomm.channel import make_channel
 from splitcomm.errors import TrunkError, TrunkUnavailable
 from splitcomm.proto import trunk_pb2 as pb
 from splitcomm.proto import trunk_pb2_grpc as pb_grpc
-from splitcomm.trunk_client import TrunkClient, TrunkClientConfig
+from splitcomm.trunk_client import SERVICE_NAME, TrunkClient, TrunkClientConfig
 from splitcore.sampling import SamplingParams
-from tests.conftest import free_port, start_server_process, start_tiny_server, tiny_split_engine, wait_for
+from tests.conftest import (
+    Replicas,
+    free_port,
+    start_server_process,
+    start_tiny_replicas,
+    tiny_split_engine,
+    wait_for,
+)
 
 GREEDY = SamplingParams(temperature=0.0)
 
@@ -67,26 +75,29 @@ def test_sixteen_concurrent_sessions_match_solo_runs(models_dir, server_target, 
 # --- limits ---------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", params=[0, 2], ids=["direct", "fronts"])
+@pytest.fixture(scope="module", params=[1, 2], ids=["one server", "two replicas"])
 def limited(models_dir, tiny, request):
-    srv = start_tiny_server(
+    """Servers with small limits; with two replicas, each holds its own limits, and says so, behind the round robin."""
+    replicas = start_tiny_replicas(
         models_dir,
+        request.param,
         max_sessions=4,
         max_session_tokens=64,
         max_message_bytes=256 * 1024,
         idle_timeout_s=0.5,
         grace_s=0.5,
-        fronts=request.param,  # the limits hold, and say so, through gRPC fronts too
     )
-    client = TrunkClient(TrunkClientConfig(f"127.0.0.1:{srv.port}"))
-    yield srv, client, client.info().fingerprint
+    client = TrunkClient(TrunkClientConfig(replicas.target))
+    replicas.wait_all_ready(client)
+    yield replicas, client, client.info().fingerprint
     client.close()
-    srv.stop(0.5)
+    replicas.stop(0.5)
 
 
 def test_max_sessions_limit(limited):
     srv, client, fp = limited
-    sessions = [client.session(fp) for _ in range(4)]
+    n = 4 * len(srv.servers)  # the replicas' limits add up: round robin fills each in turn
+    sessions = [client.session(fp) for _ in range(n)]
     for s in sessions:
         s.step(torch.zeros(1, 2, 64))
     extra = client.session(fp)
@@ -98,11 +109,14 @@ def test_max_sessions_limit(limited):
     ) as e:  # the stateless mode is no way around it
         client.forward(fp, torch.zeros(1, 2, 64), None, torch.float32)
     assert e.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
-    sessions.pop().close()
-    wait_for(lambda: srv.sessions.active() == 3, what="a slot freed")
-    with client.session(fp) as again:
-        again.step(torch.zeros(1, 2, 64))
-    for s in sessions:
+    k = len(srv.servers)  # the last k sessions are one on each replica: closing them frees a place on each
+    for s in sessions[-k:]:
+        s.close()
+    wait_for(lambda: srv.active() == n - k, what="a place freed on each replica")
+    again = [client.session(fp) for _ in range(k)]
+    for s in again:
+        s.step(torch.zeros(1, 2, 64))
+    for s in sessions + again:
         s.close()
 
 
@@ -146,11 +160,11 @@ def test_max_message_size_limit(limited):
 
 def test_idle_session_is_closed_and_client_told(limited):
     srv, client, fp = limited
-    wait_for(lambda: srv.sessions.active() == 0, what="no sessions")
+    wait_for(lambda: srv.active() == 0, what="no sessions")
     s = client.session(fp)
     s.step(torch.zeros(1, 2, 64))
-    assert srv.sessions.active() == 1
-    wait_for(lambda: srv.sessions.active() == 0, 5, "idle session reaped")
+    assert srv.active() == 1
+    wait_for(lambda: srv.active() == 0, 5, "idle session reaped")
     with pytest.raises(TrunkUnavailable, match="closed the session"):
         s.step(torch.zeros(1, 1, 64))
     s.close()
@@ -219,7 +233,7 @@ def test_trunk_killed_mid_generation_resumes_identically(models_dir, tmp_path, s
                 server.wait()
                 threading.Thread(target=restart_later, daemon=True).start()
         assert tokens == reference
-        assert any("trunk server lost" in m for m in messages)
+        assert any("trunk server lost" in m and "replaying the session" in m for m in messages)
         assert any("replayed" in m for m in messages)
     finally:
         server.kill()
@@ -313,19 +327,19 @@ def _code(call) -> tuple[grpc.StatusCode, str]:
 
 
 @pytest.fixture(scope="module")
-def fronted(models_dir, tiny):
-    """A server whose port is served by two gRPC fronts relaying to it."""
-    srv = start_tiny_server(models_dir, max_sessions=24, grace_s=0.5, fronts=2)
-    yield srv
-    srv.stop(0.5)
+def replica_set(models_dir, tiny):
+    """Three replicas behind the client's round robin."""
+    replicas = start_tiny_replicas(models_dir, 3, max_sessions=24, grace_s=0.5)
+    yield replicas
+    replicas.stop(0.5)
 
 
-@pytest.mark.parametrize("through", ["direct", "fronts"])
-def test_fuzz_every_rpc(models_dir, request, through):
-    server = request.getfixturevalue("server" if through == "direct" else "fronted")
-    server_target = f"127.0.0.1:{server.port}"
+@pytest.mark.parametrize("through", ["one server", "three replicas"])
+def test_fuzz_every_rpc(models_dir, request, server, through):
+    replicas = Replicas([server]) if through == "one server" else request.getfixturevalue("replica_set")
+    server_target = replicas.target
     rng = random.Random(20261122)
-    channel = grpc.insecure_channel(server_target)
+    channel = make_channel(server_target, health_service=SERVICE_NAME)  # round robin over a replica set
     stub = pb_grpc.TrunkStub(channel)
     fp = pb.Fingerprint(**server.fingerprint.to_dict(), digest=server.fingerprint.digest)
     raw = {m: channel.unary_unary(f"/gpt2split.v1.Trunk/{m}") for m in ("Info", "Forward")}
@@ -373,7 +387,8 @@ def test_fuzz_every_rpc(models_dir, request, through):
     unexpected = [x for x in internal if not (x[0].endswith("(raw bytes)") and "deserializ" in x[2])]
     assert not unexpected, unexpected[:5]
     assert total == 3000
-    wait_for(lambda: server.sessions.active() == 0, what="no session leaked")
+    wait_for(lambda: replicas.active() == 0, what="no session leaked")
+    assert all(s.sessions.counters.total_sessions for s in replicas.servers)  # every replica took its share
     engine = tiny_split_engine(models_dir, server_target)
     from splitcore.engine import FullEngine
 

@@ -22,7 +22,7 @@ from server.config import ServerConfig
 from splitcomm.errors import TrunkError
 from splitcomm.trunk_client import TrunkClient, TrunkClientConfig
 from splitcore.sampling import SamplingParams
-from tests.conftest import TINY, start_tiny_server, tiny_split_engine
+from tests.conftest import TINY, Replicas, start_tiny_server, tiny_split_engine
 
 TOKEN = "s3cret-token"
 GREEDY = SamplingParams(temperature=0.0)
@@ -82,7 +82,7 @@ def pki(tmp_path_factory) -> dict[str, str]:
     }
 
 
-def _server(models_dir, pki, mtls=False, fronts=0) -> TrunkServer:
+def _server(models_dir, pki, mtls=False) -> TrunkServer:
     return start_tiny_server(
         models_dir,
         tls_cert=pki["server_cert"],
@@ -91,34 +91,36 @@ def _server(models_dir, pki, mtls=False, fronts=0) -> TrunkServer:
         auth_token=TOKEN,
         idle_timeout_s=300,
         grace_s=0.5,
-        fronts=fronts,
     )
 
 
-@pytest.fixture(scope="module", params=[0, 2], ids=["direct", "fronts"])
+@pytest.fixture(scope="module", params=[1, 2], ids=["one server", "two replicas"])
 def tls_server(models_dir, pki, tiny, request):
-    srv = _server(models_dir, pki, fronts=request.param)  # with fronts, they hold the TLS and check the token
-    yield srv
-    srv.stop(0.5)
+    """TLS and the token on every replica; the client names them all and balances over them."""
+    replicas = Replicas([_server(models_dir, pki) for _ in range(request.param)])
+    yield replicas
+    replicas.stop(0.5)
 
 
-def _engine(models_dir, port, **kw) -> SplitEngine:
-    return tiny_split_engine(models_dir, f"127.0.0.1:{port}", connect_timeout_s=3, **kw)
+def _engine(models_dir, target, **kw) -> SplitEngine:
+    return tiny_split_engine(models_dir, target, connect_timeout_s=3, **kw)
 
 
 def test_tls_with_token_generates_correctly(models_dir, pki, tls_server, tiny):
     from splitcore.engine import FullEngine
 
-    engine = _engine(models_dir, tls_server.port, tls_ca=pki["ca"], auth_token=TOKEN)
+    engine = _engine(models_dir, tls_server.target, tls_ca=pki["ca"], auth_token=TOKEN)
     want = FullEngine(tiny, torch.device("cpu"), torch.float32).run("Secure hello", 15, GREEDY).token_ids
-    assert engine.run("Secure hello", 15, GREEDY).token_ids == want
+    for _ in range(2 * len(tls_server.servers)):  # round robin: each replica serves one at least
+        assert engine.run("Secure hello", 15, GREEDY).token_ids == want
+    assert all(s.sessions.counters.total_sessions for s in tls_server.servers)
     engine.close()
 
 
 @pytest.mark.parametrize("token", [None, "wrong"])
 def test_wrong_or_missing_token_is_unauthenticated_and_nothing_computed(models_dir, pki, tls_server, token):
-    steps = tls_server.sessions.counters.total_steps
-    engine = _engine(models_dir, tls_server.port, tls_ca=pki["ca"], auth_token=token)
+    steps = tls_server.total_steps()
+    engine = _engine(models_dir, tls_server.target, tls_ca=pki["ca"], auth_token=token)
     with pytest.raises(TrunkError) as e:
         engine.server_info()
     assert e.value.code == grpc.StatusCode.UNAUTHENTICATED
@@ -127,18 +129,18 @@ def test_wrong_or_missing_token_is_unauthenticated_and_nothing_computed(models_d
     assert e.value.code == grpc.StatusCode.UNAUTHENTICATED and "token" in str(e.value)
     with pytest.raises(TrunkError) as e:
         list(
-            TrunkClient(TrunkClientConfig(f"127.0.0.1:{tls_server.port}", tls_ca=pki["ca"], token=token)).monitor(
+            TrunkClient(TrunkClientConfig(tls_server.target, tls_ca=pki["ca"], token=token)).monitor(
                 max_samples=1
             )
         )
     assert e.value.code == grpc.StatusCode.UNAUTHENTICATED
-    assert tls_server.sessions.counters.total_steps == steps and tls_server.sessions.active() == 0
+    assert tls_server.total_steps() == steps and tls_server.active() == 0
     engine.close()
 
 
 def test_plaintext_or_untrusted_client_cannot_connect(pki, tls_server):
     for kw in ({}, {"tls_ca": pki["other_ca"]}):
-        client = TrunkClient(TrunkClientConfig(f"127.0.0.1:{tls_server.port}", connect_timeout_s=2, token=TOKEN, **kw))
+        client = TrunkClient(TrunkClientConfig(tls_server.target, connect_timeout_s=2, token=TOKEN, **kw))
         with pytest.raises(TrunkError) as e:
             client.info()
         assert e.value.code == grpc.StatusCode.UNAVAILABLE
@@ -147,9 +149,10 @@ def test_plaintext_or_untrusted_client_cannot_connect(pki, tls_server):
 
 def test_health_check_needs_no_token(pki, tls_server):
     creds = grpc.ssl_channel_credentials(Path(pki["ca"]).read_bytes())
-    with grpc.secure_channel(f"localhost:{tls_server.port}", creds) as ch:
-        r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
-    assert r.status == health_pb2.HealthCheckResponse.SERVING
+    for srv in tls_server.servers:
+        with grpc.secure_channel(f"localhost:{srv.port}", creds) as ch:
+            r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert r.status == health_pb2.HealthCheckResponse.SERVING
 
 
 def test_mutual_tls_requires_client_certificate(models_dir, pki, tiny):
@@ -164,7 +167,7 @@ def test_mutual_tls_requires_client_certificate(models_dir, pki, tiny):
         no_cert.close()
         engine = _engine(
             models_dir,
-            srv.port,
+            f"127.0.0.1:{srv.port}",
             tls_ca=pki["ca"],
             tls_cert=pki["client_cert"],
             tls_key=pki["client_key"],

@@ -9,7 +9,6 @@ import sys
 import time
 
 import grpc
-import psutil
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -353,14 +352,12 @@ def test_server_process_ready_line_logs_and_sigterm(tmp_path):
     assert "serving random:tiny blocks 2-9" in text and "trunk server stopped" in text
 
 
-@pytest.mark.parametrize("fronts", ["0", "1"])
-def test_a_second_signal_stops_a_draining_server_at_once(tmp_path, fronts):
+def test_a_second_signal_stops_a_draining_server_at_once(tmp_path):
     """SIGTERM drains: an open session holds the server for --grace s. Another signal meanwhile ends it at once
-    (exit 128 + 15, as a shell reports it), fronts and the engine's socket directory included."""
+    (exit 128 + 15, as a shell reports it)."""
     log, port = tmp_path / "server.log", free_port()
-    p = start_server_process(port, "--grace", "60", "--fronts", fronts, log_file=str(log))
+    p = start_server_process(port, "--grace", "60", log_file=str(log))
     try:
-        children = psutil.Process(p.pid).children()
         with TrunkClient(TrunkClientConfig(f"127.0.0.1:{port}")) as c:
             s = c.session(c.info().fingerprint)
             s.step(torch.zeros(1, 3, 64))  # open, and left open: the drain waits for it
@@ -370,21 +367,15 @@ def test_a_second_signal_stops_a_draining_server_at_once(tmp_path, fronts):
             assert p.poll() is None  # draining
             p.send_signal(signal.SIGTERM)
             assert p.wait(timeout=10) == 128 + signal.SIGTERM
-        gone, alive = psutil.wait_procs(children, timeout=10)
-        assert not alive
     finally:
         p.kill()
     text = log.read_text()
     assert "signal 15 again: stopping at once" in text and "trunk server stopped" not in text
-    engine_dirs = [x for x in text.splitlines() if "relaying to unix:" in x]
-    for x in engine_dirs:  # a front's line names the engine's socket
-        assert not os.path.exists(x.split("relaying to unix:")[1].rsplit("/", 1)[0])
-    assert len(engine_dirs) == int(fronts)
 
 
 @pytest.mark.parametrize(
     ("flags", "says"),
-    [(["--split", "9,3"], "error: split points 9,3"), (["--fronts", "-1"], "error: --fronts must be")],
+    [(["--split", "9,3"], "error: split points 9,3"), (["--grace", "x"], "python -m server: error: argument --grace")],
 )
 def test_server_bad_flags_one_line(flags, says):
     r = subprocess.run(

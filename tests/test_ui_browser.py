@@ -188,7 +188,7 @@ def test_client_app_survives_trunk_restart(browser, client_app, trunk, cli_text)
     page.get_by_label("Prompt").fill(PROMPT)
     _set_slider(page, "Temperature (0 = greedy)", "0")
     page.get_by_role("button", name="Generate").click()
-    page.get_by_text("reconnecting for up to 1 s").first.wait_for(timeout=30_000)  # said while it retries
+    page.get_by_text("replaying the session for up to 1 s").first.wait_for(timeout=30_000)  # said while it retries
     banner = page.get_by_text("gave up after 1 s").first  # then the readable end of it
     banner.wait_for(timeout=30_000)
     assert "unreachable" in banner.inner_text()
@@ -256,12 +256,12 @@ def test_generation_survives_trunk_loss_mid_way_and_says_so(browser, trunk, mode
         while not output.input_value() and time.monotonic() < deadline:  # tokens are streaming
             time.sleep(0.02)
         trunk["server"].stop(0)
-        page.get_by_text("reconnecting for up to 30 s").first.wait_for(timeout=20_000)
+        page.get_by_text("replaying the session for up to 30 s").first.wait_for(timeout=20_000)
         partial = output.input_value()
         _shot(page, "client_reconnecting")
         trunk["server"] = trunk["start"]()
         page.get_by_text("Done").first.wait_for(timeout=60_000)
-        assert page.get_by_text("trunk server back: replayed").first.is_visible()
+        assert page.get_by_text("trunk session back: replayed").first.is_visible()
         assert output.input_value() == expected
         assert 0 < len(partial) < len(expected)  # it really was cut off mid-way
     finally:

@@ -70,7 +70,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("model", "random_weights", "n_layer", "n_embd", "n_head", "n_positions", "split_start", "split_end", "device", "dtype", "attn", "fingerprint", "limits", "version", "active_sessions")
+    __slots__ = ("model", "random_weights", "n_layer", "n_embd", "n_head", "n_positions", "split_start", "split_end", "device", "dtype", "attn", "fingerprint", "limits", "version", "active_sessions", "replica")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     RANDOM_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     N_LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -86,6 +86,7 @@ class ServerInfo(_message.Message):
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
     model: str
     random_weights: bool
     n_layer: int
@@ -101,7 +102,8 @@ class ServerInfo(_message.Message):
     limits: Limits
     version: str
     active_sessions: int
-    def __init__(self, model: _Optional[str] = ..., random_weights: _Optional[bool] = ..., n_layer: _Optional[int] = ..., n_embd: _Optional[int] = ..., n_head: _Optional[int] = ..., n_positions: _Optional[int] = ..., split_start: _Optional[int] = ..., split_end: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., attn: _Optional[str] = ..., fingerprint: _Optional[_Union[Fingerprint, _Mapping]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., version: _Optional[str] = ..., active_sessions: _Optional[int] = ...) -> None: ...
+    replica: str
+    def __init__(self, model: _Optional[str] = ..., random_weights: _Optional[bool] = ..., n_layer: _Optional[int] = ..., n_embd: _Optional[int] = ..., n_head: _Optional[int] = ..., n_positions: _Optional[int] = ..., split_start: _Optional[int] = ..., split_end: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., attn: _Optional[str] = ..., fingerprint: _Optional[_Union[Fingerprint, _Mapping]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., version: _Optional[str] = ..., active_sessions: _Optional[int] = ..., replica: _Optional[str] = ...) -> None: ...
 
 class SessionOpen(_message.Message):
     __slots__ = ("fingerprint", "max_length", "lora", "adapter")
@@ -134,18 +136,20 @@ class StepRequest(_message.Message):
     def __init__(self, open: _Optional[_Union[SessionOpen, _Mapping]] = ..., step: _Optional[_Union[Step, _Mapping]] = ...) -> None: ...
 
 class StepResponse(_message.Message):
-    __slots__ = ("step", "hidden", "server_ms", "cache_length", "server_wall_ms")
+    __slots__ = ("step", "hidden", "server_ms", "cache_length", "server_wall_ms", "replica")
     STEP_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     SERVER_MS_FIELD_NUMBER: _ClassVar[int]
     CACHE_LENGTH_FIELD_NUMBER: _ClassVar[int]
     SERVER_WALL_MS_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
     step: int
     hidden: Tensor
     server_ms: float
     cache_length: int
     server_wall_ms: float
-    def __init__(self, step: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., server_ms: _Optional[float] = ..., cache_length: _Optional[int] = ..., server_wall_ms: _Optional[float] = ...) -> None: ...
+    replica: str
+    def __init__(self, step: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., server_ms: _Optional[float] = ..., cache_length: _Optional[int] = ..., server_wall_ms: _Optional[float] = ..., replica: _Optional[str] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
     __slots__ = ("fingerprint", "hidden", "kv")
@@ -342,53 +346,3 @@ class TrainResponse(_message.Message):
     adapter: AdapterState
     server_ms: float
     def __init__(self, step: _Optional[int] = ..., opened: _Optional[_Union[TrainOpened, _Mapping]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., grad: _Optional[_Union[Tensor, _Mapping]] = ..., adapter: _Optional[_Union[AdapterState, _Mapping]] = ..., server_ms: _Optional[float] = ...) -> None: ...
-
-class RelayItem(_message.Message):
-    __slots__ = ("stream", "message", "has_message", "peer", "end", "cancel", "code", "details")
-    STREAM_FIELD_NUMBER: _ClassVar[int]
-    MESSAGE_FIELD_NUMBER: _ClassVar[int]
-    HAS_MESSAGE_FIELD_NUMBER: _ClassVar[int]
-    PEER_FIELD_NUMBER: _ClassVar[int]
-    END_FIELD_NUMBER: _ClassVar[int]
-    CANCEL_FIELD_NUMBER: _ClassVar[int]
-    CODE_FIELD_NUMBER: _ClassVar[int]
-    DETAILS_FIELD_NUMBER: _ClassVar[int]
-    stream: int
-    message: bytes
-    has_message: bool
-    peer: str
-    end: bool
-    cancel: bool
-    code: int
-    details: str
-    def __init__(self, stream: _Optional[int] = ..., message: _Optional[bytes] = ..., has_message: _Optional[bool] = ..., peer: _Optional[str] = ..., end: _Optional[bool] = ..., cancel: _Optional[bool] = ..., code: _Optional[int] = ..., details: _Optional[str] = ...) -> None: ...
-
-class RelayRows(_message.Message):
-    __slots__ = ("stream", "step", "dtype", "width", "data", "cache_length", "server_ms", "server_wall_ms")
-    STREAM_FIELD_NUMBER: _ClassVar[int]
-    STEP_FIELD_NUMBER: _ClassVar[int]
-    DTYPE_FIELD_NUMBER: _ClassVar[int]
-    WIDTH_FIELD_NUMBER: _ClassVar[int]
-    DATA_FIELD_NUMBER: _ClassVar[int]
-    CACHE_LENGTH_FIELD_NUMBER: _ClassVar[int]
-    SERVER_MS_FIELD_NUMBER: _ClassVar[int]
-    SERVER_WALL_MS_FIELD_NUMBER: _ClassVar[int]
-    stream: _containers.RepeatedScalarFieldContainer[int]
-    step: _containers.RepeatedScalarFieldContainer[int]
-    dtype: DType
-    width: int
-    data: bytes
-    cache_length: _containers.RepeatedScalarFieldContainer[int]
-    server_ms: _containers.RepeatedScalarFieldContainer[float]
-    server_wall_ms: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, stream: _Optional[_Iterable[int]] = ..., step: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., width: _Optional[int] = ..., data: _Optional[bytes] = ..., cache_length: _Optional[_Iterable[int]] = ..., server_ms: _Optional[_Iterable[float]] = ..., server_wall_ms: _Optional[_Iterable[float]] = ...) -> None: ...
-
-class RelayBatch(_message.Message):
-    __slots__ = ("items", "rows", "hold_ms")
-    ITEMS_FIELD_NUMBER: _ClassVar[int]
-    ROWS_FIELD_NUMBER: _ClassVar[int]
-    HOLD_MS_FIELD_NUMBER: _ClassVar[int]
-    items: _containers.RepeatedCompositeFieldContainer[RelayItem]
-    rows: _containers.RepeatedCompositeFieldContainer[RelayRows]
-    hold_ms: float
-    def __init__(self, items: _Optional[_Iterable[_Union[RelayItem, _Mapping]]] = ..., rows: _Optional[_Iterable[_Union[RelayRows, _Mapping]]] = ..., hold_ms: _Optional[float] = ...) -> None: ...
