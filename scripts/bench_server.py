@@ -1,4 +1,5 @@
-"""How the trunk server scales with its clients: N sessions decoding at once against one trunk server.
+"""How the trunk server scales with its clients: N sessions decoding at once against one trunk server or several
+replicas of it.
 
 Hidden states come from a real bottom (the model's own, over a passage of English text), computed once and
 replayed by every session, so that the clients' own compute does not hide the server's capacity. Sessions run
@@ -11,9 +12,9 @@ Prints a markdown table, writes JSON (--json) and a plotly chart (--plot).
     python scripts/bench_server.py                                # random:gpt2, N = 1, 2, 4, 8, 16, 32, 64
     python scripts/bench_server.py --quick                        # N = 1, 2, 4, 8; fewer steps
     python scripts/bench_server.py --unbatched                    # and the same with --max-batch 1
-    python scripts/bench_server.py --pipeline-depth 1,2           # and with two cohorts out of phase
     python scripts/bench_server.py --switch-interval-ms 0.1,0     # the server's GIL switch interval: 0.1, Python's 5 ms
-    python scripts/bench_server.py --fronts 0,2                   # and with two gRPC front processes relaying
+    python scripts/bench_server.py --replicas 1,2                 # one replica, then two (the client's round robin)
+    python scripts/bench_server.py --replicas 1,2 --through client,nginx  # and behind nginx (deploy/nginx.conf)
     python scripts/bench_server.py --model random:tiny --simulate-device-ms 0.6  # a GPU-like device, on a CPU
 
 `--simulate-device-ms` runs scripts/simulated_server.py: the real server whose decode batches sleep that long
@@ -46,7 +47,9 @@ sys.path.insert(0, str(ROOT))
 
 from scripts.bench import numbers, start_server  # noqa: E402
 from scripts.bench_transport import free_port  # noqa: E402
-from splitcomm.trunk_client import TrunkClient, TrunkClientConfig  # noqa: E402
+from scripts.nginx_proxy import Nginx  # noqa: E402
+from splitcomm.channel import channel_args  # noqa: E402
+from splitcomm.trunk_client import SERVICE_NAME, TrunkClient, TrunkClientConfig  # noqa: E402
 from splitcore.models import load_tokenizer, resolve_model  # noqa: E402
 from splitcore.parts import DEFAULT_SPLIT, load_parts  # noqa: E402
 from splitcore.stats import percentile  # noqa: E402
@@ -107,15 +110,14 @@ def worker(target, wire, n_sessions, prompt_h, step_hs, ready, go, done_steps, o
 def aio_worker(target, wire, n_sessions, prompt_h, step_hs, ready, go, done_steps, out, connections) -> None:
     """The same as `worker`, driven by asyncio over raw Session streams with messages encoded in advance: a load
     generator whose own cost (a sync gRPC client spends ~0.1-0.2 ms of Python per step) does not hide the
-    server's capacity, as vLLM's benchmark clients do over HTTP. `connections`: "session", a connection of its own
-    per session, as separate clients have (the kernel hands each to one of the server's fronts, if it has them);
-    "process", one connection for all of the process's sessions."""
+    server's capacity, as vLLM's benchmark clients do over HTTP. `connections`: "session", a channel of its own
+    per session, as separate clients have; "process", one channel for all of the process's sessions. Over replicas,
+    each channel balances as the project's client does (round robin over the healthy ones)."""
     import asyncio
 
     import grpc
 
     from splitcomm import codec
-    from splitcomm.channel import channel_options
     from splitcomm.proto import trunk_pb2 as pb
     from splitcomm.proto import trunk_pb2_grpc as pb_grpc
 
@@ -139,9 +141,11 @@ def aio_worker(target, wire, n_sessions, prompt_h, step_hs, ready, go, done_step
 
     async def main() -> None:
         own = [("grpc.use_local_subchannel_pool", 1)] if connections == "session" else []
-        channels = [
-            grpc.aio.insecure_channel(target, options=channel_options() + own) for _ in range(n_sessions if own else 1)
-        ]
+        uri, options = channel_args(target, health_service=SERVICE_NAME)
+        channels = [grpc.aio.insecure_channel(uri, options=options + own) for _ in range(n_sessions if own else 1)]
+        for channel in channels:  # connected to every replica before a session opens: round robin spreads them
+            await channel.channel_ready()
+        await asyncio.sleep(0.5 if "," in target else 0)
         try:
             calls = [pb_grpc.TrunkStub(channels[i % len(channels)]).Session() for i in range(n_sessions)]
             for call in calls:
@@ -178,21 +182,23 @@ def newcomer_ttft(client: TrunkClient, fp, prompt_h: torch.Tensor, wire: torch.d
         return (time.perf_counter() - t0) * 1e3
 
 
+SCRAPED = ("trunk_decode_batch_rows_count", "trunk_decode_batch_rows_sum", "trunk_compute_seconds_total")
+SCRAPED += ('trunk_steps_total{kind="decode"}',)
+
+
 def scrape(port: int) -> dict[str, float]:
-    """The server's Prometheus metrics that the table reads: decode batches, their rows, compute seconds; with
-    fronts, the relay's batches, items and rows each way."""
+    """A replica's Prometheus metrics that the table reads: decode batches, their rows, compute seconds, decode
+    steps."""
     import urllib.request
 
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    want = {"trunk_decode_batch_rows_count", "trunk_decode_batch_rows_sum", "trunk_compute_seconds_total"}
-    want |= {f'trunk_relay_{x}_total{{direction="{d}"}}' for x in ("batches", "items", "rows") for d in ("in", "out")}
-    got = {k: float(v) for k, v in (line.split() for line in text.splitlines() if line.split(" ")[0] in want)}
-    return {k: got.get(k, 0.0) for k in want}  # the relay's are there only with fronts
+    got = {k: float(v) for k, v in (line.split() for line in text.splitlines() if line.split(" ")[0] in SCRAPED)}
+    return {k: got.get(k, 0.0) for k in SCRAPED}
 
 
 def thread_cpu(pid: int) -> dict[str, float] | None:
     """CPU seconds each thread of process `pid` has used, summed by the thread's name in the operating system (the
-    server names its own: grpc-loop, trunk-scheduler, trunk-device); None where there is no /proc."""
+    server names its own: grpc-loop, trunk-scheduler); None where there is no /proc."""
     tasks = Path(f"/proc/{pid}/task")
     if not tasks.is_dir():
         return None
@@ -207,15 +213,6 @@ def thread_cpu(pid: int) -> dict[str, float] | None:
     return out
 
 
-def fronts_cpu(pid: int) -> float | None:
-    """CPU seconds the server's gRPC fronts (its child processes) have used; None where there is no /proc."""
-    try:
-        kids = [int(x) for x in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return None
-    return sum(sum((thread_cpu(k) or {}).values()) for k in kids)
-
-
 def host_busy() -> float | None:
     """CPU seconds the host's cores have been busy (not idle, not waiting for I/O) since boot, all of them
     together; None where there is no /proc."""
@@ -226,22 +223,25 @@ def host_busy() -> float | None:
     return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # user .. steal, less idle and iowait
 
 
-def cpu_now(server_pid: int, client_pids: list[int]) -> tuple:
-    """What `cpu_shares` compares: the server's threads, its fronts, the load's client processes, the host."""
+def cpu_now(server_pids: list[int], client_pids: list[int]) -> tuple:
+    """What `cpu_shares` compares: the replicas' threads (summed by name), the load's client processes, the
+    host."""
+    servers = [thread_cpu(pid) for pid in server_pids]
+    threads = None if None in servers else sum((collections.Counter(x) for x in servers), collections.Counter())
     clients = [thread_cpu(pid) for pid in client_pids]
     used = None if None in clients else sum(sum(c.values()) for c in clients)
-    return thread_cpu(server_pid), fronts_cpu(server_pid), used, host_busy()
+    return threads, used, host_busy()
 
 
 def cpu_shares(before: tuple, after: tuple, seconds: float, steps: int) -> dict:
-    """CPU over a run, in cores: the server's event loop, its scheduler, all of its threads, its fronts; the load's
+    """CPU over a run, in cores: the replicas' event loops, their schedulers, all of their threads; the load's
     client processes and the whole host (of os.cpu_count() cores: near it, the host is the bound, not the server);
-    and the CPU time of the event loop per decode step served, µs (what bounds the server where the loop is busy).
+    and the CPU time of the event loops per decode step served, µs (what bounds a server where its loop is busy).
     None for what /proc could not say."""
     (threads0, *totals0), (threads1, *totals1) = before, after
     pairs = zip(totals0, totals1, strict=True)
-    fronts, clients, host = (None if a is None or b is None else (b - a) / seconds for a, b in pairs)
-    out = {"fronts_cpu": fronts, "clients_cpu": clients, "host_cpu": host}
+    clients, host = (None if a is None or b is None else (b - a) / seconds for a, b in pairs)
+    out = {"clients_cpu": clients, "host_cpu": host}
     if threads0 is None or threads1 is None:
         return out | {"loop_cpu": None, "scheduler_cpu": None, "server_cpu": None, "thread_cpu": {}}
     used = {k: (v - threads0.get(k, 0.0)) / seconds for k, v in threads1.items()}
@@ -254,7 +254,7 @@ def cpu_shares(before: tuple, after: tuple, seconds: float, steps: int) -> dict:
     }
 
 
-def run_load(target, args, n: int, prompt_h, step_hs, fp, metrics_port: int, server_pid: int) -> dict:
+def run_load(target, args, n: int, prompt_h, step_hs, fp, metrics_ports: list[int], server_pids: list[int]) -> dict:
     ctx = mp.get_context("spawn")
     procs_n = max(1, min(n, args.client_procs))
     shares = [n // procs_n + (i < n % procs_n) for i in range(procs_n)]
@@ -273,8 +273,8 @@ def run_load(target, args, n: int, prompt_h, step_hs, fp, metrics_port: int, ser
     for _ in procs:
         ready.get(timeout=600)
     client = TrunkClient(TrunkClientConfig(target))
-    cpu_before = cpu_now(server_pid, [p.pid for p in procs])
-    before, t_before = scrape(metrics_port), time.monotonic()
+    cpu_before = cpu_now(server_pids, [p.pid for p in procs])
+    before, t_before = [scrape(port) for port in metrics_ports], time.monotonic()
     go.set()
     total = n * step_hs.shape[0]
     while done.value < total // 4:  # a newcomer arrives while the N are well into decoding
@@ -283,25 +283,21 @@ def run_load(target, args, n: int, prompt_h, step_hs, fp, metrics_port: int, ser
     newcomer_during = done.value < total
     results = [r for _ in procs for r in out.get(timeout=600)]
     wall = max(r[2] for r in results) - min(r[1] for r in results)
-    cpu_after = cpu_now(server_pid, [p.pid for p in procs])  # before they end: their /proc goes with them
+    cpu_after = cpu_now(server_pids, [p.pid for p in procs])  # before they end: their /proc goes with them
     cpu = cpu_shares(cpu_before, cpu_after, time.monotonic() - t_before, total)
-    after = {k: v - before[k] for k, v in scrape(metrics_port).items()}  # the newcomer's prefill is in there too
+    # each replica's share over the run (the newcomer's prefill is in there too)
+    each = [{k: v - b[k] for k, v in scrape(port).items()} for port, b in zip(metrics_ports, before, strict=True)]
+    after = {k: sum(e[k] for e in each) for k in SCRAPED}
+    decode = 'trunk_steps_total{kind="decode"}'
+    spread = [e[decode] / max(1.0, after[decode]) for e in each]
     for p in procs:
         p.join(timeout=60)
     client.close()
     lat = [x for r in results for x in r[0]]
     return {
         "mean_batch": after["trunk_decode_batch_rows_sum"] / max(1.0, after["trunk_decode_batch_rows_count"]),
-        "busy_share": after["trunk_compute_seconds_total"] / wall,
-        # with fronts: messages (and events) per relay batch, front to engine and back
-        "relay_items_per_batch": {
-            d: after[f'trunk_relay_items_total{{direction="{d}"}}']
-            / max(1.0, after[f'trunk_relay_batches_total{{direction="{d}"}}'])
-            for d in ("in", "out")
-        },
-        # with fronts: the share of the steps relayed that went packed as rows (plain decode steps)
-        "relay_rows_share": after['trunk_relay_rows_total{direction="in"}']
-        / max(1.0, after['trunk_relay_items_total{direction="in"}']),
+        "busy_share": after["trunk_compute_seconds_total"] / wall / len(metrics_ports),  # of each replica's device
+        "replica_step_shares": spread,  # of the decode steps, the share each replica served
         "sessions": n,
         "tokens_per_s": total / wall,
         "p50_ms": percentile(lat, 50),
@@ -328,10 +324,16 @@ def main() -> None:
     p.add_argument("--max-batch", type=int, default=64)
     p.add_argument("--unbatched", action="store_true", help="also run every N with --max-batch 1")
     p.add_argument(
-        "--pipeline-depth",
+        "--replicas",
         type=numbers(int, 1),
         default="1",
-        help="the server's --pipeline-depth; comma-separated to run each side by side (e.g. 1,2)",
+        help="trunk server processes, the load spread over them; comma-separated to run each side by side (1,2)",
+    )
+    p.add_argument(
+        "--through",
+        default="client",
+        help="how clients reach several replicas: client (the list, the client's round robin), nginx "
+        "(deploy/nginx.conf, one address), or both, comma-separated",
     )
     p.add_argument("--client-procs", type=int, default=max(1, (os.cpu_count() or 2) // 2))
     p.add_argument(
@@ -346,12 +348,6 @@ def main() -> None:
         default="session",
         choices=["session", "process"],
         help="aio clients: a connection per session, as separate clients have (default), or one per client process",
-    )
-    p.add_argument(
-        "--fronts",
-        type=numbers(int, 0),
-        default="0",
-        help="the server's --fronts (gRPC front processes); comma-separated to run each side by side (e.g. 0,2)",
     )
     p.add_argument(
         "--event-loop", default="auto", help="the server's --event-loop; comma-separated to run each side by side"
@@ -375,34 +371,46 @@ def main() -> None:
     args = p.parse_args()
     if args.quick:
         args.sessions, args.steps = [1, 2, 4, 8], 24
-    ns, depths, switches = args.sessions, args.pipeline_depth, args.switch_interval_ms or [None]
+    ns, switches = args.sessions, args.switch_interval_ms or [None]
     loops = [x.strip() for x in args.event_loop.split(",") if x.strip()]
     if not loops:
         p.error("--event-loop needs at least one value")
+    throughs = [x.strip() for x in args.through.split(",") if x.strip()]
+    if not throughs or set(throughs) - {"client", "nginx"}:
+        p.error("--through takes client, nginx or both, comma-separated")
     prompt_h, step_hs = hidden_states(args.model, args.models_dir, args.prompt, args.steps)
     configs = {}
-    for d, loop, sw, fronts in itertools.product(depths, loops, switches, args.fronts):
-        name = "batched" if d == 1 else f"pipelined {d}"
+    for r, via, loop, sw in itertools.product(args.replicas, throughs, loops, switches):
+        if r == 1 and via != throughs[0]:
+            continue  # one replica is reached directly
+        name = f"{r} replica" + "s" * (r > 1) + ("" if r == 1 or via == "client" else f" via {via}")
         name += "" if len(loops) == 1 else f", {loop}"
         name += "" if len(switches) == 1 else f", switch {sw:g} ms" if sw else ", switch 5 ms"
-        name += "" if len(args.fronts) == 1 else f", {fronts} front" + "s" * (fronts != 1)
-        configs[name] = (args.max_batch, d, loop, sw, fronts)
-    configs |= {"unbatched": (1, 1, loops[0], switches[0], args.fronts[0])} if args.unbatched else {}
+        configs[name] = (args.max_batch, r, via, loop, sw)
+    configs |= {"unbatched": (1, 1, "client", loops[0], switches[0])} if args.unbatched else {}
     rows, t0 = [], time.perf_counter()
-    for name, (max_batch, depth, loop, sw, fronts) in configs.items():
+    for name, (max_batch, replicas, via, loop, sw) in configs.items():
         flags = ["--device", args.device, "--dtype", args.dtype, "--max-batch", str(max_batch)]
-        flags += ["--pipeline-depth", str(depth), "--event-loop", loop, "--fronts", str(fronts)]
+        flags += ["--event-loop", loop]
         flags += [] if sw is None else ["--switch-interval-ms", str(sw)]
         flags += ["--kv-slots", str(max(ns) + 2), "--max-session-tokens", str(args.prompt + args.steps + 2)]
         flags += ["--max-sessions", str(max(ns) + 8), "--metrics-host", "127.0.0.1"]
-        flags += ["--metrics-port", str(metrics_port := free_port())]
         if args.batch_wait_ms is not None:
             flags += ["--batch-wait-ms", str(args.batch_wait_ms)]
         entry = ("-m", "server")
         if args.simulate_device_ms is not None:
             entry = (str(ROOT / "scripts" / "simulated_server.py"), "--device-ms", str(args.simulate_device_ms))
-        proc, target = start_server(args.model, args.models_dir, None, flags, entry)
+        ports = [free_port() for _ in range(replicas)]
+        servers, proxy = [], None
         try:
+            for port in ports:
+                servers.append(
+                    start_server(args.model, args.models_dir, None, flags + ["--metrics-port", str(port)], entry)
+                )
+            target = ",".join(t for _, t in servers)
+            if via == "nginx" and replicas > 1:
+                proxy = Nginx([t for _, t in servers])
+                target = proxy.address
             client = TrunkClient(TrunkClientConfig(target))
             fp = client.info().fingerprint
             wire = getattr(torch, args.wire_dtype)
@@ -411,19 +419,23 @@ def main() -> None:
             info = client.info()
             client.close()
             for n in ns:
-                r = run_load(target, args, n, prompt_h, step_hs, fp, metrics_port, proc.pid)
-                r |= {"config": name, "idle_ttft_ms": idle}
+                r = run_load(target, args, n, prompt_h, step_hs, fp, ports, [p.pid for p, _ in servers])
+                r |= {"config": name, "replicas": replicas, "through": via, "idle_ttft_ms": idle}
                 rows.append(r)
                 if args.json:  # as it goes: a run cut short (a time limit) keeps what it measured
                     save(args.json, {"model": args.model, "command": " ".join(sys.argv), "rows": rows} | PARTIAL)
                 print(
                     f"  {name} N={n}: {r['tokens_per_s']:.1f} tok/s, p50 {r['p50_ms']:.2f} ms, "
-                    f"newcomer TTFT {r['newcomer_ttft_ms']:.1f} ms (idle {idle:.1f})",
+                    f"newcomer TTFT {r['newcomer_ttft_ms']:.1f} ms (idle {idle:.1f}), spread "
+                    f"{'/'.join(f'{x:.0%}' for x in r['replica_step_shares'])}",
                     file=sys.stderr,
                 )
         finally:
-            proc.terminate()
-            proc.wait(timeout=30)
+            if proxy is not None:
+                proxy.stop()
+            for proc, _ in servers:
+                proc.terminate()
+                proc.wait(timeout=30)
     machine = (
         f"{info.device} {info.dtype}; {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
         f"torch {torch.__version__}"
@@ -437,20 +449,24 @@ def main() -> None:
         f"session, {args.wire_dtype} wire, {args.clients} clients; measured in {time.perf_counter() - t0:.0f} s\n"
     )
     print(
-        "| config | sessions | tokens/s | x one | p50 ms | p50 x one | p99 ms | newcomer TTFT ms | x idle "
-        "| mean batch | compute busy | loop CPU | loop µs/step | server CPU | fronts CPU | clients CPU | host CPU |"
+        "| config | sessions | tokens/s | x one | x 1 replica | p50 ms | p50 x one | p99 ms | newcomer TTFT ms "
+        "| x idle | mean batch | compute busy | spread | loop CPU | loop µs/step | server CPU | clients CPU "
+        "| host CPU |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|")
     for r in rows:
         one = next(x for x in rows if x["config"] == r["config"] and x["sessions"] == ns[0])
         r["x_one"] = r["tokens_per_s"] / one["tokens_per_s"]
+        alone = [x for x in rows if x["replicas"] == 1 and x["sessions"] == r["sessions"]]  # at the same N
+        r["x_one_replica"] = r["tokens_per_s"] / alone[0]["tokens_per_s"] if alone else None
         r["p50_x_one"] = r["p50_ms"] / one["p50_ms"]
         r["ttft_x_idle"] = r["newcomer_ttft_ms"] / r["idle_ttft_ms"]
         print(
-            f"| {r['config']} | {r['sessions']} | {r['tokens_per_s']:,.1f} | {r['x_one']:.2f} | {r['p50_ms']:.2f} | "
+            f"| {r['config']} | {r['sessions']} | {r['tokens_per_s']:,.1f} | {r['x_one']:.2f} | "
+            f"{'-' if r['x_one_replica'] is None else format(r['x_one_replica'], '.2f')} | {r['p50_ms']:.2f} | "
             f"{r['p50_x_one']:.2f} | {r['p99_ms']:.2f} | {r['newcomer_ttft_ms']:.1f} | {r['ttft_x_idle']:.2f} | "
-            f"{r['mean_batch']:.1f} | {r['busy_share']:.0%} | {cores(r['loop_cpu'])} | "
-            f"{us(r.get('loop_us_per_step'))} | {cores(r['server_cpu'])} | {cores(r['fronts_cpu'])} | "
+            f"{r['mean_batch']:.1f} | {r['busy_share']:.0%} | {'/'.join(f'{x:.0%}' for x in r['replica_step_shares'])} "
+            f"| {cores(r['loop_cpu'])} | {us(r.get('loop_us_per_step'))} | {cores(r['server_cpu'])} | "
             f"{cores(r['clients_cpu'])} | {cores(r['host_cpu'])} |"
         )
     out = {"model": args.model, "machine": machine, "command": " ".join(sys.argv), "rows": rows, "complete": True}

@@ -133,6 +133,20 @@ def _read(path: str | None) -> bytes | None:
     return Path(path).read_bytes() if path else None
 
 
+def channel_args(
+    target: str | Target, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, health_service: str = ""
+) -> tuple[str, list[tuple[str, object]]]:
+    """(the URI gRPC connects to, the channel's options) for a target: with several replicas, round robin with health
+    checks of `health_service` (grpc.aio channels take the same)."""
+    t = target if isinstance(target, Target) else parse_target(target)
+    options: list[tuple[str, object]] = list(channel_options(max_message_bytes))
+    if t.balanced:
+        options.append(("grpc.service_config", service_config(health_service)))
+        if t.authority:
+            options.append(("grpc.default_authority", t.authority))
+    return t.uri, options
+
+
 def make_channel(
     target: str | Target,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
@@ -144,13 +158,7 @@ def make_channel(
 ) -> grpc.Channel:
     """Insecure channel, or TLS when a CA is given (client certificate too for mutual TLS). Over several replicas
     (a list or a URI that may resolve to several), round robin with health checks of `health_service`."""
-    t = target if isinstance(target, Target) else parse_target(target)
-    options = channel_options(max_message_bytes)
-    if t.balanced:
-        options.append(("grpc.service_config", service_config(health_service)))
-        if t.authority:
-            options.append(("grpc.default_authority", t.authority))
-    target = t.uri
+    target, options = channel_args(target, max_message_bytes, health_service)
     if not tls_ca:
         return grpc.insecure_channel(target, options=options)
     creds = grpc.ssl_channel_credentials(

@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import ROOT, TINY, subprocess_env
 
 
@@ -81,24 +83,24 @@ def test_bench_loop_measures_the_serving_path(tmp_path, models_dir, tiny):
     assert "| 4 |" in d["stdout"]
 
 
-def test_bench_server_runs_settings_side_by_side(tmp_path, models_dir, tiny):
-    """bench_server on the simulated device, without fronts and with one: every (setting, N) measured, with the
-    server's own metrics read around each run."""
-    args = ["--simulate-device-ms", "0.5", "--sessions", "1,2", "--steps", "24", "--prompt", "4", "--client-procs", "1"]
-    d = run_script(tmp_path, models_dir, "bench_server", *args, "--fronts", "0,1")
+def test_bench_server_runs_replicas_side_by_side(tmp_path, models_dir, tiny):
+    """bench_server on the simulated device, one replica and two behind the client's round robin: every (setting,
+    N) measured, with each replica's own metrics read around each run."""
+    args = ["--simulate-device-ms", "0.5", "--sessions", "1,4", "--steps", "24", "--prompt", "4", "--client-procs", "1"]
+    d = run_script(tmp_path, models_dir, "bench_server", *args, "--replicas", "1,2")
     got = {(r["config"], r["sessions"]): r for r in d["rows"]}
-    names = ["batched, 0 fronts", "batched, 1 front"]
-    assert set(got) == {(c, n) for c in names for n in (1, 2)}
+    names = ["1 replica", "2 replicas"]
+    assert set(got) == {(c, n) for c in names for n in (1, 4)}
     for r in got.values():
         assert r["tokens_per_s"] > 0 and r["p50_ms"] <= r["p99_ms"]
         assert 1.0 <= r["mean_batch"] <= r["sessions"] and 0 < r["busy_share"] <= 1
-        # the server's threads, found by the names it gives them in the operating system
+        # the servers' threads, found by the names they give them in the operating system
         assert {"grpc-loop", "trunk-scheduler"} <= set(r["thread_cpu"]) and r["loop_cpu"] <= r["server_cpu"]
+        assert len(r["replica_step_shares"]) == r["replicas"] and sum(r["replica_step_shares"]) == pytest.approx(1)
+        assert r["x_one_replica"] == pytest.approx(r["tokens_per_s"] / got["1 replica", r["sessions"]]["tokens_per_s"])
+    assert min(got["2 replicas", 4]["replica_step_shares"]) > 0  # four sessions: both replicas served
     assert sum(r["loop_cpu"] for r in got.values()) > 0  # /proc counts in ticks of 10 ms: short runs may show 0
-    assert all(r["fronts_cpu"] == 0 for (c, _), r in got.items() if c == names[0])
-    assert sum(r["fronts_cpu"] for (c, _), r in got.items() if c == names[1]) > 0  # the front's process, found
     # the load's client processes, and the host's busy cores (what says whether the host is the bound)
     assert sum(r["clients_cpu"] for r in got.values()) > 0 and sum(r["host_cpu"] for r in got.values()) > 0
-    assert all(r["relay_items_per_batch"]["in"] >= 1 for (c, _), r in got.items() if c == names[1])
     assert "SIMULATED device of 0.5 ms" in d["stdout"]
     assert d["complete"] is True  # (written after each row too, with False, for a run cut short)

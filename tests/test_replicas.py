@@ -5,8 +5,6 @@ replica when theirs dies or drains, and a replica with another model is refused 
 from __future__ import annotations
 
 import os
-import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -16,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from scripts.nginx_proxy import Nginx, find_nginx
 from splitcomm.errors import TrunkError
 from splitcomm.trunk_client import TrunkClient, TrunkClientConfig
 from splitcore.sampling import SamplingParams
@@ -24,7 +23,6 @@ from tests.conftest import ROOT, TINY, free_port, subprocess_env, tiny_split_eng
 GREEDY = SamplingParams(temperature=0.0)
 PROMPTS = [f"{w} of the river, number {i}" for i, w in enumerate(["Out", "In", "Across", "Down"] * 3)]
 NEW_TOKENS = 40
-NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
 
 
 class Replica:
@@ -67,42 +65,10 @@ def start_replicas(tmp: Path, n: int, *args: str) -> list[Replica]:
     return [r.ready() for r in replicas]
 
 
-class Nginx:
-    """nginx from Debian's package, running deploy/nginx.conf with its upstream pointed at `replicas`."""
-
-    def __init__(self, tmp: Path, replicas: list[Replica]):
-        conf = (ROOT / "deploy" / "nginx.conf").read_text()
-        lines = "".join(f"        server {r.address} max_fails=1 fail_timeout=5s;\n" for r in replicas)
-        conf, n = re.subn(r"(        server 127\.0\.0\.1:\d+ [^\n]*\n)+", lines, conf)
-        assert n == 1, "deploy/nginx.conf: the upstream's server lines were not found"
-        self.port = free_port()
-        conf, n = re.subn(r"listen 50050 http2;", f"listen 127.0.0.1:{self.port} http2;", conf)
-        assert n == 1, "deploy/nginx.conf: its listen line was not found"
-        prefix = tmp / "nginx"
-        prefix.mkdir()
-        (prefix / "nginx.conf").write_text(conf)
-        self.proc = subprocess.Popen(
-            [NGINX, "-p", str(prefix), "-c", str(prefix / "nginx.conf"), "-g", "daemon off;"],
-            stderr=open(prefix / "stderr.log", "w"),  # noqa: SIM115 (nginx holds it while it runs)
-        )
-        self.address = f"127.0.0.1:{self.port}"
-        wait_for(self._listening, 20, "nginx listening")
-
-    def _listening(self) -> bool:
-        import socket
-
-        with socket.socket() as s:
-            return s.connect_ex(("127.0.0.1", self.port)) == 0
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=30)
-
-
 @pytest.fixture(params=["client round robin", "nginx"])
 def through(request, tmp_path):
     """How clients reach the replicas: a list of their addresses, or nginx's one address."""
-    if request.param == "nginx" and NGINX is None:
+    if request.param == "nginx" and find_nginx() is None:
         if os.environ.get("GPT2_REQUIRE_BROWSER") == "1":  # CI: every tool the tests install must be there
             pytest.fail("nginx is not installed (scripts/test.sh installs it with apt)")
         pytest.skip("nginx is not installed (apt install nginx)")
@@ -110,7 +76,7 @@ def through(request, tmp_path):
 
     def target(replicas: list[Replica]) -> str:
         if request.param == "nginx":
-            started.append(Nginx(tmp_path, replicas))
+            started.append(Nginx([r.address for r in replicas], prefix=tmp_path / "nginx"))
             return started[-1].address
         return ",".join(r.address for r in replicas)
 

@@ -128,11 +128,7 @@ def test_wrong_or_missing_token_is_unauthenticated_and_nothing_computed(models_d
         engine.run("Sneaky", 3, GREEDY)
     assert e.value.code == grpc.StatusCode.UNAUTHENTICATED and "token" in str(e.value)
     with pytest.raises(TrunkError) as e:
-        list(
-            TrunkClient(TrunkClientConfig(tls_server.target, tls_ca=pki["ca"], token=token)).monitor(
-                max_samples=1
-            )
-        )
+        list(TrunkClient(TrunkClientConfig(tls_server.target, tls_ca=pki["ca"], token=token)).monitor(max_samples=1))
     assert e.value.code == grpc.StatusCode.UNAUTHENTICATED
     assert tls_server.total_steps() == steps and tls_server.active() == 0
     engine.close()
