@@ -6,27 +6,29 @@ import argparse
 import logging
 
 import gradio as gr
+import pandas as pd
 
 from client import charts, ui
 from client.engine import SplitEngine
 from client.finetune_tab import finetune_tab
-from client.monitor_feed import MonitorFeed
+from client.monitor_feed import MonitorFeed, Monitors
 
 logger = logging.getLogger(__name__)
 
 
-def server_markdown(engine: SplitEngine, feed: MonitorFeed | None) -> tuple[str, str]:
-    """(trunk info line, status line) for the monitoring tab."""
+def server_markdown(engine: SplitEngine, feed: MonitorFeed | None, address: str = "") -> tuple[str, str]:
+    """(trunk info line, status line) for the monitoring tab: of the replica at `address` (default: the server)."""
     if feed is None:
         return "The trunk runs in this process: there is no server to monitor.", ""
+    address = address or engine.cfg.server
     info, samples, error = feed.snapshot()
     status = f"⚠️ {error}" if error else ""
     if info is None:
-        return f"Trunk server `{engine.cfg.server}`: not reached yet.", status
+        return f"Trunk server `{address}`: not reached yet.", status
     weights = " (random weights)" if info.random_weights else ""
     last = samples[-1] if samples else {}
     line = (
-        f"**Trunk server** `{engine.cfg.server}` · model `{info.model}`{weights} · blocks "
+        f"**Trunk server** `{address}` · model `{info.model}`{weights} · blocks "
         f"{info.split_start}-{info.split_end - 1} of {info.n_layer} · {info.device}, {info.dtype} · "
         f"active sessions: {last.get('active_sessions', info.active_sessions)} · "
         f"{last.get('gpu_status', '')}"
@@ -36,9 +38,11 @@ def server_markdown(engine: SplitEngine, feed: MonitorFeed | None) -> tuple[str,
 
 def build_app(
     engine: SplitEngine, monitor_interval_s: float = 1.0, speculate: str = "none", meter=None
-) -> tuple[gr.Blocks, MonitorFeed | None]:
-    """The app; with `meter` (client/privacy.py, prepared) the generation tab shows what the trunk could read."""
-    feed = None if engine.trunk_client is None else MonitorFeed(engine.trunk_client, monitor_interval_s).start()
+) -> tuple[gr.Blocks, Monitors | None]:
+    """The app; with `meter` (client/privacy.py, prepared) the generation tab shows what the trunk could read. With
+    several replicas, the monitoring tab shows each, and the charts of the one picked."""
+    monitors = None if engine.trunk_client is None else Monitors(engine.trunk_client, monitor_interval_s)
+    addresses = list(monitors.feeds) if monitors else []
     with gr.Blocks(title="GPT-2 split client") as demo:
         history = gr.State(charts.History())
         ui.header(
@@ -51,6 +55,11 @@ def build_app(
             with gr.Tab("Text generation"):
                 adapter_switch = ui.generation_tab(engine, history, speculate, meter)
             with gr.Tab("Server monitoring"):
+                several = len(addresses) > 1
+                replicas = gr.Dataframe(label="Replicas", interactive=False, visible=several, elem_id="replicas")
+                pick = gr.Dropdown(
+                    addresses, value=addresses[0] if addresses else None, label="Replica", visible=several
+                )
                 info_md = gr.Markdown()
                 status_md = gr.Markdown(elem_classes="error-banner")
                 with gr.Row():
@@ -59,21 +68,32 @@ def build_app(
                 batch_plot = gr.Plot(label="Batches and slots")
                 table = gr.Dataframe(label="Last 10 samples", interactive=False)
 
-                def refresh_monitor():
-                    line, status = server_markdown(engine, feed)
+                def refresh_monitor(address):
+                    feed = monitors.feeds.get(address) if monitors else None
+                    line, status = server_markdown(engine, feed, address if several else "")
                     samples = feed.snapshot()[1] if feed else []
                     host, gpu = charts.monitor_figures(samples)
-                    return line, status, host, gpu, charts.batching_figure(samples), charts.monitor_table(samples)
+                    summary = pd.DataFrame(monitors.summary() if monitors else [])
+                    return (
+                        line,
+                        status,
+                        host,
+                        gpu,
+                        charts.batching_figure(samples),
+                        charts.monitor_table(samples),
+                        summary,
+                    )
 
-                outs = [info_md, status_md, host_plot, gpu_plot, batch_plot, table]
-                gr.Timer(2.0).tick(refresh_monitor, None, outs, show_progress="hidden")
-                demo.load(refresh_monitor, None, outs)
+                outs = [info_md, status_md, host_plot, gpu_plot, batch_plot, table, replicas]
+                gr.Timer(2.0).tick(refresh_monitor, pick, outs, show_progress="hidden")
+                pick.change(refresh_monitor, pick, outs)
+                demo.load(refresh_monitor, pick, outs)
             with gr.Tab("Latency analysis"):
                 ui.latency_tab(history)
             if engine.trunk_client is not None:
                 with gr.Tab("Fine-tune"):
                     finetune_tab(engine, adapter_switch)
-    return demo, feed
+    return demo, monitors
 
 
 def serve(engine: SplitEngine, args: argparse.Namespace) -> None:
@@ -83,11 +103,11 @@ def serve(engine: SplitEngine, args: argparse.Namespace) -> None:
         from client.privacy import prepare_meter
 
         meter = prepare_meter(engine)
-    demo, feed = build_app(engine, speculate=args.speculate, meter=meter)
+    demo, monitors = build_app(engine, speculate=args.speculate, meter=meter)
     logger.info("split client app on %s:%d, trunk %s", args.host, args.port, engine.trunk_label)
     try:
         ui.launch(demo, args.host, args.port)
     finally:
-        if feed:
-            feed.stop()
+        if monitors:
+            monitors.stop()
         engine.close()

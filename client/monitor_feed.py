@@ -1,4 +1,4 @@
-"""Keeps the trunk server's monitor stream flowing into a ring buffer for the app, reconnecting as needed."""
+"""Keeps each trunk replica's monitor stream flowing into a ring buffer for the app, reconnecting as needed."""
 
 from __future__ import annotations
 
@@ -60,3 +60,34 @@ class MonitorFeed:
 
     def stop(self) -> None:
         self._stop.set()
+
+
+class Monitors:
+    """A MonitorFeed for each replica the client knows by address (one, for a single server): `feeds` by address."""
+
+    def __init__(self, client: TrunkClient, interval_s: float = 1.0):
+        self.feeds = {c.cfg.target: MonitorFeed(c, interval_s).start() for c in client.replicas()}
+
+    def summary(self) -> list[dict]:
+        """One row per replica: how it is and what it does now, from its latest sample."""
+        rows = []
+        for address, feed in self.feeds.items():
+            info, samples, error = feed.snapshot()
+            last = samples[-1] if samples and not error else {}
+            rows.append(
+                {
+                    "replica": address,
+                    "state": "serving" if last else f"down: {error}" if error else "connecting",
+                    "model": f"{info.model} blocks {info.split_start}-{info.split_end - 1}" if info else "",
+                    "sessions": last.get("active_sessions"),
+                    "served": last.get("total_sessions"),
+                    "steps/s": round(last["steps_per_s"], 1) if last else None,
+                    "batch": round(last.get("batch_mean", 0.0), 1) if last else None,
+                    "busy_%": round(last.get("compute_busy_percent", 0.0), 1) if last else None,
+                }
+            )
+        return rows
+
+    def stop(self) -> None:
+        for feed in self.feeds.values():
+            feed.stop()

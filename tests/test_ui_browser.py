@@ -12,7 +12,16 @@ import time
 import pytest
 
 from client import ui
-from tests.conftest import ROOT, TINY, free_port, start_tiny_server, subprocess_env, tiny_split_engine
+from tests.conftest import (
+    ROOT,
+    TINY,
+    free_port,
+    start_tiny_replicas,
+    start_tiny_server,
+    subprocess_env,
+    tiny_split_engine,
+    wait_for,
+)
 
 PROMPT = "The quick brown fox"
 SHOTS = ROOT / "logs"
@@ -367,3 +376,35 @@ def test_client_app_shows_what_the_trunk_could_read(browser, metered_app):
     assert page.locator("#privacy-read").get_by_text("read", exact=True).count() >= 1  # the legend
     _shot(page, "privacy_meter")
     page.close()
+
+
+def test_monitoring_tab_shows_each_replica(browser, models_dir, tiny):
+    """A client given two replicas: the monitoring tab lists both by address, serving, and shows the charts of the
+    one picked."""
+    from client.app import build_app
+
+    replicas = start_tiny_replicas(models_dir, 2, grace_s=0.5)
+    engine = tiny_split_engine(models_dir, replicas.target, connect_timeout_s=2)
+    demo, monitors = build_app(engine, monitor_interval_s=0.5)
+    port = free_port()
+    ui.launch(demo, "127.0.0.1", port, block=False)
+    try:
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(f"http://127.0.0.1:{port}")
+        page.get_by_role("tab", name="Server monitoring").click()
+        table = page.locator("#replicas")
+
+        def listed() -> bool:
+            text = table.inner_text()
+            return all(f"127.0.0.1:{s.port}" in text for s in replicas.servers) and text.count("serving") == 2
+
+        wait_for(listed, 30, "both replicas, serving, in the table")
+        page.get_by_text("blocks 2-9 of 12").first.wait_for(timeout=10_000)  # the picked replica's line
+        _wait_for_plot(page)
+        _shot(page, "client_monitoring_replicas")
+        page.close()
+    finally:
+        monitors.stop()
+        demo.close()
+        engine.close()
+        replicas.stop(0.5)
