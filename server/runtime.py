@@ -198,7 +198,7 @@ class TrunkRuntime:
             heapq.heappush(self._free, slot)
 
     def truncate(self, slot: int, length: int) -> None:
-        """Roll the slot back to `length` positions (its session's thread, nothing of it in flight)."""
+        """Roll the slot back to `length` positions (from its session's handler, nothing of it in flight)."""
         with self._cv:
             self.cache.truncate(length, row=slot)
 

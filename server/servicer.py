@@ -140,14 +140,14 @@ class TrunkServicer(pb_grpc.TrunkServicer):
         return (await self.runtime.run_timed_async(lambda: adapted(self.trunk, weights, settings)))[0]
 
     def _release(self, session) -> None:
-        """Give the session's slot back and drop its cache; called on the session's own thread once the stream
+        """Give the session's slot back and drop its cache; called by the session's stream handler once the stream
         ends, so nothing of it is queued or running."""
         if session.slot is not None:
             self.runtime.release_slot(session.slot)
         session.slot = session.cache = session.model = None
 
     def _truncate(self, session, length: int) -> None:
-        """Forget the session's positions from `length` on. On the session's own thread: none of its work is
+        """Forget the session's positions from `length` on. In the session's stream handler: none of its work is
         queued or running, and no other session's work touches its row."""
         held = self._length(session)
         if not 0 <= length <= held:

@@ -30,10 +30,10 @@ class Session:
     max_length: int  # tokens this session may hold
     cancel: callable  # ends the RPC, given the reason (used by the idle reaper)
     slot: int | None = None  # its row of the runtime's KV pool, taken at open, given back when the stream ends
-    cache: object = None  # a KVCache of its own, for a session of several rows; only its own thread touches it
+    cache: object = None  # a KVCache of its own, for a session of several rows; only its stream handler touches it
     model: object = None  # the trunk with this session's adapter (a twin sharing the base weights), or None
     batch: int | None = None  # fixed by the first step
-    closed: bool = False  # set by close(); the session's thread then ends the stream and frees the cache
+    closed: bool = False  # set by close(); the session's handler then ends the stream and frees the cache
     next_step: int = 0
     opened: float = field(default_factory=time.monotonic)
     last_active: float = field(default_factory=time.monotonic)
@@ -93,7 +93,7 @@ class SessionRegistry:
             s = self._sessions.pop(sid, None)
             self.counters.active_sessions = len(self._sessions)
         if s is not None:
-            s.closed = True  # the cache is freed by the session's own thread (a step may be running on it)
+            s.closed = True  # the cache is freed by the session's stream handler (a step may be running on it)
             logger.info(
                 "session %s %s after %d steps, %.1f s; %d active",
                 sid,

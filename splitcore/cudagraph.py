@@ -6,8 +6,8 @@ else, or where capture fails (one log line), `step` runs the very same static st
 the CPU tests check against the dynamic one. Prefill runs eagerly into the same cache (`decoder.cache`).
 
 A DecoderPool keeps idle decoders per capacity bucket, so a new generation or session reuses a captured graph
-instead of capturing again. Used by the steppers (full model, client bottom and top, in-process trunk) and by
-the trunk server's sessions.
+instead of capturing again. Used by the steppers (full model, client bottom and top, in-process trunk); the trunk
+server captures its batched decode per bucket itself (server/runtime.py).
 """
 
 from __future__ import annotations
