@@ -169,7 +169,7 @@ class SessionLink:
 
     def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, float | None, int, int]:
         try:
-            out = self.session.step(h, self._truncate_to)
+            out = self._step(h) if self.length or self.history else self._first_step(h)
         except TrunkUnavailable as e:
             if self.reconnect_s <= 0:
                 raise
@@ -178,6 +178,26 @@ class SessionLink:
         self.history.append(h)
         self.length += h.shape[1]
         return out
+
+    def _step(self, h: torch.Tensor) -> tuple[torch.Tensor, float, int, int]:
+        return self.session.step(h, self._truncate_to)
+
+    def _first_step(self, h: torch.Tensor) -> tuple[torch.Tensor, float, int, int]:
+        """The session's first step, which opens it. Over replicas, one that is full refuses it (RESOURCE_EXHAUSTED:
+        its sessions or KV slots are all taken) while another may have room: round robin sends each try to the next
+        replica, one try each."""
+        target = self.client.target
+        tries = len(target.replicas) if target.balanced else 1
+        for i in range(tries):
+            try:
+                return self._step(h)
+            except TrunkError as e:
+                if getattr(e.code, "name", "") != "RESOURCE_EXHAUSTED" or i == tries - 1:
+                    raise
+                logger.info("a replica is full (%s); trying the next", e)
+                self.session.close()
+                self.session = self._open()
+        raise AssertionError("unreachable")
 
     def _recover(self, h: torch.Tensor, first_error: TrunkError) -> tuple[torch.Tensor, float, int, int]:
         """Open a new session (with replicas, on a healthy one), send every position so far plus the new ones, keep

@@ -208,3 +208,25 @@ def test_a_replica_with_another_split_is_refused_per_session_naming_it(models_di
     finally:
         good.stop()
         other.stop()
+
+
+def test_a_full_replica_sends_the_session_to_one_with_room(models_dir, tiny):
+    """Round robin does not know which replica is full: one at its session limit refuses, and the client's next try
+    goes to the next replica. Every generation succeeds while one replica is full."""
+    from tests.conftest import start_tiny_replicas
+
+    replicas = start_tiny_replicas(models_dir, 2, max_sessions=1, grace_s=0.5)
+    full = TrunkClient(TrunkClientConfig(f"127.0.0.1:{replicas.servers[0].port}"))
+    held = full.session(full.info().fingerprint)
+    held.step(torch.zeros(1, 2, 64))  # replica 0 is full from now on
+    engine = tiny_split_engine(models_dir, replicas.target)
+    try:
+        for _ in range(4):  # round robin sends about half of the first tries to the full one
+            assert len(engine.run("Room for one more", 4, GREEDY).token_ids) == 4
+        assert replicas.servers[1].sessions.counters.total_sessions == 4
+        assert replicas.servers[0].sessions.counters.total_sessions == 1  # the held one alone
+    finally:
+        engine.close()
+        held.close()
+        full.close()
+        replicas.stop(0.5)

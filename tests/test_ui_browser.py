@@ -270,7 +270,7 @@ def test_generation_survives_trunk_loss_mid_way_and_says_so(browser, trunk, mode
         _shot(page, "client_reconnecting")
         trunk["server"] = trunk["start"]()
         page.get_by_text("Done").first.wait_for(timeout=60_000)
-        assert page.get_by_text("trunk session back: replayed").first.is_visible()
+        assert page.get_by_text("trunk session back on replica").first.is_visible()
         assert output.input_value() == expected
         assert 0 < len(partial) < len(expected)  # it really was cut off mid-way
     finally:
