@@ -1,10 +1,11 @@
-"""Command line of the full-model baseline: `generate` prints text or JSON; no subcommand starts the app."""
+"""Command line of the full-model baseline: `generate` prints text or JSON, `api` serves the OpenAI-compatible API;
+no subcommand starts the app."""
 
 from __future__ import annotations
 
 import argparse
 
-from splitcore.cli import add_model_args, app_parser, main_guard, parse_app_args, run_generate
+from splitcore.cli import add_api_parser, add_model_args, app_parser, main_guard, parse_app_args, run_generate
 from splitcore.engine import FullEngine
 from splitcore.logs import setup_logging
 from splitcore.models import resolve_with_fallback
@@ -20,6 +21,12 @@ def build_parser() -> argparse.ArgumentParser:
         7861,
         "GPT2_FULL_LOG",
         "logs/gpt2_full.log",
+        lambda sub: add_api_parser(
+            sub,
+            add_model_args,
+            "The OpenAI-compatible HTTP API over the full model, unsplit: the same API as `python -m client api`, "
+            "so that one harness run against each compares split and full.",
+        ),
     )
 
 
@@ -39,6 +46,11 @@ def main(argv: list[str] | None = None) -> None:
             setup_logging(None, args.verbose)
             engine = load_engine(args)
             run_generate(engine, args, {"model": args.model, "random_weights": engine.model.is_random})
+        elif args.command == "api":
+            setup_logging(args.log_file, args.verbose)
+            from splitcore.api import serve as serve_api
+
+            serve_api(load_engine(args), args)
         else:
             setup_logging(args.log_file, args.verbose)
             from baseline.app import serve

@@ -9,8 +9,8 @@ from dataclasses import fields, replace
 from client.engine import ClientConfig, SplitEngine
 from client.train import TrainConfig
 from splitcore.cli import (
+    add_api_parser,
     app_parser,
-    env,
     main_guard,
     parse_app_args,
     run_generate,
@@ -41,21 +41,12 @@ def add_train_command(sub) -> None:
 
 
 def add_api_command(sub) -> None:
-    a = sub.add_parser(
-        "api",
-        help="serve an OpenAI-compatible API (completions, chat completions) on this machine",
-        description="An OpenAI-compatible HTTP API over the split model: point the openai package or curl at "
-        "http://HOST:PORT/v1. Prompts stay on this machine; each request is a trunk session of its own.",
+    add_api_parser(
+        sub,
+        add_split_args,
+        "An OpenAI-compatible HTTP API over the split model: point the openai package, curl or lm-evaluation-harness "
+        "at http://HOST:PORT/v1. Prompts stay on this machine; each prompt is a trunk session of its own.",
     )
-    add_split_args(a)
-    a.add_argument("--host", default=env("GPT2_API_HOST", "127.0.0.1"), help="address to listen on")
-    a.add_argument("--port", type=int, default=int(env("GPT2_API_PORT", "8000")), help="(env GPT2_API_PORT)")
-    a.add_argument(
-        "--api-key",
-        default=env("GPT2_API_KEY", "") or None,
-        help="require 'Authorization: Bearer KEY' on every /v1 request (env GPT2_API_KEY)",
-    )
-    a.add_argument("--log-file", default=env("GPT2_API_LOG", "logs/gpt2_api.log"))
 
 
 def add_distill_command(sub) -> None:
@@ -237,7 +228,7 @@ def main(argv: list[str] | None = None) -> None:
         elif args.command == "api":
             setup_logging(args.log_file, args.verbose)
             configure_threads(args.threads)
-            from client.api import serve as serve_api
+            from splitcore.api import serve as serve_api
 
             engine = SplitEngine(client_config(args))
             if not args.local_trunk:

@@ -24,7 +24,7 @@ from splitcore.lora import adapted, adapter_digest, adapter_layers, load_client_
 from splitcore.models import resolve_with_fallback
 from splitcore.parts import DEFAULT_SPLIT, Split, load_parts
 from splitcore.runtime import configure_attention, resolve_device, resolve_dtype, use_cuda_graphs
-from splitcore.settings import GenerateConfig, setting
+from splitcore.settings import GenerateConfig, parse_adapters, setting
 from splitcore.speculative import ModelDraft
 
 logger = logging.getLogger(__name__)
@@ -192,7 +192,7 @@ class SessionLink:
             try:
                 return self._step(h)
             except TrunkError as e:
-                if getattr(e.code, "name", "") != "RESOURCE_EXHAUSTED" or i == tries - 1:
+                if e.status != "RESOURCE_EXHAUSTED" or i == tries - 1:
                     raise
                 logger.info("a replica is full (%s); trying the next", e)
                 self.session.close()
@@ -330,19 +330,21 @@ class SplitEngine(Engine):
         fp = model_fingerprint(model, self.split)
         self.fingerprint = pb.Fingerprint(**fp.to_dict(), digest=fp.digest)  # the base model's
         self._base_fp, self._graphs = fp, graphs
-        self.adapter = self.load_adapter(cfg.adapter) if cfg.adapter else None
-        self.use_adapter = self.adapter is not None  # the app can switch it off to compare
+        self.adapters = {
+            name: self.load_adapter(path) for name, path in parse_adapters(cfg.adapter, model.spec).items()
+        }
         self.trunk_client = None if cfg.local_trunk else TrunkClient(cfg.trunk_client_config())
         self.notify = notify or (lambda msg: logger.warning("%s", msg))
 
     @property
-    def has_adapter(self) -> bool:
-        return self.adapter is not None
+    def adapter(self) -> Adapter | None:
+        """The default adapter (the first --adapter), or None."""
+        return self.adapter_named(None)
 
-    def set_adapter(self, path: str) -> None:
-        """Generate with the adapter in `path` from now on (the Fine-tune tab, when a run ends)."""
-        self.adapter = self.load_adapter(path)
-        self.use_adapter = True
+    def add_adapter(self, name: str, path: str) -> None:
+        """Load the adapter in `path` as `name` (the Fine-tune tab, when a run ends); a generation runs it when it
+        names it."""
+        self.adapters[name] = self.load_adapter(path)
 
     def load_adapter(self, path: str) -> Adapter:
         """The adapter in `path` on this engine's parts (and what a session uploads of it), without generating
@@ -397,8 +399,10 @@ class SplitEngine(Engine):
             )
         return info
 
-    def new_stepper(self, max_length: int = 0, notify: Notify | None = None, tap: Tap | None = None) -> Stepper:
-        a = self.adapter if self.use_adapter else None
+    def new_stepper(
+        self, max_length: int = 0, notify: Notify | None = None, tap: Tap | None = None, adapter: str | None = None
+    ) -> Stepper:
+        a = self.adapter_named(adapter)
         parts, pools = (a.parts, a.pools) if a else (self.parts, self.pools)
         if self.trunk_client is None:
             link = LocalTrunkLink(parts["trunk"], max_length, pools.get("trunk"))
@@ -422,11 +426,12 @@ class SplitEngine(Engine):
 
     draft_sources = ("none", "lookup", "self")
 
-    def draft_source(self, name: str, capacity: int):
-        """Prompt lookup, or the client's own bottom and top without the trunk (with the adapter if on)."""
+    def draft_source(self, name: str, capacity: int, adapter: str | None = None):
+        """Prompt lookup, or the client's own bottom and top without the trunk (with the generation's adapter)."""
         if name != "self":
-            return super().draft_source(name, capacity)
-        parts = self.adapter.parts if self.adapter is not None and self.use_adapter else self.parts
+            return super().draft_source(name, capacity, adapter)
+        a = self.adapter_named(adapter)
+        parts = a.parts if a is not None else self.parts
         return ModelDraft([parts["bottom"], parts["top"]], capacity, "self")
 
     def _notify_both(self, notify: Notify | None) -> Notify:

@@ -11,6 +11,7 @@ from pathlib import Path
 import gradio as gr
 import plotly.graph_objects as go
 
+from client import ui
 from client.train import CLIENT_TRAIN, Run, SplitTrainer, TrainConfig, TrainEvent
 from splitcore.errors import SplitError
 from splitcore.training import TextData, perplexity
@@ -84,8 +85,9 @@ def _status(ev: TrainEvent, cfg: TrainConfig) -> str:
     return f"Done: adapter saved in `{ev.path}` (PEFT format). The generation tab now uses it."
 
 
-def finetune_tab(engine, adapter_switch: gr.Checkbox) -> None:
-    """The tab's components and callbacks; `adapter_switch` is the generation tab's checkbox."""
+def finetune_tab(engine, adapter_switch: gr.Dropdown) -> None:
+    """The tab's components and callbacks; `adapter_switch` is the generation tab's adapter choice (this browser
+    tab's), turned to the run's adapter when it ends."""
     with gr.Row():
         with gr.Column(scale=2):
             upload = gr.File(label="Training text (.txt files)", file_count="multiple", file_types=[".txt"])
@@ -132,8 +134,10 @@ def finetune_tab(engine, adapter_switch: gr.Checkbox) -> None:
                 elif ev.kind == "eval":
                     evals.append([ev.step, ev.eval_loss])
                 elif ev.kind == "done":
-                    engine.set_adapter(ev.path)
-                    yield _status(ev, cfg), *curves(losses, evals), bg, gr.update(value=True, interactive=True)
+                    name = Path(ev.path).name
+                    engine.add_adapter(name, ev.path)
+                    switch = gr.update(choices=ui.adapter_choices(engine), value=name, interactive=True)
+                    yield _status(ev, cfg), *curves(losses, evals), bg, switch
                     return
                 if ev.kind != "checkpoint":
                     yield _status(ev, cfg), *curves(losses, evals), bg, gr.update()

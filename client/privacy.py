@@ -247,7 +247,7 @@ class PrivacyMeter:
     def __init__(self, engine, attack_data: str, cache_dir: Path, cfg: InverterConfig = InverterConfig()):
         self.engine, self.cfg = engine, cfg
         self.tokens_text = attack_data
-        adapted = engine.adapter is not None and engine.use_adapter
+        adapted = engine.adapter is not None
         bottom = (engine.adapter.parts if adapted else engine.parts)["bottom"]
         self.bottom = bottom
         self.observer = Observer(bottom, engine.noise, engine.wire_dtype, seed=cfg.seed + 1)

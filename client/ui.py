@@ -41,9 +41,17 @@ def header(title: str, model: ResolvedModel, details: str) -> None:
         )
 
 
-def generation_tab(engine: Engine, history: gr.State, speculate: str = "none", meter=None) -> gr.Checkbox:
+BASE_CHOICE = "none (the base model)"
+
+
+def adapter_choices(engine: Engine) -> list[str]:
+    return [BASE_CHOICE, *engine.adapters]
+
+
+def generation_tab(engine: Engine, history: gr.State, speculate: str = "none", meter=None) -> gr.Dropdown:
     """Prompt and settings in, streamed text and a statistics panel out; Stop cancels mid-generation. Returns the
-    adapter switch (the Fine-tune tab turns it on when a run ends). `speculate`: the Speculative decoding
+    adapter switch: this browser session's, not the process's (the Fine-tune tab turns it to a run's adapter
+    when the run ends). `speculate`: the Speculative decoding
     switch's setting at start (a draft:SPEC joins its choices). `meter` (client/privacy.py): after each
     generation, show the prompt as the trunk's attacker reads it from what was sent."""
     sources = list(engine.draft_sources) + ([speculate] if speculate not in engine.draft_sources else [])
@@ -68,11 +76,13 @@ def generation_tab(engine: Engine, history: gr.State, speculate: str = "none", m
                 info="draft tokens here and verify several per round trip: the same tokens when greedy, the same "
                 "distribution when sampling; lookup: from the context; self: the client's own blocks",
             )
-            adapter_switch = gr.Checkbox(
-                label="Use the fine-tuned adapter",
-                value=engine.has_adapter and engine.use_adapter,
+            adapter_switch = gr.Dropdown(
+                adapter_choices(engine),
+                value=engine.default_adapter or BASE_CHOICE,
+                label="Adapter",
                 interactive=engine.has_adapter,
-                info="LoRA adapter from the Fine-tune tab or --adapter; off = the base model, to compare",
+                info="a LoRA adapter from --adapter or the Fine-tune tab, or none, to compare; for this browser "
+                "tab alone",
             )
             stats_panel = gr.Markdown("_Statistics appear here after a run._")
     privacy_share = gr.Markdown(visible=meter is not None, elem_id="privacy-share")
@@ -85,14 +95,15 @@ def generation_tab(engine: Engine, history: gr.State, speculate: str = "none", m
         elem_id="privacy-read",
     )
 
-    def on_generate(prompt_text, n, temp, k, p, seed_value, source, hist):
+    def on_generate(prompt_text, n, temp, k, p, seed_value, source, adapter, hist):
         stats = GenerationStats()
         text, notice = "", ""
         seed_int = int(seed_value) if seed_value is not None and seed_value >= 0 else None
         params = SamplingParams(float(temp), int(k), float(p), seed_int)
         ids = engine.encode(prompt_text or "")
         tap = None if meter is None else privacy_recorder()
-        run = BackgroundStream(engine, ids, int(n), params, stats, source or "none", tap)
+        name = engine.BASE if adapter in (None, BASE_CHOICE) else adapter
+        run = BackgroundStream(engine, ids, int(n), params, stats, source or "none", tap, name)
         keep = gr.update()  # the privacy panel, unchanged until the generation is done
         try:
             yield text, charts.stats_markdown(stats, running=True), "", hist, keep, keep
@@ -126,16 +137,11 @@ def generation_tab(engine: Engine, history: gr.State, speculate: str = "none", m
             read = reading.segments(engine.decode)
         yield text, charts.stats_markdown(stats), notice, hist, share, read
 
-    inputs = [prompt, max_tokens, temperature, top_k, top_p, seed, speculation, history]
+    inputs = [prompt, max_tokens, temperature, top_k, top_p, seed, speculation, adapter_switch, history]
     outputs = [output, stats_panel, status, history, privacy_share, privacy_read]
     ev_click = run.click(on_generate, inputs, outputs)
     ev_submit = prompt.submit(on_generate, inputs, outputs)
     stop.click(None, cancels=[ev_click, ev_submit])
-
-    def on_switch(on: bool) -> None:
-        engine.use_adapter = bool(on) and engine.has_adapter
-
-    adapter_switch.change(on_switch, [adapter_switch], None)
     return adapter_switch
 
 
@@ -160,16 +166,18 @@ class BackgroundStream:
         stats,
         speculate: str = "none",
         tap=None,
+        adapter: str | None = None,
     ):
         self._q: queue.SimpleQueue = queue.SimpleQueue()
         self._stop = threading.Event()
-        args = (engine, prompt, max_new_tokens, params, stats, speculate, tap)
+        args = (engine, prompt, max_new_tokens, params, stats, speculate, tap, adapter)
         self._thread = threading.Thread(target=self._run, args=args, daemon=True, name="generation")
         self._thread.start()
 
-    def _run(self, engine, prompt, max_new_tokens, params, stats, speculate, tap) -> None:
+    def _run(self, engine, prompt, max_new_tokens, params, stats, speculate, tap, adapter) -> None:
         notify = lambda m: self._q.put(("notice", m))  # noqa: E731
-        stream = engine.stream(prompt, max_new_tokens, params, stats, notify=notify, speculate=speculate, tap=tap)
+        how = {"notify": notify, "speculate": speculate, "tap": tap, "adapter": adapter}
+        stream = engine.stream(prompt, max_new_tokens, params, stats, **how)
         try:
             for event in stream:
                 self._q.put(("token", event))

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import grpc
 
-from splitcore.errors import SplitError
+from splitcore.errors import RemoteError, RemoteUnavailable
 
 
-class TrunkError(SplitError):
+class TrunkError(RemoteError):
     """A trunk call failed; `code` is the gRPC status code. A SplitError like every error the project raises on
     purpose, so that one `except SplitError` catches them all."""
 
@@ -15,8 +15,12 @@ class TrunkError(SplitError):
         super().__init__(message)
         self.code = code
 
+    @property
+    def status(self) -> str:
+        return self.code.name
 
-class TrunkUnavailable(TrunkError):
+
+class TrunkUnavailable(TrunkError, RemoteUnavailable):
     """The trunk server cannot be reached (down, wrong address, firewall) or went away."""
 
 

@@ -51,6 +51,24 @@ def app_parser(
     return p
 
 
+def add_api_parser(sub, add_model: Callable[[argparse.ArgumentParser], None], description: str) -> None:
+    """The `api` subcommand of a process's command line: its model flags (`add_model`) and the server's."""
+    a = sub.add_parser(
+        "api",
+        help="serve an OpenAI-compatible API (completions, chat completions) on this machine",
+        description=description,
+    )
+    add_model(a)
+    a.add_argument("--host", default=env("GPT2_API_HOST", "127.0.0.1"), help="address to listen on")
+    a.add_argument("--port", type=int, default=int(env("GPT2_API_PORT", "8000")), help="(env GPT2_API_PORT)")
+    a.add_argument(
+        "--api-key",
+        default=env("GPT2_API_KEY", "") or None,
+        help="require 'Authorization: Bearer KEY' on every /v1 request (env GPT2_API_KEY)",
+    )
+    a.add_argument("--log-file", default=env("GPT2_API_LOG", "logs/gpt2_api.log"))
+
+
 def parse_app_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
     """No subcommand (nothing, or options only) means `serve`."""
     argv = sys.argv[1:] if argv is None else argv

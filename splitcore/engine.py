@@ -12,12 +12,21 @@ import torch
 
 from splitcore.cudagraph import DecoderPool
 from splitcore.errors import InvalidInput
-from splitcore.generate import FullStepper, Stepper, TokenEvent, check_request, generate
+from splitcore.generate import (
+    FullStepper,
+    PromptLogprobs,
+    Stepper,
+    TokenEvent,
+    check_request,
+    generate,
+    score,
+)
 from splitcore.lora import adapted, load_client_weights, load_peft
 from splitcore.models import ResolvedModel, load_tokenizer
 from splitcore.parts import load_full
 from splitcore.runtime import configure_attention
 from splitcore.sampling import SamplingParams
+from splitcore.settings import parse_adapters
 from splitcore.speculative import (
     DraftLength,
     ModelDraft,
@@ -63,14 +72,33 @@ class Engine:
         self._draft_models: dict[str, object] = {}  # draft:SPEC models, loaded once
         self._draft_lengths: dict[tuple[str, bool], DraftLength] = {}  # what each source learned, kept
 
-    use_adapter = False  # generate with the loaded adapter (when there is one)
+    adapters: dict = {}  # name -> a loaded LoRA adapter, in the order given (the first is the default)
+    BASE = ""  # the adapter name that means the base model, none
 
     @property
     def has_adapter(self) -> bool:
-        return False
+        return bool(self.adapters)
 
-    def new_stepper(self, max_length: int = 0, notify: Notify | None = None, tap: Tap | None = None) -> Stepper:
-        """A fresh stepper (fresh caches) for one generation of at most `max_length` tokens.
+    @property
+    def default_adapter(self) -> str:
+        """What a generation that names no adapter runs: the first one given (--adapter), else the base model."""
+        return next(iter(self.adapters), self.BASE)
+
+    def adapter_named(self, name: str | None):
+        """The adapter `name` (None: the default; BASE: none), or a readable error."""
+        name = self.default_adapter if name is None else name
+        if name == self.BASE:
+            return None
+        if name not in self.adapters:
+            known = ", ".join(self.adapters) or "none is loaded"
+            raise InvalidInput(f"no adapter named '{name}' ({known})")
+        return self.adapters[name]
+
+    def new_stepper(
+        self, max_length: int = 0, notify: Notify | None = None, tap: Tap | None = None, adapter: str | None = None
+    ) -> Stepper:
+        """A fresh stepper (fresh caches) for one generation of at most `max_length` tokens, with the adapter
+        named `adapter` (None: the default; BASE: the base model).
 
         `notify` hears what happens on the way that the caller may want to show (a lost trunk, a reconnect);
         `tap` hears what crosses to the trunk, step by step (nothing crosses in an unsplit engine)."""
@@ -92,29 +120,40 @@ class Engine:
         speculate: str = "none",
         logprobs: int | None = None,
         tap: Tap | None = None,
+        prompt_lps: PromptLogprobs | None = None,
+        adapter: str | None = None,
     ) -> Iterator[TokenEvent]:
         """Yield tokens as they are generated; `stats` (if given) fills in as they come; `notify` hears of a lost
         and regained trunk while the generation waits for it. `speculate` names a draft source (lookup, self):
-        tokens verified several to a round trip, distributed as without (greedy: the same tokens). `logprobs`: see
-        `generate`. `tap`: see `new_stepper`."""
+        tokens verified several to a round trip, distributed as without (greedy: the same tokens). `logprobs` and
+        `prompt_lps`: see `generate`. `tap` and `adapter`: see `new_stepper`; the adapter is this generation's
+        alone, so that concurrent generations may each run their own."""
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         check_source(speculate)
-        run = functools.partial(generate, logprobs=logprobs)
-        if speculate != "none" and logprobs is not None:
+        run = functools.partial(generate, logprobs=logprobs, prompt_lps=prompt_lps)
+        if speculate != "none" and (logprobs is not None or prompt_lps is not None):
             raise InvalidInput("log-probabilities come with plain decoding only: leave speculation off")
         if speculate != "none":
             stats = stats if stats is not None else GenerationStats()
             stats.speculation = SpeculationStats(speculate)
-        stepper = self.new_stepper_checked(ids, max_new_tokens, params, notify, tap)
+        stepper = self.new_stepper_checked(ids, max_new_tokens, params, notify, tap, adapter)
         if speculate != "none":
             try:
-                draft = self.draft_source(speculate, len(ids) + max_new_tokens)
+                draft = self.draft_source(speculate, len(ids) + max_new_tokens, adapter)
             except BaseException:
                 stepper.close()
                 raise
             length = self._draft_lengths.setdefault((speculate, params.greedy), DraftLength(8))  # acceptance differs
             run = functools.partial(generate_speculative, draft=draft, spec=stats.speculation, length=length)
         yield from run(stepper, ids, max_new_tokens, params, self.decode, self.tokenizer.eos_token_id, stats)
+
+    def score(self, prompt: str | list[int], k: int = 0, adapter: str | None = None) -> PromptLogprobs:
+        """The prompt's own log-probabilities, no token generated (an API request with max_tokens 0 and echo): each
+        token after the first, under the model, with the k most likely tokens' at its position."""
+        ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise InvalidInput("the prompt is empty: give at least one token of text")
+        return score(self.new_stepper(len(ids), adapter=adapter), ids, k)
 
     draft_sources = ("none", "lookup")  # what `speculate` may name here (and draft:SPEC)
 
@@ -137,7 +176,7 @@ class Engine:
             cache[spec] = load_student(spec, models_dir, vocab, self.device, self.dtype)
         return cache[spec]
 
-    def draft_source(self, name: str, capacity: int):
+    def draft_source(self, name: str, capacity: int, adapter: str | None = None):
         """The draft source `name` for speculative decoding (splitcore/speculative.py)."""
         if name == "lookup":
             return PromptLookup()
@@ -152,9 +191,11 @@ class Engine:
         params: SamplingParams,
         notify: Notify | None = None,
         tap: Tap | None = None,
+        adapter: str | None = None,
     ) -> Stepper:
         check_request(ids, max_new_tokens, self.n_positions, params)  # before opening any remote session
-        return self.new_stepper(len(ids) + max_new_tokens, notify, tap)
+        self.adapter_named(adapter)  # an unknown name fails here, before anything runs
+        return self.new_stepper(len(ids) + max_new_tokens, notify, tap, adapter)
 
     def run(
         self,
@@ -163,10 +204,11 @@ class Engine:
         params: SamplingParams,
         speculate: str = "none",
         tap: Tap | None = None,
+        adapter: str | None = None,
     ) -> GenerationResult:
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         stats = GenerationStats()
-        events = self.stream(ids, max_new_tokens, params, stats, speculate=speculate, tap=tap)
+        events = self.stream(ids, max_new_tokens, params, stats, speculate=speculate, tap=tap, adapter=adapter)
         tokens = [e.token_id for e in events]
         return GenerationResult(self.decode(tokens), ids, tokens, stats)
 
@@ -181,22 +223,19 @@ class FullEngine(Engine):
         dtype: torch.dtype,
         attn: str = "sdpa",
         cuda_graphs: bool = False,
-        adapter: str | None = None,
+        adapter=(),
     ):
         super().__init__(model, device, dtype)
         logger.info("%s", configure_attention(device))
         self.full = load_full(model, device, dtype, attn)
-        self.adapted = None
-        if adapter:  # the same model with a LoRA adapter (a twin sharing the weights), for comparison
-            self.adapted = adapted(self.full, *load_peft(Path(adapter)), load_client_weights(Path(adapter)))
-        self.use_adapter = self.adapted is not None
-        models = [m for m in (self.full, self.adapted) if m is not None] if cuda_graphs else []
+        self.adapters = {}  # each: the same model with its LoRA adapter (a twin sharing the weights)
+        for name, path in parse_adapters(adapter, model.spec).items():
+            self.adapters[name] = adapted(self.full, *load_peft(Path(path)), load_client_weights(Path(path)))
+        models = [self.full, *self.adapters.values()] if cuda_graphs else []
         self.pools = {id(m): DecoderPool.warmed(m) for m in models}  # decode steps as CUDA graphs
 
-    @property
-    def has_adapter(self) -> bool:
-        return self.adapted is not None
-
-    def new_stepper(self, max_length: int = 0, notify: Notify | None = None, tap: Tap | None = None) -> Stepper:
-        model = self.adapted if self.use_adapter and self.adapted is not None else self.full
+    def new_stepper(
+        self, max_length: int = 0, notify: Notify | None = None, tap: Tap | None = None, adapter: str | None = None
+    ) -> Stepper:
+        model = self.adapter_named(adapter) or self.full
         return FullStepper(model, max_length, self.pools.get(id(model)))

@@ -1,4 +1,5 @@
-"""Exception types that core code raises and the server maps to gRPC status codes."""
+"""Exception types that core code raises and the server maps to gRPC status codes; a remote part's failures
+(the trunk server's) are RemoteError, so that code above the network (the HTTP API) maps them without gRPC."""
 
 
 class SplitError(Exception):
@@ -19,3 +20,15 @@ class Mismatch(SplitError):
 
 class ModelSpecError(SplitError, ValueError):
     """A model spec cannot be resolved or loaded: bad name, missing directory, wrong architecture."""
+
+
+class RemoteError(SplitError):
+    """A remote part (the trunk server) refused or failed a call; `status` names its status (a gRPC code's name)."""
+
+    @property
+    def status(self) -> str:
+        return "UNKNOWN"
+
+
+class RemoteUnavailable(RemoteError):
+    """A remote part cannot be reached, or went away."""

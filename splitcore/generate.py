@@ -244,6 +244,33 @@ def token_logprobs(logits: torch.Tensor, token: int, k: int) -> tuple[float, lis
     return float(lp[token]), list(zip(ids.tolist(), values.tolist(), strict=True))
 
 
+PromptLogprobs = list[tuple[float, list[tuple[int, float]]]]  # per prompt token after the first: (its, the top k)
+
+
+def prompt_logprobs(logits: torch.Tensor, ids: list[int], k: int) -> PromptLogprobs:
+    """From the (T, vocab) logits of a prompt's T positions: each prompt token after the first, its log-probability
+    under the positions before it and the k most likely tokens' there (the first token has none: nothing precedes
+    it)."""
+    lp = torch.log_softmax(logits[:-1].float(), dim=-1)  # position i predicts token i + 1
+    chosen = lp.gather(1, torch.tensor(ids[1:], device=lp.device)[:, None])[:, 0].tolist()
+    values, top = torch.topk(lp, k, dim=-1)
+    tops = [list(zip(i, v, strict=True)) for i, v in zip(top.tolist(), values.tolist(), strict=True)]
+    return list(zip(chosen, tops, strict=True))
+
+
+def score(stepper: Stepper, prompt_ids: list[int], k: int = 0) -> PromptLogprobs:
+    """The prompt's log-probabilities alone (`prompt_logprobs`), in one forward; closes the stepper."""
+    if not prompt_ids:
+        raise InvalidInput("the prompt is empty: give at least one token of text")
+    if len(prompt_ids) > stepper.n_positions:
+        raise LimitExceeded(f"prompt of {len(prompt_ids)} tokens is past the model's context of {stepper.n_positions}")
+    try:
+        r = stepper.step(torch.tensor([prompt_ids], dtype=torch.long), all_positions=True)
+        return prompt_logprobs(r.logits, prompt_ids, k)
+    finally:
+        stepper.close()
+
+
 def generate(
     stepper: Stepper,
     prompt_ids: list[int],
@@ -253,10 +280,14 @@ def generate(
     eos_token_id: int | None = None,
     stats: GenerationStats | None = None,
     logprobs: int | None = None,
+    prompt_lps: PromptLogprobs | None = None,
 ) -> Iterator[TokenEvent]:
     """Prefill the prompt, then decode one token at a time, yielding each token as it is chosen. With
     `logprobs` (0 or more), each event carries the token's log-probability under the model (its logits before
-    temperature, top-k and top-p) and the `logprobs` most likely tokens' (OpenAI's convention).
+    temperature, top-k and top-p) and the `logprobs` most likely tokens' (OpenAI's convention). With a list
+    `prompt_lps`, the prefill computes the logits of every prompt position, and the list gets the prompt's own
+    log-probabilities (`prompt_logprobs`, with the top `logprobs or 0`) before the first token is yielded; without
+    it, the prefill computes the last position's alone.
 
     The stepper is closed when the loop ends, however it ends (EOS, max tokens, error, consumer stops)."""
     check_request(prompt_ids, max_new_tokens, stepper.n_positions, params)
@@ -269,7 +300,12 @@ def generate(
     try:
         for index in range(max_new_tokens):
             t0 = time.perf_counter()
-            r = stepper.step(ids)
+            if index == 0 and prompt_lps is not None:
+                r = stepper.step(ids, all_positions=True)
+                prompt_lps.extend(prompt_logprobs(r.logits, prompt_ids, logprobs or 0))
+                r.logits = r.logits[-1]
+            else:
+                r = stepper.step(ids)
             t1 = time.perf_counter()
             if generator is None and not params.greedy:
                 generator = make_generator(params.seed, r.logits.device)

@@ -11,6 +11,8 @@ import os
 import re
 from typing import Any
 
+from splitcore.errors import InvalidInput
+
 
 def setting(
     default: Any,
@@ -26,7 +28,7 @@ def setting(
     return dataclasses.field(default=default, metadata={"env": env, "help": help, "flag": flag, "choices": choices})
 
 
-_KINDS = {"int": int, "float": float, "str": str, "bool": bool}
+_KINDS = {"int": int, "float": float, "str": str, "bool": bool, "tuple[str, ...]": tuple}
 
 
 def dataclass_flags(p: argparse.ArgumentParser, cls, positional: tuple[str, ...] = ()) -> None:
@@ -57,6 +59,12 @@ def dataclass_flags(p: argparse.ArgumentParser, cls, positional: tuple[str, ...]
         if kind is bool:
             where = f" (env {' or '.join(envs)})" if envs else ""
             p.add_argument(*flags, dest=f.name, action="store_true", default=default, help=text + where)
+        elif kind is tuple:  # a flag given any number of times (the environment's value: comma-separated)
+            where = f" (env {' or '.join(envs)}, comma-separated)" if envs else ""
+            metavar = flags[-1].lstrip("-").upper().replace("-", "_")
+            p.add_argument(
+                *flags, dest=f.name, action=_Several, default=tuple(default), metavar=metavar, help=text + where
+            )
         else:
             where = f"env {' or '.join(envs)}; " if envs else ""
             p.add_argument(
@@ -70,9 +78,18 @@ def dataclass_flags(p: argparse.ArgumentParser, cls, positional: tuple[str, ...]
             )
 
 
+class _Several(argparse.Action):
+    """A flag given any number of times: each adds its value to the tuple (after the environment's)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, (*getattr(namespace, self.dest, ()), values))
+
+
 def _from_env(p: argparse.ArgumentParser, name: str, raw: str, kind: type, default: Any) -> Any:
     if kind is bool:
         return raw == "1"
+    if kind is tuple:
+        return tuple(x.strip() for x in raw.split(",") if x.strip())
     if raw == "" and default is None:
         return None
     try:
@@ -111,8 +128,27 @@ class ModelConfig:
 class GenerateConfig(ModelConfig):
     """A process that generates: the model settings and an adapter to generate with."""
 
-    adapter: str | None = setting(
-        None,
+    adapter: tuple[str, ...] = setting(
+        (),
         "GPT2_ADAPTER",
-        "a LoRA adapter directory in PEFT's format (from `python -m client train`) to generate with",
+        "a LoRA adapter in PEFT's format (from `python -m client train`): NAME=DIR, or DIR (named after it); may be "
+        "given several times. The API serves each as a model of that name; the first is the default elsewhere",
     )
+
+
+def parse_adapters(specs, reserved: str = "") -> dict[str, str]:
+    """--adapter values (NAME=DIR or DIR; one string or several) -> {name: directory}, in order; a readable error
+    for a repeated name or one that is `reserved` (the base model's)."""
+    specs = (specs,) if isinstance(specs, str) else tuple(specs or ())
+    out: dict[str, str] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            name, path = os.path.basename(os.path.normpath(spec)), spec
+        name, path = name.strip(), path.strip()
+        if not name or not path:
+            raise InvalidInput(f"--adapter '{spec}': give NAME=DIR or DIR")
+        if name in out or name == reserved:
+            raise InvalidInput(f"--adapter: the name '{name}' is given twice (or is the base model's); name each one")
+        out[name] = path
+    return out

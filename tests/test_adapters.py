@@ -66,9 +66,8 @@ def test_split_with_adapter_generates_as_full_model_and_hf_peft(models_dir, tiny
     want = hf.generate(torch.tensor([ids]), max_new_tokens=30, do_sample=False, pad_token_id=50256)[0, len(ids) :]
     assert got == want.tolist()
 
-    split.use_adapter = full.use_adapter = False  # the app's switch: the base model again
-    base = split.run(PROMPT, 30, GREEDY).token_ids
-    assert base == full.run(PROMPT, 30, GREEDY).token_ids and base != got
+    base = split.run(PROMPT, 30, GREEDY, adapter=split.BASE).token_ids  # a generation's own choice: the base model
+    assert base == full.run(PROMPT, 30, GREEDY, adapter=full.BASE).token_ids and base != got
     split.close()
     wait_for(lambda: served[0].sessions.active() == 0, what="sessions freed")
 
@@ -126,3 +125,71 @@ def test_stateless_with_an_adapter_on_the_trunk_is_a_clear_error(models_dir, ser
 def test_bad_adapter_path_is_one_line(models_dir, served, tmp_path):
     with pytest.raises(InvalidInput, match="is not a PEFT adapter"):
         tiny_split_engine(models_dir, served[1], adapter=str(tmp_path))
+
+
+# --- adapters served as models -------------------------------------------------------------------------------
+def _train(models_dir, target: str, out, lr: float, text: str) -> None:
+    engine = tiny_split_engine(models_dir, target)
+    cfg = TrainConfig(steps=8, eval_every=0, eval_batches=1, batch_size=4, block_size=32, lora_rank=4, lr=lr)
+    cfg.out, cfg.client_train = str(out), "lora"
+    out.mkdir(parents=True, exist_ok=True)
+    (out.parent / f"{out.name}.txt").write_text(text * 40)
+    trainer = SplitTrainer(engine, cfg.lora(), "lora")
+    list(Run(trainer, TextData.from_path(out.parent / f"{out.name}.txt", engine.encode, block=32), cfg, "random:tiny"))
+    trainer.close()
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def two_adapters(models_dir, served, tmp_path_factory):
+    """Two adapters trained on different text, each enough to change greedy text."""
+    d = tmp_path_factory.mktemp("two")
+    _train(models_dir, served[1], d / "kjv", 3e-2, "In the beginning God created the heaven and the earth. ")
+    _train(models_dir, served[1], d / "code", 5e-2, "def forward(self, x): return self.head(self.blocks(x))\n")
+    return {"kjv": d / "kjv", "code": d / "code"}
+
+
+def test_adapters_are_models_of_the_api_chosen_per_request(models_dir, served, two_adapters):
+    """Two concurrent requests naming two adapters each get their own adapter's greedy tokens, as the CLI with that
+    adapter gives them; the base model's id gets the base model; /v1/models lists all three."""
+    import json
+    import subprocess
+    import sys
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import openai
+    import uvicorn
+
+    from splitcore.api import API, model_card
+    from tests.conftest import free_port, subprocess_env
+
+    engine = tiny_split_engine(models_dir, served[1], adapter=tuple(f"{n}={p}" for n, p in two_adapters.items()))
+    api = API(engine, model_card(engine))
+    port = free_port()
+    web = uvicorn.Server(uvicorn.Config(api.app, host="127.0.0.1", port=port, log_level="warning"))
+    threading.Thread(target=web.run, daemon=True).start()
+    wait_for(lambda: web.started, 20, "the API server started")
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=60)
+        assert [m.id for m in client.models.list().data] == ["random:tiny", "kjv", "code"]
+        models = ["kjv", "code", "random:tiny"]
+
+        def complete(model: str) -> str:
+            return client.completions.create(model=model, prompt=PROMPT, max_tokens=16, temperature=0).choices[0].text
+
+        with ThreadPoolExecutor(3) as pool:
+            got = dict(zip(models, pool.map(complete, models), strict=True))
+        for name, path in [*two_adapters.items(), ("random:tiny", None)]:
+            cmd = [sys.executable, "-m", "client", "generate", PROMPT, "--model", "random:tiny", "--device", "cpu"]
+            cmd += ["--server", served[1], "--temperature", "0", "--max-tokens", "16", "--json"]
+            cmd += ["--adapter", str(path)] if path else []
+            out = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), cwd=ROOT, timeout=180)
+            assert out.returncode == 0, out.stderr[-2000:]
+            assert got[name] == json.loads(out.stdout)["text"], name
+        assert len(set(got.values())) == 3  # three different models, three different texts
+        with pytest.raises(openai.NotFoundError):
+            complete("kjv2")
+    finally:
+        web.should_exit = True
+        engine.close()

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import openai
@@ -15,7 +16,7 @@ import pytest
 import torch
 from conftest import ROOT, TINY, free_port, start_tiny_server, subprocess_env, tiny_split_engine, wait_for
 
-from client.api import API, CHAT_STOP, chat_prompt, model_card
+from splitcore.api import API, CHAT_STOP, chat_prompt, model_card
 from splitcore.sampling import SamplingParams
 
 KEY = "sk-test-key"
@@ -101,7 +102,7 @@ def test_chat_completion_follows_the_template(client, live):
     messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Say hello."}]
     r = client.chat.completions.create(model=TINY, messages=messages, max_tokens=16, temperature=0)
     prompt = "System: You are terse.\nUser: Say hello.\nAssistant:"
-    from client.api import ChatMessage
+    from splitcore.api import ChatMessage
 
     assert chat_prompt([ChatMessage(**m) for m in messages]) == prompt
     expected = greedy(live[1], prompt, 16).split(CHAT_STOP)[0].lstrip()
@@ -201,9 +202,10 @@ def _status(fn) -> tuple[int, dict]:
         ({"model": TINY, "prompt": PROMPT, "n": 2}, 400, "n", None),
         ({"model": TINY, "prompt": PROMPT, "logprobs": 9}, 400, "logprobs", None),
         ({"model": TINY, "prompt": PROMPT, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", None),
-        ({"model": TINY, "prompt": PROMPT, "max_tokens": 0}, 400, "max_tokens", None),
+        ({"model": TINY, "prompt": PROMPT, "max_tokens": -1}, 400, "max_tokens", None),
         ({"model": TINY, "prompt": ""}, 400, "prompt", None),
-        ({"model": TINY, "prompt": [PROMPT, PROMPT]}, 400, "prompt", None),
+        ({"model": TINY, "prompt": [PROMPT, ""]}, 400, "prompt", None),
+        ({"model": TINY, "prompt": [[464, 2068], [10**9]]}, 400, "prompt", None),
     ],
 )
 def test_bad_completion_requests_get_openai_errors(client, live, kwargs, status, param, code):
@@ -287,3 +289,75 @@ def test_api_command_line_mistake_is_one_line():
         cmd + ["--connect-timeout", "1"], capture_output=True, text=True, env=subprocess_env(), cwd=ROOT, timeout=120
     )
     assert out.returncode == 2 and out.stderr.strip().startswith("error:") and "Traceback" not in out.stderr
+
+
+# --- OpenAI's completion request in full: batches of prompts, echo with log-probabilities, max_tokens 0 ---------
+PROMPTS = ["The quick brown fox", "Once upon a time", "Split learning keeps", "Hidden states cross"]
+
+
+@pytest.mark.parametrize("form", ["strings", "token lists"])
+def test_a_batch_of_four_prompts_gives_four_choices_each_as_alone(client, live, form):
+    engine = live[1]
+    prompts = PROMPTS if form == "strings" else [engine.encode(p) for p in PROMPTS]
+    r = client.completions.create(model=TINY, prompt=prompts, max_tokens=8, temperature=0)
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    for c, p in zip(r.choices, prompts, strict=True):
+        alone = client.completions.create(model=TINY, prompt=p, max_tokens=8, temperature=0).choices[0]
+        assert c.text == alone.text and c.finish_reason == alone.finish_reason
+    assert r.usage.completion_tokens == 32
+    assert r.usage.prompt_tokens == sum(len(engine.encode(p)) for p in PROMPTS)
+    one = client.completions.create(model=TINY, prompt=engine.encode(PROMPTS[0]), max_tokens=8, temperature=0)
+    assert one.choices[0].text == r.choices[0].text  # a single list of token ids
+
+
+def test_a_streamed_batch_gives_each_choice_its_own_text(client):
+    whole = client.completions.create(model=TINY, prompt=PROMPTS, max_tokens=6, temperature=0)
+    texts = ["", "", "", ""]
+    for chunk in client.completions.create(model=TINY, prompt=PROMPTS, max_tokens=6, temperature=0, stream=True):
+        for c in chunk.choices:
+            texts[c.index] += c.text
+    assert texts == [c.text for c in whole.choices]
+
+
+def _hf_prompt_logprobs(full_model, ids: list[int]) -> list[float]:
+    with torch.no_grad():
+        lp = torch.log_softmax(full_model(torch.tensor([ids])).logits[0].float(), dim=-1)
+    return [float(lp[i, ids[i + 1]]) for i in range(len(ids) - 1)]
+
+
+@pytest.mark.parametrize("max_tokens", [0, 3])
+def test_echo_with_logprobs_gives_the_prompts_log_probabilities_as_hf(client, live, full_model, max_tokens):
+    engine = live[1]
+    ids = engine.encode(PROMPTS[0])
+    r = client.completions.create(
+        model=TINY, prompt=PROMPTS[0], max_tokens=max_tokens, temperature=0, echo=True, logprobs=2
+    )
+    c = r.choices[0]
+    lp = c.logprobs
+    assert c.text.startswith(PROMPTS[0]) and len(lp.tokens) == len(ids) + max_tokens
+    assert "".join(lp.tokens[: len(ids)]) == PROMPTS[0] and lp.text_offset[: len(ids)][0] == 0
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None  # nothing precedes the first token
+    want = _hf_prompt_logprobs(full_model, ids)
+    assert max(abs(a - b) for a, b in zip(lp.token_logprobs[1 : len(ids)], want, strict=True)) < 1e-4
+    for tok_lp, top in zip(lp.token_logprobs[1:], lp.top_logprobs[1:], strict=True):
+        assert len(top) == 2 and max(top.values()) >= tok_lp - 1e-6
+    if max_tokens == 0:
+        assert c.text == PROMPTS[0] and r.usage.completion_tokens == 0 and c.finish_reason == "length"
+    else:  # the completion's own follow, as without echo
+        alone = client.completions.create(model=TINY, prompt=PROMPTS[0], max_tokens=3, temperature=0, logprobs=2)
+        assert lp.token_logprobs[len(ids) :] == alone.choices[0].logprobs.token_logprobs
+    assert live[0].sessions.active() == 0
+
+
+def test_schemathesis_finds_no_server_error_and_no_undocumented_status(live):
+    """A schema-driven fuzzer against /openapi.json: every answer is a declared status with its declared body."""
+    import shutil
+
+    st = shutil.which("st") or str(Path(sys.executable).parent / "st")
+    checks = "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance"
+    cmd = [st, "run", live[2].removesuffix("/v1") + "/openapi.json", "-H", f"Authorization: Bearer {KEY}"]
+    cmd += ["--checks", checks, "--max-examples", "25", "--seed", "20261203", "--no-color"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    print(out.stdout[-1500:])
+    assert out.returncode == 0 and " passed" in out.stdout, out.stdout[-4000:] + out.stderr[-2000:]
+    wait_for(lambda: live[0].sessions.active() == 0, 30, "no session left open")

@@ -314,21 +314,25 @@ def test_finetune_tab_trains_then_generation_uses_the_adapter(browser, trunk, mo
         greedy = SamplingParams(0.0)
         full = FullEngine(tiny, torch.device("cpu"), torch.float32, adapter=str(out))
         tuned = full.run(PROMPT, 20, greedy).text
-        full.use_adapter = False
-        base = full.run(PROMPT, 20, greedy).text
+        base = full.run(PROMPT, 20, greedy, adapter=full.BASE).text
         assert tuned != base
 
+        other = browser.new_page(viewport={"width": 1400, "height": 1000})  # another browser tab: its own switch
+        other.goto(f"http://127.0.0.1:{port}")
         page.get_by_role("tab", name="Text generation").click()
-        switch = page.get_by_label("Use the fine-tuned adapter")
-        assert switch.is_checked()
+        switch = page.get_by_label("Adapter", exact=True)
+        assert switch.input_value() == "adapter"  # the run's adapter, named after its directory
         assert _generate(page, PROMPT) == tuned
-        switch.uncheck()
+        assert _generate(other, PROMPT) == base  # the other tab's switch is its own: still the base model
+        switch.click()
+        page.get_by_role("option", name="none (the base model)").click()
         time.sleep(0.5)
         page.get_by_role("button", name="Generate").click()  # "Done" is already on the page: wait for the text
         output, deadline = page.get_by_label("Output"), time.monotonic() + 60
         while output.input_value() != base and time.monotonic() < deadline:
             time.sleep(0.1)
         assert output.input_value() == base
+        other.close()
     finally:
         page.close()
         feed.stop()

@@ -1,7 +1,9 @@
-"""An OpenAI-compatible HTTP API on the split client: `python -m client api` (port 8000, env GPT2_API_PORT).
+"""An OpenAI-compatible HTTP API over any engine: `python -m client api` (the split model) and `python -m baseline
+api` (the full model), port 8000 (env GPT2_API_PORT).
 
-Existing tools (the `openai` package, LangChain, curl) talk to it unchanged, and prompts still never leave this
-machine: the API runs where the split client runs, and only hidden states go to the trunk.
+Existing tools (the `openai` package, LangChain, curl, lm-evaluation-harness) talk to it unchanged, and prompts
+still never leave this machine: the split client's API runs where the client runs, and only hidden states go to
+the trunk. Nothing here imports gRPC: a trunk's failures arrive as RemoteError.
 
 - `POST /v1/completions` and `POST /v1/chat/completions`, streamed as server-sent events (`stream: true`) or
   not. `max_tokens`, `temperature`, `top_p`, `seed`, `stop` (up to 4 strings), `n` (1 only), `logprobs`
@@ -33,26 +35,27 @@ writing the user's next turn.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import functools
 import json
 import logging
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import anyio
-import grpc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from splitcomm.errors import TrunkError, TrunkUnavailable
 from splitcore.engine import Engine
-from splitcore.errors import InvalidInput, LimitExceeded, SplitError
-from splitcore.generate import TokenEvent
+from splitcore.errors import InvalidInput, LimitExceeded, RemoteError, RemoteUnavailable, SplitError
+from splitcore.generate import PromptLogprobs, TokenEvent
 from splitcore.sampling import SamplingParams
 from splitcore.stats import GenerationStats
 
@@ -82,6 +85,41 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
     return APIError(400, message, "invalid_request_error", param, code)
 
 
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorBody(BaseModel):
+    """OpenAI's error body: what every status but 200 carries."""
+
+    error: ErrorDetail
+
+
+def _errors(*statuses: int) -> dict:
+    """The error statuses a route returns, declared with their body in its OpenAPI schema."""
+    why = {
+        400: "Bad request: a wrong or missing field, or too many tokens (code context_length_exceeded)",
+        401: "Missing or wrong API key (--api-key)",
+        404: "Unknown model (GET /v1/models lists them)",
+        502: "The trunk server refused the request",
+        503: "The trunk server cannot be reached or has no room",
+    }
+    return {s: {"model": ErrorBody, "description": why[s]} for s in statuses}
+
+
+STREAMED = {
+    200: {
+        "description": "The completion; with `stream: true`, server-sent events: `data: {chunk}` each, then "
+        "`data: [DONE]`",
+        "content": {"text/event-stream": {"schema": {}}},  # each event: a chunk of the JSON answer, or [DONE]
+    }
+}
+GENERATION_RESPONSES = STREAMED | _errors(400, 401, 404, 502, 503)
+
+
 # --- requests -----------------------------------------------------------------------------------------------
 class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore")  # fields of OpenAI's that do not apply here are accepted and unused
@@ -98,8 +136,8 @@ class _Request(BaseModel):
 
 
 class CompletionRequest(_Request):
-    prompt: str | list[str] | list[int] | None = None
-    max_tokens: int | None = Field(COMPLETION_MAX_TOKENS, ge=1)
+    prompt: str | list[str] | list[int] | list[list[int]] | None = None  # OpenAI's four forms
+    max_tokens: int | None = Field(COMPLETION_MAX_TOKENS, ge=0)  # 0, with echo: the prompt scored, nothing generated
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool = False
 
@@ -143,6 +181,9 @@ class Job:
     stops: list[str]
     logprobs: int | None  # top alternatives per token, or None for no log-probabilities
     stats: GenerationStats = field(default_factory=GenerationStats)
+    echo: str = ""  # the prompt's text, given back before the completion (completions' `echo`)
+    adapter: str = ""  # the LoRA adapter the request's `model` names ("": the base model)
+    prompt_lps: PromptLogprobs | None = None  # with echo and logprobs: the prompt's, filled by the prefill
 
 
 @dataclass
@@ -180,7 +221,8 @@ class StopFilter:
 def pieces(engine: Engine, job: Job) -> Iterator[Piece]:
     """The generation as pieces (a blocking iterator: run it on a worker thread). Closing it early (a client
     gone) ends the generation and its trunk session."""
-    events = engine.stream(job.ids, job.max_new, job.params, job.stats, logprobs=job.logprobs)
+    how = {"logprobs": job.logprobs, "prompt_lps": job.prompt_lps, "adapter": job.adapter}
+    events = engine.stream(job.ids, job.max_new, job.params, job.stats, **how)
     stops = StopFilter(job.stops)
     eos = engine.tokenizer.eos_token_id
     try:
@@ -225,12 +267,14 @@ class API:
         app = FastAPI(title="GPT-2 split client: OpenAI-compatible API", docs_url=None, redoc_url=None)
         app.add_exception_handler(APIError, lambda request, e: e.response())
         app.add_exception_handler(RequestValidationError, self._invalid)
+        app.add_exception_handler(StarletteHTTPException, self._http_error)
         app.middleware("http")(self._authenticate)
-        app.get("/v1/models")(self.models)
-        app.get("/v1/models/{model_id:path}")(self.model)
-        app.post("/v1/completions")(self.completions)
-        app.post("/v1/chat/completions")(self.chat_completions)
+        app.get("/v1/models", responses=_errors(401))(self.models)
+        app.get("/v1/models/{model_id:path}", responses=_errors(401, 404))(self.model)
+        app.post("/v1/completions", responses=GENERATION_RESPONSES)(self.completions)
+        app.post("/v1/chat/completions", responses=GENERATION_RESPONSES)(self.chat_completions)
         app.get("/health")(lambda: {"status": "ok"})
+        app.openapi = functools.partial(_openapi, app, lambda: [c["id"] for c in self._cards()])
         self.app = app
 
     # --- plumbing ---
@@ -243,6 +287,12 @@ class API:
         return await call_next(request)
 
     @staticmethod
+    def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        """Errors the framework raises itself (a body that is not JSON text, an unknown path), in OpenAI's shape."""
+        kind = "invalid_request_error" if e.status_code < 500 else "server_error"
+        return APIError(e.status_code, str(e.detail), kind).response()
+
+    @staticmethod
     def _invalid(request: Request, e: RequestValidationError) -> JSONResponse:
         first = e.errors()[0] if e.errors() else {}
         where = [str(x) for x in first.get("loc", ()) if x != "body"]
@@ -253,15 +303,28 @@ class API:
             message = f"{'.'.join(where)}: {message}"
         return bad_request(message, ".".join(where) or None).response()
 
-    def _check_model(self, model: str) -> None:
-        if model != self.model_id:
-            raise APIError(
-                404,
-                f"The model '{model}' does not exist; this server serves '{self.model_id}' (GET /v1/models)",
-                "invalid_request_error",
-                "model",
-                "model_not_found",
-            )
+    def _check_model(self, model: str) -> str:
+        """The adapter a request's `model` names: the base model's id ("") or an adapter's name; else a 404."""
+        if model == self.model_id:
+            return self.engine.BASE
+        if model in self.engine.adapters:
+            return model
+        served = ", ".join([self.model_id, *self.engine.adapters])
+        raise APIError(
+            404,
+            f"The model '{model}' does not exist; this server serves {served} (GET /v1/models)",
+            "invalid_request_error",
+            "model",
+            "model_not_found",
+        )
+
+    def _cards(self) -> list[dict]:
+        """The base model's card and one per adapter, served as a model of its own (as vLLM serves LoRA)."""
+        adapter = {"object": "model", "created": self.card["created"], "owned_by": "gpt2-split"}
+        return [self.card] + [
+            adapter | {"id": name, "parent": self.model_id, "root": self.model_id, "adapter": name}
+            for name in self.engine.adapters
+        ]
 
     def _job(self, r: _Request, ids: list[int], max_new: int | None, default_max: int, logprobs: int | None) -> Job:
         if r.n != 1:
@@ -274,7 +337,7 @@ class API:
         room = self.engine.n_positions - len(ids)
         if max_new is None:
             max_new = min(default_max, room)
-        if max_new > room or room < 1:
+        if max_new > room or room < 1 and max_new:
             raise bad_request(
                 f"This model's maximum context length is {self.engine.n_positions} tokens. However, you requested "
                 f"{len(ids) + max_new} tokens ({len(ids)} in the prompt, {max_new} for the completion). Please "
@@ -306,7 +369,18 @@ class API:
                 await anyio.to_thread.run_sync(it.close)
 
     async def _collect(self, job: Job) -> list[Piece]:
+        if job.max_new == 0:  # nothing to generate: the prompt scored alone, if asked
+            if job.prompt_lps is not None:
+                job.prompt_lps.extend(await self._score(job))
+            return []
         return [p async for p in self._stream_pieces(job)]
+
+    async def _score(self, job: Job) -> PromptLogprobs:
+        try:
+            score = functools.partial(self.engine.score, job.ids, job.logprobs or 0, job.adapter)
+            return await anyio.to_thread.run_sync(score, limiter=self.limiter)
+        except SplitError as e:
+            raise _api_error(e) from e
 
     async def _started(self, job: Job, request: Request) -> tuple[Piece | None, AsyncIterator[Piece]]:
         """The first piece and the rest: a request that cannot start (no trunk, say) fails with its status
@@ -316,56 +390,85 @@ class API:
 
     # --- routes ---
     async def models(self) -> dict:
-        return {"object": "list", "data": [self.card]}
+        return {"object": "list", "data": self._cards()}
 
     async def model(self, model_id: str) -> dict:
         self._check_model(model_id)
-        return self.card
+        return next(c for c in self._cards() if c["id"] == model_id)
+
+    def _prompts(self, prompt) -> list[tuple[list[int], str]]:
+        """The request's prompts, each as (token ids, text), from any of OpenAI's four forms: a string, a list of
+        strings, a list of token ids, a list of lists of token ids."""
+        if prompt is None or prompt == [] or prompt == "":
+            raise bad_request("you must provide a prompt", "prompt")
+        if isinstance(prompt, str) or isinstance(prompt[0], int):
+            prompt = [prompt]
+        vocab = self.engine.tokenizer.vocab_size
+        out = []
+        for p in prompt:
+            ids = self.engine.encode(p) if isinstance(p, str) else list(p)
+            if any(not 0 <= i < vocab for i in ids):
+                raise bad_request(f"prompt token ids must be in [0, {vocab})", "prompt")
+            out.append((ids, p if isinstance(p, str) else self.engine.decode(ids)))
+        return out
 
     async def completions(self, r: CompletionRequest, request: Request):
-        self._check_model(r.model)
-        if r.prompt is None or r.prompt == []:
-            raise bad_request("you must provide a prompt", "prompt")
-        if isinstance(r.prompt, list) and isinstance(r.prompt[0], str):
-            if len(r.prompt) != 1:
-                raise bad_request("one prompt per request: send a string or a list of one", "prompt")
-            r.prompt = r.prompt[0]
-        if r.echo and r.logprobs is not None:
-            raise bad_request("echo with logprobs is not supported (the prompt's log-probabilities)", "echo")
-        ids = self.engine.encode(r.prompt) if isinstance(r.prompt, str) else list(r.prompt)
-        if any(not 0 <= i < self.engine.tokenizer.vocab_size for i in ids):
-            raise bad_request(f"prompt token ids must be in [0, {self.engine.tokenizer.vocab_size})", "prompt")
-        job = self._job(r, ids, r.max_tokens, COMPLETION_MAX_TOKENS, r.logprobs)
-        echo = (r.prompt if isinstance(r.prompt, str) else self.engine.decode(ids)) if r.echo else ""
+        """Each prompt is a generation and a trunk session of its own, all at once (they batch on the trunk);
+        choice i answers prompt i."""
+        adapter = self._check_model(r.model)
+        jobs = []
+        for ids, text in self._prompts(r.prompt):
+            job = self._job(r, ids, r.max_tokens, COMPLETION_MAX_TOKENS, r.logprobs)
+            job.adapter = adapter
+            job.echo = text if r.echo else ""
+            job.prompt_lps = [] if r.echo and r.logprobs is not None else None
+            jobs.append(job)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        head = {"id": rid, "object": "text_completion", "created": created, "model": self.model_id}
+        head = {"id": rid, "object": "text_completion", "created": created, "model": r.model}
 
-        def choice(text: str, ps: list[Piece], finish: str | None, offset: int) -> dict:
-            lp = self._completion_logprobs(ps, offset) if job.logprobs is not None else None
-            return {"index": 0, "text": text, "logprobs": lp, "finish_reason": finish}
+        def choice(i: int, text: str, ps: list[Piece], finish: str | None, offset: int, echo: bool = False) -> dict:
+            job, lp = jobs[i], None
+            if job.logprobs is not None:
+                lp = self._completion_logprobs(ps, offset)
+                if echo and job.prompt_lps is not None:
+                    lp = _joined(self._prompt_logprobs(job), lp)
+            return {"index": i, "text": text, "logprobs": lp, "finish_reason": finish}
 
         if not r.stream:
-            ps = await self._collect(job)
-            text = "".join(p.text for p in ps)
-            body = head | {"choices": [choice(echo + text, ps, _finish(ps), len(echo))]}
-            return body | {"usage": _usage(job), "timings": timings(job.stats)}
+            results = await _gather([self._collect(job) for job in jobs])
+            choices = [
+                choice(i, job.echo + "".join(p.text for p in ps), ps, _finish(ps), len(job.echo), echo=bool(job.echo))
+                for i, (job, ps) in enumerate(zip(jobs, results, strict=True))
+            ]
+            return head | {"choices": choices, "usage": _usage(*jobs), "timings": timings(jobs[0].stats)}
 
-        first, rest = await self._started(job, request)
+        merged = _merge([self._job_pieces(job, request) for job in jobs])
+        first = await anext(merged, None)  # a request that cannot start fails with its status before the 200
 
         async def chunks() -> AsyncIterator[dict]:
-            offset = len(echo)
-            if echo:
-                yield head | {"choices": [choice(echo, [], None, 0)]}
-            async for p in _chain(first, rest):
-                yield _with_timings(head | {"choices": [choice(p.text, [p], p.finish, offset)]}, p, job)
-                offset += len(p.text)
+            offsets = [len(job.echo) for job in jobs]
+            for i, job in enumerate(jobs):
+                if job.echo or job.max_new == 0:
+                    done = "length" if job.max_new == 0 else None
+                    yield head | {"choices": [choice(i, job.echo, [], done, 0, echo=True)]}
+            async for i, p in _chain(first, merged):
+                yield _with_timings(head | {"choices": [choice(i, p.text, [p], p.finish, offsets[i])]}, p, jobs[i])
+                offsets[i] += len(p.text)
             if _include_usage(r):
-                yield head | {"choices": [], "usage": _usage(job)}
+                yield head | {"choices": [], "usage": _usage(*jobs)}
 
-        return _sse(chunks(), rest)
+        return _sse(chunks(), merged)
+
+    async def _job_pieces(self, job: Job, request: Request) -> AsyncIterator[Piece]:
+        """A job's pieces as it streams; one with nothing to generate scores its prompt first, if asked."""
+        if job.max_new == 0:
+            await self._collect(job)
+            return
+        async for p in self._stream_pieces(job, request):
+            yield p
 
     async def chat_completions(self, r: ChatRequest, request: Request):
-        self._check_model(r.model)
+        adapter = self._check_model(r.model)
         prompt = chat_prompt(r.messages)
         if r.top_logprobs is not None and not r.logprobs:
             raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
@@ -373,10 +476,11 @@ class API:
         max_new = r.max_completion_tokens if r.max_completion_tokens is not None else r.max_tokens
         job = self._job(r, self.engine.encode(prompt), max_new, CHAT_MAX_TOKENS, logprobs)
         job.stops = [*job.stops, CHAT_STOP]
+        job.adapter = adapter
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
         def head(kind: str) -> dict:
-            return {"id": rid, "object": kind, "created": created, "model": self.model_id}
+            return {"id": rid, "object": kind, "created": created, "model": r.model}
 
         if not r.stream:
             ps = await self._collect(job)
@@ -413,6 +517,20 @@ class API:
     def _token(self, token_id: int) -> str:
         return self.engine.tokenizer.convert_tokens_to_string([self.engine.tokenizer.convert_ids_to_tokens(token_id)])
 
+    def _prompt_logprobs(self, job: Job) -> dict:
+        """The echoed prompt's tokens in OpenAI's completion shape: the first has no log-probability (null)."""
+        out = {"tokens": [], "token_logprobs": [None], "top_logprobs": [None], "text_offset": []}
+        offset = 0
+        for token_id in job.ids:
+            token = self._token(token_id)
+            out["tokens"].append(token)
+            out["text_offset"].append(offset)
+            offset += len(token)
+        for lp, top in job.prompt_lps:
+            out["token_logprobs"].append(lp)
+            out["top_logprobs"].append({self._token(i): v for i, v in top})
+        return out
+
     def _completion_logprobs(self, ps: list[Piece], offset: int) -> dict:
         out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
         for p in ps:
@@ -439,16 +557,87 @@ class API:
         ]
 
 
+def _openapi(app: FastAPI, model_ids: Callable[[], list[str]]) -> dict:
+    """FastAPI's schema, less the 422 it declares for every body (a malformed request gets a 400 here, as OpenAI's
+    API answers it), and with the models a request may name (`model_ids`: the base model and its adapters)."""
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        for path in schema.get("paths", {}).values():
+            for op in path.values():
+                op.get("responses", {}).pop("422", None)
+        schemas = schema.get("components", {}).get("schemas", {})
+        for name in ("HTTPValidationError", "ValidationError"):
+            schemas.pop(name, None)
+        for name in ("CompletionRequest", "ChatRequest"):
+            schemas[name]["properties"]["model"]["enum"] = model_ids()
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
 def _finish(ps: list[Piece]) -> str:
     return next((p.finish for p in reversed(ps) if p.finish), "length")
 
 
-def _usage(job: Job) -> dict:
-    n = len(job.stats.tokens)
-    return {"prompt_tokens": len(job.ids), "completion_tokens": n, "total_tokens": len(job.ids) + n}
+def _usage(*jobs: Job) -> dict:
+    prompt, completion = sum(len(j.ids) for j in jobs), sum(len(j.stats.tokens) for j in jobs)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-async def _chain(first: Piece | None, rest: AsyncIterator[Piece]) -> AsyncIterator[Piece]:
+def _joined(a: dict, b: dict) -> dict:
+    """Two stretches of completion log-probabilities, one after the other."""
+    return {k: a[k] + b[k] for k in a}
+
+
+async def _gather(coros: list) -> list:
+    """Run them at once (each generation on worker threads, so that they batch on the trunk); the first error
+    cancels the others and is raised."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        return await asyncio.gather(*tasks)
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+_DONE = object()
+
+
+async def _merge(sources: list[AsyncIterator[Piece]]) -> AsyncIterator[tuple[int, Piece]]:
+    """The pieces of several generations as they come, each with its source's index; the first error is raised.
+    Closing it early (the client gone) closes every source, which ends their generations."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, source: AsyncIterator[Piece]) -> None:
+        try:
+            async for p in source:
+                await queue.put((i, p))
+            await queue.put((i, _DONE))
+        except Exception as e:  # noqa: BLE001 (raised by the reader)
+            await queue.put((i, e))
+        finally:
+            await source.aclose()
+
+    tasks = [asyncio.ensure_future(pump(i, source)) for i, source in enumerate(sources)]
+    left = len(tasks)
+    try:
+        while left:
+            i, item = await queue.get()
+            if item is _DONE:
+                left -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _chain(first, rest: AsyncIterator) -> AsyncIterator:
     if first is None:
         return
     yield first
@@ -467,11 +656,11 @@ def _include_usage(r: _Request) -> bool:
 
 
 def _api_error(e: Exception) -> APIError:
-    if isinstance(e, TrunkUnavailable):
+    if isinstance(e, RemoteUnavailable):
         return APIError(503, f"the trunk server cannot be reached: {e}", "server_error", None, "trunk_unavailable")
-    if isinstance(e, TrunkError) and e.code == grpc.StatusCode.RESOURCE_EXHAUSTED:  # no free KV slot, sessions
+    if isinstance(e, RemoteError) and e.status == "RESOURCE_EXHAUSTED":  # no free KV slot, sessions
         return APIError(503, f"the trunk server is at capacity: {e}", "server_error", None, "trunk_busy")
-    if isinstance(e, TrunkError):
+    if isinstance(e, RemoteError):
         return APIError(502, f"the trunk server refused the request: {e}", "server_error", None, "trunk_error")
     if isinstance(e, LimitExceeded):
         return bad_request(str(e), None, "context_length_exceeded")
@@ -524,7 +713,7 @@ def model_card(engine) -> dict:
         "trunk": getattr(engine, "trunk_label", "in this process"),
         "context_length": engine.n_positions,
         "random_weights": engine.model.is_random,
-        "adapter": getattr(getattr(engine, "cfg", None), "adapter", None),
+        "adapters": list(engine.adapters),  # each also served as a model of its own name
     }
     return card
 
