@@ -35,7 +35,8 @@ def load_engine(args: argparse.Namespace) -> FullEngine:
     device = resolve_device(args.device)
     model = resolve_with_fallback(args.model, args.models_dir, args.fallback_random)
     graphs = use_cuda_graphs(args.cuda_graphs, device)
-    return FullEngine(model, device, resolve_dtype(args.dtype, device), args.attn, graphs, args.adapter)
+    dtype = resolve_dtype(args.dtype, device)
+    return FullEngine(model, device, dtype, args.attn, graphs, args.adapter, args.compress)
 
 
 def main(argv: list[str] | None = None) -> None:

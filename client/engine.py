@@ -14,6 +14,7 @@ from splitcomm.codec import encode_named, parse_wire_dtype
 from splitcomm.errors import TrunkError, TrunkUnavailable
 from splitcomm.proto import trunk_pb2 as pb
 from splitcomm.trunk_client import TrunkClient, TrunkClientConfig, TrunkSession
+from splitcore.compress import Compression
 from splitcore.cudagraph import DecoderPool
 from splitcore.defence import DENOISERS, NOISE_KINDS, Denoiser, Noise, Protect, subtract_noise
 from splitcore.engine import Engine, Notify, Tap
@@ -44,6 +45,12 @@ class ClientConfig(GenerateConfig):
         "(dns:///trunk.internal:50051, ipv4:10.0.0.5:50051,10.0.0.6:50051): round robin over the healthy ones",
     )
     local_trunk: bool = setting(False, None, "run the trunk in this process (no server)")
+    trunk_compress: str | None = setting(
+        None,
+        "GPT2_TRUNK_COMPRESS",
+        "what the trunk server's --compress is (the fingerprint covers it; an in-process trunk is compressed so): "
+        "none, prune:P, prune24 or int8; unset: the same as --compress",
+    )
     stateless: bool = setting(
         False, None, "send the trunk KV cache with every call instead of keeping it on the server"
     )
@@ -307,7 +314,8 @@ class SplitEngine(Engine):
     def __init__(self, cfg: ClientConfig, notify: Callable[[str], None] | None = None):
         device = resolve_device(cfg.device)  # a wrong device fails before any model is fetched or built
         model = resolve_with_fallback(cfg.model, cfg.models_dir, cfg.fallback_random)
-        super().__init__(model, device, resolve_dtype(cfg.dtype, device))
+        super().__init__(model, device, resolve_dtype(cfg.dtype, device), cfg.compress)
+        trunk_compression = Compression.parse(cfg.compress if cfg.trunk_compress is None else cfg.trunk_compress)
         self.cfg = cfg
         self.split = Split.parse(cfg.split, model.config.n_layer)
         self.noise = cfg.noise()  # a bad defence fails before anything is loaded or reached
@@ -325,9 +333,11 @@ class SplitEngine(Engine):
         parts = ("bottom", "trunk", "top") if cfg.local_trunk else ("bottom", "top")
         logger.info("%s", configure_attention(device))
         self.parts = load_parts(model, self.split, parts, device, self.dtype, cfg.attn)
-        graphs = use_cuda_graphs(cfg.cuda_graphs, device)
+        for name, part in self.parts.items():
+            (trunk_compression if name == "trunk" else self.compression).apply(part)
+        graphs = trunk_compression.graphs_with(self.compression.graphs_with(use_cuda_graphs(cfg.cuda_graphs, device)))
         self.pools = {name: DecoderPool.warmed(part) for name, part in self.parts.items()} if graphs else {}
-        fp = model_fingerprint(model, self.split)
+        fp = model_fingerprint(model, self.split, trunk_compression)
         self.fingerprint = pb.Fingerprint(**fp.to_dict(), digest=fp.digest)  # the base model's
         self._base_fp, self._graphs = fp, graphs
         self.adapters = {
@@ -391,11 +401,15 @@ class SplitEngine(Engine):
         """Fail early, in one readable line, when the server is unreachable or serves another model."""
         info = self.server_info()
         if info.fingerprint.digest != self.fingerprint.digest:
-            ours = f"{self.model.spec} split {self.split}"
-            theirs = f"{info.model} split {info.split_start},{info.split_end}"
+            ours, theirs = self.fingerprint.compression, info.fingerprint.compression
+            hint = "" if ours == theirs else ", and this client's --trunk-compress as the server's --compress"
+            ours = f"{self.model.spec} split {self.split}" + (f" (trunk compressed {ours})" if ours else "")
+            theirs = f"{info.model} split {info.split_start},{info.split_end}" + (
+                f" compressed {theirs}" if theirs else ""
+            )
             raise Mismatch(
                 f"trunk server at {self.cfg.server} serves {theirs}, this client has {ours}; "
-                f"start both with the same --model and --split"
+                f"start both with the same --model and --split{hint}"
             )
         return info
 

@@ -19,6 +19,7 @@ import torch
 
 from splitcomm.codec import decode_named, encode_named
 from splitcomm.proto import trunk_pb2 as pb
+from splitcore.compress import Compression
 from splitcore.errors import InvalidInput
 from splitcore.gpt2 import hf_layout, with_weights
 from splitcore.lora import (
@@ -125,9 +126,13 @@ class LocalTrainer:
         device="cpu",
         dtype=torch.float32,
         train_rest: bool = False,
+        compress: list[tuple[Compression, range]] = (),
     ):
+        """`compress`: each compression with the blocks it applies to (the split's trunk and client blocks)."""
         weights, moments, steps = resume or ({}, {}, 0)
         full = load_full(model, device, dtype or torch.float32)
+        for compression, layers in compress:
+            compression.apply(full, layers)
         if train_rest:
             full = with_weights(full, {k: v for k, v in weights.items() if not is_lora(k)})
         self.model = add_lora(full, settings, layers)

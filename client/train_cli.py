@@ -21,6 +21,7 @@ from client.train import (
     latest_checkpoint,
     load_checkpoint,
 )
+from splitcore.compress import Compression
 from splitcore.errors import InvalidInput
 from splitcore.models import load_tokenizer, resolve_with_fallback
 from splitcore.parts import Split
@@ -68,7 +69,11 @@ def _trainer(args: argparse.Namespace, ccfg: ClientConfig, cfg: TrainConfig, res
         split = Split.parse(ccfg.split, n_layer)
         layers = list(range(n_layer)) if cfg.client_train == "lora" else list(split.layers("trunk", n_layer))
         dtype, full = resolve_dtype(ccfg.dtype, device), cfg.client_train == "full"
-        trainer = LocalTrainer(model, layers, cfg.lora(), resume, device, dtype, train_rest=full)
+        mine = Compression.parse(ccfg.compress)
+        trunk = mine if ccfg.trunk_compress is None else Compression.parse(ccfg.trunk_compress)
+        compress = [(trunk, split.layers("trunk", n_layer))]
+        compress += [(mine, split.layers(p, n_layer)) for p in ("bottom", "top")]
+        trainer = LocalTrainer(model, layers, cfg.lora(), resume, device, dtype, full, compress)
         return trainer, load_tokenizer(model.path).encode, model.spec, model.config.n_positions
     if ccfg.local_trunk:
         raise InvalidInput("train runs the trunk on a server; for everything in this process use --local")

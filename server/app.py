@@ -23,6 +23,7 @@ from server.status import DRAINING
 from splitcomm.channel import add_port, make_server, new_event_loop
 from splitcomm.proto import trunk_pb2 as pb
 from splitcore.cli import main_guard
+from splitcore.compress import Compression
 from splitcore.errors import InvalidInput
 from splitcore.fingerprint import model_fingerprint
 from splitcore.logs import setup_logging
@@ -62,12 +63,14 @@ class TrunkServer:
     def __init__(self, cfg: ServerConfig):
         self.cfg = cfg
         device = resolve_device(cfg.device)  # a wrong device fails before any model is fetched or built
+        self.compression = Compression.parse(cfg.compress)  # and a bad --compress
         model = resolve_with_fallback(cfg.model, cfg.models_dir, cfg.fallback_random)
         split = Split.parse(cfg.split, model.config.n_layer)
         dtype = resolve_dtype(cfg.dtype, device)
         logger.info("%s", configure_attention(device))
         self.trunk = load_parts(model, split, ("trunk",), device, dtype, cfg.attn)["trunk"]  # trunk weights only
-        self.graphs = use_cuda_graphs(cfg.cuda_graphs, device)
+        self.compression.apply(self.trunk)
+        self.graphs = self.compression.graphs_with(use_cuda_graphs(cfg.cuda_graphs, device))
         max_length = min(cfg.max_session_tokens or model.config.n_positions, model.config.n_positions)
         slots = self._slots(cfg, max_length)
         self.runtime = TrunkRuntime(
@@ -89,7 +92,7 @@ class TrunkServer:
             cfg.max_batch,
             cfg.batch_wait_ms,
         )
-        self.fingerprint = model_fingerprint(model, split)
+        self.fingerprint = model_fingerprint(model, split, self.compression)
         self.model, self.split = model, split
         self.sessions = SessionRegistry(cfg.max_sessions, cfg.idle_timeout_s)
         fp = pb.Fingerprint(**self.fingerprint.to_dict(), digest=self.fingerprint.digest)
@@ -187,7 +190,7 @@ class TrunkServer:
         for name in ("", SERVICE_NAME):
             self._on_loop(self.health.set(name, health_pb2.HealthCheckResponse.SERVING))
         logger.info(
-            "serving %s blocks %d-%d on %s as replica %s (%s, %s, fingerprint %s)",
+            "serving %s blocks %d-%d on %s as replica %s (%s, %s, compression %s, fingerprint %s)",
             self.model.spec,
             self.split.s1,
             self.split.s2 - 1,
@@ -195,6 +198,7 @@ class TrunkServer:
             self.servicer.name,
             self.trunk.device,
             self.trunk.dtype,
+            self.compression,
             self.fingerprint.digest,
         )
         return self.port
@@ -204,6 +208,7 @@ class TrunkServer:
         device = f"{self.trunk.device}" + (" (picked by --device auto)" if self.cfg.device == "auto" else "")
         graphs = ", CUDA graphs" if self.graphs else ""
         graphs += f", {self.runtime.slots} KV slots"
+        graphs += f", compressed {self.compression}" if self.compression.active else ""
         return (
             f"trunk server ready on {self.cfg.host}:{self.port}: {self.model.spec}{weights}, blocks "
             f"{self.split.s1}-{self.split.s2 - 1}, {device}, "

@@ -78,10 +78,12 @@ def check_fingerprint(ours: Fingerprint, theirs: pb.Fingerprint, replica: str = 
         raise InvalidInput("no model fingerprint sent: the first message must carry the client's fingerprint")
     if theirs.digest == ours.digest:
         return
-    other = Fingerprint(theirs.arch, theirs.split, theirs.weights, theirs.n_layer, theirs.n_embd, theirs.adapter)
+    other = Fingerprint(
+        theirs.arch, theirs.split, theirs.weights, theirs.n_layer, theirs.n_embd, theirs.adapter, theirs.compression
+    )
     diffs = ours.differences(other) or ["fingerprint digest"]
     where = f" (replica {replica})" if replica else ""
     raise Mismatch(
         f"client and server{where} models differ in {'; '.join(diffs)} (server vs client); start both "
-        f"with the same --model and --split"
+        f"with the same --model and --split, and the client's --trunk-compress as the server's --compress"
     )

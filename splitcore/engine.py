@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from splitcore.compress import Compression
 from splitcore.cudagraph import DecoderPool
 from splitcore.errors import InvalidInput
 from splitcore.generate import (
@@ -65,8 +66,9 @@ class GenerationResult:
 class Engine:
     """Tokenises, runs the shared generation loop on a fresh stepper, detokenises. Subclasses make steppers."""
 
-    def __init__(self, model: ResolvedModel, device: torch.device, dtype: torch.dtype):
+    def __init__(self, model: ResolvedModel, device: torch.device, dtype: torch.dtype, compress: str = "none"):
         self.model, self.device, self.dtype = model, device, dtype
+        self.compression = Compression.parse(compress)  # of this process's blocks and its drafts
         self.tokenizer = load_tokenizer(model.path)
         self.n_positions = model.config.n_positions
         self._draft_models: dict[str, object] = {}  # draft:SPEC models, loaded once
@@ -173,7 +175,7 @@ class Engine:
         if spec not in cache:
             vocab = self.model.config.vocab_size
             models_dir = str(self.model.path.parent)  # where this model was found: a hub id downloads beside it
-            cache[spec] = load_student(spec, models_dir, vocab, self.device, self.dtype)
+            cache[spec] = self.compression.apply(load_student(spec, models_dir, vocab, self.device, self.dtype))
         return cache[spec]
 
     def draft_source(self, name: str, capacity: int, adapter: str | None = None):
@@ -224,11 +226,13 @@ class FullEngine(Engine):
         attn: str = "sdpa",
         cuda_graphs: bool = False,
         adapter=(),
+        compress: str = "none",
     ):
-        super().__init__(model, device, dtype)
+        super().__init__(model, device, dtype, compress)
         logger.info("%s", configure_attention(device))
-        self.full = load_full(model, device, dtype, attn)
-        self.adapters = {}  # each: the same model with its LoRA adapter (a twin sharing the weights)
+        self.full = self.compression.apply(load_full(model, device, dtype, attn))
+        cuda_graphs = self.compression.graphs_with(cuda_graphs)
+        self.adapters = {}  # each: the same model with its LoRA adapter (a twin sharing the (compressed) weights)
         for name, path in parse_adapters(adapter, model.spec).items():
             self.adapters[name] = adapted(self.full, *load_peft(Path(path)), load_client_weights(Path(path)))
         models = [self.full, *self.adapters.values()] if cuda_graphs else []

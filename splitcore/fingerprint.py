@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from splitcore.compress import Compression
 from splitcore.models import ResolvedModel
 from splitcore.parts import Split
 from splitcore.weights import weights_digest
@@ -40,10 +41,12 @@ class Fingerprint:
     n_layer: int
     n_embd: int
     adapter: str = ""  # digest of a LoRA adapter the model runs with; "" = none
+    compression: str = ""  # what the trunk does to its weights at load (splitcore/compress.py); "" = none
 
     @property
     def digest(self) -> str:
         text = f"{self.arch}|{self.split}|{self.weights}" + (f"|{self.adapter}" if self.adapter else "")
+        text += f"|compress={self.compression}" if self.compression else ""
         return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
 
     def with_adapter(self, adapter: str) -> Fingerprint:
@@ -65,6 +68,8 @@ class Fingerprint:
             out.append(f"weights (digest {self.weights[:12]} vs {other.weights[:12]})")
         if self.adapter != other.adapter:
             out.append(f"adapter (digest {self.adapter[:12] or 'none'} vs {other.adapter[:12] or 'none'})")
+        if self.compression != other.compression:
+            out.append(f"the trunk's compression ({self.compression or 'none'} vs {other.compression or 'none'})")
         return out
 
     def to_dict(self) -> dict:
@@ -76,7 +81,8 @@ def _digest_cached(path: Path, mtime_ns: int, size: int) -> str:
     return weights_digest(path)
 
 
-def model_fingerprint(model: ResolvedModel, split: Split) -> Fingerprint:
+def model_fingerprint(model: ResolvedModel, split: Split, compression: Compression | None = None) -> Fingerprint:
+    """What both sides agree on; `compression`: the trunk's (the client's own parts are its business)."""
     cfg = model.config.to_dict()
     arch = json.dumps({k: cfg.get(k) for k in _ARCH_FIELDS}, sort_keys=True)
     weights_file = next(f for f in (model.path / "model.safetensors", model.path / "pytorch_model.bin") if f.exists())
@@ -87,4 +93,5 @@ def model_fingerprint(model: ResolvedModel, split: Split) -> Fingerprint:
         weights=_digest_cached(model.path, st.st_mtime_ns, st.st_size),
         n_layer=model.config.n_layer,
         n_embd=model.config.n_embd,
+        compression=str(compression) if compression is not None and compression.active else "",
     )

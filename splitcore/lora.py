@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
 
+from splitcore.compress import check_adaptable
 from splitcore.errors import InvalidInput
 from splitcore.gpt2 import GPT2, with_weights
 
@@ -61,6 +62,7 @@ class LoraSettings:
 def twin(part: GPT2) -> GPT2:
     """A second module of the same part that shares every weight tensor (no copy): an adapter goes on it while
     the original keeps serving without one."""
+    check_adaptable(part)
     with torch.device("meta"):
         other = type(part)(part.config, part.layers, part.has_embed, part.has_head, part.attn_impl)
     other.load_state_dict(part.state_dict(), assign=True)
@@ -75,6 +77,7 @@ def add_lora(part: GPT2, settings: LoraSettings, layers: range | list[int] | Non
     Each module's A is drawn as PEFT draws it (Kaiming-uniform; B is zero) from a generator seeded by the seed
     and the module's name, so an adapter starts the same however the model is cut into parts."""
     settings.check(part.config.n_embd)
+    check_adaptable(part)
     inject_adapter_in_model(settings.peft_config(part.layers if layers is None else layers), part)
     for name, module in part.named_modules():
         if hasattr(module, "lora_A") and "default" in module.lora_A:

@@ -120,6 +120,13 @@ class ModelConfig:
     cuda_graphs: str = setting(
         "on", "GPT2_CUDA_GRAPHS", "decode steps as CUDA graphs on a GPU (no effect on the CPU)", choices=["on", "off"]
     )
+    compress: str = setting(
+        "none",
+        "GPT2_COMPRESS",
+        "compress this process's blocks at load: none, prune:P (fraction P of each linear weight, by magnitude), "
+        "prune24 (2:4 sparsity) or int8 (the server: its trunk; the client: its bottom, top and drafts; the "
+        "baseline: the whole model)",
+    )
     threads: int | None = setting(None, "GPT2_THREADS", "torch intra-op threads (none or 0: torch's choice)")
     verbose: bool = setting(False, None, "log at DEBUG level", flag=("-v", "--verbose"))
 

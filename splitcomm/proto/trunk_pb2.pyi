@@ -32,7 +32,7 @@ class Tensor(_message.Message):
     def __init__(self, data: _Optional[bytes] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
 
 class Fingerprint(_message.Message):
-    __slots__ = ("digest", "arch", "split", "weights", "n_layer", "n_embd", "adapter")
+    __slots__ = ("digest", "arch", "split", "weights", "n_layer", "n_embd", "adapter", "compression")
     DIGEST_FIELD_NUMBER: _ClassVar[int]
     ARCH_FIELD_NUMBER: _ClassVar[int]
     SPLIT_FIELD_NUMBER: _ClassVar[int]
@@ -40,6 +40,7 @@ class Fingerprint(_message.Message):
     N_LAYER_FIELD_NUMBER: _ClassVar[int]
     N_EMBD_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    COMPRESSION_FIELD_NUMBER: _ClassVar[int]
     digest: str
     arch: str
     split: str
@@ -47,7 +48,8 @@ class Fingerprint(_message.Message):
     n_layer: int
     n_embd: int
     adapter: str
-    def __init__(self, digest: _Optional[str] = ..., arch: _Optional[str] = ..., split: _Optional[str] = ..., weights: _Optional[str] = ..., n_layer: _Optional[int] = ..., n_embd: _Optional[int] = ..., adapter: _Optional[str] = ...) -> None: ...
+    compression: str
+    def __init__(self, digest: _Optional[str] = ..., arch: _Optional[str] = ..., split: _Optional[str] = ..., weights: _Optional[str] = ..., n_layer: _Optional[int] = ..., n_embd: _Optional[int] = ..., adapter: _Optional[str] = ..., compression: _Optional[str] = ...) -> None: ...
 
 class Limits(_message.Message):
     __slots__ = ("max_sessions", "max_session_tokens", "max_message_bytes", "idle_timeout_s", "kv_slots", "max_batch")
