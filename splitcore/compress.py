@@ -162,8 +162,23 @@ def _int8(model: nn.Module, linears: dict[str, nn.Module]) -> None:
         parent, _, child = name.rpartition(".")
         with warnings.catch_warnings():  # torch marks its quantised tensors deprecated in favour of torchao's
             warnings.filterwarnings("ignore", "torch.quantize_per_tensor", UserWarning)
-            setattr(model.get_submodule(parent), child, DynamicLinear.from_float(m))
+            setattr(model.get_submodule(parent), child, RowwiseInt8(DynamicLinear.from_float(m)))
     model._where = None  # the placement is looked up again from what is left
+
+
+class RowwiseInt8(nn.Module):
+    """torch's dynamically quantised Linear, called once per row of a batch. It quantises its input with one scale
+    per call, so a batch's rows would change each other's results: row by row, a session's tokens are the same
+    batched as alone (the server batches sessions' decode steps; a row is one session)."""
+
+    def __init__(self, linear: nn.Module):
+        super().__init__()
+        self.linear = linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() < 3 or x.shape[0] == 1:
+            return self.linear(x)
+        return torch.cat([self.linear(row) for row in x.split(1)])
 
 
 def check_adaptable(model: nn.Module) -> None:

@@ -104,3 +104,28 @@ def test_bench_server_runs_replicas_side_by_side(tmp_path, models_dir, tiny):
     assert sum(r["clients_cpu"] for r in got.values()) > 0 and sum(r["host_cpu"] for r in got.values()) > 0
     assert "SIMULATED device of 0.5 ms" in d["stdout"]
     assert d["complete"] is True  # (written after each row too, with False, for a run cut short)
+
+
+def test_bench_compress_measures_each_method_and_recovers(tmp_path, models_dir, tiny):
+    import shutil
+
+    if shutil.which("bible") is None:
+        pytest.skip("Debian's bible-kjv is not installed (scripts/test.sh installs it)")
+    out = tmp_path / "compress.json"
+    cmd = [sys.executable, "scripts/bench_compress.py", "--models", TINY, "--models-dir", str(models_dir)]
+    cmd += ["--methods", "none,prune:0.5,prune24,int8", "--prompts", "2", "--tokens", "6", "--ppl-windows", "2"]
+    cmd += ["--rounds", "1", "--timing-tokens", "4", "--recover-models", TINY, "--recover-steps", "3"]
+    cmd += ["--out", str(out)]
+    p = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    (result,) = json.loads(out.read_text())["models"]
+    rows = {r["method"]: r for r in result["rows"]}
+    assert list(rows) == ["none", "prune:0.5", "prune24", "int8"]
+    assert rows["none"]["sparsity"] == 0 and abs(rows["prune:0.5"]["sparsity"] - 0.5) < 1e-3
+    assert abs(rows["prune24"]["sparsity"] - 0.5) < 1e-3
+    assert rows["int8"]["weight_MiB"] < rows["none"]["weight_MiB"] == rows["prune:0.5"]["weight_MiB"]
+    assert all(r["perplexity"] > 1 and r["full_ms"] > 0 and r["split_ms"] > 0 for r in rows.values())
+    assert all(0 <= r["token_agreement"] <= 1 for r in rows.values())
+    recovery = result["recovery"]
+    assert recovery["steps"] == 3 and recovery["perplexity_recovered"] > 1
+    assert "| prune24 | 50% |" in p.stdout and out.with_suffix(".html").read_text().count("plotly") > 1
