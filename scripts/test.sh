@@ -16,5 +16,7 @@ if (( ${#missing[@]} )) && [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/nul
 fi
 echo "[test] ruff" >&2
 ruff check . && ruff format --check -q .
+echo "[test] docs (mkdocs build --strict)" >&2
+NO_MKDOCS_2_WARNING=1 mkdocs build --strict -q --site-dir "$(mktemp -d)"
 echo "[test] pytest" >&2
 python -m pytest "$@"

@@ -11,6 +11,9 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+# A fixed English text that tests train and distil on (the project's README as it stood at d06d609), so that
+# editing the docs changes no test's input.
+CORPUS = ROOT / "tests" / "data" / "corpus.txt"
 sys.path.insert(0, str(ROOT))
 
 from splitcore.models import ResolvedModel, resolve_model  # noqa: E402

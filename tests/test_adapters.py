@@ -18,7 +18,7 @@ from splitcore.fingerprint import model_fingerprint
 from splitcore.lora import CLIENT_WEIGHTS, adapter_digest
 from splitcore.sampling import SamplingParams
 from splitcore.training import TextData
-from tests.conftest import ROOT, load_hf_model, start_tiny_server, tiny_split_engine, wait_for
+from tests.conftest import CORPUS, ROOT, load_hf_model, start_tiny_server, tiny_split_engine, wait_for
 
 GREEDY = SamplingParams(temperature=0.0)
 PROMPT = "The history of natural language processing"
@@ -40,7 +40,7 @@ def adapter_dir(models_dir, served, tmp_path_factory, request):
     lr = 3e-2 if request.param == "lora" else 3e-3
     cfg = TrainConfig(steps=8, eval_every=0, eval_batches=1, batch_size=4, block_size=32, lora_rank=4, lr=lr)
     cfg.out, cfg.client_train = str(out), request.param
-    data = TextData.from_path(ROOT / "README.md", engine.encode, block=32)
+    data = TextData.from_path(CORPUS, engine.encode, block=32)
     trainer = SplitTrainer(engine, cfg.lora(), request.param)
     list(Run(trainer, data, cfg, "random:tiny"))
     trainer.close()

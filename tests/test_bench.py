@@ -127,5 +127,6 @@ def test_bench_compress_measures_each_method_and_recovers(tmp_path, models_dir, 
     assert all(r["perplexity"] > 1 and r["full_ms"] > 0 and r["split_ms"] > 0 for r in rows.values())
     assert all(0 <= r["token_agreement"] <= 1 for r in rows.values())
     recovery = result["recovery"]
-    assert recovery["steps"] == 3 and recovery["perplexity_recovered"] > 1
+    assert recovery["steps"] == 3 and recovery["pruned"]["compress"] == "prune:0.5"
+    assert recovery["control"]["compress"] == "none" and recovery["pruned"]["perplexity_after"] > 1
     assert "| prune24 | 50% |" in p.stdout and out.with_suffix(".html").read_text().count("plotly") > 1

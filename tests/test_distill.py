@@ -9,12 +9,12 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT, TINY, load_hf_model, subprocess_env, tiny_split_engine
 
 from splitcore.distill import DistillConfig, distill, kd_loss, student_from
 from splitcore.errors import InvalidInput
 from splitcore.parts import load_full
 from splitcore.sampling import SamplingParams
+from tests.conftest import CORPUS, ROOT, TINY, load_hf_model, subprocess_env, tiny_split_engine
 
 GREEDY = SamplingParams(temperature=0.0)
 
@@ -49,7 +49,7 @@ def student_dir(tmp_path_factory, models_dir, tiny):
     losses = []
     cfg = DistillConfig(
         teacher=TINY,
-        data=str(ROOT / "README.md"),
+        data=str(CORPUS),
         out=str(out),
         steps=30,
         batch_size=4,
@@ -105,7 +105,7 @@ def test_distill_cli_shows_progress_and_bad_input_is_one_line(tmp_path, models_d
     )
     ok = run(
         "--data",
-        str(ROOT / "README.md"),
+        str(CORPUS),
         "--out",
         str(tmp_path / "s"),
         "--steps",
@@ -119,8 +119,8 @@ def test_distill_cli_shows_progress_and_bad_input_is_one_line(tmp_path, models_d
     assert "step 4/4" in ok.stderr and "draft:" in ok.stdout and (tmp_path / "s" / "config.json").exists()
     for args, message in [
         (("--data", str(tmp_path / "nothing.txt"), "--out", str(tmp_path / "t")), "does not exist"),
-        (("--data", str(ROOT / "README.md"), "--out", str(tmp_path / "s")), "exists and is not empty"),
-        (("--data", str(ROOT / "README.md")), "--out is required"),
+        (("--data", str(CORPUS), "--out", str(tmp_path / "s")), "exists and is not empty"),
+        (("--data", str(CORPUS)), "--out is required"),
     ]:
         bad = run(*args)
         assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr, bad.stderr

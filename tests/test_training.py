@@ -17,7 +17,7 @@ from splitcomm.proto import trunk_pb2_grpc as pb_grpc
 from splitcore.lora import add_lora, load_peft, twin
 from splitcore.sampling import SamplingParams
 from splitcore.training import TextData, held_bytes
-from tests.conftest import ROOT, load_hf_model, start_tiny_server, tiny_split_engine, wait_for
+from tests.conftest import CORPUS, ROOT, load_hf_model, start_tiny_server, tiny_split_engine, wait_for
 
 SETTINGS = TrainConfig(lora_rank=4, lr=1e-2, seed=3, batch_size=2, block_size=32).lora()
 
@@ -38,7 +38,7 @@ def engine(models_dir, trunk_server):
 
 @pytest.fixture(scope="module")
 def data(engine):
-    return TextData.from_path(ROOT / "README.md", engine.encode, block=32)
+    return TextData.from_path(CORPUS, engine.encode, block=32)
 
 
 def _trunk_layers(engine) -> list[int]:
@@ -251,7 +251,7 @@ def test_train_cli_ctrl_c_saves_and_resume_finishes(tiny, tmp_path):
     server = start_server_process(port, log_file=str(tmp_path / "server.log"))
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "client", "train", "--model", TINY, "--server", f"127.0.0.1:{port}"]
-    cmd += ["--data", str(ROOT / "README.md"), "--batch-size", "2", "--block-size", "32", "--out", str(out)]
+    cmd += ["--data", str(CORPUS), "--batch-size", "2", "--block-size", "32", "--out", str(out)]
     try:
         p = subprocess.Popen(
             [*cmd, "--steps", "100000", "--eval-every", "0"],

@@ -13,6 +13,7 @@ import pytest
 
 from client import ui
 from tests.conftest import (
+    CORPUS,
     ROOT,
     TINY,
     free_port,
@@ -298,7 +299,7 @@ def test_finetune_tab_trains_then_generation_uses_the_adapter(browser, trunk, mo
     try:
         page.goto(f"http://127.0.0.1:{port}")
         page.get_by_role("tab", name="Fine-tune").click()
-        page.get_by_label("…or a path on this machine (file or directory)").fill(str(ROOT / "README.md"))
+        page.get_by_label("…or a path on this machine (file or directory)").fill(str(CORPUS))
         for label, value in [("Steps", "6"), ("Batch size", "2"), ("Block size", "32"), ("LoRA rank", "4")]:
             page.get_by_label(label, exact=True).fill(value)
         page.get_by_label("Learning rate", exact=True).fill("0.03")
