@@ -109,10 +109,10 @@ def distill(cfg: DistillConfig, progress: Callable[[int, dict], None] | None = N
     from transformers import GPT2Config as HFConfig
     from transformers import GPT2LMHeadModel
 
+    from splitcore.checkpoint import save_hf
     from splitcore.models import load_tokenizer, resolve_model
     from splitcore.parts import load_full
-    from splitcore.presets import save_hf
-    from splitcore.training import TextData
+    from splitcore.training import TextData, fit
 
     cfg.check()
     spec = resolve_model(cfg.teacher, cfg.models_dir)
@@ -123,22 +123,17 @@ def distill(cfg: DistillConfig, progress: Callable[[int, dict], None] | None = N
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=0.01)
     evals = data.eval_batches(cfg.batch_size, 4)
     before, t0 = agreement(student, teacher, evals), time.perf_counter()
-    warmup = max(1, cfg.steps // 20)
-    for step in range(1, cfg.steps + 1):
-        lr = cfg.lr * min(1.0, step / warmup) * (0.55 + 0.45 * math.cos(math.pi * step / cfg.steps))
-        for g in opt.param_groups:
-            g["lr"] = lr
-        batch = data.batch(step, cfg.batch_size, cfg.seed)
+
+    def loss_of(batch: torch.Tensor) -> tuple[torch.Tensor, dict]:
         with torch.no_grad():
             soft = teacher(batch, all_positions=True)
-        with torch.enable_grad():
-            loss, kl, ce = kd_loss(student(batch, all_positions=True), soft, batch, cfg.temperature, cfg.alpha)
-            loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if progress is not None:
-            progress(step, {"loss": float(loss.detach()), "kl": float(kl.detach()), "ce": float(ce.detach())})
+        loss, kl, ce = kd_loss(student(batch, all_positions=True), soft, batch, cfg.temperature, cfg.alpha)
+        return loss, {"loss": float(loss.detach()), "kl": float(kl.detach()), "ce": float(ce.detach())}
+
+    def batch_of(step: int) -> torch.Tensor:
+        return data.batch(step, cfg.batch_size, cfg.seed)
+
+    fit(student, opt, cfg.steps, cfg.lr, max(1, cfg.steps // 20), batch_of, loss_of, progress)
     after = agreement(student, teacher, evals)
     report = {
         "teacher": spec.spec,

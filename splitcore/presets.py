@@ -10,7 +10,6 @@ CPU) and the result is cached in the models directory in Hugging Face format, li
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
@@ -69,9 +68,9 @@ def build(
     from transformers import GPT2Config as HFConfig
     from transformers import GPT2LMHeadModel
 
+    from splitcore.checkpoint import bundled_tokenizer, save_hf
     from splitcore.gpt2 import GPT2Config, from_state
-    from splitcore.models import bundled_tokenizer
-    from splitcore.training import TextData, lm_loss
+    from splitcore.training import TextData, fit, lm_loss
 
     r = recipe or RECIPES[name]
     tok = bundled_tokenizer()
@@ -89,20 +88,12 @@ def build(
         with torch.no_grad():
             return sum(float(lm_loss(model(b, all_positions=True), b)) for b in evals) / len(evals)
 
+    def loss_of(batch: torch.Tensor) -> tuple[torch.Tensor, float]:
+        loss = lm_loss(model(batch, all_positions=True), batch)
+        return loss, float(loss.detach())
+
     before, t0 = held_out(), time.perf_counter()
-    for step in range(1, r.steps + 1):
-        lr = r.lr * min(1.0, step / r.warmup) * (0.55 + 0.45 * math.cos(math.pi * step / r.steps))
-        for g in opt.param_groups:
-            g["lr"] = lr
-        batch = data.batch(step, r.batch_size, r.seed)
-        with torch.enable_grad():
-            loss = lm_loss(model(batch, all_positions=True), batch)
-            loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if progress is not None:
-            progress(step, float(loss.detach()))
+    fit(model, opt, r.steps, r.lr, r.warmup, lambda step: data.batch(step, r.batch_size, r.seed), loss_of, progress)
     after = held_out()
     report = {
         "recipe": asdict(r),
@@ -113,7 +104,7 @@ def build(
         "held_out_perplexity_after": math.exp(after),
         "train_seconds": time.perf_counter() - t0,
     }
-    save_hf(model, hf, target, tok, report)
+    save_hf(model, hf, target, tok, report, "preset.json")
     return report
 
 
@@ -121,23 +112,3 @@ def _text_file(text: str) -> Path:
     f = Path(tempfile.mkdtemp(prefix="kjv-")) / "kjv.txt"
     f.write_text(text, encoding="utf-8")
     return f
-
-
-def save_hf(model, hf, target: Path, tok, report: dict, report_name: str = "preset.json") -> None:
-    """`model` into the HF model `hf` and HF's files at `target`, with the tokenizer and `report`, published
-    atomically (a directory renamed into place)."""
-    from splitcore.gpt2 import to_state
-
-    hf.transformer.load_state_dict(to_state(model))
-    hf.tie_weights()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    hf.save_pretrained(str(tmp))
-    tok.save_pretrained(str(tmp))
-    (tmp / report_name).write_text(json.dumps(report, indent=1))
-    if target.is_dir() and not any(target.iterdir()):
-        target.rmdir()  # an empty directory the user made for it
-    try:
-        tmp.rename(target)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)  # another process built it meanwhile

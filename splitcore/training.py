@@ -9,6 +9,7 @@ is checked against something that shares none of its plumbing.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -144,6 +145,33 @@ class TextData:
         n = min((len(self.held_out) - 1) // self.block, size * max_batches)
         windows = [self.held_out[i * self.block : (i + 1) * self.block] for i in range(n)]
         return [torch.stack(windows[i : i + size]) for i in range(0, len(windows), size)]
+
+
+def fit(
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    steps: int,
+    peak_lr: float,
+    warmup: int,
+    batch_of: Callable[[int], torch.Tensor],
+    loss_of: Callable[[torch.Tensor], tuple[torch.Tensor, object]],
+    progress: Callable[[int, object], None] | None = None,
+) -> None:
+    """Train `model` in one process for `steps` steps (the trained presets and distillation): the learning rate
+    warms up linearly over `warmup` steps and then follows a cosine down to a tenth of `peak_lr`; gradients are
+    clipped to norm 1. `loss_of(batch)` gives the loss and what `progress(step, ...)` is told."""
+    for step in range(1, steps + 1):
+        lr = peak_lr * min(1.0, step / warmup) * (0.55 + 0.45 * math.cos(math.pi * step / steps))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        with torch.enable_grad():
+            loss, report = loss_of(batch_of(step))
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if progress is not None:
+            progress(step, report)
 
 
 def perplexity(mean_loss: float) -> float:

@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from splitcore import models
+from splitcore.checkpoint import bundled_tokenizer
 from splitcore.errors import ModelSpecError
 from splitcore.fingerprint import model_fingerprint
-from splitcore.models import bundled_tokenizer, resolve_model, resolve_with_fallback
+from splitcore.models import resolve_model, resolve_with_fallback
 from splitcore.parts import Split
 from tests.conftest import ROOT, load_hf_model, subprocess_env
 
