@@ -6,10 +6,10 @@ from __future__ import annotations
 import argparse
 
 from splitcore.cli import add_api_parser, add_model_args, app_parser, main_guard, parse_app_args, run_generate
+from splitcore.device import configure_threads, resolve_device, resolve_dtype, use_cuda_graphs
 from splitcore.engine import FullEngine
 from splitcore.logs import setup_logging
 from splitcore.models import resolve_with_fallback
-from splitcore.runtime import configure_threads, resolve_device, resolve_dtype, use_cuda_graphs
 
 
 def build_parser() -> argparse.ArgumentParser:

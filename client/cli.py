@@ -15,10 +15,10 @@ from splitcore.cli import (
     parse_app_args,
     run_generate,
 )
+from splitcore.device import configure_threads
 from splitcore.distill import DistillConfig
 from splitcore.errors import InvalidInput
 from splitcore.logs import setup_logging
-from splitcore.runtime import configure_threads
 from splitcore.settings import dataclass_flags
 
 

@@ -17,6 +17,7 @@ from splitcomm.trunk_client import TrunkClient, TrunkClientConfig, TrunkSession
 from splitcore.compress import Compression
 from splitcore.cudagraph import DecoderPool
 from splitcore.defence import DENOISERS, NOISE_KINDS, Denoiser, Noise, Protect, subtract_noise
+from splitcore.device import configure_attention, resolve_device, resolve_dtype, use_cuda_graphs
 from splitcore.engine import Engine, Notify, Tap
 from splitcore.errors import InvalidInput, Mismatch
 from splitcore.fingerprint import model_fingerprint
@@ -24,7 +25,6 @@ from splitcore.generate import LocalTrunkLink, SplitStepper, Stepper
 from splitcore.lora import adapted, adapter_digest, adapter_layers, load_client_weights, load_peft, only_layers
 from splitcore.models import resolve_with_fallback
 from splitcore.parts import DEFAULT_SPLIT, Split, load_parts
-from splitcore.runtime import configure_attention, resolve_device, resolve_dtype, use_cuda_graphs
 from splitcore.settings import GenerateConfig, parse_adapters, setting
 from splitcore.speculative import ModelDraft
 

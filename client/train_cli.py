@@ -22,10 +22,10 @@ from client.train import (
     load_checkpoint,
 )
 from splitcore.compress import Compression
+from splitcore.device import resolve_device, resolve_dtype
 from splitcore.errors import InvalidInput
 from splitcore.models import load_tokenizer, resolve_with_fallback
 from splitcore.parts import Split
-from splitcore.runtime import resolve_device, resolve_dtype
 from splitcore.training import TextData
 
 

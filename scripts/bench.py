@@ -35,10 +35,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from client.engine import ClientConfig, SessionLink, SplitEngine  # noqa: E402
+from splitcore.device import resolve_device, resolve_dtype, use_cuda_graphs  # noqa: E402
 from splitcore.engine import Engine, FullEngine  # noqa: E402
 from splitcore.models import resolve_model  # noqa: E402
 from splitcore.parts import DEFAULT_SPLIT  # noqa: E402
-from splitcore.runtime import resolve_device, resolve_dtype, use_cuda_graphs  # noqa: E402
 from splitcore.sampling import SamplingParams  # noqa: E402
 from splitcore.stats import GenerationStats, percentile  # noqa: E402
 

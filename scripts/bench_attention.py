@@ -25,7 +25,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from splitcore.runtime import DTYPES, resolve_device  # noqa: E402
+from splitcore.device import DTYPES, resolve_device  # noqa: E402
 
 BACKENDS = {
     "cudnn": SDPBackend.CUDNN_ATTENTION,

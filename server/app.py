@@ -24,12 +24,7 @@ from splitcomm.channel import add_port, make_server, new_event_loop
 from splitcomm.proto import trunk_pb2 as pb
 from splitcore.cli import main_guard
 from splitcore.compress import Compression
-from splitcore.errors import InvalidInput
-from splitcore.fingerprint import model_fingerprint
-from splitcore.logs import setup_logging
-from splitcore.models import resolve_with_fallback
-from splitcore.parts import Split, load_parts
-from splitcore.runtime import (
+from splitcore.device import (
     configure_attention,
     configure_threads,
     name_os_thread,
@@ -37,6 +32,11 @@ from splitcore.runtime import (
     resolve_dtype,
     use_cuda_graphs,
 )
+from splitcore.errors import InvalidInput
+from splitcore.fingerprint import model_fingerprint
+from splitcore.logs import setup_logging
+from splitcore.models import resolve_with_fallback
+from splitcore.parts import Split, load_parts
 
 logger = logging.getLogger(__name__)
 

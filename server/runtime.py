@@ -40,9 +40,9 @@ import torch
 from server.futures import Held
 from server.sessions import ServerDraining
 from splitcore.cudagraph import MIN_BUCKET
+from splitcore.device import name_os_thread
 from splitcore.errors import InvalidInput, LimitExceeded
 from splitcore.gpt2 import GPT2
-from splitcore.runtime import name_os_thread
 
 logger = logging.getLogger(__name__)
 
@@ -230,7 +230,7 @@ class TrunkRuntime:
 
         def forward(chunk: torch.Tensor) -> torch.Tensor:
             with torch.inference_mode():
-                return model(chunk, self.cache, rows=slot).cpu()
+                return model(chunk, self.cache, row=slot).cpu()
 
         return [functools.partial(forward, c) for c in h.split(self.prefill_chunk, dim=1)]
 

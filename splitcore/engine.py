@@ -12,6 +12,7 @@ import torch
 
 from splitcore.compress import Compression
 from splitcore.cudagraph import DecoderPool
+from splitcore.device import configure_attention
 from splitcore.errors import InvalidInput
 from splitcore.generate import (
     FullStepper,
@@ -25,7 +26,6 @@ from splitcore.generate import (
 from splitcore.lora import adapted, load_client_weights, load_peft
 from splitcore.models import ResolvedModel, load_tokenizer
 from splitcore.parts import load_full
-from splitcore.runtime import configure_attention
 from splitcore.sampling import SamplingParams
 from splitcore.settings import parse_adapters
 from splitcore.speculative import (

@@ -87,7 +87,7 @@ class Step:
     """What every block of one forward needs to know about the cache; built once per forward."""
 
     cache: KVCache | None
-    rows: int | None  # the cache row taking part (None = all rows)
+    row: int | None  # the one cache row taking part (None: every row)
     start: int | None  # where the new positions start when every row is at the same place, else None
     positions: torch.Tensor | None  # (B, T) the new positions of each row, when rows are at different places
     end: int  # keys the attention reads: positions [0, end)
@@ -109,13 +109,13 @@ def _attend(q, k, v, mask, causal: bool, scale: float, impl: str, dropout: float
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: GPT2Config, layer: int, impl: str):
+    def __init__(self, cfg: GPT2Config, layer_idx: int, impl: str):
         super().__init__()
         self.n_head, self.head_dim, self.impl = cfg.n_head, cfg.head_dim, impl
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
         self.scale = (1 / math.sqrt(cfg.head_dim) if cfg.scale_attn_weights else 1.0) / (
-            layer + 1 if cfg.scale_attn_by_inverse_layer_idx else 1
+            layer_idx + 1 if cfg.scale_attn_by_inverse_layer_idx else 1
         )
         self.attn_pdrop, self.resid_pdrop = cfg.attn_pdrop, cfg.resid_pdrop
 
@@ -129,16 +129,16 @@ class Attention(nn.Module):
         y = self.c_proj(y.transpose(1, 2).reshape(b, t, -1))  # (B, T, C)
         return F.dropout(y, self.resid_pdrop) if self.training and self.resid_pdrop else y
 
-    def forward(self, x: torch.Tensor, step: Step, slot: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, step: Step, layer: int) -> torch.Tensor:
         q, k, v = self._qkv(x)
         if step.cache is not None:
-            k, v = step.cache.write(slot, k, v, step.rows, step.start, step.positions, step.end)
+            k, v = step.cache.write(layer, k, v, step.row, step.start, step.positions, step.end)
         dropout = self.attn_pdrop if self.training else 0.0
         return self._out(_attend(q, k, v, step.mask, step.causal, self.scale, self.impl, dropout))
 
-    def forward_static(self, x: torch.Tensor, cache: KVCache, slot: int, positions, mask) -> torch.Tensor:
+    def forward_static(self, x: torch.Tensor, cache: KVCache, layer: int, positions, mask) -> torch.Tensor:
         q, k, v = self._qkv(x)
-        k, v = cache.write_static(slot, k, v, positions)
+        k, v = cache.write_static(layer, k, v, positions)
         end = mask.shape[-1]
         return self._out(_attend(q, k[:, :, :end], v[:, :, :end], mask, False, self.scale, self.impl, 0.0))
 
@@ -163,12 +163,12 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, step: Step, slot: int) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), step, slot)
+    def forward(self, x: torch.Tensor, step: Step, layer: int) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), step, layer)
         return x + self.mlp(self.ln_2(x))
 
-    def forward_static(self, x, cache: KVCache, slot: int, positions, mask) -> torch.Tensor:
-        x = x + self.attn.forward_static(self.ln_1(x), cache, slot, positions, mask)
+    def forward_static(self, x, cache: KVCache, layer: int, positions, mask) -> torch.Tensor:
+        x = x + self.attn.forward_static(self.ln_1(x), cache, layer, positions, mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -229,21 +229,21 @@ class GPT2(nn.Module):
         )
 
     # --- eager ---------------------------------------------------------------------------------------
-    def _step(self, cache: KVCache | None, rows: int | None, t: int, device: torch.device) -> Step:
+    def _step(self, cache: KVCache | None, row: int | None, t: int, device: torch.device) -> Step:
         if cache is None:
             return Step(None, None, 0, None, t, None, True)
-        past, end = cache.start(rows, t)
+        past, end = cache.start(row, t)
         if len(set(past)) == 1:
             p = past[0]
             if t == 1:  # one new token attends to everything cached: no mask to build
-                return Step(cache, rows, p, None, end, None, False)
+                return Step(cache, row, p, None, end, None, False)
             if p == 0:
-                return Step(cache, rows, p, None, end, None, True)
+                return Step(cache, row, p, None, end, None, True)
             q = torch.arange(p, p + t, device=device)
-            return Step(cache, rows, p, None, end, torch.arange(end, device=device) <= q[:, None], False)  # (T, L)
+            return Step(cache, row, p, None, end, torch.arange(end, device=device) <= q[:, None], False)  # (T, L)
         q = torch.tensor(past, device=device)[:, None] + torch.arange(t, device=device)  # (B, T) query positions
         mask = torch.arange(end, device=device) <= q[:, :, None]  # (B, T, L)
-        return Step(cache, rows, None, q, end, mask.unsqueeze(1), False)
+        return Step(cache, row, None, q, end, mask.unsqueeze(1), False)
 
     def _embed(self, ids: torch.Tensor, step: Step) -> torch.Tensor:
         t = ids.shape[1]
@@ -251,19 +251,19 @@ class GPT2(nn.Module):
         h = self.wte(ids) + self.wpe(pos)  # (B, T, C)
         return F.dropout(h, self.config.embd_pdrop) if self.training and self.config.embd_pdrop else h
 
-    def hidden(self, x: torch.Tensor, cache: KVCache | None = None, rows: int | None = None) -> torch.Tensor:
+    def hidden(self, x: torch.Tensor, cache: KVCache | None = None, row: int | None = None) -> torch.Tensor:
         """Embeddings (if any) and blocks: hidden states (B, T, C) of every new position. With a cache the new
-        positions follow each row's cached ones; `rows` picks one row of a multi-row cache."""
+        positions follow each row's cached ones; `row` picks one row of a multi-row cache."""
         if self.has_embed and (x.ndim != 2 or x.shape[1] == 0):
             raise InvalidInput(f"token ids must have shape [batch, seq>0], got {list(x.shape)}")
         if cache is None and x.shape[1] > self.n_positions:
             raise InvalidInput(f"sequence of {x.shape[1]} tokens is past the model's context of {self.n_positions}")
-        step = self._step(cache, rows, x.shape[1], x.device)
+        step = self._step(cache, row, x.shape[1], x.device)
         h = self._embed(x, step) if self.has_embed else x
-        for slot, block in enumerate(self.h.values()):
-            h = block(h, step, slot)
+        for layer, block in enumerate(self.h.values()):
+            h = block(h, step, layer)
         if cache is not None:
-            cache.advance(rows, x.shape[1])
+            cache.advance(row, x.shape[1])
         return h
 
     def logits(self, h: torch.Tensor, all_positions: bool = False) -> torch.Tensor:
@@ -273,9 +273,9 @@ class GPT2(nn.Module):
         return self.lm_head(self.ln_f(h))
 
     def forward(
-        self, x: torch.Tensor, cache: KVCache | None = None, rows: int | None = None, all_positions: bool = False
+        self, x: torch.Tensor, cache: KVCache | None = None, row: int | None = None, all_positions: bool = False
     ) -> torch.Tensor:
-        h = self.hidden(x, cache, rows)
+        h = self.hidden(x, cache, row)
         return self.logits(h, all_positions) if self.has_head else h
 
     # --- static shapes -------------------------------------------------------------------------------
@@ -297,8 +297,8 @@ class GPT2(nn.Module):
         keys = torch.arange(end, device=positions.device)
         mask = (keys <= positions[:, None]).view(n, 1, 1, end)  # (N, 1, 1, end)
         h = self.wte(x) + self.wpe(positions)[:, None, :] if self.has_embed else x
-        for slot, block in enumerate(self.h.values()):
-            h = block.forward_static(h, cache, slot, positions, mask)
+        for layer, block in enumerate(self.h.values()):
+            h = block.forward_static(h, cache, layer, positions, mask)
         return self.logits(h) if self.has_head else h
 
 

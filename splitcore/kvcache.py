@@ -107,20 +107,20 @@ class KVCache:
         self._positions_stale = True
 
     # --- eager writes -------------------------------------------------------------------------------
-    def start(self, rows: int | None, t: int) -> tuple[list[int], int]:
-        """Before an eager step of `t` new positions on `rows` (None = all, an int = that row): check the room
+    def start(self, row: int | None, t: int) -> tuple[list[int], int]:
+        """Before an eager step of `t` new positions on `row` (None: every row): check the room
         and return (past length of each row taking part, key length L the attention reads)."""
-        past = self.lengths if rows is None else [self.lengths[rows]]
+        past = self.lengths if row is None else [self.lengths[row]]
         end = max(past) + t
         self.reserve(end)
         return past, end
 
-    def write(self, block: int, k, v, rows: int | None, start: int | None, positions, end: int):
-        """Write a block's new keys/values (B, heads, T, head_dim): from `start` in every row, or, for rows at
+    def write(self, layer: int, k, v, row: int | None, start: int | None, positions, end: int):
+        """Write a layer's new keys/values (B, heads, T, head_dim): from `start` in every row, or, for rows at
         different places, at `positions` (B, T). Returns the views (B, heads, end, head_dim) the attention reads."""
-        kb, vb = self.k[block], self.v[block]
-        if rows is not None:
-            kb, vb = kb[rows : rows + 1], vb[rows : rows + 1]
+        kb, vb = self.k[layer], self.v[layer]
+        if row is not None:
+            kb, vb = kb[row : row + 1], vb[row : row + 1]
         if start is not None:  # every row at the same position: a plain slice
             kb[:, :, start : start + k.shape[2]] = k
             vb[:, :, start : start + k.shape[2]] = v
@@ -130,9 +130,9 @@ class KVCache:
             vb.scatter_(2, idx, v)
         return kb[:, :, :end], vb[:, :, :end]
 
-    def advance(self, rows: int | None, t: int) -> None:
+    def advance(self, row: int | None, t: int) -> None:
         """After an eager step: `t` more positions filled in the rows that took part."""
-        for r in range(self.rows) if rows is None else [rows]:
+        for r in range(self.rows) if row is None else [row]:
             self.lengths[r] += t
         self._positions_stale = True
 
@@ -144,12 +144,12 @@ class KVCache:
             self._positions_stale = False
         return self.positions
 
-    def write_static(self, block: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
+    def write_static(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
         """Write one new position in each of the first N = len(k) rows, at `positions` (a device tensor), with no
         host values: capturable. Returns those rows' keys and values over the whole room."""
         n = k.shape[0]
         idx = positions.view(-1, 1, 1, 1).expand(-1, k.shape[1], 1, k.shape[3])
-        kb, vb = self.k[block][:n], self.v[block][:n]
+        kb, vb = self.k[layer][:n], self.v[layer][:n]
         kb.scatter_(2, idx, k)
         vb.scatter_(2, idx, v)
         return kb, vb

@@ -79,9 +79,9 @@ class Trunk(GPT2):
         if not floating:
             raise InvalidInput(f"hidden states must be floating point, got {dtype}")
 
-    def forward(self, h: torch.Tensor, cache: KVCache | None = None, rows: int | None = None, **kw) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, cache: KVCache | None = None, row: int | None = None, **kw) -> torch.Tensor:
         """Trusted input (from our own bottom); a server checks what it receives with check_hidden first."""
-        return super().forward(h.to(self.device, self.dtype), cache, rows, **kw)
+        return super().forward(h.to(self.device, self.dtype), cache, row, **kw)
 
     def kv_shape(self, batch: int, seq: int) -> list[int]:
         """Shape of the stacked trunk KV cache: [blocks, 2 (key, value), batch, heads, seq, head_dim]."""
@@ -123,8 +123,8 @@ class Trunk(GPT2):
 class Top(GPT2):
     """Blocks [s2, n), final layer norm and LM head: hidden states in, logits of the last position out."""
 
-    def forward(self, h: torch.Tensor, cache: KVCache | None = None, rows: int | None = None, **kw) -> torch.Tensor:
-        return super().forward(h.to(self.device, self.dtype), cache, rows, **kw)
+    def forward(self, h: torch.Tensor, cache: KVCache | None = None, row: int | None = None, **kw) -> torch.Tensor:
+        return super().forward(h.to(self.device, self.dtype), cache, row, **kw)
 
     def blocks(self, h: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """The top's blocks alone: hidden states of every new position."""

@@ -88,7 +88,7 @@ def test_batch_rows_at_different_positions_give_solo_logits(tiny):
     prompts = [PROMPT, PROMPT[:2], [464, 2068, 7586, 21831, 18045, 625, 262, 16931, 3290, 13]]
     follow = [[11, 290, 257, 1110], [1312, 373, 6, 50], [13, 13, 464, 2068]]
     cache = model.new_cache(rows=3)
-    got = [[model(torch.tensor([p]), cache, rows=r)[0]] for r, p in enumerate(prompts)]  # each row its prefill
+    got = [[model(torch.tensor([p]), cache, row=r)[0]] for r, p in enumerate(prompts)]  # each row its prefill
     assert cache.lengths == [7, 2, 10]
     for i in range(3):  # then all rows in one forward, each at its own position
         logits = model(torch.tensor([[f[i]] for f in follow]), cache)
@@ -130,8 +130,8 @@ def test_static_decode_step_matches_eager_for_rows_at_different_positions(tiny):
         if x is not None:
             prefills = [torch.randn(1, n, 64, generator=torch.Generator().manual_seed(n)) for n in (7, 3)]
         for r, p in enumerate(prefills):
-            model(p, dec.cache, rows=r)
-            model(p, ref, rows=r)
+            model(p, dec.cache, row=r)
+            model(p, ref, row=r)
         for step in range(5):
             inp = torch.tensor([[11 + step], [290 + step]]) if x is None else x + step
             want = model(inp, ref)

@@ -14,14 +14,14 @@ def _kv(rows: int, t: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(rows, 3, t, 4, generator=g), torch.randn(rows, 3, t, 4, generator=g)
 
 
-def _append(cache: KVCache, k, v, rows=None):
-    past, end = cache.start(rows, k.shape[2])
+def _append(cache: KVCache, k, v, row=None):
+    past, end = cache.start(row, k.shape[2])
     t = k.shape[2]
     if len(set(past)) == 1:
-        out = cache.write(0, k, v, rows, past[0], None, end)
+        out = cache.write(0, k, v, row, past[0], None, end)
     else:
-        out = cache.write(0, k, v, rows, None, torch.tensor(past)[:, None] + torch.arange(t), end)
-    cache.advance(rows, k.shape[2])
+        out = cache.write(0, k, v, row, None, torch.tensor(past)[:, None] + torch.arange(t), end)
+    cache.advance(row, k.shape[2])
     return out
 
 
@@ -87,8 +87,8 @@ def test_rows_at_their_own_positions():
     cache = KVCache(1, 2, 3, 4)
     k0, v0 = _kv(1, 5, 0)
     k1, v1 = _kv(1, 2, 1)
-    _append(cache, k0, v0, rows=0)
-    _append(cache, k1, v1, rows=1)
+    _append(cache, k0, v0, row=0)
+    _append(cache, k1, v1, row=1)
     assert cache.lengths == [5, 2]
     k, v = _kv(2, 1, 2)  # one new position per row, written at 5 and at 2
     ks, _ = _append(cache, k, v)
