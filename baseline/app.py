@@ -7,8 +7,8 @@ import logging
 
 import gradio as gr
 
-from client import charts, ui
 from splitcore.engine import FullEngine
+from webui import charts, ui
 
 logger = logging.getLogger(__name__)
 

@@ -8,10 +8,10 @@ import logging
 import gradio as gr
 import pandas as pd
 
-from client import charts, ui
 from client.engine import SplitEngine
 from client.finetune_tab import finetune_tab
 from client.monitor_feed import MonitorFeed, Monitors
+from webui import charts, ui
 
 logger = logging.getLogger(__name__)
 

@@ -4,58 +4,43 @@ held-out perplexity curves; when a run ends, the generation tab can use its adap
 from __future__ import annotations
 
 import logging
-import queue
-import threading
 from pathlib import Path
 
 import gradio as gr
 import plotly.graph_objects as go
 
-from client import ui
 from client.train import CLIENT_TRAIN, Run, SplitTrainer, TrainConfig, TrainEvent
 from splitcore.errors import SplitError
 from splitcore.training import TextData, perplexity
+from webui import ui
 
 logger = logging.getLogger(__name__)
 
 
-class BackgroundRun:
+class BackgroundRun(ui.Background):
     """A training run on a worker thread; `events()` yields its TrainEvents and re-raises its error."""
 
     def __init__(self, engine, cfg: TrainConfig):
-        self._q: queue.SimpleQueue = queue.SimpleQueue()
         self.run: Run | None = None
-        self._stop = threading.Event()
-        threading.Thread(target=self._work, args=(engine, cfg), daemon=True, name="fine-tune").start()
 
-    def _work(self, engine, cfg: TrainConfig) -> None:
-        trainer = None
-        try:
-            data = TextData.from_path(cfg.data, engine.encode, cfg.block_size)
-            trainer = SplitTrainer(engine, cfg.lora(), cfg.client_train)
-            self.run = Run(trainer, data, cfg, engine.model.spec)
-            if self._stop.is_set():
-                self.run.stop()
-            for ev in self.run:
-                self._q.put(ev)
-            self._q.put(None)
-        except BaseException as e:  # handed to the UI thread, which shows it
-            self._q.put(e)
-        finally:
-            if trainer is not None:
-                trainer.close()
+        def work(put, stopped) -> None:
+            trainer = None
+            try:
+                data = TextData.from_path(cfg.data, engine.encode, cfg.block_size)
+                trainer = SplitTrainer(engine, cfg.lora(), cfg.client_train)
+                self.run = Run(trainer, data, cfg, engine.model.spec)
+                if stopped.is_set():
+                    self.run.stop()
+                for ev in self.run:
+                    put(ev)
+            finally:
+                if trainer is not None:
+                    trainer.close()
 
-    def events(self):
-        while True:
-            item = self._q.get()
-            if item is None:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
+        super().__init__(work, "fine-tune")
 
     def stop(self) -> None:
-        self._stop.set()
+        super().stop()
         if self.run is not None:
             self.run.stop()
 

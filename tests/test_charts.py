@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import time
 
-from client import charts
 from client.app import server_markdown
 from splitcore.stats import GenerationStats, TokenTiming
+from webui import charts
 
 
 def split_stats(n=6) -> GenerationStats:

@@ -21,7 +21,7 @@ def _modules(package: str) -> list[str]:
     [
         (["splitcore"], "grpc"),
         (["splitcomm"], "transformers"),
-        (["baseline"], "grpc"),
+        (["baseline", "webui"], "grpc"),
     ],
 )
 def test_imports_stay_in_their_layer(packages, forbidden):

@@ -11,7 +11,6 @@ import time
 
 import pytest
 
-from client import ui
 from tests.conftest import (
     CORPUS,
     ROOT,
@@ -23,6 +22,7 @@ from tests.conftest import (
     tiny_split_engine,
     wait_for,
 )
+from webui import ui
 
 PROMPT = "The quick brown fox"
 SHOTS = ROOT / "logs"

@@ -6,17 +6,18 @@ import logging
 import os
 import queue
 import threading
+from dataclasses import dataclass
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a private deployment
 
 import gradio as gr  # noqa: E402
 
-from client import charts  # noqa: E402
 from splitcore.engine import Engine  # noqa: E402
 from splitcore.errors import SplitError  # noqa: E402
 from splitcore.models import ResolvedModel  # noqa: E402
 from splitcore.sampling import SamplingParams  # noqa: E402
 from splitcore.stats import GenerationStats  # noqa: E402
+from webui import charts  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -151,7 +152,44 @@ def privacy_recorder():
     return Recorder()
 
 
-class BackgroundStream:
+class Background:
+    """Long work on a worker thread, so that the UI thread can show what it puts as it comes: `work(put, stopped)`
+    runs there; `events()` yields what it put, in order, then re-raises its error; `stop()` sets `stopped`, which
+    the work looks at between items."""
+
+    _END = object()
+
+    def __init__(self, work, name: str):
+        self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self.stopped = threading.Event()
+        threading.Thread(target=self._run, args=(work,), daemon=True, name=name).start()
+
+    def _run(self, work) -> None:
+        try:
+            work(self._q.put, self.stopped)
+            self._q.put(self._END)
+        except BaseException as e:  # handed to the UI thread, which decides what to show
+            self._q.put(_Failed(e))
+
+    def events(self):
+        while True:
+            item = self._q.get()
+            if item is self._END:
+                return
+            if isinstance(item, _Failed):
+                raise item.error
+            yield item
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+
+@dataclass
+class _Failed:
+    error: BaseException
+
+
+class BackgroundStream(Background):
     """One generation on a worker thread, so that the UI can show notices (a lost trunk) while a step waits.
 
     `events()` yields ("token", TokenEvent) and ("notice", text) and re-raises the generation's error;
@@ -168,38 +206,18 @@ class BackgroundStream:
         tap=None,
         adapter: str | None = None,
     ):
-        self._q: queue.SimpleQueue = queue.SimpleQueue()
-        self._stop = threading.Event()
-        args = (engine, prompt, max_new_tokens, params, stats, speculate, tap, adapter)
-        self._thread = threading.Thread(target=self._run, args=args, daemon=True, name="generation")
-        self._thread.start()
+        def work(put, stopped: threading.Event) -> None:
+            how = {"notify": lambda m: put(("notice", m)), "speculate": speculate, "tap": tap, "adapter": adapter}
+            stream = engine.stream(prompt, max_new_tokens, params, stats, **how)
+            try:
+                for event in stream:
+                    put(("token", event))
+                    if stopped.is_set():
+                        break
+            finally:
+                stream.close()
 
-    def _run(self, engine, prompt, max_new_tokens, params, stats, speculate, tap, adapter) -> None:
-        notify = lambda m: self._q.put(("notice", m))  # noqa: E731
-        how = {"notify": notify, "speculate": speculate, "tap": tap, "adapter": adapter}
-        stream = engine.stream(prompt, max_new_tokens, params, stats, **how)
-        try:
-            for event in stream:
-                self._q.put(("token", event))
-                if self._stop.is_set():
-                    break
-            self._q.put(("end", None))
-        except BaseException as e:  # handed to the UI thread, which decides what to show
-            self._q.put(("error", e))
-        finally:
-            stream.close()
-
-    def events(self):
-        while True:
-            kind, value = self._q.get()
-            if kind == "end":
-                return
-            if kind == "error":
-                raise value
-            yield kind, value
-
-    def stop(self) -> None:
-        self._stop.set()
+        super().__init__(work, "generation")
 
 
 def latency_tab(history: gr.State, every_s: float = 5.0) -> None:
