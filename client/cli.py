@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import fields, replace
+from dataclasses import dataclass, fields, replace
 
-from client.engine import ClientConfig, SplitEngine
+from client.config import ClientConfig
+from client.engine import SplitEngine
 from client.train import TrainConfig
 from splitcore.cli import (
     add_api_parser,
@@ -19,7 +20,33 @@ from splitcore.device import configure_threads
 from splitcore.distill import DistillConfig
 from splitcore.errors import InvalidInput
 from splitcore.logs import setup_logging
-from splitcore.settings import dataclass_flags
+from splitcore.settings import ProcessConfig, dataclass_flags, setting
+
+
+@dataclass
+class TrainWhere:
+    """Where `train` runs its trunk."""
+
+    local: bool = False  # everything in this process, no server: the reference
+
+
+@dataclass
+class PrivacyReportArgs:
+    """`privacy-report`: the private text and how much of it is scored."""
+
+    private_data: str = setting("", None, "the text to score: a file, a directory or bible:PASSAGES (required)")
+    windows: int = 32  # private windows of 64 tokens scored
+    prompts: int = 20  # prompts for greedy agreement
+    json: bool = False  # print the rows as JSON
+
+
+@dataclass
+class DenoiserArgs:
+    """`train-denoiser`: the public text, where the denoiser goes, and how long it trains."""
+
+    data: str = setting("", None, "public text: a file, a directory or bible:PASSAGES (required)")
+    out: str = setting("", None, "where the denoiser is saved (required)")
+    steps: int = 300  # training steps of 8 windows of 64 tokens
 
 
 def add_split_args(p: argparse.ArgumentParser) -> None:
@@ -37,7 +64,7 @@ def add_train_command(sub) -> None:
     )
     add_split_args(t)
     dataclass_flags(t, TrainConfig)
-    t.add_argument("--local", action="store_true", help="everything in this process, no server: the reference")
+    dataclass_flags(t, TrainWhere)
 
 
 def add_api_command(sub) -> None:
@@ -58,8 +85,7 @@ def add_distill_command(sub) -> None:
         "from every other teacher block; saved in Hugging Face format in --out.",
     )
     dataclass_flags(d, DistillConfig)
-    d.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
-    d.add_argument("-v", "--verbose", action="store_true")
+    dataclass_flags(d, ProcessConfig)
 
 
 def add_privacy_command(sub) -> None:
@@ -72,10 +98,7 @@ def add_privacy_command(sub) -> None:
         "runs in this process.",
     )
     add_split_args(r)
-    r.add_argument("--private-data", required=True, help="the text to score: a file, a directory or bible:PASSAGES")
-    r.add_argument("--windows", type=int, default=32, help="private windows of 64 tokens scored (default 32)")
-    r.add_argument("--prompts", type=int, default=20, help="prompts for greedy agreement (default 20)")
-    r.add_argument("--json", action="store_true", help="print the rows as JSON")
+    dataclass_flags(r, PrivacyReportArgs)
 
 
 def add_denoiser_command(sub) -> None:
@@ -87,9 +110,7 @@ def add_denoiser_command(sub) -> None:
         "--denoise OUT and the same defence. Only public text crosses clean.",
     )
     add_split_args(d)
-    d.add_argument("--data", required=True, help="public text: a file, a directory or bible:PASSAGES")
-    d.add_argument("--out", required=True, help="where the denoiser is saved")
-    d.add_argument("--steps", type=int, default=300, help="training steps of 8 windows of 64 tokens (default 300)")
+    dataclass_flags(d, DenoiserArgs)
 
 
 def add_commands(sub) -> None:
@@ -147,6 +168,8 @@ def run_privacy_report(args: argparse.Namespace, cfg: ClientConfig) -> None:
 
     if not cfg.attack_data:
         raise InvalidInput("privacy-report needs public text to train its attacker on: give --attack-data")
+    if not args.private_data:
+        raise InvalidInput("privacy-report needs the private text to score: give --private-data")
     engine = SplitEngine(replace(cfg, local_trunk=True))  # checks the settings before the text is read
     texts = load_texts(engine.encode, cfg.attack_data, args.private_data, args.windows, args.prompts)
     engine.close()
@@ -168,6 +191,8 @@ def run_train_denoiser(args: argparse.Namespace, cfg: ClientConfig) -> None:
     from client.denoise import train_denoiser
     from client.privacy import public_text
 
+    if not args.data or not args.out:
+        raise InvalidInput("train-denoiser needs --data (public text) and --out (where the denoiser goes)")
     if args.steps < 1:
         raise InvalidInput(f"--steps must be at least 1, got {args.steps}")
     engine = SplitEngine(replace(cfg, denoise="none"))

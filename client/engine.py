@@ -10,13 +10,14 @@ from pathlib import Path
 
 import torch
 
+from client.config import ClientConfig
 from splitcomm.codec import encode_named, parse_wire_dtype
 from splitcomm.errors import TrunkError, TrunkUnavailable
 from splitcomm.proto import trunk_pb2 as pb
-from splitcomm.trunk_client import TrunkClient, TrunkClientConfig, TrunkSession
+from splitcomm.trunk_client import TrunkClient, TrunkSession
 from splitcore.compress import Compression
 from splitcore.cudagraph import DecoderPool
-from splitcore.defence import DENOISERS, NOISE_KINDS, Denoiser, Noise, Protect, subtract_noise
+from splitcore.defence import Denoiser, Protect, subtract_noise
 from splitcore.device import configure_attention, resolve_device, resolve_dtype, use_cuda_graphs
 from splitcore.engine import Engine, Notify, Tap
 from splitcore.errors import InvalidInput, Mismatch
@@ -24,116 +25,11 @@ from splitcore.fingerprint import model_fingerprint
 from splitcore.generate import LocalTrunkLink, SplitStepper, Stepper
 from splitcore.lora import adapted, adapter_digest, adapter_layers, load_client_weights, load_peft, only_layers
 from splitcore.models import resolve_with_fallback
-from splitcore.parts import DEFAULT_SPLIT, Split, load_parts
-from splitcore.settings import GenerateConfig, parse_adapters, setting
+from splitcore.parts import Split, load_parts
+from splitcore.settings import parse_adapters
 from splitcore.speculative import ModelDraft
 
 logger = logging.getLogger(__name__)
-
-DEFENCES = ("none", *NOISE_KINDS)
-
-
-@dataclass
-class ClientConfig(GenerateConfig):
-    """Settings of the split client (CLI, app, API): the model's, and the split's and the trunk server's."""
-
-    split: str = setting(DEFAULT_SPLIT, "GPT2_SPLIT", "s1,s2: the trunk's blocks [s1, s2) (must match the server's)")
-    server: str = setting(
-        "localhost:50051",
-        "GPT2_TRUNK_SERVER",
-        "trunk server host:port; or replicas, comma-separated (a:50051,b:50051) or as a gRPC target URI "
-        "(dns:///trunk.internal:50051, ipv4:10.0.0.5:50051,10.0.0.6:50051): round robin over the healthy ones",
-    )
-    local_trunk: bool = setting(False, None, "run the trunk in this process (no server)")
-    trunk_compress: str | None = setting(
-        None,
-        "GPT2_TRUNK_COMPRESS",
-        "what the trunk server's --compress is (the fingerprint covers it; an in-process trunk is compressed so): "
-        "none, prune:P, prune24 or int8; unset: the same as --compress",
-    )
-    stateless: bool = setting(
-        False, None, "send the trunk KV cache with every call instead of keeping it on the server"
-    )
-    wire_dtype: str = setting(
-        "float32", "GPT2_WIRE_DTYPE", "dtype of hidden states on the wire", choices=["float32", "float16", "bfloat16"]
-    )
-    connect_timeout_s: float = setting(5.0, None, "to reach the server, s", flag="--connect-timeout")
-    step_timeout_s: float = setting(60.0, None, "one trunk call, s", flag="--step-timeout")
-    reconnect_s: float = setting(
-        30.0,
-        "GPT2_RECONNECT_S",
-        "if the trunk goes away mid-generation (its replica died or drained), replay the session on a trunk server "
-        "for up to this long, s (0 = don't)",
-        flag="--reconnect",
-    )
-    tls_ca: str | None = setting(None, "GPT2_TLS_CA", "CA of the server's certificate (enables TLS)")
-    tls_cert: str | None = setting(None, "GPT2_TLS_CLIENT_CERT", "client certificate, for mutual TLS")
-    tls_key: str | None = setting(None, "GPT2_TLS_CLIENT_KEY", "client key, for mutual TLS")
-    tls_server_name: str | None = setting(None, None, "the name to check in the server's certificate")
-    auth_token: str | None = setting(None, "GPT2_AUTH_TOKEN", "the shared secret the server asks for")
-    added_delay_ms: float = setting(
-        0.0, None, "sleep this long each way on every trunk call: simulates a remote trunk, ms"
-    )
-    defence: str = setting(
-        "none",
-        "GPT2_DEFENCE",
-        "what the client does to hidden states before they cross: none, or norm clipping plus gaussian or "
-        "laplace noise (docs/privacy.md)",
-        choices=list(DEFENCES),
-    )
-    noise_scale: float = setting(0.0, "GPT2_NOISE_SCALE", "noise std, as a multiple of the reference RMS")
-    noise_clip: float = setting(
-        0.0, "GPT2_NOISE_CLIP", "clip each position's RMS to this before the noise, which then scales with it; 0 = off"
-    )
-    denoise: str = setting(
-        "none",
-        "GPT2_DENOISE",
-        "repair the trunk's answer on the client: subtract takes the client's own noise back out of it; a "
-        "directory from `python -m client train-denoiser` also repairs what the trunk made of the noise",
-    )
-    defence_seed: int | None = setting(None, None, "seed of the noise (default: a secret one from the OS)")
-    attack_data: str | None = setting(
-        None,
-        "GPT2_ATTACK_DATA",
-        "public text the privacy meter's attacker trains on: a text file, a directory of them, or bible:PASSAGES "
-        "(bible:Gen1:1-Mal4:6, the Old Testament, from Debian's bible-kjv)",
-    )
-
-    privacy_meter: bool = setting(
-        False,
-        "GPT2_PRIVACY_METER",
-        "read each prompt back as the trunk's best attacker could, from what was sent (needs --attack-data; "
-        "trains the attacker once, then caches it)",
-    )
-    attack_steps: int = setting(600, None, "training steps of the privacy meter's attacker")
-
-    def noise(self) -> Noise:
-        """The defence these settings name, checked: a readable error for a bad one."""
-        if self.defence not in DEFENCES:
-            raise InvalidInput(f"unknown defence '{self.defence}'; choose one of {', '.join(DEFENCES)}")
-        if self.denoise not in DENOISERS and not Path(self.denoise).is_dir():
-            raise InvalidInput(
-                f"unknown denoiser '{self.denoise}'; choose {', '.join(DENOISERS)} or a trained denoiser's directory"
-            )
-        if self.defence == "none":
-            if self.denoise != "none":
-                raise InvalidInput("--denoise repairs a defence's noise: give --defence gaussian or laplace too")
-            if self.noise_scale or self.noise_clip:
-                raise InvalidInput("--noise-scale and --noise-clip need a defence: --defence gaussian or laplace")
-            return Noise()
-        return Noise(self.defence, self.noise_scale, self.noise_clip)
-
-    def trunk_client_config(self) -> TrunkClientConfig:
-        return TrunkClientConfig(
-            self.server,
-            self.connect_timeout_s,
-            self.step_timeout_s,
-            tls_ca=self.tls_ca,
-            tls_cert=self.tls_cert,
-            tls_key=self.tls_key,
-            tls_server_name=self.tls_server_name,
-            token=self.auth_token,
-        )
 
 
 class SessionLink:

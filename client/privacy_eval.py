@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from client.engine import ClientConfig, SplitEngine
+from client.config import ClientConfig
+from client.engine import SplitEngine
 from client.privacy import (
     InverterConfig,
     LearnedInverter,

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from client.engine import ClientConfig, SplitEngine
+from client.config import ClientConfig
+from client.engine import SplitEngine
 from client.train import (
     LocalTrainer,
     Run,

@@ -34,7 +34,8 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from client.engine import ClientConfig, SessionLink, SplitEngine  # noqa: E402
+from client.config import ClientConfig  # noqa: E402
+from client.engine import SessionLink, SplitEngine  # noqa: E402
 from splitcore.device import resolve_device, resolve_dtype, use_cuda_graphs  # noqa: E402
 from splitcore.engine import Engine, FullEngine  # noqa: E402
 from splitcore.models import resolve_model  # noqa: E402

@@ -31,7 +31,8 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from client.engine import ClientConfig, SplitEngine  # noqa: E402
+from client.config import ClientConfig  # noqa: E402
+from client.engine import SplitEngine  # noqa: E402
 from client.train import SplitTrainer  # noqa: E402
 from server.app import TrunkServer  # noqa: E402
 from server.config import ServerConfig  # noqa: E402

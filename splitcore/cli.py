@@ -4,23 +4,64 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass, make_dataclass
 
 from splitcore.engine import Engine
 from splitcore.errors import SplitError
 from splitcore.sampling import SamplingParams
-from splitcore.settings import GenerateConfig, dataclass_flags
-
-
-def env(name: str, default: str) -> str:
-    return os.environ.get(name, default)
+from splitcore.settings import GenerateConfig, dataclass_flags, setting
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """The flags of a process that generates with a model it holds (the baseline; the client adds its own)."""
     dataclass_flags(p, GenerateConfig)
+
+
+SPECULATE_HELP = (
+    "draft tokens on this machine and verify several per trunk round trip: lookup (from the context), self (the "
+    "split client's own blocks) or draft:SPEC (a model of the same vocabulary, e.g. from python -m client distill); "
+    "greedy gives the same tokens as without, sampling the same distribution"
+)
+
+
+@dataclass
+class GenerateArgs:
+    """`generate`: one prompt, on stdout."""
+
+    prompt: str = setting("", None, "text to continue")
+    max_tokens: int = 50  # tokens to generate
+    temperature: float = 0.8  # 0 = greedy
+    top_k: int = 50  # 0 = greedy
+    top_p: float = 1.0  # nucleus sampling, 1 = off
+    seed: int | None = None  # seed for reproducible sampling
+    json: bool = False  # print one JSON object instead of streaming text
+    speculate: str = setting("none", None, SPECULATE_HELP + " (none|lookup|self|draft:SPEC)")
+
+
+def app_settings(port_env: str, default_port: int, log_env: str, default_log: str) -> type:
+    """The settings of an app's `serve`: where it listens and logs (each app its own port and log variables)."""
+    return make_dataclass(
+        "AppSettings",
+        [
+            ("host", str, setting("0.0.0.0", "GPT2_UI_HOST", "interface the app listens on")),
+            ("port", int, setting(default_port, port_env, "the app's port")),
+            ("log_file", str, setting(default_log, log_env, "the app's log")),
+            ("speculate", str, setting("none", None, "the Speculative decoding switch's setting at start (draft:SPEC "
+             "adds that model to it): " + SPECULATE_HELP)),
+        ],
+    )  # fmt: skip
+
+
+@dataclass
+class ApiSettings:
+    """`api`: where the OpenAI-compatible API listens, its key and its log."""
+
+    host: str = setting("127.0.0.1", "GPT2_API_HOST", "address to listen on")
+    port: int = setting(8000, "GPT2_API_PORT", "port to listen on")
+    api_key: str | None = setting(None, "GPT2_API_KEY", "require 'Authorization: Bearer KEY' on every /v1 request")
+    log_file: str = setting("logs/gpt2_api.log", "GPT2_API_LOG", "the API's log")
 
 
 def app_parser(
@@ -41,13 +82,10 @@ def app_parser(
         more(sub)
     g = sub.add_parser("generate", help="generate text from a prompt")
     add_args(g)
-    add_generate_args(g)
+    dataclass_flags(g, GenerateArgs, positional=("prompt",))
     s = sub.add_parser("serve", help="start the Gradio app (the default)")
     add_args(s)
-    s.add_argument("--host", default=env("GPT2_UI_HOST", "0.0.0.0"))
-    s.add_argument("--port", type=int, default=int(env(port_env, str(default_port))))
-    s.add_argument("--log-file", default=env(log_env, default_log))
-    add_speculate_arg(s, "the Speculative decoding switch's setting at start (draft:SPEC adds that model to it): ")
+    dataclass_flags(s, app_settings(port_env, default_port, log_env, default_log))
     return p
 
 
@@ -59,14 +97,7 @@ def add_api_parser(sub, add_model: Callable[[argparse.ArgumentParser], None], de
         description=description,
     )
     add_model(a)
-    a.add_argument("--host", default=env("GPT2_API_HOST", "127.0.0.1"), help="address to listen on")
-    a.add_argument("--port", type=int, default=int(env("GPT2_API_PORT", "8000")), help="(env GPT2_API_PORT)")
-    a.add_argument(
-        "--api-key",
-        default=env("GPT2_API_KEY", "") or None,
-        help="require 'Authorization: Bearer KEY' on every /v1 request (env GPT2_API_KEY)",
-    )
-    a.add_argument("--log-file", default=env("GPT2_API_LOG", "logs/gpt2_api.log"))
+    dataclass_flags(a, ApiSettings)
 
 
 def parse_app_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
@@ -76,29 +107,6 @@ def parse_app_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> a
     if not argv or argv[0] not in (*commands, "-h", "--help"):
         argv = ["serve", *argv]
     return parser.parse_args(argv)
-
-
-def add_generate_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("prompt", help="text to continue")
-    p.add_argument("--max-tokens", type=int, default=50, help="tokens to generate (default %(default)s)")
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default %(default)s)")
-    p.add_argument("--top-k", type=int, default=50, help="0 = greedy (default %(default)s)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling, 1 = off (default %(default)s)")
-    p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
-    add_speculate_arg(p)
-
-
-def add_speculate_arg(p: argparse.ArgumentParser, what: str = "") -> None:
-    p.add_argument(
-        "--speculate",
-        default="none",
-        metavar="none|lookup|self|draft:SPEC",
-        help=f"{what}draft tokens on this machine and verify several per trunk round trip: lookup (from the "
-        "context), self (the split client's own blocks) or draft:SPEC (a model of the same vocabulary, e.g. from "
-        "python -m client distill); greedy gives the same tokens as without, sampling the same distribution "
-        "(default %(default)s)",
-    )
 
 
 Report = Callable[[list[int]], tuple[str, dict, str]]  # prompt ids -> (JSON key, JSON value, line for stderr)

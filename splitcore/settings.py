@@ -37,7 +37,10 @@ def dataclass_flags(p: argparse.ArgumentParser, cls, positional: tuple[str, ...]
     comment (`batch_size: int = 8  # windows per step`). Booleans are switches (an environment value of 1 turns
     them on); for an optional field an empty environment value means None. A bad environment value is one
     readable line."""
-    comments = dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.+)$", inspect.getsource(cls), re.M))
+    try:
+        comments = dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.+)$", inspect.getsource(cls), re.M))
+    except (OSError, TypeError):  # a class made at run time (make_dataclass) has no source: help from `setting`
+        comments = {}
     for f in dataclasses.fields(cls):
         meta = f.metadata
         kind = _KINDS[(f.type if isinstance(f.type, str) else f.type.__name__).split("|")[0].strip()]
@@ -99,7 +102,15 @@ def _from_env(p: argparse.ArgumentParser, name: str, raw: str, kind: type, defau
 
 
 @dataclasses.dataclass
-class ModelConfig:
+class ProcessConfig:
+    """The settings of every command: threads and logging."""
+
+    threads: int | None = setting(None, "GPT2_THREADS", "torch intra-op threads (none or 0: torch's choice)")
+    verbose: bool = setting(False, None, "log at DEBUG level", flag=("-v", "--verbose"))
+
+
+@dataclasses.dataclass
+class ModelConfig(ProcessConfig):
     """The settings of every process that holds a model: the server, the split client, the baseline."""
 
     model: str = setting(
@@ -127,8 +138,6 @@ class ModelConfig:
         "prune24 (2:4 sparsity) or int8 (the server: its trunk; the client: its bottom, top and drafts; the "
         "baseline: the whole model)",
     )
-    threads: int | None = setting(None, "GPT2_THREADS", "torch intra-op threads (none or 0: torch's choice)")
-    verbose: bool = setting(False, None, "log at DEBUG level", flag=("-v", "--verbose"))
 
 
 @dataclasses.dataclass

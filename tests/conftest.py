@@ -103,7 +103,8 @@ def tiny_split_engine(models_dir, target: str | None = None, notify=None, **sett
     """A split client for random:tiny on the CPU, against the trunk at `target` (or in-process with
     local_trunk=True); it fails at once when the trunk is lost unless `reconnect_s` says otherwise. `notify` hears
     what the engine would tell a user (a lost trunk, a replay)."""
-    from client.engine import ClientConfig, SplitEngine
+    from client.config import ClientConfig
+    from client.engine import SplitEngine
 
     settings.setdefault("reconnect_s", 0)
     if target is not None:

@@ -61,7 +61,7 @@ def test_client_and_baseline_flags_come_from_their_configs(monkeypatch):
     from baseline.cli import build_parser as baseline_parser
     from client.cli import build_parser as client_parser
     from client.cli import client_config
-    from client.engine import ClientConfig
+    from client.config import ClientConfig
     from splitcore.settings import GenerateConfig
 
     monkeypatch.setenv("GPT2_TRUNK_SERVER", "trunk.example:50051")
