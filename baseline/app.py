@@ -8,25 +8,17 @@ import logging
 import gradio as gr
 
 from splitcore.engine import FullEngine
-from webui import charts, ui
+from webui import ui
 
 logger = logging.getLogger(__name__)
 
 
 def build_app(engine: FullEngine, speculate: str = "none") -> gr.Blocks:
-    with gr.Blocks(title="GPT-2 full model") as demo:
-        history = gr.State(charts.History())
-        ui.header(
-            "GPT-2 full model (baseline)",
-            engine.model,
-            f"**Unsplit:** all {engine.model.config.n_layer} blocks in this process · {engine.device}, "
-            f"{str(engine.dtype).removeprefix('torch.')}",
-        )
-        with gr.Tabs():
-            with gr.Tab("Text generation"):
-                ui.generation_tab(engine, history, speculate)
-            with gr.Tab("Performance"):
-                ui.latency_tab(history)
+    where = f"**Unsplit:** all {engine.model.config.n_layer} blocks in this process · {engine.device}, "
+    where += str(engine.dtype).removeprefix("torch.")
+    with ui.app_page("GPT-2 full model", engine, "GPT-2 full model (baseline)", where, speculate) as (demo, history, _):
+        with gr.Tab("Performance"):
+            ui.latency_tab(history)
     return demo
 
 

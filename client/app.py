@@ -43,56 +43,47 @@ def build_app(
     several replicas, the monitoring tab shows each, and the charts of the one picked."""
     monitors = None if engine.trunk_client is None else Monitors(engine.trunk_client, monitor_interval_s)
     addresses = list(monitors.feeds) if monitors else []
-    with gr.Blocks(title="GPT-2 split client") as demo:
-        history = gr.State(charts.History())
-        ui.header(
-            "GPT-2 split inference: client",
-            engine.model,
-            f"**Split:** blocks 0-{engine.split.s1 - 1} and {engine.split.s2}-{engine.model.config.n_layer - 1}"
-            f" here · **Trunk:** {engine.trunk_label}",
-        )
-        with gr.Tabs():
-            with gr.Tab("Text generation"):
-                adapter_switch = ui.generation_tab(engine, history, speculate, meter)
-            with gr.Tab("Server monitoring"):
-                several = len(addresses) > 1
-                replicas = gr.Dataframe(label="Replicas", interactive=False, visible=several, elem_id="replicas")
-                pick = gr.Dropdown(
-                    addresses, value=addresses[0] if addresses else None, label="Replica", visible=several
+    where = f"**Split:** blocks 0-{engine.split.s1 - 1} and {engine.split.s2}-{engine.model.config.n_layer - 1}"
+    where += f" here · **Trunk:** {engine.trunk_label}"
+    page = ui.app_page("GPT-2 split client", engine, "GPT-2 split inference: client", where, speculate, meter)
+    with page as (demo, history, adapter_switch):
+        with gr.Tab("Server monitoring"):
+            several = len(addresses) > 1
+            replicas = gr.Dataframe(label="Replicas", interactive=False, visible=several, elem_id="replicas")
+            pick = gr.Dropdown(addresses, value=addresses[0] if addresses else None, label="Replica", visible=several)
+            info_md = gr.Markdown()
+            status_md = gr.Markdown(elem_classes="error-banner")
+            with gr.Row():
+                host_plot = gr.Plot(label="CPU and memory")
+                gpu_plot = gr.Plot(label="GPU")
+            batch_plot = gr.Plot(label="Batches and slots")
+            table = gr.Dataframe(label="Last 10 samples", interactive=False)
+
+            def refresh_monitor(address):
+                feed = monitors.feeds.get(address) if monitors else None
+                line, status = server_markdown(engine, feed, address if several else "")
+                samples = feed.snapshot()[1] if feed else []
+                host, gpu = charts.monitor_figures(samples)
+                summary = pd.DataFrame(monitors.summary() if monitors else [])
+                return (
+                    line,
+                    status,
+                    host,
+                    gpu,
+                    charts.batching_figure(samples),
+                    charts.monitor_table(samples),
+                    summary,
                 )
-                info_md = gr.Markdown()
-                status_md = gr.Markdown(elem_classes="error-banner")
-                with gr.Row():
-                    host_plot = gr.Plot(label="CPU and memory")
-                    gpu_plot = gr.Plot(label="GPU")
-                batch_plot = gr.Plot(label="Batches and slots")
-                table = gr.Dataframe(label="Last 10 samples", interactive=False)
 
-                def refresh_monitor(address):
-                    feed = monitors.feeds.get(address) if monitors else None
-                    line, status = server_markdown(engine, feed, address if several else "")
-                    samples = feed.snapshot()[1] if feed else []
-                    host, gpu = charts.monitor_figures(samples)
-                    summary = pd.DataFrame(monitors.summary() if monitors else [])
-                    return (
-                        line,
-                        status,
-                        host,
-                        gpu,
-                        charts.batching_figure(samples),
-                        charts.monitor_table(samples),
-                        summary,
-                    )
-
-                outs = [info_md, status_md, host_plot, gpu_plot, batch_plot, table, replicas]
-                gr.Timer(2.0).tick(refresh_monitor, pick, outs, show_progress="hidden")
-                pick.change(refresh_monitor, pick, outs)
-                demo.load(refresh_monitor, pick, outs)
-            with gr.Tab("Latency analysis"):
-                ui.latency_tab(history)
-            if engine.trunk_client is not None:
-                with gr.Tab("Fine-tune"):
-                    finetune_tab(engine, adapter_switch)
+            outs = [info_md, status_md, host_plot, gpu_plot, batch_plot, table, replicas]
+            gr.Timer(2.0).tick(refresh_monitor, pick, outs, show_progress="hidden")
+            pick.change(refresh_monitor, pick, outs)
+            demo.load(refresh_monitor, pick, outs)
+        with gr.Tab("Latency analysis"):
+            ui.latency_tab(history)
+        if engine.trunk_client is not None:
+            with gr.Tab("Fine-tune"):
+                finetune_tab(engine, adapter_switch)
     return demo, monitors
 
 

@@ -62,14 +62,8 @@ def _greedy(engine, prompt: str, n: int) -> tuple[list[int], list[torch.Tensor]]
     return tokens, logits
 
 
-def test_sixteen_batched_sessions_get_what_they_get_alone(models_dir, batching_server):
-    srv = batching_server
-    engine = tiny_split_engine(models_dir, f"127.0.0.1:{srv.port}")
-    jobs = [(PROMPTS[i % len(PROMPTS)] + " " * (i // len(PROMPTS)), 12 + i % 5) for i in range(16)]
-    alone = [_greedy(engine, p, n) for p, n in jobs]  # one at a time: every decode step a batch of one
-    before = dict(srv.runtime.stats.batch_sizes)
-    assert set(before) == {1}
-
+def greedy_together(engine, jobs: list[tuple[str, int]]) -> list:
+    """`_greedy` of every (prompt, tokens) job at once, one thread each, all starting together."""
     together: list = [None] * len(jobs)
     start = threading.Barrier(len(jobs))
 
@@ -82,13 +76,30 @@ def test_sixteen_batched_sessions_get_what_they_get_alone(models_dir, batching_s
         t.start()
     for t in threads:
         t.join(timeout=120)
-    sizes = {n: k - before.get(n, 0) for n, k in srv.runtime.stats.batch_sizes.items() if k > before.get(n, 0)}
-    assert max(sizes) >= 4, sizes  # the steps did meet in batches
+    return together
+
+
+def assert_alike(alone: list, together: list) -> None:
+    """The same greedy tokens, and logits within 1e-5, batched as alone."""
     worst = 0.0
     for (tokens, logits), (tokens_b, logits_b) in zip(alone, together, strict=True):
         assert tokens_b == tokens
         worst = max(worst, max(float((a - b).abs().max()) for a, b in zip(logits, logits_b, strict=True)))
     assert worst <= 1e-5
+
+
+def test_sixteen_batched_sessions_get_what_they_get_alone(models_dir, batching_server):
+    srv = batching_server
+    engine = tiny_split_engine(models_dir, f"127.0.0.1:{srv.port}")
+    jobs = [(PROMPTS[i % len(PROMPTS)] + " " * (i // len(PROMPTS)), 12 + i % 5) for i in range(16)]
+    alone = [_greedy(engine, p, n) for p, n in jobs]  # one at a time: every decode step a batch of one
+    before = dict(srv.runtime.stats.batch_sizes)
+    assert set(before) == {1}
+
+    together = greedy_together(engine, jobs)
+    sizes = {n: k - before.get(n, 0) for n, k in srv.runtime.stats.batch_sizes.items() if k > before.get(n, 0)}
+    assert max(sizes) >= 4, sizes  # the steps did meet in batches
+    assert_alike(alone, together)
     engine.close()
     wait_for(lambda: srv.sessions.active() == 0 and srv.runtime.used_slots() == 0, what="sessions and slots freed")
 

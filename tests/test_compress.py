@@ -196,31 +196,16 @@ def test_a_bad_compression_is_one_readable_line(command):
 def test_sessions_batched_on_an_int8_trunk_get_what_they_get_alone(models_dir):
     """torch's int8 Linear quantises its input with one scale per call: the trunk runs it row by row, so that a
     session's tokens do not depend on whom it is batched with."""
-    import threading
-
-    from tests.test_batching import _greedy
+    from tests.test_batching import _greedy, assert_alike, greedy_together
 
     srv = start_tiny_server(models_dir, compress="int8", max_sessions=12, kv_slots=10, batch_wait_ms=50)
     try:
         engine = tiny_split_engine(models_dir, f"127.0.0.1:{srv.port}", compress="int8")
         jobs = [(PROMPTS[i % 3] + " " * (i // 3), 10 + i % 3) for i in range(8)]
         alone = [_greedy(engine, p, n) for p, n in jobs]
-        together: list = [None] * len(jobs)
-        start = threading.Barrier(len(jobs))
-
-        def run(i: int) -> None:
-            start.wait()
-            together[i] = _greedy(engine, *jobs[i])
-
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=120)
+        together = greedy_together(engine, jobs)
         assert max(n for n, k in srv.runtime.stats.batch_sizes.items() if k) >= 4  # the steps did meet in batches
-        for (tokens, logits), (tokens_b, logits_b) in zip(alone, together, strict=True):
-            assert tokens_b == tokens
-            assert max(float((a - b).abs().max()) for a, b in zip(logits, logits_b, strict=True)) <= 1e-5
+        assert_alike(alone, together)
         engine.close()
     finally:
         srv.stop(0.5)

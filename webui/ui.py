@@ -6,6 +6,7 @@ import logging
 import os
 import queue
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a private deployment
@@ -40,6 +41,19 @@ def header(title: str, model: ResolvedModel, details: str) -> None:
             "gibberish. Start with `--model gpt2` on a machine that can download it for real text.",
             elem_classes="random-warning",
         )
+
+
+@contextmanager
+def app_page(title: str, engine: Engine, heading: str, details: str, speculate: str = "none", meter=None):
+    """An app's page: the header, then its tabs, the first generating text; yields (demo, history, the generation
+    tab's adapter switch) inside the tabs, where the app adds its own."""
+    with gr.Blocks(title=title) as demo:
+        history = gr.State(charts.History())
+        header(heading, engine.model, details)
+        with gr.Tabs():
+            with gr.Tab("Text generation"):
+                adapter_switch = generation_tab(engine, history, speculate, meter)
+            yield demo, history, adapter_switch
 
 
 BASE_CHOICE = "none (the base model)"
