@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -32,9 +31,9 @@ from splitcore.speculative import (
     DraftLength,
     ModelDraft,
     PromptLookup,
+    Speculation,
     SpeculationStats,
     check_source,
-    generate_speculative,
 )
 from splitcore.stats import GenerationStats
 
@@ -132,9 +131,7 @@ class Engine:
         alone, so that concurrent generations may each run their own."""
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         check_source(speculate)
-        run = functools.partial(generate, logprobs=logprobs, prompt_lps=prompt_lps)
-        if speculate != "none" and (logprobs is not None or prompt_lps is not None):
-            raise InvalidInput("log-probabilities come with plain decoding only: leave speculation off")
+        speculation = None
         if speculate != "none":
             stats = stats if stats is not None else GenerationStats()
             stats.speculation = SpeculationStats(speculate)
@@ -146,8 +143,11 @@ class Engine:
                 stepper.close()
                 raise
             length = self._draft_lengths.setdefault((speculate, params.greedy), DraftLength(8))  # acceptance differs
-            run = functools.partial(generate_speculative, draft=draft, spec=stats.speculation, length=length)
-        yield from run(stepper, ids, max_new_tokens, params, self.decode, self.tokenizer.eos_token_id, stats)
+            speculation = Speculation.start(draft, params, stats.speculation, length)
+        eos = self.tokenizer.eos_token_id
+        yield from generate(
+            stepper, ids, max_new_tokens, params, self.decode, eos, stats, logprobs, prompt_lps, speculation
+        )
 
     def score(self, prompt: str | list[int], k: int = 0, adapter: str | None = None) -> PromptLogprobs:
         """The prompt's own log-probabilities, no token generated (an API request with max_tokens 0 and echo): each

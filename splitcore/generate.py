@@ -281,48 +281,79 @@ def generate(
     stats: GenerationStats | None = None,
     logprobs: int | None = None,
     prompt_lps: PromptLogprobs | None = None,
+    speculation=None,
 ) -> Iterator[TokenEvent]:
-    """Prefill the prompt, then decode one token at a time, yielding each token as it is chosen. With
-    `logprobs` (0 or more), each event carries the token's log-probability under the model (its logits before
-    temperature, top-k and top-p) and the `logprobs` most likely tokens' (OpenAI's convention). With a list
-    `prompt_lps`, the prefill computes the logits of every prompt position, and the list gets the prompt's own
-    log-probabilities (`prompt_logprobs`, with the top `logprobs or 0`) before the first token is yielded; without
-    it, the prefill computes the last position's alone.
+    """Prefill the prompt, then decode, yielding each token as it is chosen: the one generation loop.
 
-    The stepper is closed when the loop ends, however it ends (EOS, max tokens, error, consumer stops)."""
+    - `logprobs` (0 or more): each event carries the token's log-probability under the model (its logits before
+      temperature, top-k and top-p) and the `logprobs` most likely tokens' (OpenAI's convention).
+    - `prompt_lps` (a list): the prefill computes the logits of every prompt position, and the list gets the
+      prompt's own log-probabilities (`prompt_logprobs`, with the top `logprobs or 0`) before the first token is
+      yielded; without it, the prefill computes the last position's alone.
+    - `speculation` (a splitcore.speculative.Speculation): each round drafts a few tokens, feeds them with the last
+      chosen one in a single step, keeps what the model accepts (`verify`) and rolls the rest back; greedy gives
+      the same tokens as without, sampling the same distribution. Without it every round drafts nothing.
+
+    The stepper (and the draft source) are closed when the loop ends, however it ends (EOS, max tokens, error,
+    consumer stops)."""
     check_request(prompt_ids, max_new_tokens, stepper.n_positions, params)
     generator = None  # made on the logits' device at the first token
     text = IncrementalDecoder(decode)
     stats = stats if stats is not None else GenerationStats()
     stats.prompt_tokens = len(prompt_ids)
     start = time.perf_counter()
-    ids = torch.tensor([prompt_ids], dtype=torch.long)
+    ids, feed, produced = list(prompt_ids), list(prompt_ids), 0
     try:
-        for index in range(max_new_tokens):
+        while True:
             t0 = time.perf_counter()
-            if index == 0 and prompt_lps is not None:
-                r = stepper.step(ids, all_positions=True)
-                prompt_lps.extend(prompt_logprobs(r.logits, prompt_ids, logprobs or 0))
-                r.logits = r.logits[-1]
-            else:
-                r = stepper.step(ids)
-            t1 = time.perf_counter()
+            drafts, q = [], None
+            if speculation is not None and produced:
+                room = min(speculation.length.next(), max_new_tokens - produced - 1, stepper.n_positions - len(ids) - 1)
+                if room > 0:
+                    drafts, q = speculation.draft.propose(ids, room, params, generator)
+            t_drafted = time.perf_counter()
+            every = bool(drafts) or (not produced and prompt_lps is not None)
+            r = stepper.step(torch.tensor([feed + drafts], dtype=torch.long), all_positions=every)
+            t_stepped = time.perf_counter()
             if generator is None and not params.greedy:
                 generator = make_generator(params.seed, r.logits.device)
-            token = sample(r.logits, params, generator)
+            if every and not produced and prompt_lps is not None:
+                prompt_lps.extend(prompt_logprobs(r.logits, prompt_ids, logprobs or 0))
+            logits = r.logits[len(feed) - 1 :] if every else r.logits[None]  # after the last fed token, each draft
+            if drafts:
+                new, accepted = speculation.verify(drafts, q, logits, params, generator)
+                if accepted < len(drafts):  # roll the rejected drafts back, here and on the trunk
+                    stepper.truncate(len(ids) + accepted)
+            else:
+                new, accepted = [sample(logits[0], params, generator)], 0
+            if speculation is not None:
+                speculation.record(len(drafts), accepted, t_drafted - t0, t_stepped - t_drafted, first=not produced)
             total = (time.perf_counter() - t0) * 1e3
-            client = r.client_ms + (time.perf_counter() - t1) * 1e3
+            client = r.client_ms + (t_drafted - t0 + time.perf_counter() - t_stepped) * 1e3  # + drafting, sampling
             network = None if r.server_ms is None else max(0.0, (r.trunk_wall_ms or 0.0) - r.server_ms)
-            timing = TokenTiming(total, client, r.server_ms, network, r.bytes_out, r.bytes_in)
-            stats.add(timing)
-            stats.wall_s = time.perf_counter() - start
-            last = index == max_new_tokens - 1 or (eos_token_id is not None and token == eos_token_id)
-            event = TokenEvent(index, token, text.push(token, last), timing)
-            if logprobs is not None:
-                event.logprob, event.top_logprobs = token_logprobs(r.logits, token, logprobs)
-            yield event
-            if last:
-                break
-            ids = torch.tensor([[token]], dtype=torch.long)
+            share = len(new)  # a round's time and bytes, shared among the tokens it yields
+            for j, token in enumerate(new):
+                timing = TokenTiming(
+                    total / share,
+                    client / share,
+                    None if r.server_ms is None else r.server_ms / share,
+                    None if network is None else network / share,
+                    r.bytes_out if j == 0 else 0,
+                    r.bytes_in if j == 0 else 0,
+                )
+                stats.add(timing)
+                stats.wall_s = time.perf_counter() - start
+                ids.append(token)
+                produced += 1
+                last = produced == max_new_tokens or (eos_token_id is not None and token == eos_token_id)
+                event = TokenEvent(produced - 1, token, text.push(token, last), timing)
+                if logprobs is not None:
+                    event.logprob, event.top_logprobs = token_logprobs(logits[j], token, logprobs)
+                yield event
+                if last:
+                    return
+            feed = [new[-1]]  # the model's own token: chosen, not yet fed
     finally:
         stepper.close()
+        if speculation is not None:
+            speculation.close()

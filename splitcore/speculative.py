@@ -21,17 +21,14 @@ Verification feeds the last chosen token and the k drafts in one step and reads 
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 
 from splitcore.errors import InvalidInput
-from splitcore.generate import IncrementalDecoder, PartRun, Stepper, TokenEvent, check_request
+from splitcore.generate import PartRun
 from splitcore.gpt2 import GPT2
-from splitcore.sampling import SamplingParams, distribution, make_generator, sample
-from splitcore.stats import GenerationStats, TokenTiming
+from splitcore.sampling import SamplingParams, distribution, sample
 
 SOURCES = ("none", "lookup", "self", "draft:SPEC")
 
@@ -230,83 +227,39 @@ def verify(
     return drafts + [sample(logits[len(drafts)], params, generator)], len(drafts)
 
 
-def generate_speculative(
-    stepper: Stepper,
-    prompt_ids: list[int],
-    max_new_tokens: int,
-    params: SamplingParams,
-    decode: Callable[[list[int]], str],
-    eos_token_id: int | None = None,
-    stats: GenerationStats | None = None,
-    *,
-    draft,
-    spec: SpeculationStats | None = None,
-    k: int = 8,
-    adaptive: bool = True,
-    length: DraftLength | None = None,
-) -> Iterator[TokenEvent]:
-    """`generate` (splitcore/generate.py) with drafts from `draft`, verified `k` at a time: greedy gives plain
-    greedy's tokens; sampling gives tokens distributed as plain sampling's (`verify`), reproducible with a seed.
-    At most `k` drafts a round, fewer when `length` (a `DraftLength`, kept by the caller across generations, or a
-    new one) expects more tokens per second from fewer (`adaptive`; not when sampling with a seed, which must
-    give the same tokens every run).
-    The stepper and the draft source are closed when the loop ends, however it ends."""
-    check_request(prompt_ids, max_new_tokens, stepper.n_positions, params)
-    generator = None  # made on the logits' device at the first token
-    text = IncrementalDecoder(decode)
-    stats = stats if stats is not None else GenerationStats()
-    spec = spec if spec is not None else SpeculationStats(draft.name)
-    stats.prompt_tokens = len(prompt_ids)
-    start = time.perf_counter()
-    ids, produced = list(prompt_ids), 0
-    # A seeded sampling run must give the same tokens every time; adapting to measured timings would not.
-    if not (adaptive and (params.greedy or params.seed is None)):
-        length = DraftLength(k, adaptive=False)
-    length = length or DraftLength(k)
-    try:
-        feed = list(prompt_ids)
-        while True:
-            t0 = time.perf_counter()
-            room = min(length.next(), max_new_tokens - produced - 1, stepper.n_positions - len(ids) - 1)
-            drafts, q = draft.propose(ids, room, params, generator) if produced and room > 0 else ([], None)
-            t_drafted = time.perf_counter()
-            r = stepper.step(torch.tensor([feed + drafts]), all_positions=bool(drafts))  # a prompt: its last only
-            t_verified = time.perf_counter()
-            if generator is None and not params.greedy:
-                generator = make_generator(params.seed, r.logits.device)
-            logits = r.logits[len(feed) - 1 :] if drafts else r.logits[None]  # after the last fed token, each draft
-            new, accepted = verify(drafts, q, logits, params, generator)
-            if accepted < len(drafts):  # roll the rejected drafts back, here and on the trunk
-                stepper.truncate(len(ids) + accepted)
-            spec.rounds += 1
-            if produced:  # a prompt's step is no verification
-                length.update(len(drafts), accepted, t_drafted - t0, t_verified - t_drafted)
-            if drafts:
-                spec.calls += 1
-                spec.drafted += len(drafts)
-                spec.accepted += accepted
-                spec.lengths.append(len(drafts))
-            total = (time.perf_counter() - t0) * 1e3
-            network = None if r.server_ms is None else max(0.0, (r.trunk_wall_ms or 0.0) - r.server_ms)
-            share = len(new)
-            for j, token in enumerate(new):
-                timing = TokenTiming(
-                    total / share,
-                    (total - (r.trunk_wall_ms or 0.0)) / share,
-                    None if r.server_ms is None else r.server_ms / share,
-                    None if network is None else network / share,
-                    r.bytes_out if j == 0 else 0,
-                    r.bytes_in if j == 0 else 0,
-                )
-                stats.add(timing)
-                stats.wall_s = time.perf_counter() - start
-                ids.append(token)
-                produced += 1
-                last = produced == max_new_tokens or (eos_token_id is not None and token == eos_token_id)
-                yield TokenEvent(produced - 1, token, text.push(token, last), timing)
-                if last:
-                    return
-            feed = [new[-1]]  # the model's own token: chosen, not yet fed
-    finally:
-        stepper.close()
-        draft.close()
+@dataclass
+class Speculation:
+    """Speculative decoding as a mode of the one generation loop (`generate(..., speculation=...)`): where drafts
+    come from, how many a round (`length`), and the statistics the rounds fill."""
+
+    draft: object  # a draft source: PromptLookup, ModelDraft
+    length: DraftLength
+    stats: SpeculationStats
+
+    @classmethod
+    def start(
+        cls, draft, params: SamplingParams, stats: SpeculationStats, length: DraftLength | None = None, k: int = 8
+    ) -> Speculation:
+        """At most `k` drafts a round, fewer when `length` (kept by the caller across generations, or a new one)
+        expects more tokens per second from fewer; a fixed k when sampling with a seed, which must give the same
+        tokens every run (adapting to measured timings would not)."""
+        if not params.greedy and params.seed is not None:
+            length = DraftLength(k, adaptive=False)
+        return cls(draft, length or DraftLength(k), stats)
+
+    def verify(self, drafts, q, logits, params, generator) -> tuple[list[int], int]:
+        return verify(drafts, q, logits, params, generator)
+
+    def record(self, drafted: int, accepted: int, draft_s: float, step_s: float, first: bool) -> None:
+        """One round: its drafts, how many were accepted, and what drafting and the step took."""
+        self.stats.rounds += 1
+        if not first:  # a prompt's step is no verification
+            self.length.update(drafted, accepted, draft_s, step_s)
+        if drafted:
+            self.stats.calls += 1
+            self.stats.drafted += drafted
+            self.stats.accepted += accepted
+            self.stats.lengths.append(drafted)
+
+    def close(self) -> None:
+        self.draft.close()

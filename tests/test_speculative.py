@@ -77,8 +77,24 @@ def test_full_model_speculative_lookup_equals_plain(tiny):
         assert engine.run(prompt, 40, GREEDY, speculate="lookup").token_ids == engine.run(prompt, 40, GREEDY).token_ids
     with pytest.raises(InvalidInput, match="needs the split client"):
         engine.run("hi", 5, GREEDY, speculate="self")
-    with pytest.raises(InvalidInput, match="plain decoding only"):
-        list(engine.stream("hi", 5, GREEDY, speculate="lookup", logprobs=1))
+
+
+def test_speculation_gives_plain_decodings_log_probabilities(tiny):
+    """One generation loop: log-probabilities (the tokens' and the prompt's) come with speculation too, and are
+    plain decoding's, though verified several tokens to a step."""
+    engine = FullEngine(tiny, torch.device("cpu"), torch.float32)
+    for prompt in PROMPTS:
+        runs = []
+        for speculate in ("none", "lookup"):
+            prompt_lps: list = []
+            events = list(engine.stream(prompt, 40, GREEDY, speculate=speculate, logprobs=3, prompt_lps=prompt_lps))
+            runs.append((events, prompt_lps))
+        (plain, plain_prompt), (spec, spec_prompt) = runs
+        assert [e.token_id for e in spec] == [e.token_id for e in plain]
+        for a, b in zip(spec, plain, strict=True):
+            assert abs(a.logprob - b.logprob) < 1e-4
+            assert [t for t, _ in a.top_logprobs] == [t for t, _ in b.top_logprobs]
+        assert spec_prompt == plain_prompt  # the same prefill
 
 
 def test_cli_speculate_json_reports_acceptance(models_dir, server):
