@@ -33,11 +33,11 @@ class Recipe:
     n_layer: int = 12
     n_embd: int = 128
     n_head: int = 4
+    lr: float = 2e-3  # peak, after a linear warm-up, then cosine to a tenth
+    warmup: int = 20  # steps of the warm-up
     steps: int = 400  # optimizer steps
     batch_size: int = 8
     block_size: int = 128
-    lr: float = 2e-3  # peak, after a linear warm-up, then cosine to a tenth
-    warmup: int = 20
     seed: int = 20261122
 
 
