@@ -39,14 +39,13 @@ import torch
 
 from server.futures import Held
 from server.sessions import ServerDraining
-from splitcore.cudagraph import MIN_BUCKET
+from splitcore.cudagraph import MIN_BUCKET, capture
 from splitcore.device import name_os_thread
 from splitcore.errors import InvalidInput, LimitExceeded
 from splitcore.gpt2 import GPT2
 
 logger = logging.getLogger(__name__)
 
-_CAPTURE = threading.Lock()
 _NUMPY_DTYPES = (torch.float32, torch.float16)  # what a batch's inputs are staged in with numpy
 
 
@@ -109,15 +108,7 @@ class _RowsGraph:
             self.positions.copy_(pos_host[:rows], non_blocking=True)
             return model.decode_rows(self.x, cache, self.positions, end)
 
-        side = torch.cuda.Stream(model.device)
-        side.wait_stream(torch.cuda.current_stream(model.device))
-        with torch.cuda.stream(side):  # warm-up: lazy init, kernel choice; every row writes to its spare
-            for _ in range(2):
-                step()
-        torch.cuda.current_stream(model.device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):  # never two at once
-            self.out = step()
+        self.graph, self.out = capture(step, model.device, pool)  # warming up, every row writes to its spare
 
     def run(self) -> torch.Tensor:
         """Replay over what the host buffers hold now; they must not change until the output has been read."""
@@ -206,20 +197,16 @@ class TrunkRuntime:
         return self.cache.lengths[slot]
 
     # --- work -------------------------------------------------------------------------------------------
-    # Each kind of work has a blocking form, for a caller's thread, and an awaitable one, for the servicer's event
-    # loop. An awaited piece of work runs to its end even when its awaiter is cancelled (see `Held`).
-    def decode(self, slot: int, h: torch.Tensor | np.ndarray) -> tuple[torch.Tensor, float, int]:
-        """One new position for the one-row session in `slot` (h: (1, 1, C), a tensor or a float32/float16 array),
-        batched with the other sessions'.
-        Returns the trunk's output (1, 1, C) on the CPU, and the compute ms and rows of the batch it ran in."""
-        w = self._wait(_Work([slot], h), decode=True)
-        return torch.as_tensor(w.result), w.compute_ms, w.batch
-
+    # Work is awaited on the servicer's event loop; `run_timed` also blocks a worker thread (stateless calls and
+    # training steps run there). An awaited piece of work runs to its end even when its awaiter is cancelled (see
+    # `Held`).
     async def decode_async(
         self, slot: int, h: torch.Tensor | np.ndarray
     ) -> tuple[np.ndarray | torch.Tensor, float, int]:
-        """`decode` for the event loop, with the output as the batch left it: a numpy array for a float32 or float16
-        trunk (what the servicer encodes with numpy), else a tensor."""
+        """One new position for the one-row session in `slot` (h: (1, 1, C), a tensor or a float32/float16 array),
+        batched with the other sessions'. Returns the trunk's output (1, 1, C) as the batch left it (a numpy array
+        for a float32 or float16 trunk, what the servicer encodes with numpy; else a tensor), and the compute ms
+        and rows of the batch it ran in."""
         w = await self._wait_async(_Work([slot], h), decode=True)
         return w.result, w.compute_ms, w.batch
 
@@ -239,13 +226,10 @@ class TrunkRuntime:
         outs = [out for out, _ in done]
         return (outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)), sum(ms for _, ms in done)
 
-    def prefill(self, slot: int, h: torch.Tensor, model: GPT2 | None = None) -> tuple[torch.Tensor, float]:
+    async def prefill_async(self, slot: int, h: torch.Tensor, model: GPT2 | None = None) -> tuple[torch.Tensor, float]:
         """Several new positions (or a step with an adapter's `model`) for the session in `slot`, alone, in chunks
         of `prefill_chunk` positions with decode batches between them. Returns (1, T, C) on the CPU, and the
         compute ms."""
-        return self._joined([self.run_timed(f) for f in self._chunks(slot, h, model)])
-
-    async def prefill_async(self, slot: int, h: torch.Tensor, model: GPT2 | None = None) -> tuple[torch.Tensor, float]:
         return self._joined([await self.run_timed_async(f) for f in self._chunks(slot, h, model)])
 
     def run_timed(self, fn: Callable[[], Any]) -> tuple[Any, float]:
@@ -472,7 +456,7 @@ class TrunkRuntime:
     def _capture(self) -> None:
         t0 = time.perf_counter()
         try:
-            with _CAPTURE, torch.inference_mode():
+            with torch.inference_mode():
                 pool = torch.cuda.graph_pool_handle()  # one memory pool: the graphs never run at the same time
                 for n in self._row_buckets:
                     for end in self._end_buckets:

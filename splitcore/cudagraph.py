@@ -7,7 +7,7 @@ the CPU tests check against the dynamic one. Prefill runs eagerly into the same 
 
 A DecoderPool keeps idle decoders per capacity bucket, so a new generation or session reuses a captured graph
 instead of capturing again. Used by the steppers (full model, client bottom and top, in-process trunk); the trunk
-server captures its batched decode per bucket itself (server/runtime.py).
+server captures its batched decode per bucket with the same `capture` (server/runtime.py).
 """
 
 from __future__ import annotations
@@ -24,6 +24,24 @@ logger = logging.getLogger(__name__)
 
 MIN_BUCKET = 64  # smallest capacity captured; buckets double up to the model's context
 _CAPTURE = threading.Lock()  # one capture at a time in a process
+
+
+def capture(step, device: torch.device, pool=None) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """`step()` warmed up twice on a side stream (lazy init, kernel choice, the allocator), then captured as a
+    CUDA graph: (the graph, its output buffer). One capture at a time in a process; other threads may decode
+    meanwhile (thread-local capture). Raises what capture raises: the callers fall back to eager steps. Used by
+    StaticDecoder and by the trunk server's batched decode (server/runtime.py)."""
+    with _CAPTURE:
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                step()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+            out = step()
+    return graph, out
 
 
 def bucket(length: int, n_positions: int) -> int:
@@ -56,21 +74,8 @@ class StaticDecoder:
 
     @torch.inference_mode()
     def _capture(self) -> None:
-        with _CAPTURE:
-            self._capture_locked()
-
-    def _capture_locked(self) -> None:
         try:
-            side = torch.cuda.Stream(self.model.device)
-            side.wait_stream(torch.cuda.current_stream(self.model.device))
-            with torch.cuda.stream(side):  # warm-up: lazy init, kernel selection, allocator
-                for _ in range(2):
-                    self.model.decode_static(self.x, self.cache)
-            torch.cuda.current_stream(self.model.device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # other threads may decode meanwhile
-                self.out = self.model.decode_static(self.x, self.cache)
-            self.graph = graph
+            self.graph, self.out = capture(lambda: self.model.decode_static(self.x, self.cache), self.model.device)
         except Exception as e:  # capture is an optimisation: say why once, then decode eagerly
             logger.warning(
                 "CUDA graph capture failed for blocks %d-%d (%s: %s); decoding eagerly",

@@ -228,27 +228,33 @@ def test_metrics_and_monitor_report_batches_slots_and_errors(batching_server):
 def test_prefill_runs_in_chunks_between_decode_batches(tiny):
     trunk = load_parts(tiny, "2,10", ("trunk",))["trunk"]
     rt = TrunkRuntime(trunk, slots=2, max_length=128, prefill_chunk=16, batch_wait_ms=0)
-    try:
+    x = torch.randn(1, 70, 64)
+
+    async def main() -> tuple[torch.Tensor, list[str], int]:  # as the servicer uses the runtime: on an event loop
         a, b = rt.acquire_slot(), rt.acquire_slot()
-        rt.prefill(a, torch.randn(1, 5, 64))
+        await rt.prefill_async(a, torch.randn(1, 5, 64))
         order: list[str] = []
-        stop = threading.Event()
+        under_way, stop = asyncio.Event(), False
 
-        def decoding() -> None:
-            while not stop.is_set():
-                rt.decode(a, torch.randn(1, 1, 64))
+        async def decoding() -> None:
+            while not stop:
+                await rt.decode_async(a, torch.randn(1, 1, 64))
                 order.append("d")
+                if len(order) >= 2:
+                    under_way.set()
 
-        t = threading.Thread(target=decoding)
-        t.start()
-        wait_for(lambda: len(order) >= 2, what="decoding under way")
+        task = asyncio.ensure_future(decoding())
+        await asyncio.wait_for(under_way.wait(), 30)
         jobs = rt.stats.jobs
-        x = torch.randn(1, 70, 64)
-        out, _ = rt.prefill(b, x)
+        out, _ = await rt.prefill_async(b, x)
         order.append("p")
-        stop.set()
-        t.join()
-        assert rt.stats.jobs - jobs == 5  # 70 positions in chunks of 16
+        stop = True
+        await task
+        return out, order, rt.stats.jobs - jobs
+
+    try:
+        out, order, jobs = asyncio.run(main())
+        assert jobs == 5  # 70 positions in chunks of 16
         ref = trunk(x, trunk.new_cache())
         assert float((out - ref).abs().max()) <= 1e-5  # chunked equals whole
         assert order.count("d") >= 6  # decode steps went on while the prompt was computed
@@ -262,31 +268,34 @@ def test_nothing_of_a_session_reaches_the_next_user_of_its_slot(tiny):
     gets alone: the slot is zeroed as far as the first session wrote."""
     trunk = load_parts(tiny, "2,10", ("trunk",))["trunk"]
     rt = TrunkRuntime(trunk, slots=4, max_length=64, batch_wait_ms=500)
-    try:
+    gen = torch.Generator().manual_seed(0)
+    got: dict[int, list] = {}
+
+    async def main() -> tuple:
         a = rt.acquire_slot()
         x = torch.full((1, 20, 64), 3e38)
         x[..., ::2] = -3e38
-        out, _ = rt.prefill(a, x)
-        assert out.isnan().any()  # what the first session sent poisons its own row
+        out, _ = await rt.prefill_async(a, x)
         rt.release_slot(a)
         b, c = rt.acquire_slot(), rt.acquire_slot()
         assert b == a
-        gen = torch.Generator().manual_seed(0)
         prompts = {b: torch.randn(1, 2, 64, generator=gen), c: torch.randn(1, 10, 64, generator=gen)}
         steps = {s: [torch.randn(1, 1, 64, generator=gen) for _ in range(4)] for s in (b, c)}
-        got: dict[int, list] = {}
-        start = threading.Barrier(2)
+        for s in (b, c):
+            await rt.prefill_async(s, prompts[s])
 
-        def run(slot: int) -> None:
-            rt.prefill(slot, prompts[slot])
-            start.wait()
-            got[slot] = [rt.decode(slot, x) for x in steps[slot]]
+        async def run(slot: int) -> None:
+            got[slot] = []
+            for x in steps[slot]:
+                h, ms, rows = await rt.decode_async(slot, x)
+                got[slot].append((torch.as_tensor(h), ms, rows))
 
-        threads = [threading.Thread(target=run, args=(s,)) for s in (b, c)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=60)
+        await asyncio.gather(run(b), run(c))
+        return out, b, prompts, steps
+
+    try:
+        out, b, prompts, steps = asyncio.run(main())
+        assert out.isnan().any()  # what the first session sent poisons its own row
         assert any(rows == 2 for _, _, rows in got[b])  # b decoded in a batch with c, whose keys reach further
         cache = trunk.new_cache()
         trunk(prompts[b], cache)
@@ -322,7 +331,8 @@ def test_a_cancelled_awaiter_stays_until_its_work_has_run(tiny):
         except asyncio.CancelledError:
             seen.append("cancelled")
         slot = rt.acquire_slot()
-        seen.append(float(rt.decode(slot, torch.randn(1, 1, 64))[0].abs().sum()) > 0)  # the runtime goes on
+        out = (await rt.decode_async(slot, torch.randn(1, 1, 64)))[0]
+        seen.append(float(torch.as_tensor(out).abs().sum()) > 0)  # the runtime goes on
         return seen
 
     try:

@@ -3,6 +3,7 @@ without one, the one-line error for --device cuda is what is tested."""
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 
@@ -90,7 +91,6 @@ def test_sampling_stays_on_the_device(tiny):
 def test_batched_decode_graphs_match_eager_and_solo(tiny, dtype):
     """The runtime's captured (rows, keys) buckets give what the eager batched step and the one-row eager
     forward give, for sessions at different positions decoding together."""
-    import threading
 
     from server.runtime import TrunkRuntime
 
@@ -104,17 +104,16 @@ def test_batched_decode_graphs_match_eager_and_solo(tiny, dtype):
         assert bool(rt._graphs) == graphs, "capture failed (see the log line)"
         got = [[] for _ in prompts]
 
-        def run(i, rt=rt, got=got):
+        async def run(i, rt=rt, got=got):  # as the servicer uses the runtime: on an event loop
             slot = rt.acquire_slot()
-            got[i].append(rt.prefill(slot, prompts[i])[0])
+            got[i].append((await rt.prefill_async(slot, prompts[i]))[0])
             for x in steps[i]:
-                got[i].append(rt.decode(slot, x)[0])
+                got[i].append(torch.as_tensor((await rt.decode_async(slot, x))[0]))
 
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        async def main(run=run):
+            await asyncio.gather(*(run(i) for i in range(len(prompts))))
+
+        asyncio.run(main())
         assert max(rt.stats.batch_sizes) >= 2
         rt.stop()
         outs[graphs] = got
