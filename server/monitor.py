@@ -72,8 +72,9 @@ def _busy_total() -> tuple[float, float]:
 class Sampler:
     """One per monitor stream, so rates are measured between this stream's own samples."""
 
-    def __init__(self, gpu: GpuProbe, started: float):
-        self.gpu, self.started = gpu, started
+    def __init__(self, gpu: GpuProbe, started: float, clock=time.monotonic):
+        """`clock`: what the compute-busy share is measured against (a test gives its own)."""
+        self.gpu, self.started, self.clock = gpu, started, clock
         self.process = psutil.Process(os.getpid())
         self._cpu = _busy_total()
         self._prev: tuple[float, int, float] | None = None  # time, steps, compute ms
@@ -122,7 +123,7 @@ class Sampler:
             if now[4] > waited:
                 s.queue_wait_ms = (now[3] - wait) / (now[4] - waited)
         self._batches = now
-        t = time.monotonic()
+        t = self.clock()
         if self._busy is not None and t > self._busy[0]:
             share = (st.compute_ms - self._busy[1]) / 1e3 / (t - self._busy[0])
             s.compute_busy_percent = max(0.0, min(100.0, 100.0 * share))

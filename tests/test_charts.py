@@ -137,16 +137,14 @@ def test_monitor_sample_says_how_busy_the_runtime_was():
         batches=0, batched_rows=0, batch_sizes={}, queue_wait_ms=0.0, waited=0, compute_ms=0.0
     )
     runtime = types.SimpleNamespace(stats=stats, slots=4, used_slots=lambda: 1)
-    sampler = Sampler(NoGpu(), time.time())
+    clock = iter([100.0, 100.3, 100.4])  # the sampler's clock, s
+    sampler = Sampler(NoGpu(), time.time(), clock=lambda: next(clock))
     counters = types.SimpleNamespace(active_sessions=1, total_sessions=1, total_steps=0, total_compute_ms=0.0)
     first = sampler.sample(counters, runtime)
-    t0 = time.monotonic()
-    time.sleep(0.3)
-    stats.compute_ms += 150.0  # 150 ms of compute in ~300 ms
+    stats.compute_ms += 150.0  # 150 ms of compute in 300 ms
     second = sampler.sample(counters, runtime)
-    elapsed = time.monotonic() - t0
     assert first.compute_busy_percent == 0.0
-    assert abs(second.compute_busy_percent - 100 * 0.15 / elapsed) < 5
+    assert abs(second.compute_busy_percent - 50.0) < 1e-6
     stats.compute_ms += 10_000.0  # more than the wall time: clamped
     assert sampler.sample(counters, runtime).compute_busy_percent == 100.0
 

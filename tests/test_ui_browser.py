@@ -327,7 +327,9 @@ def test_finetune_tab_trains_then_generation_uses_the_adapter(browser, trunk, mo
         assert _generate(other, PROMPT) == base  # the other tab's switch is its own: still the base model
         switch.click()
         page.get_by_role("option", name="none (the base model)").click()
-        time.sleep(0.5)
+        deadline = time.monotonic() + 10
+        while switch.input_value() != "none (the base model)" and time.monotonic() < deadline:
+            time.sleep(0.05)  # until the switch shows the base model
         page.get_by_role("button", name="Generate").click()  # "Done" is already on the page: wait for the text
         output, deadline = page.get_by_label("Output"), time.monotonic() + 60
         while output.input_value() != base and time.monotonic() < deadline:
