@@ -37,6 +37,7 @@ from client.train import SplitTrainer  # noqa: E402
 from server.app import TrunkServer  # noqa: E402
 from server.config import ServerConfig  # noqa: E402
 from splitcore.compress import Compression, weight_bytes  # noqa: E402
+from splitcore.device import resolve_device, resolve_dtype  # noqa: E402
 from splitcore.engine import FullEngine  # noqa: E402
 from splitcore.lora import LoraSettings  # noqa: E402
 from splitcore.models import load_tokenizer, resolve_model  # noqa: E402
@@ -52,8 +53,14 @@ def say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def where(spec: str, args) -> dict:
+    """The model settings every engine and server of the run shares."""
+    return {"model": spec, "models_dir": args.models_dir, "device": args.device, "dtype": args.dtype}
+
+
 @torch.no_grad()
 def held_out_perplexity(model, windows: torch.Tensor) -> float:
+    windows = windows.to(model.device)
     losses = [float(lm_loss(model(w[None], all_positions=True), w[None])) for w in windows]
     return perplexity(sum(losses) / len(losses))
 
@@ -84,7 +91,9 @@ def bench_model(spec: str, args, nt: list[int]) -> dict:
     step = len(nt) // args.prompts
     prompts = [nt[i * step : i * step + args.prompt_tokens] for i in range(args.prompts)]
     methods = [Compression.parse(m) for m in args.methods.split(",")]
-    full = {str(m): FullEngine(model, torch.device("cpu"), torch.float32, compress=str(m)) for m in methods}
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    full = {str(m): FullEngine(model, device, dtype, compress=str(m)) for m in methods}
     want = [full["none"].run(p, args.tokens, GREEDY).token_ids for p in prompts]
     rows = []
     for m in methods:
@@ -99,11 +108,11 @@ def bench_model(spec: str, args, nt: list[int]) -> dict:
     servers, split = {}, {}
     try:
         for m in methods:
-            cfg = ServerConfig(model=spec, models_dir=args.models_dir, host="127.0.0.1", port=0, compress=str(m))
+            cfg = ServerConfig(host="127.0.0.1", port=0, compress=str(m), **where(spec, args))
             servers[str(m)] = srv = TrunkServer(cfg)
             srv.start()
             split[str(m)] = SplitEngine(
-                ClientConfig(model=spec, models_dir=args.models_dir, server=f"127.0.0.1:{srv.port}", compress=str(m))
+                ClientConfig(server=f"127.0.0.1:{srv.port}", compress=str(m), **where(spec, args))
             )
         say(f"{spec}: timing the split over gRPC, {args.rounds} interleaved rounds")
         split_ms = interleaved_ms(split, prompts[0], args.timing_tokens, args.rounds)
@@ -145,13 +154,11 @@ def split_lora(spec: str, compress: str, args, nt: list[int]) -> dict:
     """A server and a client, both compressed by `compress`, train a split LoRA (the trunk's on the server, the
     client's own blocks' here) on the Old Testament, the model's own text: New Testament perplexity before and
     after."""
-    cfg = ServerConfig(model=spec, models_dir=args.models_dir, host="127.0.0.1", port=0, compress=compress)
+    cfg = ServerConfig(host="127.0.0.1", port=0, compress=compress, **where(spec, args))
     srv = TrunkServer(cfg)
     srv.start()
     try:
-        engine = SplitEngine(
-            ClientConfig(model=spec, models_dir=args.models_dir, server=f"127.0.0.1:{srv.port}", compress=compress)
-        )
+        engine = SplitEngine(ClientConfig(server=f"127.0.0.1:{srv.port}", compress=compress, **where(spec, args)))
         block = min(args.block, engine.n_positions)
         data = TextData(torch.tensor(engine.encode(kjv_text(OLD_TESTAMENT))), torch.tensor(nt), block, [])
         windows = torch.tensor(nt[: args.ppl_windows * block]).view(-1, block)
@@ -263,6 +270,8 @@ def main() -> None:
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]: the full models, servers and clients alike")
+    p.add_argument("--dtype", default="float32", help="float32 (int8 on the CPU needs it), float16, bfloat16")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's choice)")
     p.add_argument("--out", default=str(ROOT / "bench_results" / f"compress-{time.strftime('%Y-%m-%d')}.json"))
     args = p.parse_args()
