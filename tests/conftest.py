@@ -11,6 +11,8 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+# What starts a process, in a test's own code (conftest marks such a test `process`)
+_PROCESS_WORDS = ("subprocess", "start_server_process", "sys.executable", "Popen", "run_bench", "nginx")
 # A fixed English text that tests train and distil on (the project's README as it stood at d06d609), so that
 # editing the docs changes no test's input.
 CORPUS = ROOT / "tests" / "data" / "corpus.txt"
@@ -187,3 +189,22 @@ def wait_for(cond, timeout: float = 10.0, what: str = "condition") -> None:
             return
         time.sleep(0.02)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Mark each test `browser` (the app tests in chromium) or `process` (it starts a process: its own code says
+    so, or its module is about processes), so that `pytest -m "not slow and not process and not browser"` is a
+    fast tier for the inner loop (docs/testing.md); `slow` is marked by hand where a test takes 3 s or more."""
+    import inspect
+
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1]
+        if module == "test_ui_browser":
+            item.add_marker(pytest.mark.browser)
+            continue
+        try:
+            source = inspect.getsource(item.function)
+        except (OSError, TypeError):
+            source = ""
+        if module in ("test_replicas", "test_bench") or any(w in source for w in _PROCESS_WORDS):
+            item.add_marker(pytest.mark.process)

@@ -48,6 +48,7 @@ def adapter_dir(models_dir, served, tmp_path_factory, request):
     return out
 
 
+@pytest.mark.slow
 def test_split_with_adapter_generates_as_full_model_and_hf_peft(models_dir, tiny, served, adapter_dir):
     from peft import PeftModel
 

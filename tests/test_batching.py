@@ -88,6 +88,7 @@ def assert_alike(alone: list, together: list) -> None:
     assert worst <= 1e-5
 
 
+@pytest.mark.slow
 def test_sixteen_batched_sessions_get_what_they_get_alone(models_dir, batching_server):
     srv = batching_server
     engine = tiny_split_engine(models_dir, f"127.0.0.1:{srv.port}")
@@ -164,6 +165,7 @@ def test_slots_used_up_is_resource_exhausted_naming_the_limit(models_dir, tiny):
     srv.stop(0.5)
 
 
+@pytest.mark.slow
 def test_open_close_500_sessions_leaves_rss_flat(batching_server):
     srv = batching_server
     client = TrunkClient(TrunkClientConfig(f"127.0.0.1:{srv.port}"))

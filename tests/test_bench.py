@@ -19,6 +19,7 @@ def run_bench(tmp_path, models_dir, *args: str) -> dict:
     return json.loads(out.read_text()) | {"stdout": p.stdout}
 
 
+@pytest.mark.slow
 def test_bench_compares_every_config(tmp_path, models_dir, tiny):
     d = run_bench(tmp_path, models_dir, "--quick", "--prompt-lengths", "8,64", "--plot", str(tmp_path / "p.html"))
     rows = {(r["config"], r["prompt_tokens"]): r for r in d["results"]}
@@ -50,6 +51,7 @@ def test_bench_compares_every_config(tmp_path, models_dir, tiny):
     assert (tmp_path / "p.html").read_text().count("plotly") > 1
 
 
+@pytest.mark.slow
 def test_bench_profile_measures_each_part(tmp_path, models_dir, tiny):
     d = run_bench(tmp_path, models_dir, "--profile", "--prompt-lengths", "8", "--new-tokens", "8", "--repeats", "2")
     prof = d["profile"]["8"]
@@ -73,6 +75,7 @@ def run_script(tmp_path, models_dir, script: str, *args: str) -> dict:
     return json.loads(out.read_text()) | {"stdout": p.stdout}
 
 
+@pytest.mark.slow
 def test_bench_loop_measures_the_serving_path(tmp_path, models_dir, tiny):
     args = ["--sessions", "1,4", "--seconds", "0.5"]
     d = run_script(tmp_path, models_dir, "bench_loop", *args)
@@ -83,6 +86,7 @@ def test_bench_loop_measures_the_serving_path(tmp_path, models_dir, tiny):
     assert "| 4 |" in d["stdout"]
 
 
+@pytest.mark.slow
 def test_bench_server_runs_replicas_side_by_side(tmp_path, models_dir, tiny):
     """bench_server on the simulated device, one replica and two behind the client's round robin: every (setting,
     N) measured, with each replica's own metrics read around each run."""

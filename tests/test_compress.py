@@ -75,6 +75,7 @@ def test_2_4_keeps_the_two_largest_of_every_four():
     assert torch.equal(prune_smallest(w, 0.5) == 0, w.abs() <= w.abs().flatten().kthvalue(w.numel() // 2).values)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spec", ["prune:0.3", "prune24", "int8"])
 def test_split_with_a_compressed_trunk_is_the_full_model_compressed_alike(models_dir, tiny, spec):
     srv = start_tiny_server(models_dir, compress=spec)
@@ -99,6 +100,7 @@ def logprobs(engine, ids: list[int]) -> torch.Tensor:
     return torch.tensor([lp for lp, _ in engine.score(ids)])
 
 
+@pytest.mark.slow
 def test_int8_stays_close_to_float32_on_a_trained_model(trained_tiny):
     model = trained_tiny
     ref, q = load_full(model), Compression.parse("int8").apply(load_full(model))
@@ -193,6 +195,7 @@ def test_a_bad_compression_is_one_readable_line(command):
     assert len(lines) == 1 and lines[0].startswith("error: --") and "compress" in lines[0], r.stderr
 
 
+@pytest.mark.slow
 def test_sessions_batched_on_an_int8_trunk_get_what_they_get_alone(models_dir):
     """torch's int8 Linear quantises its input with one scale per call: the trunk runs it row by row, so that a
     session's tokens do not depend on whom it is batched with."""

@@ -62,6 +62,7 @@ def student_dir(tmp_path_factory, models_dir, tiny):
     return out, losses, report
 
 
+@pytest.mark.slow
 def test_distilling_brings_the_student_to_the_teacher(student_dir, tiny):
     out, losses, report = student_dir
     assert len(losses) == 30 and sum(losses[-5:]) < sum(losses[:5])  # the KL term falls
@@ -75,6 +76,7 @@ def test_distilling_brings_the_student_to_the_teacher(student_dir, tiny):
     assert json.loads((out / "distill.json").read_text())["teacher"] == TINY
 
 
+@pytest.mark.slow
 def test_draft_model_speculation_gives_plain_greedy(student_dir, models_dir, server):
     engine = tiny_split_engine(models_dir, f"127.0.0.1:{server.port}")
     spec = f"draft:{student_dir[0]}"

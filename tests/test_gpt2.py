@@ -61,6 +61,7 @@ def _against_hf(model, parts_split: str | None, steps: int = 40) -> float:
     return worst
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("split", ["1,5", "3,4"])
 def test_core_matches_hf_on_real_shapes(shaped, split):
     worst = _against_hf(shaped, split)

@@ -36,6 +36,7 @@ GREEDY = SamplingParams(temperature=0.0)
 # --- concurrency ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_sixteen_concurrent_sessions_match_solo_runs(models_dir, server_target, server):
     engine = tiny_split_engine(models_dir, server_target)
     prompts = [
@@ -334,6 +335,7 @@ def replica_set(models_dir, tiny):
     replicas.stop(0.5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("through", ["one server", "three replicas"])
 def test_fuzz_every_rpc(models_dir, request, server, through):
     replicas = Replicas([server]) if through == "one server" else request.getfixturevalue("replica_set")

@@ -9,6 +9,8 @@ import torch
 
 from tests.conftest import TINY, free_port, start_tiny_server
 
+pytestmark = pytest.mark.slow  # the harness and its API servers: ~30 s to set up
+
 lm_eval = pytest.importorskip("lm_eval")
 
 from scripts.eval_harness import evaluate, metric, start_api, write_tasks  # noqa: E402
@@ -47,6 +49,7 @@ def runs(models_dir, tiny, tmp_path_factory):
         srv.stop(0.5)
 
 
+@pytest.mark.slow
 def test_split_and_full_score_the_same(runs):
     split, full = runs["split"], runs["full"]
     assert metric(split, "split_choice", "acc") == metric(full, "split_choice", "acc")

@@ -119,6 +119,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "args,msg",
     [
@@ -137,6 +138,7 @@ def test_cli_user_mistakes_give_one_line_and_exit_2(args, msg):
     assert "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_cli_json_same_tokens_split_and_full():
     common = (
         "generate",
@@ -159,6 +161,7 @@ def test_cli_json_same_tokens_split_and_full():
     assert len(split["stats"]["server_ms"]) == 12 and split["random_weights"] is True
 
 
+@pytest.mark.slow
 def test_cli_streams_text_without_json():
     r = _cli("baseline", "generate", "Once upon", "--model", "random:tiny", "--max-tokens", "5", "--seed", "1")
     assert r.returncode == 0 and r.stdout.startswith("Once upon") and len(r.stdout) > len("Once upon\n")

@@ -70,6 +70,7 @@ def clean_attack(local, texts):
     return _attack(local, Noise(), texts[0])
 
 
+@pytest.mark.slow
 def test_learned_inverter_reads_most_private_tokens_undefended(local, texts, clean_attack):
     inverter, observe = clean_attack
     share = recovered(inverter, observe, texts[1])
@@ -80,6 +81,7 @@ def test_learned_inverter_reads_most_private_tokens_undefended(local, texts, cle
     assert nn_share > 0.9, nn_share  # random weights: the embeddings show through
 
 
+@pytest.mark.slow
 def test_meter_share_drops_under_noise(local, texts, clean_attack):
     noisy = Noise("gaussian", 3.0)
     inverter, observe = _attack(local, noisy, texts[0])  # retrained on defended states, as an attacker would
@@ -262,6 +264,7 @@ def test_privacy_report_prints_the_table_for_the_clients_settings(tmp_path):
     assert "training the learned inverter" in out.stderr  # progress shown
 
 
+@pytest.mark.slow
 def test_learned_denoiser_starts_as_subtraction_learns_and_generates(models_dir, local, tmp_path):
     from client.denoise import train_denoiser
     from splitcore.defence import Denoiser, subtract_noise

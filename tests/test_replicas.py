@@ -126,6 +126,7 @@ def generate_all(models_dir, target: str, during=None, **settings) -> tuple[dict
     return got, notices, errors
 
 
+@pytest.mark.slow
 def test_twelve_clients_over_three_replicas_get_hf_tokens_and_every_replica_serves(models_dir, tmp_path, want, through):
     replicas = start_replicas(tmp_path, 3)
     try:
@@ -143,6 +144,7 @@ def _slow(**kw) -> dict:
     return {"added_delay_ms": 15.0, "reconnect_s": 30.0, "connect_timeout_s": 3.0} | kw
 
 
+@pytest.mark.slow
 def test_a_replica_killed_mid_generation_costs_its_sessions_a_replay_with_identical_tokens(
     models_dir, tmp_path, want, through
 ):
@@ -165,6 +167,7 @@ def test_a_replica_killed_mid_generation_costs_its_sessions_a_replay_with_identi
             r.stop()
 
 
+@pytest.mark.slow
 def test_a_drained_replica_takes_no_new_session_and_no_client_sees_an_error(models_dir, tmp_path, want, through):
     replicas = start_replicas(tmp_path, 3, "--grace", "1")
     drained = replicas[0]
@@ -191,6 +194,7 @@ def test_a_drained_replica_takes_no_new_session_and_no_client_sees_an_error(mode
             r.stop()
 
 
+@pytest.mark.slow
 def test_a_replica_with_another_split_is_refused_per_session_naming_it(models_dir, tmp_path):
     good, other = start_replicas(tmp_path, 1)[0], start_replicas(tmp_path, 1, "--split", "3,10")[0]
     try:

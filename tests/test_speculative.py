@@ -147,6 +147,7 @@ def chi_square_p(counts: torch.Tensor, probs: torch.Tensor) -> float:
     return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64), torch.tensor(stat / 2)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("drafts", [1, 3])
 @pytest.mark.parametrize("kind", ["sampled", "deterministic"])
 def test_verify_gives_the_targets_distribution(drafts, kind):
@@ -171,6 +172,7 @@ def test_verify_gives_the_targets_distribution(drafts, kind):
     assert 0 < accepted  # drafts do get accepted: the test exercises both branches
 
 
+@pytest.mark.slow
 def test_speculative_sampling_matches_plain_over_the_split(models_dir, tiny, full_model):
     """End to end, the split's own parts drafting (self) over an in-process trunk: the second generated token's
     distribution is the model's, sum over t1 of p(t1) p(t2 | t1), computed exactly with HF's model. 1,500 seeded

@@ -296,6 +296,7 @@ def test_train_cli_ctrl_c_saves_and_resume_finishes(tiny, tmp_path):
         server.wait(timeout=30)
 
 
+@pytest.mark.slow
 def test_trained_preset_recipe_lowers_perplexity_and_loads(tmp_path):
     """The recipe behind trained:kjv, shortened: real text in, a checkpoint that loads like any model out."""
     import os
