@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from splitcore.errors import InvalidInput
+from splitcore.gpt2 import GPT2
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ class Compression:
             return "none"
         return f"prune:{self.amount:g}" if self.method == "prune" else self.method
 
-    def apply(self, model: nn.Module, layers: Iterable[int] | None = None) -> nn.Module:
+    def apply(self, model: GPT2, layers: Iterable[int] | None = None) -> GPT2:
         """Compress `model` (a splitcore.gpt2.GPT2, in place) and return it: the linear weights of its blocks (of
         `layers` only, if given)."""
         if self.method == "none":
@@ -83,7 +84,7 @@ class Compression:
             elif self.method == "prune24":
                 for m in linears.values():
                     m.weight.copy_(prune_2_4(m.weight))
-                if model_device(model).type == "cuda":
+                if model.device.type == "cuda":
                     _to_semi_structured(linears)
             else:
                 _int8(model, linears)
@@ -123,10 +124,6 @@ def _block_linears(model: nn.Module, layers: Iterable[int] | None) -> dict[str, 
     return out
 
 
-def model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 def _to_semi_structured(linears: dict[str, nn.Module]) -> None:
     """CUDA: store each 2:4 weight semi-structured, so that the sparse kernels skip the zeros (half precision, on a
     GPU that has them); where that fails, the weight stays dense and a log line says why."""
@@ -140,8 +137,8 @@ def _to_semi_structured(linears: dict[str, nn.Module]) -> None:
             return
 
 
-def _int8(model: nn.Module, linears: dict[str, nn.Module]) -> None:
-    device, dtype = model_device(model), next(model.parameters()).dtype
+def _int8(model: GPT2, linears: dict[str, nn.Module]) -> None:
+    device, dtype = model.device, model.dtype
     if device.type == "cuda":
         try:
             from torchao.quantization import Int8WeightOnlyConfig, quantize_
@@ -208,7 +205,8 @@ def weight_bytes(model: nn.Module) -> int:
         if isinstance(m, DynamicLinear):
             w = m.weight()
             count(w.int_repr())
-            count(w.q_per_channel_scales() if w.qscheme() == torch.per_channel_affine else torch.ones(1))
+            if w.qscheme() == torch.per_channel_affine:  # (per tensor: one scale, nothing to count)
+                count(w.q_per_channel_scales())
             if m.bias() is not None:
                 count(m.bias())
     for t in [*model.parameters(), *model.buffers()]:

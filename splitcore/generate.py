@@ -317,7 +317,7 @@ def generate(
             t_stepped = time.perf_counter()
             if generator is None and not params.greedy:
                 generator = make_generator(params.seed, r.logits.device)
-            if every and not produced and prompt_lps is not None:
+            if not produced and prompt_lps is not None:
                 prompt_lps.extend(prompt_logprobs(r.logits, prompt_ids, logprobs or 0))
             logits = r.logits[len(feed) - 1 :] if every else r.logits[None]  # after the last fed token, each draft
             if drafts:
