@@ -252,6 +252,8 @@ class PrivacyMeter:
         self.bottom = bottom
         self.observer = Observer(bottom, engine.noise, engine.wire_dtype, seed=cfg.seed + 1)
         weights = engine.fingerprint.weights + (f"+{state_digest(bottom)}" if adapted else "")
+        if engine.compression.active:  # the attacker trains through the bottom as it runs: compressed
+            weights += f"+{engine.compression}"
         key = inverter_key(weights, str(engine.split), engine.noise, str(engine.wire_dtype), attack_data, cfg)
         self.path = Path(cache_dir) / "privacy" / f"inverter-{key}.pt"
         self.inverter: LearnedInverter | None = None

@@ -212,3 +212,14 @@ def test_sessions_batched_on_an_int8_trunk_get_what_they_get_alone(models_dir):
         engine.close()
     finally:
         srv.stop(0.5)
+
+
+def test_the_privacy_meter_trains_its_attacker_through_the_compressed_bottom(models_dir, tmp_path):
+    """The meter's attacker is cached per bottom it attacks: a compressed client gets an attacker of its own."""
+    from client.privacy import PrivacyMeter
+
+    plain = tiny_split_engine(models_dir, local_trunk=True)
+    pruned = tiny_split_engine(models_dir, local_trunk=True, compress="prune:0.5")
+    meters = [PrivacyMeter(e, "bible:Gen1:1-Gen1:5", tmp_path) for e in (plain, pruned)]
+    assert meters[0].path != meters[1].path
+    assert float((meters[1].bottom.h["0"].mlp.c_fc.weight == 0).float().mean()) > 0.49  # it attacks the pruned one
