@@ -24,12 +24,7 @@ stop() {
 trap stop INT TERM EXIT
 
 # The model is resolved (downloaded or built) once, before three processes race for it.
-python -c "
-import logging, sys; logging.basicConfig(level=logging.WARNING, format='%(levelname)s: %(message)s')
-from splitcore.cli import env; from splitcore.models import resolve_with_fallback
-m = resolve_with_fallback(env('GPT2_MODEL', 'gpt2'), env('GPT2_MODELS_DIR', 'models'), True)
-print(f'[run_all] model {m.spec} at {m.path}' + (' (RANDOM WEIGHTS)' if m.is_random else ''), file=sys.stderr)
-"
+python -m splitcore.prepare --prefix "[run_all]"
 servers=()
 for i in "${!ports[@]}"; do
   if (( replicas == 1 )); then python -m server --port "${ports[$i]}" & else

@@ -44,7 +44,7 @@ def dataclass_flags(p: argparse.ArgumentParser, cls, positional: tuple[str, ...]
     for f in dataclasses.fields(cls):
         meta = f.metadata
         kind = _KINDS[(f.type if isinstance(f.type, str) else f.type.__name__).split("|")[0].strip()]
-        text = meta.get("help") or comments.get(f.name, "")
+        text = (meta.get("help") or comments.get(f.name, "")).replace("%", "%%")  # argparse %-formats help
         if f.name in positional:
             p.add_argument(f.name, help=text)
             continue

@@ -154,8 +154,10 @@ def generation_tab(engine: Engine, history: gr.State, speculate: str = "none", m
 
     inputs = [prompt, max_tokens, temperature, top_k, top_p, seed, speculation, adapter_switch, history]
     outputs = [output, stats_panel, status, history, privacy_share, privacy_read]
-    ev_click = run.click(on_generate, inputs, outputs)
-    ev_submit = prompt.submit(on_generate, inputs, outputs)
+    # One endpoint of the app's HTTP API, /generate (gradio_client's predict(..., api_name="/generate")); the
+    # prompt box's Enter runs the same function and is left out of the API.
+    ev_click = run.click(on_generate, inputs, outputs, api_name="generate")
+    ev_submit = prompt.submit(on_generate, inputs, outputs, api_visibility="private")
     stop.click(None, cancels=[ev_click, ev_submit])
     return adapter_switch
 

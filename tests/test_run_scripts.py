@@ -1,0 +1,136 @@
+"""Every run script that the README or the docs name, run as a user runs it: `bash scripts/run_*.sh` in its own
+process group with a user's environment (the scripts set up their own), on free ports given through the documented
+environment variables, with the small model through GPT2_MODEL. Each waits until its documented ports answer (gRPC
+health, HTTP 200 from each app and from /v1/models), generates once through the app's HTTP API or the OpenAI API
+(greedy, checked against Hugging Face's generate), then sends Ctrl-C and checks that nothing it started still runs
+and every port is free."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.conftest import ROOT, TINY
+from tests.scripts_support import Script, app_generate, free_ports, grpc_serving, http_ok, user_env
+
+pytestmark = [pytest.mark.process, pytest.mark.slow, pytest.mark.timeout(600)]
+
+PROMPT = "The history of the Roman Empire"
+
+
+@pytest.fixture(scope="module")
+def hf_greedy(full_model, tokenizer):
+    """Hugging Face's greedy continuation of PROMPT (8 tokens): what every generation below must give."""
+    ids = tokenizer(PROMPT, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = full_model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    return tokenizer.decode(out[0, ids.shape[1] :])
+
+
+def run(tmp_path, name: str, **env: str) -> Script:
+    logs = {k: str(tmp_path / f"{k.lower()}.log") for k in ("GPT2_SERVER_LOG", "GPT2_CLIENT_LOG", "GPT2_FULL_LOG")}
+    return Script(["bash", f"scripts/{name}"], user_env(**logs, GPT2_API_LOG=str(tmp_path / "api.log"), **env),
+                  tmp_path / f"{name}.out")  # fmt: skip
+
+
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_run_all(tmp_path, replicas, hf_greedy):
+    """The README's first command: the trunk server(s), the split client app and the full-model app; a greedy
+    generation in each app gives Hugging Face's tokens; Ctrl-C stops everything."""
+    *servers, client_port, full_port = free_ports(replicas + 2)
+    env = {"GPT2_SERVER_PORT": str(servers[0]), "GPT2_CLIENT_PORT": str(client_port), "GPT2_FULL_PORT": str(full_port)}
+    if replicas > 1:
+        env["GPT2_REPLICAS"] = str(replicas)
+    script = run(tmp_path, "run_all.sh", **env)
+    try:
+        checks = {f"trunk :{p}": (lambda p=p: grpc_serving(p)) for p in servers}
+        checks |= {f"app :{p}": (lambda p=p: http_ok(f"http://127.0.0.1:{p}/")) for p in (client_port, full_port)}
+        script.wait_until(checks)
+        assert app_generate(client_port, PROMPT) == hf_greedy  # the split app, through the trunk server(s)
+        assert app_generate(full_port, PROMPT) == hf_greedy  # the full model's app
+        out = script.output()
+        assert f"[run_all] model {TINY} at" in out  # resolved once, by the servers' own settings code
+        if replicas > 1:
+            assert f"{replicas} trunk replicas: " + ",".join(f"localhost:{p}" for p in servers) in out
+        script.ctrl_c([*servers, client_port, full_port])
+        assert "[run_all] stopped" in script.output()
+    finally:
+        script.stop()
+
+
+def test_run_server(tmp_path, models_dir, hf_greedy, tokenizer):
+    """The trunk server alone; a split client in this process generates through it."""
+    from splitcore.sampling import SamplingParams
+    from tests.conftest import tiny_split_engine
+
+    (port,) = free_ports(1)
+    script = run(tmp_path, "run_server.sh", GPT2_SERVER_PORT=str(port))
+    try:
+        script.wait_until({f"trunk :{port}": lambda: grpc_serving(port)})
+        engine = tiny_split_engine(models_dir, f"127.0.0.1:{port}")
+        try:
+            result = engine.run(PROMPT, 8, SamplingParams(temperature=0))
+        finally:
+            engine.close()
+        assert result.text == hf_greedy
+        script.ctrl_c([port])
+    finally:
+        script.stop()
+
+
+def test_run_client(tmp_path, server_target, hf_greedy):
+    """The split client app against a running trunk server (GPT2_TRUNK_SERVER)."""
+    (port,) = free_ports(1)
+    script = run(tmp_path, "run_client.sh", GPT2_CLIENT_PORT=str(port), GPT2_TRUNK_SERVER=server_target)
+    try:
+        script.wait_until({f"app :{port}": lambda: http_ok(f"http://127.0.0.1:{port}/")})
+        assert app_generate(port, PROMPT) == hf_greedy
+        script.ctrl_c([port])
+    finally:
+        script.stop()
+
+
+def test_run_full(tmp_path, hf_greedy):
+    """The full-model app."""
+    (port,) = free_ports(1)
+    script = run(tmp_path, "run_full.sh", GPT2_FULL_PORT=str(port))
+    try:
+        script.wait_until({f"app :{port}": lambda: http_ok(f"http://127.0.0.1:{port}/")})
+        assert app_generate(port, PROMPT) == hf_greedy
+        script.ctrl_c([port])
+    finally:
+        script.stop()
+
+
+def test_run_api(tmp_path, server_target, hf_greedy):
+    """The split client's OpenAI-compatible API against a running trunk server, called with the official client
+    exactly as the README's snippet calls it."""
+    from tests.test_readme import readme_openai_snippet
+
+    (port,) = free_ports(1)
+    script = run(tmp_path, "run_api.sh", GPT2_API_PORT=str(port), GPT2_TRUNK_SERVER=server_target)
+    try:
+        script.wait_until({f"/v1/models :{port}": lambda: http_ok(f"http://127.0.0.1:{port}/v1/models")})
+        from openai import OpenAI
+
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
+        r = client.completions.create(model=TINY, prompt=PROMPT, max_tokens=8, temperature=0)
+        assert r.choices[0].text == hf_greedy
+        assert readme_openai_snippet(port).strip()  # the README's own snippet runs and prints text
+        script.ctrl_c([port])
+    finally:
+        script.stop()
+
+
+def test_scripts_named_in_the_docs_are_tested():
+    """A run script that the README or the docs name has a test here (a new one fails this until it does)."""
+    import re
+
+    named = set()
+    for page in [ROOT / "README.md", *(ROOT / "docs").rglob("*.md")]:
+        named |= set(re.findall(r"scripts/(run_\w+\.sh)", page.read_text()))
+    source = (ROOT / "tests" / "test_run_scripts.py").read_text()
+    tested = set(re.findall(r'run\(tmp_path, "(run_\w+\.sh)"', source))
+    assert named, "the docs name no run script"
+    assert named <= tested, f"run scripts named in the docs without a test: {sorted(named - tested)}"
+    assert tested <= {p.name for p in (ROOT / "scripts").glob("run_*.sh")}
