@@ -22,7 +22,7 @@ def build_app(engine: FullEngine, speculate: str = "none") -> gr.Blocks:
     return demo
 
 
-def serve(engine: FullEngine, args: argparse.Namespace) -> None:
+def serve(engine: FullEngine, args: argparse.Namespace, login: tuple[str, str] | None = None) -> None:
     logger.info("full-model app on %s:%d", args.host, args.port)
     engine.check_speculate(args.speculate)
-    ui.launch(build_app(engine, args.speculate), args.host, args.port)
+    ui.launch(build_app(engine, args.speculate), args.host, args.port, login=login)

@@ -5,7 +5,15 @@ from __future__ import annotations
 
 import argparse
 
-from splitcore.cli import add_api_parser, add_model_args, app_parser, main_guard, parse_app_args, run_generate
+from splitcore.cli import (
+    add_api_parser,
+    add_model_args,
+    app_login,
+    app_parser,
+    main_guard,
+    parse_app_args,
+    run_generate,
+)
 from splitcore.device import configure_threads, resolve_device, resolve_dtype, use_cuda_graphs
 from splitcore.engine import FullEngine
 from splitcore.logs import setup_logging
@@ -53,9 +61,10 @@ def main(argv: list[str] | None = None) -> None:
 
             serve_api(load_engine(args), args)
         else:
+            login = app_login(args)  # an open door is refused before anything loads
             setup_logging(args.log_file, args.verbose)
             from baseline.app import serve
 
-            serve(load_engine(args), args)
+            serve(load_engine(args), args, login)
 
     main_guard(body)

@@ -37,7 +37,11 @@ def server_markdown(engine: SplitEngine, feed: MonitorFeed | None, address: str 
 
 
 def build_app(
-    engine: SplitEngine, monitor_interval_s: float = 1.0, speculate: str = "none", meter=None
+    engine: SplitEngine,
+    monitor_interval_s: float = 1.0,
+    speculate: str = "none",
+    meter=None,
+    data_dir: str | None = None,
 ) -> tuple[gr.Blocks, Monitors | None]:
     """The app; with `meter` (client/privacy.py, prepared) the generation tab shows what the trunk could read. With
     several replicas, the monitoring tab shows each, and the charts of the one picked."""
@@ -83,21 +87,21 @@ def build_app(
             ui.latency_tab(history)
         if engine.trunk_client is not None:
             with gr.Tab("Fine-tune"):
-                finetune_tab(engine, adapter_switch)
+                finetune_tab(engine, adapter_switch, data_dir)
     return demo, monitors
 
 
-def serve(engine: SplitEngine, args: argparse.Namespace) -> None:
+def serve(engine: SplitEngine, args: argparse.Namespace, login: tuple[str, str] | None = None) -> None:
     engine.check_speculate(args.speculate)
     meter = None
     if engine.cfg.privacy_meter:
         from client.privacy import prepare_meter
 
         meter = prepare_meter(engine)
-    demo, monitors = build_app(engine, speculate=args.speculate, meter=meter)
+    demo, monitors = build_app(engine, speculate=args.speculate, meter=meter, data_dir=args.data_dir)
     logger.info("split client app on %s:%d, trunk %s", args.host, args.port, engine.trunk_label)
     try:
-        ui.launch(demo, args.host, args.port)
+        ui.launch(demo, args.host, args.port, login=login)
     finally:
         if monitors:
             monitors.stop()

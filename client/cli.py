@@ -11,6 +11,7 @@ from client.engine import SplitEngine
 from client.train import TrainConfig
 from splitcore.cli import (
     add_api_parser,
+    app_login,
     app_parser,
     main_guard,
     parse_app_args,
@@ -131,6 +132,18 @@ def build_parser() -> argparse.ArgumentParser:
         "GPT2_CLIENT_LOG",
         "logs/gpt2_client.log",
         add_commands,
+        ClientAppSettings,
+    )
+
+
+@dataclass
+class ClientAppSettings:
+    """The split client app's own `serve` settings."""
+
+    data_dir: str | None = setting(
+        None,
+        "GPT2_DATA_DIR",
+        "the folder whose text files the Fine-tune tab may train on (besides uploads); none: uploads only",
     )
 
 
@@ -279,10 +292,11 @@ def main(argv: list[str] | None = None) -> None:
             finally:
                 engine.close()
         else:
+            login = app_login(args)  # an open door is refused before anything loads
             setup_logging(args.log_file, args.verbose)
             configure_threads(args.threads)
             from client.app import serve
 
-            serve(SplitEngine(client_config(args)), args)
+            serve(SplitEngine(client_config(args)), args, login)
 
     main_guard(body)

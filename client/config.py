@@ -53,6 +53,9 @@ class ClientConfig(GenerateConfig):
     tls_key: str | None = setting(None, "GPT2_TLS_CLIENT_KEY", "client key, for mutual TLS")
     tls_server_name: str | None = setting(None, None, "the name to check in the server's certificate")
     auth_token: str | None = setting(None, "GPT2_AUTH_TOKEN", "the shared secret the server asks for")
+    insecure: bool = setting(
+        False, "GPT2_INSECURE", "send --auth-token without TLS to a server beyond loopback (anyone on the way reads it)"
+    )
     added_delay_ms: float = setting(
         0.0, None, "sleep this long each way on every trunk call: simulates a remote trunk, ms"
     )
@@ -73,7 +76,9 @@ class ClientConfig(GenerateConfig):
         "repair the trunk's answer on the client: subtract takes the client's own noise back out of it; a "
         "directory from `python -m client train-denoiser` also repairs what the trunk made of the noise",
     )
-    defence_seed: int | None = setting(None, None, "seed of the noise (default: a secret one from the OS)")
+    defence_seed: int | None = setting(
+        None, None, "a fixed secret for the noise, for tests and benchmarks only (logs a warning)", hidden=True
+    )
     attack_data: str | None = setting(
         None,
         "GPT2_ATTACK_DATA",
@@ -106,6 +111,13 @@ class ClientConfig(GenerateConfig):
         return Noise(self.defence, self.noise_scale, self.noise_clip)
 
     def trunk_client_config(self) -> TrunkClientConfig:
+        if self.auth_token and not self.tls_ca and not self.insecure and not self.local_trunk:
+            beyond = [e for e in self.server.split(",") if e.strip() and not _loopback(e)]
+            if beyond:
+                raise InvalidInput(
+                    f"--auth-token would cross to {beyond[0].strip()} in the clear, where anyone on the way can read "
+                    "it: give --tls-ca (TLS), or --insecure to send it anyway"
+                )
         return TrunkClientConfig(
             self.server,
             self.connect_timeout_s,
@@ -116,3 +128,9 @@ class ClientConfig(GenerateConfig):
             tls_server_name=self.tls_server_name,
             token=self.auth_token,
         )
+
+
+def _loopback(address: str) -> bool:
+    """Whether a trunk address (host:port, [v6]:port or a URI such as dns:///host:port) names this machine."""
+    host = address.strip().split("///")[-1].rpartition(":")[0].strip("[]") or address.strip()
+    return host in ("localhost", "::1") or host.startswith("127.")

@@ -53,7 +53,7 @@ def train_denoiser(
         ids = torch.stack([public_ids[s : s + block_size] for s in starts]).to(bottom.device)
         with torch.no_grad():
             clean = bottom(ids)
-            sent = engine.protect(clean)
+            sent = engine.protect(clean, ids)
             want = F.log_softmax(top(answer(clean).to(top.device, top.dtype), all_positions=True).float(), -1)
             noisy = answer(sent).to(top.device, top.dtype)
         with torch.enable_grad():

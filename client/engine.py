@@ -17,7 +17,7 @@ from splitcomm.proto import trunk_pb2 as pb
 from splitcomm.trunk_client import TrunkClient, TrunkSession
 from splitcore.compress import Compression
 from splitcore.cudagraph import DecoderPool
-from splitcore.defence import Denoiser, Protect, subtract_noise
+from splitcore.defence import Denoiser, Protect, secret_from_seed, subtract_noise
 from splitcore.device import configure_attention, resolve_device, resolve_dtype, use_cuda_graphs
 from splitcore.engine import Engine, Notify, Tap
 from splitcore.errors import InvalidInput, Mismatch
@@ -219,7 +219,15 @@ class SplitEngine(Engine):
             raise InvalidInput("--privacy-meter needs public text to train its attacker on: give --attack-data")
         if cfg.attack_steps < 1:
             raise InvalidInput(f"--attack-steps must be at least 1, got {cfg.attack_steps}")
-        self.protect = Protect(self.noise, cfg.defence_seed) if self.noise.active else None
+        self.protect = None
+        if self.noise.active:
+            if cfg.defence_seed is not None:
+                logger.warning(
+                    "--defence-seed %d: the noise is a function of this seed, and whoever knows it can remove it; "
+                    "for tests and benchmarks only",
+                    cfg.defence_seed,
+                )
+            self.protect = Protect(self.noise, None if cfg.defence_seed is None else secret_from_seed(cfg.defence_seed))
         self.repair = None
         if self.protect is not None and cfg.denoise == "subtract":
             self.repair = subtract_noise
@@ -332,7 +340,9 @@ class SplitEngine(Engine):
             )
         if self.cfg.added_delay_ms > 0:
             link = DelayedLink(link, self.cfg.added_delay_ms)
-        return SplitStepper(parts["bottom"], parts["top"], link, max_length, pools, self.protect, tap, self.repair)
+        return SplitStepper(
+            parts["bottom"], parts["top"], link, max_length, pools, self.protect, adapter or "", tap, self.repair
+        )
 
     draft_sources = ("none", "lookup", "self")
 

@@ -70,13 +70,20 @@ def _status(ev: TrainEvent, cfg: TrainConfig) -> str:
     return f"Done: adapter saved in `{ev.path}` (PEFT format). The generation tab now uses it."
 
 
-def finetune_tab(engine, adapter_switch: gr.Dropdown) -> None:
+def finetune_tab(engine, adapter_switch: gr.Dropdown, data_dir: str | None = None) -> None:
     """The tab's components and callbacks; `adapter_switch` is the generation tab's adapter choice (this browser
-    tab's), turned to the run's adapter when it ends."""
+    tab's), turned to the run's adapter when it ends. It trains on uploads, or on text under `data_dir` (the
+    app's --data-dir) and nowhere else: whoever reaches the app must not make it read the machine's files."""
     with gr.Row():
         with gr.Column(scale=2):
             upload = gr.File(label="Training text (.txt files)", file_count="multiple", file_types=[".txt"])
-            path = gr.Textbox(label="…or a path on this machine (file or directory)", value="")
+            path = gr.Textbox(
+                label=f"…or a file or folder in {data_dir}"
+                if data_dir
+                else "…or a path (start the app with --data-dir)",
+                value="",
+                interactive=data_dir is not None,
+            )
             with gr.Row():
                 steps = gr.Number(value=200, precision=0, label="Steps")
                 batch = gr.Number(value=8, precision=0, label="Batch size")
@@ -97,7 +104,7 @@ def finetune_tab(engine, adapter_switch: gr.Dropdown) -> None:
     state = gr.State(None)
 
     def on_start(files, data_path, n, b, t, r, rate, k, ct, out_dir):
-        data = _data_path(files, data_path)
+        data = _data_path(files, data_path, data_dir)
         cfg = TrainConfig(
             data=data,
             steps=int(n),
@@ -140,7 +147,8 @@ def finetune_tab(engine, adapter_switch: gr.Dropdown) -> None:
     stop.click(on_stop, [state], [status])
 
 
-def _data_path(files, typed: str) -> str:
+def _data_path(files, typed: str, data_dir: str | None = None) -> str:
+    """What to train on: the uploads, else `typed` resolved inside `data_dir` (refused anywhere else)."""
     if files:
         paths = [Path(f if isinstance(f, str) else f.name) for f in files]
         if len(paths) == 1:
@@ -152,7 +160,21 @@ def _data_path(files, typed: str) -> str:
         return str(folder)
     if not typed.strip():
         raise gr.Error("Upload some .txt files or give a path to train on.")
-    return typed.strip()
+    return str(inside(typed.strip(), data_dir))
+
+
+def inside(typed: str, data_dir: str | None) -> Path:
+    """`typed` (relative to `data_dir`, or absolute) as a path inside `data_dir`, links resolved; anything else is
+    refused."""
+    if not data_dir:
+        raise gr.Error("This app reads uploads only: start it with --data-dir FOLDER to train on files there.")
+    root = Path(data_dir).expanduser().resolve()
+    path = (root / Path(typed).expanduser()).resolve()
+    if path != root and root not in path.parents:
+        raise gr.Error(f"'{typed}' is outside the data folder {root}: give a file or folder in it, or upload.")
+    if not path.exists():
+        raise gr.Error(f"'{typed}' does not exist in the data folder {root}.")
+    return path
 
 
 def _fresh(out: str) -> str:

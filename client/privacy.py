@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from splitcore.defence import Noise, noise_generator
+from splitcore.defence import Noise
 from splitcore.errors import InvalidInput
 from splitcore.gpt2 import GPT2
 
@@ -74,12 +74,13 @@ class Observer:
 
     def __init__(self, bottom: GPT2, noise: Noise, wire_dtype: torch.dtype = torch.float32, seed: int = 0):
         self.bottom, self.noise, self.wire_dtype = bottom, noise, wire_dtype
-        self.generator = noise_generator(seed, bottom.device)
+        self.generator = torch.Generator(bottom.device).manual_seed(seed)  # the attacker's own draws
 
     @torch.no_grad()
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
         h = self.bottom.hidden(ids.to(self.bottom.device))  # (B, T, C)
-        return self.noise.apply(h, self.generator).to(self.wire_dtype).float()
+        z = self.noise.sample(h.shape, self.generator, h.device) if self.noise.scale > 0 else None
+        return self.noise.apply(h, z).to(self.wire_dtype).float()
 
 
 class NearestNeighbour:

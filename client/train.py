@@ -228,7 +228,7 @@ class SplitTrainer:
         )
         self.remote = engine.trunk_client.training(open_msg, engine.wire_dtype)
         self.client_trains = self.client_opt is not None
-        self.protect = engine.protect or (lambda h: h)  # the defence on what crosses, as in generation
+        self.protect = engine.protect or (lambda h, ids: h)  # the defence on what crosses, as in generation
         self.adversary = None
         if privacy_weight > 0:
             from client.privacy import Adversary
@@ -243,7 +243,7 @@ class SplitTrainer:
         t0 = time.perf_counter()
         with torch.set_grad_enabled(self.client_trains):
             clean = self.bottom(ids.to(self.bottom.device), all_positions=True)  # (B, T, C)
-            h1 = self.protect(clean)  # what is sent
+            h1 = self.protect(clean, ids)  # what is sent
         fwd = self.remote.forward(step, h1.detach())
         h2 = fwd.tensor.to(self.top.device, self.top.dtype).requires_grad_(True)
         with torch.enable_grad():
@@ -271,7 +271,7 @@ class SplitTrainer:
     @torch.no_grad()
     def eval_loss(self, ids: torch.Tensor) -> float:
         clean = self.bottom(ids.to(self.bottom.device), all_positions=True)
-        sent = self.protect(clean)
+        sent = self.protect(clean, ids)
         h = self.remote.forward(0, sent, eval=True).tensor.to(self.top.device, self.top.dtype)
         return float(lm_loss(self.top(self.repair(h, clean, sent), all_positions=True), ids))
 

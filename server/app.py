@@ -177,11 +177,13 @@ class TrunkServer:
         host = self.cfg.host
         address = f"[{host}]:{self.cfg.port}" if ":" in host and not host.startswith("[") else f"{host}:{self.cfg.port}"
         self.port = add_port(self.grpc_server, address, self.cfg.tls_cert, self.cfg.tls_key, self.cfg.tls_client_ca)
-        if host not in LOOPBACK and not self.cfg.tls_cert:
+        missing = [what for what, have in (("TLS", self.cfg.tls_cert), ("a token", self.cfg.auth_token)) if not have]
+        if host not in LOOPBACK and missing:
             logger.warning(
-                "listening on %s without TLS: hidden states cross the network in the clear; "
-                "use --tls-cert/--tls-key (and --auth-token) on an untrusted network",
+                "listening on %s without %s: %s; use --tls-cert/--tls-key and --auth-token beyond a trusted network",
                 address,
+                " or ".join(missing),
+                "hidden states cross the network in the clear" if not self.cfg.tls_cert else "anyone can connect",
             )
         self.servicer.name = replica_name(host, self.port)
         self._on_loop(self.grpc_server.start())

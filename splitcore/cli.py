@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, make_dataclass
 
 from splitcore.engine import Engine
-from splitcore.errors import SplitError
+from splitcore.errors import InvalidInput, SplitError
 from splitcore.sampling import SamplingParams
 from splitcore.settings import GenerateConfig, dataclass_flags, setting
+
+logger = logging.getLogger(__name__)
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -45,9 +48,12 @@ def app_settings(port_env: str, default_port: int, log_env: str, default_log: st
     return make_dataclass(
         "AppSettings",
         [
-            ("host", str, setting("0.0.0.0", "GPT2_UI_HOST", "interface the app listens on")),
+            ("host", str, setting("127.0.0.1", "GPT2_UI_HOST", "interface the app listens on (beyond loopback it "
+             "needs --auth or --no-auth)")),
             ("port", int, setting(default_port, port_env, "the app's port")),
             ("log_file", str, setting(default_log, log_env, "the app's log")),
+            ("auth", str | None, setting(None, "GPT2_UI_AUTH", "USER:PASS: a login for the app (Gradio's own)")),
+            ("no_auth", bool, setting(False, None, "serve beyond loopback with no login, on purpose (a warning)")),
             ("speculate", str, setting("none", None, "the Speculative decoding switch's setting at start (draft:SPEC "
              "adds that model to it): " + SPECULATE_HELP)),
         ],
@@ -73,9 +79,10 @@ def app_parser(
     log_env: str,
     default_log: str,
     more: Callable[[argparse._SubParsersAction], None] | None = None,
+    serve_settings: type | None = None,
 ) -> argparse.ArgumentParser:
     """`generate` (text or JSON on stdout) and `serve` (the Gradio app), both with the model options of `add_args`;
-    `more` adds further subcommands."""
+    `more` adds further subcommands, `serve_settings` (a settings dataclass) flags of this app's `serve` alone."""
     p = argparse.ArgumentParser(prog=prog, description=description)
     sub = p.add_subparsers(dest="command")
     if more is not None:
@@ -86,7 +93,34 @@ def app_parser(
     s = sub.add_parser("serve", help="start the Gradio app (the default)")
     add_args(s)
     dataclass_flags(s, app_settings(port_env, default_port, log_env, default_log))
+    if serve_settings is not None:
+        dataclass_flags(s, serve_settings)
     return p
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def is_loopback(host: str) -> bool:
+    return host in LOOPBACK or host.startswith("127.")
+
+
+def app_login(args: argparse.Namespace) -> tuple[str, str] | None:
+    """The login an app's `serve` asks for (--auth USER:PASS), or None; an app that would listen beyond loopback
+    with no login is refused in one line unless --no-auth says so on purpose (then a warning)."""
+    if args.auth:
+        user, sep, password = args.auth.partition(":")
+        if not sep or not user or not password:
+            raise InvalidInput("--auth: give USER:PASS (or set GPT2_UI_AUTH)")
+        return user, password
+    if not is_loopback(args.host):
+        if not args.no_auth:
+            raise InvalidInput(
+                f"the app would listen on {args.host} with no login: anyone who reaches it could generate and "
+                "fine-tune; give --auth USER:PASS (or GPT2_UI_AUTH), or --no-auth to serve it open on purpose"
+            )
+        logger.warning("the app listens on %s with no login (--no-auth): anyone who reaches it can use it", args.host)
+    return None
 
 
 def add_api_parser(sub, add_model: Callable[[argparse.ArgumentParser], None], description: str) -> None:

@@ -15,19 +15,22 @@ The client knows its own noise, so it can repair part of the damage (Split-and-D
 `subtract_noise` takes what was added back out of the trunk's answer, where the trunk's residual stream carries
 it straight through (its blocks' reaction to the noise stays); a `Denoiser` learns to repair some of the rest.
 
-The noise comes from the client's own generator, seeded from the operating system unless a seed is given
-(tests, benchmarks): the attacker knows the mechanism and its strength, never the draws. A strength of zero is
-the undefended path itself: `apply` returns its input unchanged.
+The noise is the client's secret (`Protect`): a ChaCha20 keystream keyed by a 256-bit secret from the operating
+system and the token prefix, so the same text always sends the same bits (repeats average nothing away) and no
+one without the secret can reproduce a draw. The attacker knows the mechanism and its strength, never the draws.
+A strength of zero is the undefended path itself: `apply` returns its input unchanged.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -63,9 +66,10 @@ class Noise:
         text = f"{self.kind} {self.scale:g}" if self.scale > 0 else "clip only"
         return text + (f" clip {self.clip:g}" if self.clip > 0 else "")
 
-    def apply(self, h: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """What crosses instead of `h` (..., d). Differentiable in `h` (split training backpropagates through it);
-        `h` itself when the defence is off."""
+    def apply(self, h: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
+        """What crosses instead of `h` (..., d), with `z` the unit draws of the noise (`h`'s shape: a `Protect`'s
+        secret ones on the client, `sample`'s in an attacker's simulation). Differentiable in `h` (split training
+        backpropagates through it); `h` itself when the defence is off."""
         if not self.active:
             return h
         rms = h.detach().float().pow(2).mean(-1, keepdim=True).sqrt()  # (..., 1)
@@ -76,36 +80,110 @@ class Noise:
             ref = rms
         if self.scale == 0:
             return h
-        z = torch.empty(h.shape, dtype=torch.float32, device=h.device)
+        return h + (z.to(h.device) * ref * self.scale).to(h.dtype)
+
+    def sample(self, shape, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+        """Unit draws of this noise from an ordinary generator: for simulations (an attacker training on noise
+        of its own), never for what the client sends (that is `Protect`'s)."""
+        z = torch.empty(shape, dtype=torch.float32, device=device)
         if self.kind == "gaussian":
-            z.normal_(generator=generator)
-        else:  # Laplace with unit std: the difference of two exponentials of rate sqrt(2)
-            e1 = torch.empty_like(z).exponential_(generator=generator)
-            z = (e1 - z.exponential_(generator=generator)) / math.sqrt(2)
-        return h + (z * ref * self.scale).to(h.dtype)
+            return z.normal_(generator=generator)
+        e1 = torch.empty_like(z).exponential_(generator=generator)  # Laplace of unit std: a difference of
+        return (e1 - z.exponential_(generator=generator)) / math.sqrt(2)  # two exponentials of rate sqrt(2)
 
 
-def noise_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
-    """The client's secret source of noise: seeded from the operating system unless `seed` is given."""
-    g = torch.Generator(device=device)
-    g.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little") & (2**63 - 1))
-    return g
+SECRET_BYTES = 32  # 256 bits: the client's secret key of its noise
+
+
+def secret_from_seed(seed: int) -> bytes:
+    """A fixed secret for tests and benchmarks (--defence-seed): anyone who knows the seed knows the noise."""
+    return hashlib.blake2b(f"gpt2-split defence seed {seed}".encode(), digest_size=SECRET_BYTES).digest()
 
 
 class Protect:
-    """A defence with its generator: the callable a stepper or a trainer runs on what it is about to send."""
+    """The client's defence with its secret: the callable that steppers and trainers run on what they send.
 
-    def __init__(self, noise: Noise, seed: int | None = None):
-        self.noise, self.seed = noise, seed
-        self._generators: dict[torch.device, torch.Generator] = {}
+    The noise is a keyed function of the secret and the text: the unit draws at a position come from a ChaCha20
+    keystream whose key is a keyed BLAKE2b chain over the token prefix up to and including that position
+    (`digest_t = BLAKE2b_K(digest_{t-1} || token_t)`). So
+    - no one without the secret (256 bits from the operating system, per client process) can reproduce or predict
+      a draw, nor learn anything of it from what was sent;
+    - the same prefix always sends the same bits (a repeat, a retry, a replayed session, an evaluation window, a
+      chat history resent), so averaging repeats gains an attacker nothing;
+    - different text gets independent noise. What this gives away: the trunk sees that two sends share a prefix.
+    A generation's stream is keyed by its bottom's adapter too (`stream`)."""
 
-    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+    def __init__(self, noise: Noise, secret: bytes | None = None):
+        secret = os.urandom(SECRET_BYTES) if secret is None else secret
+        if len(secret) < 16:
+            raise InvalidInput("a defence's secret needs at least 128 bits")
+        self.noise = noise
+        self._key = hashlib.blake2b(b"prefix chain", key=secret, digest_size=32).digest()
+        self.root = self._digest(b"root")
+
+    def _digest(self, data: bytes) -> bytes:
+        return hashlib.blake2b(data, key=self._key, digest_size=32).digest()
+
+    def chain(self, ids, start: bytes | None = None) -> list[bytes]:
+        """The digests of each prefix that extends `start` (default: the empty prefix) by `ids`, one per token."""
+        out, d = [], self.root if start is None else start
+        for t in ids:
+            d = self._digest(d + int(t).to_bytes(4, "little"))
+            out.append(d)
+        return out
+
+    def draws(self, digests: list[bytes], d: int) -> torch.Tensor:
+        """Unit draws (len(digests), d) of the noise, each row from its prefix digest's ChaCha20 keystream."""
+        from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+
+        zero, nonce = bytes(8 * d), bytes(16)
+        stream = b"".join(Cipher(algorithms.ChaCha20(k, nonce), mode=None).encryptor().update(zero) for k in digests)
+        u = torch.from_numpy(np.frombuffer(stream, dtype=np.uint32).reshape(len(digests), 2, d).astype(np.float64))
+        u = (u + 0.5) / 2.0**32  # uniform on (0, 1), never 0 or 1
+        if self.noise.kind == "gaussian":  # Box-Muller
+            z = torch.sqrt(-2.0 * torch.log(u[:, 0])) * torch.cos(2.0 * math.pi * u[:, 1])
+        else:  # Laplace of unit std by inversion
+            c = u[:, 0] - 0.5
+            z = -torch.sign(c) * torch.log1p(-2.0 * c.abs()) / math.sqrt(2)
+        return z.float()
+
+    def __call__(self, h: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """What crosses for `h` (B, T, d), the bottom's output for token ids (B, T), each row a sequence from its
+        first position (a prompt, a training window)."""
         if not self.noise.active:
             return h
-        g = self._generators.get(h.device)
-        if g is None:
-            g = self._generators[h.device] = noise_generator(self.seed, h.device)
-        return self.noise.apply(h, g)
+        z = None
+        if self.noise.scale > 0:
+            rows = ids.reshape(-1, ids.shape[-1]).tolist()
+            z = torch.stack([self.draws(self.chain(row), h.shape[-1]) for row in rows]).view(h.shape)
+        return self.noise.apply(h, z)
+
+    def stream(self, context: str = "") -> NoiseStream:
+        """A growing sequence's defence; `context` (the bottom's adapter) keys its chain, so that two bottoms never
+        send the same draws for the same text (the trunk would read the difference of their outputs)."""
+        return NoiseStream(self, context)
+
+
+class NoiseStream:
+    """One growing sequence's defence (a generation): the prefix digests so far, cut back with the sequence."""
+
+    def __init__(self, protect: Protect, context: str = ""):
+        root = protect.root if not context else protect._digest(protect.root + b"context " + context.encode())
+        self.protect, self.digests = protect, [root]
+
+    def __call__(self, h: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """What crosses for `h` (1, T, d), the bottom's output for the next T token ids (1, T) of the sequence."""
+        p = self.protect
+        if not p.noise.active:
+            return h
+        new = p.chain(ids.reshape(-1).tolist(), self.digests[-1])
+        self.digests += new
+        z = p.draws(new, h.shape[-1]).view(h.shape) if p.noise.scale > 0 else None
+        return p.noise.apply(h, z)
+
+    def truncate(self, length: int) -> None:
+        """Forget the positions from `length` on."""
+        del self.digests[length + 1 :]
 
 
 DENOISERS = ("none", "subtract")  # or the directory of a trained Denoiser

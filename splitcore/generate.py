@@ -10,6 +10,7 @@ from typing import Protocol
 import torch
 
 from splitcore.cudagraph import DecoderPool
+from splitcore.defence import Protect
 from splitcore.errors import InvalidInput, LimitExceeded
 from splitcore.gpt2 import GPT2
 from splitcore.sampling import SamplingParams, make_generator, sample
@@ -134,7 +135,8 @@ class SplitStepper:
         link: TrunkLink,
         capacity: int = 0,
         pools: dict | None = None,
-        protect: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        protect: Protect | None = None,
+        context: str = "",
         tap: Callable[[torch.Tensor], None] | None = None,
         repair: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     ):
@@ -144,7 +146,8 @@ class SplitStepper:
         pools = pools or {}
         self.bottom = PartRun(bottom, capacity, pools.get("bottom"))
         self.top = PartRun(top, capacity, pools.get("top"))
-        self.link, self.protect, self.tap, self.repair = link, protect, tap, repair
+        self.link, self.tap, self.repair = link, tap, repair
+        self.protect = None if protect is None else protect.stream(context)  # this sequence's secret noise
         self.n_positions = bottom.n_positions
         # the latest step's client_ms, part by part: bottom, top blocks, final norm + LM head (0 when the top's
         # decode step is one CUDA graph: the head is inside it)
@@ -155,7 +158,7 @@ class SplitStepper:
         """Logits of the last new position (vocab,), or with `all_positions` of every new one (T, vocab)."""
         t0 = time.perf_counter()
         clean = self.bottom.run(ids)  # (1, T, C)
-        sent = clean if self.protect is None else self.protect(clean)
+        sent = clean if self.protect is None else self.protect(clean, ids)
         if self.tap is not None:
             self.tap(sent)
         t1 = time.perf_counter()
@@ -179,6 +182,8 @@ class SplitStepper:
         self.bottom.truncate(length)
         self.top.truncate(length)
         self.link.truncate(length)
+        if self.protect is not None:
+            self.protect.truncate(length)
 
     def close(self) -> None:
         try:

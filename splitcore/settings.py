@@ -21,11 +21,13 @@ def setting(
     *,
     flag: str | tuple[str, ...] | None = None,
     choices: list[str] | None = None,
+    hidden: bool = False,
 ) -> Any:
     """A field of a settings dataclass that declares its command-line flag once: `--field-name` (or `flag`), the
     environment variable(s) its default comes from (the first one set wins), its help and choices. See
-    `dataclass_flags`."""
-    return dataclasses.field(default=default, metadata={"env": env, "help": help, "flag": flag, "choices": choices})
+    `dataclass_flags`. A `hidden` flag works but is left out of --help (settings for tests and benchmarks)."""
+    meta = {"env": env, "help": help, "flag": flag, "choices": choices, "hidden": hidden}
+    return dataclasses.field(default=default, metadata=meta)
 
 
 _KINDS = {"int": int, "float": float, "str": str, "bool": bool, "tuple[str, ...]": tuple}
@@ -43,8 +45,12 @@ def dataclass_flags(p: argparse.ArgumentParser, cls, positional: tuple[str, ...]
         comments = {}
     for f in dataclasses.fields(cls):
         meta = f.metadata
-        kind = _KINDS[(f.type if isinstance(f.type, str) else f.type.__name__).split("|")[0].strip()]
+        kind = _KINDS[
+            (f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))).split("|")[0].strip()
+        ]
         text = (meta.get("help") or comments.get(f.name, "")).replace("%", "%%")  # argparse %-formats help
+        if meta.get("hidden"):
+            text = argparse.SUPPRESS
         if f.name in positional:
             p.add_argument(f.name, help=text)
             continue
@@ -61,12 +67,12 @@ def dataclass_flags(p: argparse.ArgumentParser, cls, positional: tuple[str, ...]
             default = _from_env(p, name, raw, kind, f.default)
         if kind is bool:
             where = f" (env {' or '.join(envs)})" if envs else ""
-            p.add_argument(*flags, dest=f.name, action="store_true", default=default, help=text + where)
+            p.add_argument(*flags, dest=f.name, action="store_true", default=default, help=_help(text, where))
         elif kind is tuple:  # a flag given any number of times (the environment's value: comma-separated)
             where = f" (env {' or '.join(envs)}, comma-separated)" if envs else ""
             metavar = flags[-1].lstrip("-").upper().replace("-", "_")
             p.add_argument(
-                *flags, dest=f.name, action=_Several, default=tuple(default), metavar=metavar, help=text + where
+                *flags, dest=f.name, action=_Several, default=tuple(default), metavar=metavar, help=_help(text, where)
             )
         else:
             where = f"env {' or '.join(envs)}; " if envs else ""
@@ -77,8 +83,12 @@ def dataclass_flags(p: argparse.ArgumentParser, cls, positional: tuple[str, ...]
                 default=default,
                 choices=meta.get("choices"),
                 metavar=None if meta.get("choices") else flags[-1].lstrip("-").upper().replace("-", "_"),
-                help=f"{text} ({where}default %(default)s)",
+                help=_help(text, f" ({where}default %(default)s)"),
             )
+
+
+def _help(text: str, more: str) -> str:
+    return text if text == argparse.SUPPRESS else text + more
 
 
 class _Several(argparse.Action):

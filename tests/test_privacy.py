@@ -26,7 +26,7 @@ from client.privacy import (
     vocabulary,
     windows,
 )
-from splitcore.defence import Noise, Protect
+from splitcore.defence import Noise
 from splitcore.errors import InvalidInput
 from splitcore.sampling import SamplingParams
 from tests.conftest import ROOT, TINY, subprocess_env, tiny_split_engine
@@ -113,23 +113,17 @@ def test_noise_is_calibrated_and_clipped():
     g = torch.Generator().manual_seed(0)
     h = torch.randn(4, 256, 64) * torch.tensor([1.0, 10.0, 100.0, 0.1])[:, None, None]
     for kind in ("gaussian", "laplace"):
-        out = Noise(kind, 2.0).apply(h, g)  # relative: std 2 x each position's RMS
+        out = Noise(kind, 2.0).apply(h, Noise(kind).sample(h.shape, g))  # relative: std 2 x each position's RMS
         rms = h.pow(2).mean(-1, keepdim=True).sqrt()
         ratio = ((out - h) / rms).std()
         assert 1.9 < float(ratio) < 2.1, (kind, float(ratio))
-    clipped = Noise("gaussian", 0.0, clip=1.0).apply(h, g)
+    z = Noise().sample(h.shape, g)
+    clipped = Noise("gaussian", 0.0, clip=1.0).apply(h)
     assert float(clipped.pow(2).mean(-1).sqrt().max()) <= 1.0 + 1e-5
     small = h[3:]  # under the clip: untouched
-    assert torch.equal(Noise("gaussian", 0.0, clip=1.0).apply(small, g), small)
-    fixed = Noise("gaussian", 0.5, clip=1.0).apply(h, g) - Noise("gaussian", 0.0, clip=1.0).apply(h, g)
+    assert torch.equal(Noise("gaussian", 0.0, clip=1.0).apply(small), small)
+    fixed = Noise("gaussian", 0.5, clip=1.0).apply(h, z) - Noise("gaussian", 0.0, clip=1.0).apply(h)
     assert 0.45 < float(fixed.std()) < 0.55  # with a clip the noise does not depend on the data
-
-
-def test_protect_draws_secret_noise_unless_seeded():
-    h = torch.ones(1, 3, 8)
-    a, b = Protect(Noise("gaussian", 1.0))(h), Protect(Noise("gaussian", 1.0))(h)
-    assert not torch.equal(a, b)
-    assert torch.equal(Protect(Noise("gaussian", 1.0), seed=5)(h), Protect(Noise("gaussian", 1.0), seed=5)(h))
 
 
 def test_defended_generation_and_training_over_grpc(models_dir, server_target):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import logging
+import subprocess
+import sys
 from pathlib import Path
 
 import grpc
@@ -22,7 +24,7 @@ from server.config import ServerConfig
 from splitcomm.errors import TrunkError
 from splitcomm.trunk_client import TrunkClient, TrunkClientConfig
 from splitcore.sampling import SamplingParams
-from tests.conftest import TINY, Replicas, start_tiny_server, tiny_split_engine
+from tests.conftest import ROOT, TINY, Replicas, start_tiny_server, subprocess_env, tiny_split_engine
 
 TOKEN = "s3cret-token"
 GREEDY = SamplingParams(temperature=0.0)
@@ -181,3 +183,94 @@ def test_insecure_bind_beyond_loopback_warns(models_dir, tiny, caplog):
         srv.start()
     srv.stop(0)
     assert "without TLS" in caplog.text
+
+
+# --- No open doors by default (docs/privacy.md, "Who can reach what") ---------------------------------------
+
+
+def _app_args(**kw):
+    import argparse
+
+    return argparse.Namespace(**({"host": "127.0.0.1", "auth": None, "no_auth": False} | kw))
+
+
+def test_apps_listen_on_loopback_and_beyond_it_only_with_a_login_or_on_purpose(caplog):
+    from splitcore.cli import app_login, app_settings
+    from splitcore.errors import InvalidInput
+
+    settings = app_settings("GPT2_X_PORT", 1, "GPT2_X_LOG", "x.log")
+    assert settings().host == "127.0.0.1"
+    assert app_login(_app_args()) is None
+    with pytest.raises(InvalidInput, match="would listen on 0.0.0.0 with no login.*--auth USER:PASS.*--no-auth"):
+        app_login(_app_args(host="0.0.0.0"))
+    assert app_login(_app_args(host="0.0.0.0", auth="ada:pw:with:colons")) == ("ada", "pw:with:colons")
+    with pytest.raises(InvalidInput, match="--auth: give USER:PASS"):
+        app_login(_app_args(auth="ada"))
+    with caplog.at_level("WARNING"):
+        assert app_login(_app_args(host="0.0.0.0", no_auth=True)) is None
+    assert "with no login (--no-auth)" in caplog.text
+
+
+def test_an_app_on_an_open_address_is_refused_in_one_line():
+    out = subprocess.run(
+        [sys.executable, "-m", "client", "serve", "--host", "0.0.0.0", "--model", TINY],
+        capture_output=True, text=True, cwd=ROOT, env=subprocess_env(), timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        "error: the app would listen on 0.0.0.0 with no login: anyone who reaches it could generate and fine-tune; "
+        "give --auth USER:PASS (or GPT2_UI_AUTH), or --no-auth to serve it open on purpose"
+    ]
+
+
+def test_the_finetune_tab_reads_uploads_or_the_data_folder_only(tmp_path):
+    import gradio as gr
+
+    from client.finetune_tab import inside
+
+    data = tmp_path / "data"
+    (data / "sub").mkdir(parents=True)
+    (data / "sub" / "a.txt").write_text("text")
+    (tmp_path / "secret").write_text("key")
+    (data / "link").symlink_to(tmp_path / "secret")
+    assert inside("sub/a.txt", str(data)) == (data / "sub" / "a.txt").resolve()
+    assert inside(str(data / "sub"), str(data)) == (data / "sub").resolve()
+    for escape in ("../secret", str(tmp_path / "secret"), "link", "/etc/passwd", "~/.ssh/id_rsa"):
+        with pytest.raises(gr.Error, match="outside the data folder"):
+            inside(escape, str(data))
+    with pytest.raises(gr.Error, match="reads uploads only"):
+        inside("sub/a.txt", None)
+
+
+@pytest.mark.parametrize(
+    ("settings", "refused"),
+    [
+        ({"server": "10.1.2.3:50051"}, True),
+        ({"server": "127.0.0.1:50051,gpu-host:50051"}, True),
+        ({"server": "10.1.2.3:50051", "insecure": True}, False),
+        ({"server": "10.1.2.3:50051", "tls_ca": "ca.pem"}, False),
+        ({"server": "127.0.0.1:50051,localhost:50052"}, False),
+        ({"server": "[::1]:50051"}, False),
+    ],
+)
+def test_the_client_sends_no_token_in_clear_beyond_loopback(settings, refused):
+    from client.config import ClientConfig
+    from splitcore.errors import InvalidInput
+
+    cfg = ClientConfig(auth_token="s3cret", **settings)
+    if refused:
+        with pytest.raises(InvalidInput, match="--auth-token would cross to .* in the clear.*--tls-ca.*--insecure"):
+            cfg.trunk_client_config()
+    else:
+        assert cfg.trunk_client_config().token == "s3cret"
+
+
+def test_the_defence_seed_is_hidden_and_warns(models_dir, caplog):
+    from client.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if hasattr(a, "choices") and a.choices)
+    for command in ("generate", "serve", "api", "train"):
+        assert "--defence-seed" not in sub.choices[command].format_help(), command
+    with caplog.at_level("WARNING"):
+        tiny_split_engine(models_dir, local_trunk=True, defence="gaussian", noise_scale=1.0, defence_seed=3).close()
+    assert "--defence-seed 3: the noise is a function of this seed" in caplog.text

@@ -291,7 +291,8 @@ def test_finetune_tab_trains_then_generation_uses_the_adapter(browser, trunk, mo
     from splitcore.sampling import SamplingParams
 
     engine = tiny_split_engine(models_dir, f"127.0.0.1:{trunk['port']}")
-    demo, feed = build_app(engine, monitor_interval_s=0.5)
+    data_dir = CORPUS.parent
+    demo, feed = build_app(engine, monitor_interval_s=0.5, data_dir=str(data_dir))
     port = free_port()
     ui.launch(demo, "127.0.0.1", port, block=False)
     page = browser.new_page(viewport={"width": 1400, "height": 1200})
@@ -299,7 +300,11 @@ def test_finetune_tab_trains_then_generation_uses_the_adapter(browser, trunk, mo
     try:
         page.goto(f"http://127.0.0.1:{port}")
         page.get_by_role("tab", name="Fine-tune").click()
-        page.get_by_label("…or a path on this machine (file or directory)").fill(str(CORPUS))
+        path_box = page.get_by_label(f"…or a file or folder in {data_dir}")
+        path_box.fill("../../README.md")  # outside the data folder: refused, nothing read
+        page.get_by_role("button", name="Start fine-tuning").click()
+        page.get_by_text("is outside the data folder").first.wait_for(timeout=30_000)
+        path_box.fill(CORPUS.name)
         for label, value in [("Steps", "6"), ("Batch size", "2"), ("Block size", "32"), ("LoRA rank", "4")]:
             page.get_by_label(label, exact=True).fill(value)
         page.get_by_label("Learning rate", exact=True).fill("0.03")
@@ -415,3 +420,33 @@ def test_monitoring_tab_shows_each_replica(browser, models_dir, tiny):
         demo.close()
         engine.close()
         replicas.stop(0.5)
+
+
+def test_app_started_with_auth_asks_for_the_login(browser, tmp_path):
+    """`python -m baseline --auth USER:PASS` (the same flag as the split client's app): a browser sees a login
+    form, a wrong password is refused, the right one opens the app, which generates."""
+    from tests.conftest import TINY, subprocess_env
+    from tests.scripts_support import Script, http_ok
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "baseline", "serve", "--model", TINY, "--port", str(port), "--auth", "ada:s3cret-pass"]
+    app = Script(cmd, subprocess_env(GPT2_FULL_LOG=str(tmp_path / "full.log")), tmp_path / "out.log")
+    try:
+        app.wait_until({"the app": lambda: http_ok(f"http://127.0.0.1:{port}/")}, timeout=120)
+        page = browser.new_page()
+        page.goto(f"http://127.0.0.1:{port}")
+        page.get_by_label("username").fill("ada")
+        page.get_by_label("password").fill("wrong")
+        page.get_by_role("button", name="Login").click()
+        page.get_by_text("Incorrect Credentials").first.wait_for(timeout=20_000)
+        page.get_by_label("username").fill("ada")
+        page.get_by_label("password").fill("s3cret-pass")
+        page.get_by_role("button", name="Login").click()
+        page.get_by_role("button", name="Generate").wait_for(timeout=30_000)
+        _shot(page, "full_login")
+        page.get_by_role("spinbutton", name="number input for Max tokens").fill("5")
+        page.get_by_role("button", name="Generate").click()
+        page.get_by_text("tokens in").first.wait_for(timeout=60_000)
+        page.close()
+    finally:
+        app.stop()

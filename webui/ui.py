@@ -260,12 +260,14 @@ def latency_tab(history: gr.State, every_s: float = 5.0) -> None:
     refresh.click(update, [history], outs)
 
 
-def launch(demo: gr.Blocks, host: str, port: int, block: bool = True) -> None:
-    """Serve an app; `block=False` returns once it is up (tests). GRADIO_SHARE=1 asks for a public link."""
+def launch(demo: gr.Blocks, host: str, port: int, block: bool = True, login: tuple[str, str] | None = None) -> None:
+    """Serve an app; `block=False` returns once it is up (tests). `login`: (user, password) of Gradio's own auth.
+    GRADIO_SHARE=1 asks for a public link."""
     share = os.environ.get("GRADIO_SHARE", "0").lower() in ("1", "true", "yes")
     demo.queue(default_concurrency_limit=1).launch(
         server_name=host,
         server_port=port,
+        auth=login,
         share=share,
         inbrowser=False,
         theme=THEME,
