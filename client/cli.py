@@ -58,10 +58,11 @@ def add_split_args(p: argparse.ArgumentParser) -> None:
 def add_train_command(sub) -> None:
     t = sub.add_parser(
         "train",
-        help="fine-tune a LoRA adapter across the split (data and labels stay here)",
+        help="fine-tune a LoRA adapter across the split (the text stays here; the gradients sent reveal it)",
         description="Fine-tune GPT-2 across the split: the trunk server trains a LoRA adapter on its blocks from "
-        "hidden states and gradients; text, token ids and labels never leave this machine. The adapter is saved "
-        "in PEFT's format in --out.",
+        "hidden states and gradients. Text and token ids never leave this machine, but the gradient sent back lets "
+        "the trunk's operator solve for the labels (the text's next tokens): see docs/privacy.md. The adapter is "
+        "saved in PEFT's format in --out.",
     )
     add_split_args(t)
     dataclass_flags(t, TrainConfig)

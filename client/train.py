@@ -1,5 +1,6 @@
-"""Split learning on the client: the data, the labels, the embeddings, the bottom and the top stay here; the
-trunk server trains a LoRA adapter on its blocks from the hidden states and gradients that cross the cut.
+"""Split learning on the client: the data, the embeddings, the bottom and the top stay here; the trunk server
+trains a LoRA adapter on its blocks from the hidden states and gradients that cross the cut. The gradient of the
+trunk's output gives the labels back to a trunk that runs the public top (docs/privacy.md).
 
 SplitTrainer drives a training session over gRPC; LocalTrainer is the reference (the whole model in this
 process, plain autograd); `train` runs either over text files with evaluation, checkpoints and resume, and
@@ -248,7 +249,9 @@ class SplitTrainer:
         h2 = fwd.tensor.to(self.top.device, self.top.dtype).requires_grad_(True)
         with torch.enable_grad():
             top_in = self.repair(h2, clean.detach(), h1.detach())  # h2 + a constant: h2.grad is the trunk's
-            loss = lm_loss(self.top(top_in, all_positions=True), ids.to(self.top.device))  # labels never leave
+            loss = lm_loss(
+                self.top(top_in, all_positions=True), ids.to(self.top.device)
+            )  # the labels stay here; dL/dh2 reveals them
             loss.backward()
         back = self.remote.backward(step, h2.grad)
         if self.client_trains:

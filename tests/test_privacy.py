@@ -286,3 +286,36 @@ def test_learned_denoiser_starts_as_subtraction_learns_and_generates(models_dir,
         tiny_split_engine(models_dir, local_trunk=True, defence="gaussian", noise_scale=1.0, denoise=str(tmp_path))
     with pytest.raises(InvalidInput, match="unknown denoiser 'blur'"):
         tiny_split_engine(models_dir, local_trunk=True, defence="gaussian", noise_scale=1.0, denoise="blur")
+
+
+@pytest.mark.parametrize("client_train", ["none", "lora"])
+def test_the_gradient_of_split_training_gives_the_labels_back(models_dir, server_target, client_train):
+    """What the trunk holds in a split training step (its output) and what the client sends back (the gradient),
+    read by the gradient attack through the public top: the training labels, all of them with the public top
+    (--client-train none), and nearly all with a LoRA the client trains on its top (it starts at zero). The docs
+    say so (docs/privacy.md); a defence of the backward must make this test's reading drop."""
+    from client.gradient_attack import GradientLabels, StepTap
+    from client.train import SplitTrainer, TrainConfig
+    from splitcore.training import TextData
+
+    e = tiny_split_engine(models_dir, server_target)
+    try:
+        data = TextData.from_path(ROOT / "tests" / "data" / "corpus.txt", e.encode, block=24)
+        trainer = SplitTrainer(e, TrainConfig(lora_rank=2, lr=1e-2, seed=1).lora(), client_train=client_train)
+        trainer.remote = tap = StepTap(trainer.remote)
+        batches = [data.batch(step, 2, seed=0) for step in range(1, 4)]
+        try:
+            for step, ids in enumerate(batches, 1):
+                trainer.step(step, ids)
+        finally:
+            trainer.close()
+        public = tiny_split_engine(models_dir, local_trunk=True)  # the attacker's: the public weights alone
+        attack = GradientLabels(public.parts["top"])
+        read = [attack.read(h, g) for h, g in tap.steps]
+        public.close()
+        hits = sum(int((r == ids[:, 1:]).sum()) for r, ids in zip(read, batches, strict=True))
+        total = sum(ids[:, 1:].numel() for ids in batches)
+    finally:
+        e.close()
+    print(f"gradient attack, --client-train {client_train}: {hits} of {total} training labels read")
+    assert hits / total >= (0.98 if client_train == "none" else 0.9), (hits, total)

@@ -1,0 +1,95 @@
+"""The gradient attack on split training: what the trunk's operator reads of the training labels from what crosses.
+
+In a U-shaped step the trunk sends its output h to the client, and the client sends back g = dL/dh, where L is
+the mean cross-entropy of the top's logits against the labels (the next tokens of the private text). The top
+blocks, the final norm and the LM head are public weights (with `--client-train none` they are exactly the
+client's). For logits z_t = W u_t(h):
+
+    dL/dh = 1/N sum_t (dz_t/dh)^T (softmax(z_t) - onehot(y_t))
+
+so A = 1/N sum_t (dz_t/dh)^T softmax(z_t), which the trunk computes from h alone, gives
+R = N (A - g) = sum_t d z_t[y_t] / dh. Causality makes this triangular: position s of R holds its own label's
+term (du_s/dh_s)^T W[y_s] plus the terms of the labels after it. Going from the last position back, the trunk
+subtracts the terms of the labels already read and picks the label whose own term is nearest to what is left.
+Exact up to float error when the client's top is the public one; against a top the client trained
+(`--client-train lora|full`) the public top is the attacker's best guess.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from splitcore.gpt2 import GPT2
+
+
+class GradientLabels:
+    """Reads the labels of a split training step from the trunk's output and the gradient the client sent."""
+
+    name = "gradient attack (public top)"
+
+    def __init__(self, top: GPT2):
+        self.top = top.eval().requires_grad_(False)
+
+    def _u(self, h: torch.Tensor) -> torch.Tensor:
+        """The final norm's output (B, T, d): the LM head's input."""
+        return self.top.ln_f(self.top.hidden(h))
+
+    def read(self, h: torch.Tensor, grad: torch.Tensor, n_terms: int | None = None) -> torch.Tensor:
+        """Labels (B, T-1) of a step from the trunk's output `h` (B, T, d) and the gradient `grad` received for it.
+        `n_terms`: how many positions the loss averages over (the code's lm_loss: B * (T-1))."""
+        b, t, _ = h.shape
+        n = n_terms or b * (t - 1)
+        return torch.stack([self._window(h[i : i + 1].detach().float(), grad[i].detach().float(), n) for i in range(b)])
+
+    def _window(self, h: torch.Tensor, g: torch.Tensor, n: int) -> torch.Tensor:
+        top, w = self.top, self.top.lm_head.weight.float()  # (V, d)
+        t = h.shape[1]
+        with torch.enable_grad():
+            x = h.clone().requires_grad_(True)
+            z = top.lm_head(self._u(x))[0, :-1]  # (T-1, V): the positions the loss counts
+            soft = (torch.softmax(z.float(), -1).detach() * z).sum()
+            (a,) = torch.autograd.grad(soft, x)
+        rest = n * a[0] - n * g  # (T, d): sum over positions of d z_t[y_t] / dh
+        labels = torch.zeros(t - 1, dtype=torch.long)
+        for s in range(t - 2, -1, -1):
+            jac = self._jacobian(h, s)  # (d, d): du_s / dh_s
+            own = w @ jac  # (V, d): the term each candidate label would leave at position s
+            r = rest[s]
+            y = int(((own * own).sum(-1) - 2 * own @ r).argmin())
+            labels[s] = y
+            with torch.enable_grad():  # take this label's terms out of every earlier position
+                x = h[:, : s + 1].clone().requires_grad_(True)
+                (gy,) = torch.autograd.grad(top.lm_head(self._u(x))[0, s, y], x)
+            rest[: s + 1] -= gy[0]
+        return labels
+
+    def _jacobian(self, h: torch.Tensor, s: int) -> torch.Tensor:
+        """du_s/dh_s (d_out, d_in) by one batched backward pass: row i is the gradient of u_s[i]."""
+        d = h.shape[-1]
+        with torch.enable_grad():
+            x = h[:, : s + 1].expand(d, -1, -1).clone().requires_grad_(True)
+            u = self._u(x)[:, s]  # (d, d): copy i's u_s
+            (gx,) = torch.autograd.grad(u.diagonal().sum(), x)
+        return gx[:, s]  # (d_out, d_in)
+
+
+class StepTap:
+    """Wraps a split trainer's remote: keeps, for each training step, what the trunk holds (its output) and what
+    the client sent back (the gradient), as the trunk's operator would."""
+
+    def __init__(self, remote):
+        self.remote, self.steps = remote, []
+        self._out = None
+
+    def forward(self, step, h, eval: bool = False):
+        reply = self.remote.forward(step, h, eval=eval) if eval else self.remote.forward(step, h)
+        if not eval:
+            self._out = reply.tensor.detach().clone()
+        return reply
+
+    def backward(self, step, grad):
+        self.steps.append((self._out, grad.detach().clone()))
+        return self.remote.backward(step, grad)
+
+    def __getattr__(self, name):
+        return getattr(self.remote, name)
