@@ -78,22 +78,13 @@ def test_run_server(tmp_path, models_dir, hf_greedy, tokenizer):
         script.stop()
 
 
-def test_run_client(tmp_path, server_target, hf_greedy):
-    """The split client app against a running trunk server (GPT2_TRUNK_SERVER)."""
+@pytest.mark.parametrize(
+    ("name", "port_env"), [("run_client.sh", "GPT2_CLIENT_PORT"), ("run_full.sh", "GPT2_FULL_PORT")]
+)
+def test_run_app(tmp_path, server_target, hf_greedy, name, port_env):
+    """One app: the split client's against a running trunk server (GPT2_TRUNK_SERVER), or the full model's."""
     (port,) = free_ports(1)
-    script = run(tmp_path, "run_client.sh", GPT2_CLIENT_PORT=str(port), GPT2_TRUNK_SERVER=server_target)
-    try:
-        script.wait_until({f"app :{port}": lambda: http_ok(f"http://127.0.0.1:{port}/")})
-        assert app_generate(port, PROMPT) == hf_greedy
-        script.ctrl_c([port])
-    finally:
-        script.stop()
-
-
-def test_run_full(tmp_path, hf_greedy):
-    """The full-model app."""
-    (port,) = free_ports(1)
-    script = run(tmp_path, "run_full.sh", GPT2_FULL_PORT=str(port))
+    script = run(tmp_path, name, **{port_env: str(port), "GPT2_TRUNK_SERVER": server_target})
     try:
         script.wait_until({f"app :{port}": lambda: http_ok(f"http://127.0.0.1:{port}/")})
         assert app_generate(port, PROMPT) == hf_greedy
@@ -130,7 +121,7 @@ def test_scripts_named_in_the_docs_are_tested():
     for page in [ROOT / "README.md", *(ROOT / "docs").rglob("*.md")]:
         named |= set(re.findall(r"scripts/(run_\w+\.sh)", page.read_text()))
     source = (ROOT / "tests" / "test_run_scripts.py").read_text()
-    tested = set(re.findall(r'run\(tmp_path, "(run_\w+\.sh)"', source))
+    tested = set(re.findall(r'"(run_\w+\.sh)"', source))
     assert named, "the docs name no run script"
     assert named <= tested, f"run scripts named in the docs without a test: {sorted(named - tested)}"
     assert tested <= {p.name for p in (ROOT / "scripts").glob("run_*.sh")}
