@@ -10,7 +10,7 @@ from splitcomm.trunk_client import TrunkClientConfig
 from splitcore.defence import DENOISERS, NOISE_KINDS, Noise
 from splitcore.errors import InvalidInput
 from splitcore.parts import DEFAULT_SPLIT
-from splitcore.settings import GenerateConfig, setting
+from splitcore.settings import GenerateConfig, is_loopback, setting
 
 DEFENCES = ("none", *NOISE_KINDS)
 
@@ -112,7 +112,8 @@ class ClientConfig(GenerateConfig):
 
     def trunk_client_config(self) -> TrunkClientConfig:
         if self.auth_token and not self.tls_ca and not self.insecure and not self.local_trunk:
-            beyond = [e for e in self.server.split(",") if e.strip() and not _loopback(e)]
+            hosts = [e.strip().split("///")[-1].rpartition(":")[0] for e in self.server.split(",") if e.strip()]
+            beyond = [h for h in hosts if not is_loopback(h)]
             if beyond:
                 raise InvalidInput(
                     f"--auth-token would cross to {beyond[0].strip()} in the clear, where anyone on the way can read "
@@ -128,9 +129,3 @@ class ClientConfig(GenerateConfig):
             tls_server_name=self.tls_server_name,
             token=self.auth_token,
         )
-
-
-def _loopback(address: str) -> bool:
-    """Whether a trunk address (host:port, [v6]:port or a URI such as dns:///host:port) names this machine."""
-    host = address.strip().split("///")[-1].rpartition(":")[0].strip("[]") or address.strip()
-    return host in ("localhost", "::1") or host.startswith("127.")

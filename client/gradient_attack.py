@@ -82,7 +82,7 @@ class StepTap:
         self._out = None
 
     def forward(self, step, h, eval: bool = False):
-        reply = self.remote.forward(step, h, eval=eval) if eval else self.remote.forward(step, h)
+        reply = self.remote.forward(step, h, eval=eval)
         if not eval:
             self._out = reply.tensor.detach().clone()
         return reply

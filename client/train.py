@@ -249,9 +249,8 @@ class SplitTrainer:
         h2 = fwd.tensor.to(self.top.device, self.top.dtype).requires_grad_(True)
         with torch.enable_grad():
             top_in = self.repair(h2, clean.detach(), h1.detach())  # h2 + a constant: h2.grad is the trunk's
-            loss = lm_loss(
-                self.top(top_in, all_positions=True), ids.to(self.top.device)
-            )  # the labels stay here; dL/dh2 reveals them
+            # the labels stay here, but the gradient sent for h2 gives them back (client/gradient_attack.py)
+            loss = lm_loss(self.top(top_in, all_positions=True), ids.to(self.top.device))
             loss.backward()
         back = self.remote.backward(step, h2.grad)
         if self.client_trains:

@@ -37,12 +37,12 @@ from splitcore.fingerprint import model_fingerprint
 from splitcore.logs import setup_logging
 from splitcore.models import resolve_with_fallback
 from splitcore.parts import Split, load_parts
+from splitcore.settings import is_loopback
 
 logger = logging.getLogger(__name__)
 
 VERSION = "0.1.0"
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Trunk"].full_name
-LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
 SIGNAL_POLL_S = 0.2  # how soon a signal taken by another thread gets handled
 DRAIN_POLL_S = 0.05  # how often a draining server looks whether its sessions have ended
 
@@ -178,7 +178,7 @@ class TrunkServer:
         address = f"[{host}]:{self.cfg.port}" if ":" in host and not host.startswith("[") else f"{host}:{self.cfg.port}"
         self.port = add_port(self.grpc_server, address, self.cfg.tls_cert, self.cfg.tls_key, self.cfg.tls_client_ca)
         missing = [what for what, have in (("TLS", self.cfg.tls_cert), ("a token", self.cfg.auth_token)) if not have]
-        if host not in LOOPBACK and missing:
+        if not is_loopback(host) and missing:
             logger.warning(
                 "listening on %s without %s: %s; use --tls-cert/--tls-key and --auth-token beyond a trusted network",
                 address,

@@ -57,6 +57,7 @@ from splitcore.engine import Engine
 from splitcore.errors import InvalidInput, LimitExceeded, RemoteError, RemoteUnavailable, SplitError
 from splitcore.generate import PromptLogprobs, TokenEvent
 from splitcore.sampling import SamplingParams
+from splitcore.settings import is_loopback
 from splitcore.stats import GenerationStats
 
 logger = logging.getLogger(__name__)
@@ -722,7 +723,7 @@ def serve(engine: Engine, args: argparse.Namespace) -> None:
     import uvicorn
 
     api = API(engine, model_card(engine), args.api_key)
-    if not args.api_key and args.host not in ("127.0.0.1", "localhost", "::1"):
+    if not args.api_key and not is_loopback(args.host):
         logger.warning("the API listens on %s without --api-key: anyone who reaches it can generate", args.host)
     print(f"OpenAI-compatible API on http://{args.host}:{args.port}/v1 (model '{api.model_id}')", flush=True)
     try:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, make_dataclass
 from splitcore.engine import Engine
 from splitcore.errors import InvalidInput, SplitError
 from splitcore.sampling import SamplingParams
-from splitcore.settings import GenerateConfig, dataclass_flags, setting
+from splitcore.settings import GenerateConfig, dataclass_flags, is_loopback, setting
 
 logger = logging.getLogger(__name__)
 
@@ -96,13 +96,6 @@ def app_parser(
     if serve_settings is not None:
         dataclass_flags(s, serve_settings)
     return p
-
-
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
-
-
-def is_loopback(host: str) -> bool:
-    return host in LOOPBACK or host.startswith("127.")
 
 
 def app_login(args: argparse.Namespace) -> tuple[str, str] | None:

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from torch import nn
 
 from splitcore.errors import InvalidInput
@@ -119,14 +120,17 @@ class Protect:
             raise InvalidInput("a defence's secret needs at least 128 bits")
         self.noise = noise
         self._key = hashlib.blake2b(b"prefix chain", key=secret, digest_size=32).digest()
-        self.root = self._digest(b"root")
 
     def _digest(self, data: bytes) -> bytes:
         return hashlib.blake2b(data, key=self._key, digest_size=32).digest()
 
+    def root(self, context: str = "") -> bytes:
+        """The digest of the empty prefix in `context`."""
+        return self._digest(b"root " + context.encode())
+
     def chain(self, ids, start: bytes | None = None) -> list[bytes]:
         """The digests of each prefix that extends `start` (default: the empty prefix) by `ids`, one per token."""
-        out, d = [], self.root if start is None else start
+        out, d = [], self.root() if start is None else start
         for t in ids:
             d = self._digest(d + int(t).to_bytes(4, "little"))
             out.append(d)
@@ -134,8 +138,6 @@ class Protect:
 
     def draws(self, digests: list[bytes], d: int) -> torch.Tensor:
         """Unit draws (len(digests), d) of the noise, each row from its prefix digest's ChaCha20 keystream."""
-        from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
-
         zero, nonce = bytes(8 * d), bytes(16)
         stream = b"".join(Cipher(algorithms.ChaCha20(k, nonce), mode=None).encryptor().update(zero) for k in digests)
         u = torch.from_numpy(np.frombuffer(stream, dtype=np.uint32).reshape(len(digests), 2, d).astype(np.float64))
@@ -152,11 +154,7 @@ class Protect:
         first position (a prompt, a training window)."""
         if not self.noise.active:
             return h
-        z = None
-        if self.noise.scale > 0:
-            rows = ids.reshape(-1, ids.shape[-1]).tolist()
-            z = torch.stack([self.draws(self.chain(row), h.shape[-1]) for row in rows]).view(h.shape)
-        return self.noise.apply(h, z)
+        return torch.cat([self.stream()(h[i : i + 1], ids[i : i + 1]) for i in range(h.shape[0])])
 
     def stream(self, context: str = "") -> NoiseStream:
         """A growing sequence's defence; `context` (the bottom's adapter) keys its chain, so that two bottoms never
@@ -168,8 +166,7 @@ class NoiseStream:
     """One growing sequence's defence (a generation): the prefix digests so far, cut back with the sequence."""
 
     def __init__(self, protect: Protect, context: str = ""):
-        root = protect.root if not context else protect._digest(protect.root + b"context " + context.encode())
-        self.protect, self.digests = protect, [root]
+        self.protect, self.digests = protect, [protect.root(context)]
 
     def __call__(self, h: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """What crosses for `h` (1, T, d), the bottom's output for the next T token ids (1, T) of the sequence."""

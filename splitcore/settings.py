@@ -178,3 +178,9 @@ def parse_adapters(specs, reserved: str = "") -> dict[str, str]:
             raise InvalidInput(f"--adapter: the name '{name}' is given twice (or is the base model's); name each one")
         out[name] = path
     return out
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a host (a name, an IPv4 or IPv6 address, bracketed or not) is this machine's loopback."""
+    host = host.strip().strip("[]")
+    return host in ("localhost", "::1") or host.startswith("127.")
