@@ -3,6 +3,7 @@ environment variables (splitcore/settings.py)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,6 +77,12 @@ class ClientConfig(GenerateConfig):
         "repair the trunk's answer on the client: subtract takes the client's own noise back out of it; a "
         "directory from `python -m client train-denoiser` also repairs what the trunk made of the noise",
     )
+    grad_noise: float = setting(
+        0.0,
+        "GPT2_GRAD_NOISE",
+        "split training: secret gaussian noise on the gradient sent back to the trunk, its std a multiple of each "
+        "position's gradient RMS (the gradient gives the labels back without it: docs/privacy.md); 0 = off",
+    )
     defence_seed: int | None = setting(
         None, None, "a fixed secret for the noise, for tests and benchmarks only (logs a warning)", hidden=True
     )
@@ -109,6 +116,12 @@ class ClientConfig(GenerateConfig):
                 raise InvalidInput("--noise-scale and --noise-clip need a defence: --defence gaussian or laplace")
             return Noise()
         return Noise(self.defence, self.noise_scale, self.noise_clip)
+
+    def grad_noise_defence(self) -> Noise:
+        """The defence of the gradient sent to the trunk in split training, checked."""
+        if not math.isfinite(self.grad_noise) or self.grad_noise < 0:
+            raise InvalidInput(f"--grad-noise must be a finite number >= 0, got {self.grad_noise}")
+        return Noise("gaussian", self.grad_noise)
 
     def trunk_client_config(self) -> TrunkClientConfig:
         if self.auth_token and not self.tls_ca and not self.insecure and not self.local_trunk:

@@ -17,7 +17,7 @@ from splitcomm.proto import trunk_pb2 as pb
 from splitcomm.trunk_client import TrunkClient, TrunkSession
 from splitcore.compress import Compression
 from splitcore.cudagraph import DecoderPool
-from splitcore.defence import Denoiser, Protect, secret_from_seed, subtract_noise
+from splitcore.defence import Denoiser, Noise, Protect, secret_from_seed, subtract_noise
 from splitcore.device import configure_attention, resolve_device, resolve_dtype, use_cuda_graphs
 from splitcore.engine import Engine, Notify, Tap
 from splitcore.errors import InvalidInput, Mismatch
@@ -219,15 +219,16 @@ class SplitEngine(Engine):
             raise InvalidInput("--privacy-meter needs public text to train its attacker on: give --attack-data")
         if cfg.attack_steps < 1:
             raise InvalidInput(f"--attack-steps must be at least 1, got {cfg.attack_steps}")
-        self.protect = None
-        if self.noise.active:
-            if cfg.defence_seed is not None:
-                logger.warning(
-                    "--defence-seed %d: the noise is a function of this seed, and whoever knows it can remove it; "
-                    "for tests and benchmarks only",
-                    cfg.defence_seed,
-                )
-            self.protect = Protect(self.noise, None if cfg.defence_seed is None else secret_from_seed(cfg.defence_seed))
+        grad_noise = cfg.grad_noise_defence()
+        if cfg.defence_seed is not None and (self.noise.active or grad_noise.active):
+            logger.warning(
+                "--defence-seed %d: the noise is a function of this seed, and whoever knows it can remove it; "
+                "for tests and benchmarks only",
+                cfg.defence_seed,
+            )
+        secret = Protect(Noise(), None if cfg.defence_seed is None else secret_from_seed(cfg.defence_seed))
+        self.protect = secret.with_noise(self.noise) if self.noise.active else None
+        self.protect_grad = secret.with_noise(grad_noise) if grad_noise.active else None  # split training's
         self.repair = None
         if self.protect is not None and cfg.denoise == "subtract":
             self.repair = subtract_noise

@@ -7,12 +7,16 @@ client's). For logits z_t = W u_t(h):
 
     dL/dh = 1/N sum_t (dz_t/dh)^T (softmax(z_t) - onehot(y_t))
 
-so A = 1/N sum_t (dz_t/dh)^T softmax(z_t), which the trunk computes from h alone, gives
-R = N (A - g) = sum_t d z_t[y_t] / dh. Causality makes this triangular: position s of R holds its own label's
+so A = sum_t (dz_t/dh)^T softmax(z_t), which the trunk computes from h alone, gives
+R = A - N g = sum_t d z_t[y_t] / dh. Causality makes this triangular: position s of R holds its own label's
 term (du_s/dh_s)^T W[y_s] plus the terms of the labels after it. Going from the last position back, the trunk
 subtracts the terms of the labels already read and picks the label whose own term is nearest to what is left.
 Exact up to float error when the client's top is the public one; against a top the client trained
 (`--client-train lora|full`) the public top is the attacker's best guess.
+
+Under the client's gradient noise (`--grad-noise S`: gaussian, std S x each position's gradient RMS, which the
+attacker knows as it knows the code) the attacker reads MAP: the distance scaled by the noise's variance, less
+the log-probability of the label under the public model at that position (the prior: what the text says next).
 """
 
 from __future__ import annotations
@@ -27,8 +31,9 @@ class GradientLabels:
 
     name = "gradient attack (public top)"
 
-    def __init__(self, top: GPT2):
+    def __init__(self, top: GPT2, noise_scale: float = 0.0):
         self.top = top.eval().requires_grad_(False)
+        self.noise_scale = noise_scale  # the client's --grad-noise
 
     def _u(self, h: torch.Tensor) -> torch.Tensor:
         """The final norm's output (B, T, d): the LM head's input."""
@@ -47,15 +52,20 @@ class GradientLabels:
         with torch.enable_grad():
             x = h.clone().requires_grad_(True)
             z = top.lm_head(self._u(x))[0, :-1]  # (T-1, V): the positions the loss counts
-            soft = (torch.softmax(z.float(), -1).detach() * z).sum()
+            log_p = torch.log_softmax(z.float(), -1).detach()  # (T-1, V): the public model's prior
+            soft = (log_p.exp() * z).sum()
             (a,) = torch.autograd.grad(soft, x)
-        rest = n * a[0] - n * g  # (T, d): sum over positions of d z_t[y_t] / dh
+        rest = a[0] - n * g  # (T, d): sum over positions of d z_t[y_t] / dh
+        s2 = self.noise_scale**2
+        # the noise's variance per coordinate of `rest`, from what was received: RMS(g_t)^2 (1 + S^2) observed
+        var = (n * n) * g.pow(2).mean(-1) * s2 / (1 + s2)  # (T,)
         labels = torch.zeros(t - 1, dtype=torch.long)
         for s in range(t - 2, -1, -1):
             jac = self._jacobian(h, s)  # (d, d): du_s / dh_s
             own = w @ jac  # (V, d): the term each candidate label would leave at position s
             r = rest[s]
-            y = int(((own * own).sum(-1) - 2 * own @ r).argmin())
+            dist = (own * own).sum(-1) - 2 * own @ r  # ||own - r||^2 less a constant
+            y = int((dist / (2 * var[s]) - log_p[s]).argmin()) if s2 > 0 else int(dist.argmin())
             labels[s] = y
             with torch.enable_grad():  # take this label's terms out of every earlier position
                 x = h[:, : s + 1].clone().requires_grad_(True)

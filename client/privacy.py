@@ -83,6 +83,24 @@ class Observer:
         return self.noise.apply(h, z).to(self.wire_dtype).float()
 
 
+class Sent:
+    """What the client really sends for token ids: its bottom, then its own defence with its secret (`Protect`), at
+    the wire's dtype. `repeats` > 1: the same text sent that many times, averaged, as an attacker would."""
+
+    def __init__(self, bottom: GPT2, protect, wire_dtype: torch.dtype = torch.float32, repeats: int = 1):
+        self.bottom, self.protect, self.wire_dtype, self.repeats = bottom, protect, wire_dtype, repeats
+
+    @torch.no_grad()
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        ids = ids.to(self.bottom.device)
+        h = self.bottom.hidden(ids)
+
+        def send() -> torch.Tensor:
+            return (h if self.protect is None else self.protect(h, ids)).to(self.wire_dtype).float()
+
+        return torch.stack([send() for _ in range(self.repeats)]).mean(0)
+
+
 class NearestNeighbour:
     """Each observed state read as the token whose embedding plus its position's is nearest (L2)."""
 
@@ -183,7 +201,7 @@ class LearnedInverter(nn.Module):
         return self.classes[self(states.to(self.wte.device)).argmax(-1)]
 
 
-def recovered(attack, observe: Observer, private_ids: torch.Tensor, batch: int = 16) -> float:
+def recovered(attack, observe: Observer | Sent, private_ids: torch.Tensor, batch: int = 16) -> float:
     """The share of private tokens `attack` reads exactly at their position, over windows (N, T) of private
     text sent through `observe`."""
     hits = total = 0

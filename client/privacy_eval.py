@@ -24,6 +24,7 @@ from client.privacy import (
     LearnedInverter,
     NearestNeighbour,
     Observer,
+    Sent,
     public_text,
     recovered,
     vocabulary,
@@ -36,6 +37,7 @@ logger = logging.getLogger(__name__)
 
 GREEDY = SamplingParams(temperature=0.0)
 CLIENT_SEED, ATTACKER_SEED = 1234, 4321  # the client's draws and the attacker's are never the same
+REPEATS = 16  # sends of the same text that an attacker averages
 
 
 @dataclass(frozen=True)
@@ -172,7 +174,7 @@ def evaluate(
     reference, ppl_clean = clean[s.split]
     engine = engine_for(model, models_dir, s) if s != Setting(s.split) else reference
     bottom, public = bottom_of(engine), reference.parts["bottom"]  # the client's; the public weights
-    observe = Observer(bottom, engine.noise, engine.wire_dtype, seed=ATTACKER_SEED)  # the client's states
+    observe = Sent(bottom, engine.protect, engine.wire_dtype)  # what the client sends, its own secret noise on
     nn_share = recovered(NearestNeighbour(public.wte.weight, public.wpe.weight), observe, texts.private)
     # the attacker's training states: through the client's own bottom (worst case), or its own run of the recipe
     mine = bottom if s.attacker_adapter is None else bottom_of(reference, s.attacker_adapter)
@@ -183,6 +185,8 @@ def evaluate(
     inv.fit(texts.public, train_on)
     train_s = time.perf_counter() - t0
     inv_share = recovered(inv, observe, texts.private)
+    # every private window sent REPEATS times (a retry, a resent history), the sends averaged by the attacker
+    repeats_share = recovered(inv, Sent(bottom, engine.protect, engine.wire_dtype, REPEATS), texts.private)
     ppl = split_perplexity(engine, texts.private) if engine is not reference else ppl_clean
     agree, ms, ms_ref = agreement_and_time(engine, reference, texts.prompts, tokens)
     row = {
@@ -195,6 +199,7 @@ def evaluate(
         "attacker": "has the client's weights" if s.attacker_adapter is None else "knows the recipe, not the weights",
         "nearest_neighbour": nn_share,
         "learned_inverter": inv_share,
+        f"learned_inverter_{REPEATS}_repeats": repeats_share,
         "inverter_train_s": round(train_s, 1),
         "perplexity": ppl,
         "perplexity_undefended": ppl_clean,
@@ -212,17 +217,20 @@ def evaluate(
 
 
 HEADER = (
-    "| setting | nearest neighbour reads | learned inverter reads | perplexity (x undefended) "
-    "| the same client without its trunk | greedy agreement, 64 tokens | decode ms/token (x undefended) |\n"
-    "|---|---:|---:|---:|---:|---:|---:|"
+    "| setting | nearest neighbour reads | learned inverter reads | the same, 16 sends averaged "
+    "| perplexity (x undefended) | the same client without its trunk | greedy agreement, 64 tokens "
+    "| decode ms/token (x undefended) |\n"
+    "|---|---:|---:|---:|---:|---:|---:|---:|"
 )
 
 
 def format_row(r: dict) -> str:
     alone = r.get("perplexity_without_trunk")
     alone = f"{alone:.1f} ({alone / r['perplexity_undefended']:.2f}x)" if alone else "-"
+    repeats = r.get(f"learned_inverter_{REPEATS}_repeats")
+    repeats = f"{repeats:.1%}" if repeats is not None else "-"
     return (
-        f"| {r['setting']} | {r['nearest_neighbour']:.1%} | {r['learned_inverter']:.1%} | "
+        f"| {r['setting']} | {r['nearest_neighbour']:.1%} | {r['learned_inverter']:.1%} | {repeats} | "
         f"{r['perplexity']:.1f} ({r['perplexity_ratio']:.2f}x) | {alone} | {r['greedy_agreement']:.0%} | "
         f"{r['decode_ms']:.2f} ({r['decode_ratio']:.2f}x) |"
     )
@@ -275,3 +283,88 @@ def train_split(
         trainer.close()
         engine.close()
     return out
+
+
+# --- training gradients --------------------------------------------------------------------------------------
+GRADIENT_HEADER = (
+    "| split training | labels the gradient attack reads | held-out perplexity after the steps (x undefended) "
+    "| the attack's s/step |\n|---|---:|---:|---:|"
+)
+
+
+def gradient_row(
+    model: str,
+    models_dir: str,
+    server: str,
+    client_train: str,
+    grad_noise: float,
+    train_text: str,
+    heldout: torch.Tensor,
+    steps: int,
+    read_at: tuple[int, ...],
+    progress: Callable[[str], None] | None = None,
+) -> dict:
+    """Split training over the trunk at `server` on `train_text` (the client's private text) for `steps` steps
+    with the client's settings, the trunk's operator reading the labels of the steps in `read_at` from what it
+    holds (its output and the gradient sent back) through the public top, knowing the settings; then the split's
+    perplexity on `heldout` windows (W, T) of the same private text."""
+    import tempfile
+    from pathlib import Path
+
+    from client.gradient_attack import GradientLabels, StepTap
+    from client.train import SplitTrainer, TrainConfig
+    from splitcore.training import TextData
+
+    say = progress or (lambda m: logger.info("%s", m))
+    f = Path(tempfile.mkdtemp(prefix="split-grad-")) / "text.txt"
+    f.write_text(train_text, encoding="utf-8")
+    engine = SplitEngine(
+        ClientConfig(model=model, models_dir=models_dir, device="cpu", server=server, grad_noise=grad_noise,
+                     defence_seed=CLIENT_SEED if grad_noise else None)
+    )  # fmt: skip
+    public = engine_for(model, models_dir, Setting())  # the attacker's: the public weights
+    attack = GradientLabels(public.parts["top"], grad_noise)
+    cfg = TrainConfig(data=str(f), steps=steps, batch_size=8, block_size=64, lr=1e-3, client_train=client_train)
+    data = TextData.from_path(f, engine.encode, cfg.block_size)
+    trainer = SplitTrainer(engine, cfg.lora(), client_train)
+    trainer.remote = tap = StepTap(trainer.remote)
+    hits = total = 0
+    attack_s = []
+    try:
+        for step in range(1, steps + 1):
+            ids = data.batch(step, cfg.batch_size, seed=1)
+            trainer.step(step, ids)
+            out, grad = tap.steps.pop()
+            if step in read_at:
+                t0 = time.perf_counter()
+                read = attack.read(out, grad)
+                attack_s.append(time.perf_counter() - t0)
+                hits += int((read == ids[:, 1:]).sum())
+                total += ids[:, 1:].numel()
+                say(f"--client-train {client_train} --grad-noise {grad_noise:g}: step {step}, {hits}/{total} read")
+        with torch.no_grad():
+            loss = statistics.fmean(trainer.eval_loss(heldout[i : i + 8]) for i in range(0, len(heldout), 8))
+    finally:
+        trainer.close()
+        engine.close()
+        public.close()
+    name = f"--client-train {client_train}" + (f" --grad-noise {grad_noise:g}" if grad_noise else ", undefended")
+    return {
+        "setting": name,
+        "client_train": client_train,
+        "grad_noise": grad_noise,
+        "steps": steps,
+        "read_at_steps": list(read_at),
+        "labels_read": hits,
+        "labels": total,
+        "share": hits / total,
+        "perplexity": perplexity(loss),
+        "attack_s_per_step": statistics.fmean(attack_s),
+    }
+
+
+def format_gradient_row(r: dict, undefended_ppl: float) -> str:
+    return (
+        f"| {r['setting']} | {r['labels_read']} of {r['labels']} ({r['share']:.1%}) | "
+        f"{r['perplexity']:.1f} ({r['perplexity'] / undefended_ppl:.2f}x) | {r['attack_s_per_step']:.0f} |"
+    )

@@ -230,6 +230,7 @@ class SplitTrainer:
         self.remote = engine.trunk_client.training(open_msg, engine.wire_dtype)
         self.client_trains = self.client_opt is not None
         self.protect = engine.protect or (lambda h, ids: h)  # the defence on what crosses, as in generation
+        self.protect_grad = getattr(engine, "protect_grad", None)  # and on the gradient sent back
         self.adversary = None
         if privacy_weight > 0:
             from client.privacy import Adversary
@@ -252,7 +253,10 @@ class SplitTrainer:
             # the labels stay here, but the gradient sent for h2 gives them back (client/gradient_attack.py)
             loss = lm_loss(self.top(top_in, all_positions=True), ids.to(self.top.device))
             loss.backward()
-        back = self.remote.backward(step, h2.grad)
+        sent = h2.grad  # what the trunk gets back: with --grad-noise, under the client's secret noise
+        if self.protect_grad is not None:
+            sent = self.protect_grad(sent, ids, context="gradient")  # the same window: the same noise, every epoch
+        back = self.remote.backward(step, sent)
         if self.client_trains:
             grad = back.tensor.to(h1.device, h1.dtype)
             if self.adversary is not None:

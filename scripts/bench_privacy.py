@@ -43,6 +43,30 @@ ROWS = {
     ],
     "quick": [Setting("2,10"), Setting("2,10", "gaussian", 3.0), Setting("2,10", "gaussian", 3.0, denoise="subtract")],
 }
+ROWS["noise"] = [s for s in ROWS["default"] if s.split == "2,10"]  # the rows the client's noise decides
+GRADIENT_ROWS = [("none", 0.0), ("lora", 0.0), ("full", 0.0), ("none", 1.0), ("none", 3.0), ("none", 10.0)]
+
+
+def gradient_rows(args, texts) -> list[dict]:
+    """Split training on the private text's second half over a trunk server on loopback, one run per row of
+    GRADIENT_ROWS (--client-train, --grad-noise), the gradient attack reading the first and the last step."""
+    from client.privacy_eval import format_gradient_row, gradient_row
+    from scripts.bench import start_server
+
+    text = public_text(args.private)
+    train_text = text[len(text) // 2 :]  # the scored windows and prompts come from the first half
+    proc, target = start_server(args.model, args.models_dir, None, ["--device", "cpu"])
+    rows: list[dict] = []
+    try:
+        for client_train, grad_noise in GRADIENT_ROWS:
+            row = gradient_row(args.model, args.models_dir, target, client_train, grad_noise, train_text,
+                               texts.private, args.train_steps, (1, args.train_steps), say)  # fmt: skip
+            rows.append(row)
+            say(format_gradient_row(row, rows[0]["perplexity"]))
+            yield row
+    finally:
+        proc.terminate()
+        proc.wait(30)
 
 
 def say(message: str) -> None:
@@ -129,6 +153,12 @@ def main() -> None:
         metavar="S",
         help="instead of the rows: the trunk's LoRA trained through gaussian noise S (with denoising), and a control",
     )
+    p.add_argument(
+        "--gradients",
+        action="store_true",
+        help="instead of the rows: split training on the private text, with the gradient attack reading its labels "
+        "from what the trunk holds, for each --client-train and --grad-noise of GRADIENT_ROWS",
+    )
     p.add_argument("--train-steps", type=int, default=300, help="split training steps for those rows")
     p.add_argument("--json", default="bench_results/privacy.json")
     args = p.parse_args()
@@ -153,6 +183,18 @@ def main() -> None:
     }
     path = Path(args.json)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if args.gradients:
+        from client.privacy_eval import GRADIENT_HEADER, format_gradient_row
+
+        for row in gradient_rows(args, texts):
+            out["rows"].append(row)
+            path.write_text(json.dumps(out, indent=1))
+        out["complete"] = True
+        path.write_text(json.dumps(out, indent=1))
+        ppl = out["rows"][0]["perplexity"]
+        print("\n".join([GRADIENT_HEADER, *(format_gradient_row(r, ppl) for r in out["rows"])]))
+        print(f"\nJSON: {path}")
+        return
     clean: dict = {}
     trained = args.obfuscate is not None or args.noise_aware is not None
     settings = trained_rows(args, say) if trained else ROWS[args.rows]

@@ -23,6 +23,7 @@ A strength of zero is the undefended path itself: `apply` returns its input unch
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -149,12 +150,18 @@ class Protect:
             z = -torch.sign(c) * torch.log1p(-2.0 * c.abs()) / math.sqrt(2)
         return z.float()
 
-    def __call__(self, h: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """What crosses for `h` (B, T, d), the bottom's output for token ids (B, T), each row a sequence from its
-        first position (a prompt, a training window)."""
+    def __call__(self, h: torch.Tensor, ids: torch.Tensor, context: str = "") -> torch.Tensor:
+        """What crosses for `h` (B, T, d), the bottom's output (or a gradient) for token ids (B, T), each row a
+        sequence from its first position (a prompt, a training window); `context` keys the draws as in `stream`."""
         if not self.noise.active:
             return h
-        return torch.cat([self.stream()(h[i : i + 1], ids[i : i + 1]) for i in range(h.shape[0])])
+        return torch.cat([self.stream(context)(h[i : i + 1], ids[i : i + 1]) for i in range(h.shape[0])])
+
+    def with_noise(self, noise: Noise) -> Protect:
+        """Another defence with the same secret (the gradient's, beside the hidden states')."""
+        other = copy.copy(self)
+        other.noise = noise
+        return other
 
     def stream(self, context: str = "") -> NoiseStream:
         """A growing sequence's defence; `context` (the bottom's adapter) keys its chain, so that two bottoms never
