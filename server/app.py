@@ -286,7 +286,9 @@ def main(argv: list[str] | None = None, server_class: type[TrunkServer] = TrunkS
         def on_signal(signum, frame):
             heard.append(signum)
             if len(heard) == 1:
-                logger.info("signal %d: shutting down (grace %g s; again to stop at once)", signum, cfg.grace_s)
+                with server.sessions.lock():  # no session is admitted after the signal is logged
+                    server.sessions.draining = True
+                    logger.info("signal %d: shutting down (grace %g s; again to stop at once)", signum, cfg.grace_s)
                 threading.Thread(target=server.stop, daemon=True).start()
                 return
             logger.warning("signal %d again: stopping at once; sessions in flight are lost", signum)

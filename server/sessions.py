@@ -61,10 +61,14 @@ class SessionRegistry:
             self._sessions[s.id] = s
             self.counters.active_sessions = len(self._sessions)
             self.counters.total_sessions += 1
-        logger.info(
-            "session %s opened by %s (max %d tokens); %d active", s.id, peer, max_length, self.counters.active_sessions
-        )
+            logger.info(  # under the lock: the log's order is the admissions' (a drain's line comes after)
+                "session %s opened by %s (max %d tokens); %d active", s.id, peer, max_length, len(self._sessions)
+            )
         return s
+
+    def lock(self) -> threading.Lock:
+        """The lock that admissions hold (a drain takes it to refuse new sessions from a known instant)."""
+        return self._lock
 
     def _admit(self) -> None:
         """Under the lock: room for one more session or stateless call, or the reason why not."""
