@@ -178,7 +178,7 @@ def run_privacy_report(args: argparse.Namespace, cfg: ClientConfig) -> None:
     import json
 
     from client.privacy import InverterConfig
-    from client.privacy_eval import Setting, evaluate, load_texts, table
+    from client.privacy_eval import Setting, attack_floor, evaluate, load_texts, table
 
     if not cfg.attack_data:
         raise InvalidInput("privacy-report needs public text to train its attacker on: give --attack-data")
@@ -195,7 +195,8 @@ def run_privacy_report(args: argparse.Namespace, cfg: ClientConfig) -> None:
         evaluate(cfg.model, cfg.models_dir, s, texts, InverterConfig(steps=cfg.attack_steps), 64, clean, say)
         for s in settings
     ]
-    print(json.dumps(rows, indent=1) if args.json else table(rows))
+    bottom = attack_floor(cfg.model, cfg.models_dir, texts, clean)
+    print(json.dumps({"rows": rows, **bottom}, indent=1) if args.json else table(rows, bottom))
 
 
 def run_train_denoiser(args: argparse.Namespace, cfg: ClientConfig) -> None:
@@ -231,10 +232,10 @@ def metered(engine: SplitEngine):
 
     meter, recorder = prepare_meter(engine), Recorder()
 
-    def report(prompt_ids: list[int]):
-        reading = meter.read(prompt_ids, recorder.prefill)
+    def report(prompt_ids: list[int], adapter: str | None = None):
+        reading = meter.read(prompt_ids, recorder.prefill, adapter)
         line = (
-            f"privacy meter: the trunk could read {sum(reading.hits)} of {len(prompt_ids)} prompt tokens "
+            f"privacy meter: the trunk could read at least {sum(reading.hits)} of {len(prompt_ids)} prompt tokens "
             f"({reading.share:.0%}) from what was sent ({reading.attacker}): {engine.decode(reading.read_ids)!r}"
         )
         return "privacy", reading.to_json(engine.decode), line

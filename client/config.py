@@ -99,7 +99,20 @@ class ClientConfig(GenerateConfig):
         "read each prompt back as the trunk's best attacker could, from what was sent (needs --attack-data; "
         "trains the attacker once, then caches it)",
     )
-    attack_steps: int = setting(600, None, "training steps of the privacy meter's attacker")
+    attack_steps: int = setting(600, None, "training steps of the privacy meter's learned inverter")
+    attack_vocab: str = setting(
+        "public",
+        None,
+        "the tokens the privacy meter's attackers read among: public (those of --attack-data) or all (the whole "
+        "vocabulary: names and numbers the public text lacks too)",
+        choices=["public", "all"],
+    )
+    attack_candidates: int = setting(
+        128,
+        None,
+        "candidates the meter's exact attacker tries at each position: the learned inverter's best guesses "
+        "(0: every token of --attack-vocab; exact, slow on big models)",
+    )
 
     def noise(self) -> Noise:
         """The defence these settings name, checked: a readable error for a bad one."""

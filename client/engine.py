@@ -219,6 +219,8 @@ class SplitEngine(Engine):
             raise InvalidInput("--privacy-meter needs public text to train its attacker on: give --attack-data")
         if cfg.attack_steps < 1:
             raise InvalidInput(f"--attack-steps must be at least 1, got {cfg.attack_steps}")
+        if cfg.attack_candidates < 0:
+            raise InvalidInput(f"--attack-candidates must be >= 0 (0: every token), got {cfg.attack_candidates}")
         grad_noise = cfg.grad_noise_defence()
         if cfg.defence_seed is not None and (self.noise.active or grad_noise.active):
             logger.warning(

@@ -39,7 +39,8 @@ from splitcore.gpt2 import GPT2
 logger = logging.getLogger(__name__)
 
 Progress = Callable[[int, int, float], None]  # step, steps, loss
-METER_CONTEXT = 256  # the meter's attacker learns to read states at positions up to this
+METER_CONTEXT = 256  # the meter's inverter learns to read states at positions up to this (the exact attacker: all)
+ATTACK_VOCABS = ("public", "all")  # the tokens the meter's attackers read among
 
 
 def public_text(spec: str) -> str:
@@ -257,31 +258,63 @@ def inverter_key(weights_digest: str, split: str, noise: Noise, wire: str, publi
 
 
 class PrivacyMeter:
-    """Reads each prompt back from the states a generation sent, with an inverter trained for this client's
-    model, split and defence on public text (trained once, then loaded from `cache_dir`).
+    """Reads each prompt back from the states a generation sent, as the trunk's strongest attacker here could:
+    - the exact attacker (client/exact_attack.py), through the bottom that generation ran (its adapter's, if that
+      trained the bottom), MAP under the noise with the public model as its prior, at every position up to the
+      model's context; it tries the learned inverter's best `candidates` guesses at each position, or every token
+      of the attacker's vocabulary (`candidates` = 0);
+    - a learned inverter trained for this client's model, split and defence on public text (once, then loaded
+      from `cache_dir`), and the nearest neighbour.
+    The reading reported is the one that reads the most: the trunk reads at least that much.
 
-    With an adapter that trained the client's bottom (learned obfuscation), the meter's attacker has the client's
-    weights: the worst case, and so what the meter reports."""
+    With an adapter that trained the client's bottom (learned obfuscation), the attackers have the client's
+    weights: the worst case, and so what the meter reports. `vocab`: "public", the tokens of the public text, or
+    "all", the whole vocabulary (names and numbers the public text lacks)."""
 
-    def __init__(self, engine, attack_data: str, cache_dir: Path, cfg: InverterConfig = InverterConfig()):
-        self.engine, self.cfg = engine, cfg
+    def __init__(
+        self,
+        engine,
+        attack_data: str,
+        cache_dir: Path,
+        cfg: InverterConfig = InverterConfig(),
+        vocab: str = "public",
+        candidates: int = 128,
+    ):
+        if vocab not in ATTACK_VOCABS:
+            raise InvalidInput(f"unknown attack vocabulary '{vocab}'; choose one of {', '.join(ATTACK_VOCABS)}")
+        if candidates < 0:
+            raise InvalidInput(f"the exact attacker's candidates must be >= 0, got {candidates}")
+        self.engine, self.cfg, self.vocab, self.candidates = engine, cfg, vocab, candidates
         self.tokens_text = attack_data
-        adapted = engine.adapter is not None
-        bottom = (engine.adapter.parts if adapted else engine.parts)["bottom"]
-        self.bottom = bottom
-        self.observer = Observer(bottom, engine.noise, engine.wire_dtype, seed=cfg.seed + 1)
-        weights = engine.fingerprint.weights + (f"+{state_digest(bottom)}" if adapted else "")
-        if engine.compression.active:  # the attacker trains through the bottom as it runs: compressed
-            weights += f"+{engine.compression}"
-        key = inverter_key(weights, str(engine.split), engine.noise, str(engine.wire_dtype), attack_data, cfg)
+        self.bottom = self._bottom(None)
+        self.observer = Observer(self.bottom, engine.noise, engine.wire_dtype, seed=cfg.seed + 1)
+        key = inverter_key(self._weights(self.bottom), str(engine.split), engine.noise, str(engine.wire_dtype),
+                           f"{attack_data} vocab:{vocab}", cfg)  # fmt: skip
         self.path = Path(cache_dir) / "privacy" / f"inverter-{key}.pt"
         self.inverter: LearnedInverter | None = None
-        self.nearest = NearestNeighbour(bottom.wte.weight, bottom.wpe.weight)
+        self.public_ids: torch.Tensor | None = None
+        self._prior: GPT2 | None = None
         self.report: dict = {}
+
+    def _bottom(self, adapter: str | None) -> GPT2:
+        """The bottom a generation with `adapter` runs (None: the default adapter; "": none)."""
+        a = self.engine.adapter_named(adapter)
+        return (a.parts if a is not None else self.engine.parts)["bottom"]
+
+    def _weights(self, bottom: GPT2) -> str:
+        """What the attackers' states depend on: the public weights, the client's own bottom if it trained one,
+        and the compression it runs."""
+        weights = self.engine.fingerprint.weights
+        if bottom is not self.engine.parts["bottom"]:
+            weights += f"+{state_digest(bottom)}"
+        if self.engine.compression.active:  # the attacker trains through the bottom as it runs: compressed
+            weights += f"+{self.engine.compression}"
+        return weights
 
     def prepare(self, progress: Progress | None = None) -> PrivacyMeter:
         """Load the cached inverter, or train it (minutes) on the public text and cache it."""
         bottom = self.bottom
+        self.public_ids = torch.tensor(self.engine.encode(public_text(self.tokens_text)), dtype=torch.long)
         if self.path.is_file():
             saved = torch.load(self.path, weights_only=True)
             classes = saved["state"]["classes"]
@@ -291,14 +324,16 @@ class PrivacyMeter:
             self.report = json.loads(saved["report"])
             logger.info("privacy meter: inverter loaded from %s", self.path)
             return self
-        ids = torch.tensor(self.engine.encode(public_text(self.tokens_text)), dtype=torch.long)
+        ids = self.public_ids
         t0 = time.perf_counter()
-        self.inverter = LearnedInverter(bottom.wte.weight, bottom.config.n_embd, self.cfg, vocabulary(ids))
+        classes = vocabulary(ids) if self.vocab == "public" else None
+        self.inverter = LearnedInverter(bottom.wte.weight, bottom.config.n_embd, self.cfg, classes)
         self.inverter.fit(ids, self.observer, progress)
         self.report = {
             "attacker": "learned inverter",
             "trained_on": self.tokens_text,
             "public_tokens": len(ids),
+            "vocabulary": self.vocab,
             "defence": self.engine.noise.label(),
             "split": str(self.engine.split),
             "train_seconds": round(time.perf_counter() - t0, 1),
@@ -311,19 +346,47 @@ class PrivacyMeter:
         logger.info("privacy meter: inverter trained in %.0f s, saved in %s", self.report["train_seconds"], self.path)
         return self
 
-    def read(self, prompt_ids: list[int], sent: torch.Tensor) -> Reading:
+    def _prior_model(self) -> GPT2:
+        """The public model, whole: the exact attacker's prior under noise (loaded on first use)."""
+        if self._prior is None:
+            from splitcore.parts import load_full
+
+            self._prior = load_full(self.engine.model, self.bottom.device)
+        return self._prior
+
+    def _exact(self, bottom: GPT2, states: torch.Tensor, own: bool) -> tuple[list[int], str]:
+        from client.exact_attack import ExactAttacker
+
+        noise = self.engine.noise
+        prior = self._prior_model() if noise.scale > 0 else None
+        classes = self.inverter.classes
+        attacker = ExactAttacker(bottom, noise, prior, classes).fit(self.public_ids)
+        shortlist, tried = None, f"every one of {len(classes)} tokens"
+        if self.candidates and self.candidates < len(classes) and own:  # the inverter's best guesses
+            with torch.no_grad():
+                top = self.inverter(states.to(self.inverter.wte.device)).topk(self.candidates, -1).indices
+            shortlist, tried = classes[top], f"the inverter's {self.candidates} best guesses"
+        read = attacker.predict(states, shortlist)[0].tolist()
+        return read, f"{attacker.name}, trying {tried} at each position"
+
+    def read(self, prompt_ids: list[int], sent: torch.Tensor, adapter: str | None = None) -> Reading:
         """The prompt read back from `sent`, the states its prefill sent (1, T, C), by whichever attack reads
-        more of it: the learned inverter, or the nearest neighbour (which wins on untrained, random weights)."""
+        more of it. `adapter`: the generation's (None: the default; "": none), whose bottom the attackers run."""
         n = len(prompt_ids)
         if sent.ndim != 3 or sent.shape[1] < n:
             raise InvalidInput(f"sent states of shape {list(sent.shape)} do not cover a prompt of {n} tokens")
         states = sent[:, :n].float()
-        public = f"trained on {self.report.get('public_tokens', '?')} public tokens ({self.tokens_text})"
-        readings = [
-            self._reading(prompt_ids, self.inverter.predict(states)[0].tolist(), f"learned inverter {public}"),
-            self._reading(prompt_ids, self.nearest.predict(states)[0].tolist(), "nearest neighbour (wte + wpe)"),
-        ]
-        return max(readings, key=lambda r: r.share)  # the first, the inverter, on a tie
+        bottom = self._bottom(adapter)
+        own = bottom is self.bottom  # the inverter was trained through this bottom
+        exact, who = self._exact(bottom, states, own)
+        readings = [self._reading(prompt_ids, exact, who)]
+        if own:
+            public = f"trained on {self.report.get('public_tokens', '?')} public tokens ({self.tokens_text})"
+            inverted = self.inverter.predict(states)[0].tolist()
+            readings.append(self._reading(prompt_ids, inverted, f"learned inverter {public}"))
+        nearest = NearestNeighbour(bottom.wte.weight, bottom.wpe.weight).predict(states)[0].tolist()
+        readings.append(self._reading(prompt_ids, nearest, "nearest neighbour (wte + wpe)"))
+        return max(readings, key=lambda r: r.share)  # the first, the exact attacker, on a tie
 
     @staticmethod
     def _reading(prompt_ids: list[int], read: list[int], who: str) -> Reading:
@@ -349,7 +412,8 @@ def prepare_meter(engine) -> PrivacyMeter:
     cfg = engine.cfg
     context = min(METER_CONTEXT, engine.n_positions)  # prompts longer than a training window: read them too
     inverter = InverterConfig(steps=cfg.attack_steps, context=context)
-    meter = PrivacyMeter(engine, cfg.attack_data, Path(cfg.models_dir), inverter)
+    meter = PrivacyMeter(engine, cfg.attack_data, Path(cfg.models_dir), inverter, cfg.attack_vocab,
+                         cfg.attack_candidates)  # fmt: skip
     if meter.path.is_file():
         return meter.prepare()
     public_text(cfg.attack_data)  # a missing file fails now, in one line

@@ -19,6 +19,7 @@ import torch
 
 from client.config import ClientConfig
 from client.engine import SplitEngine
+from client.exact_attack import ExactAttacker, floor
 from client.privacy import (
     InverterConfig,
     LearnedInverter,
@@ -30,6 +31,8 @@ from client.privacy import (
     vocabulary,
     windows,
 )
+from splitcore.models import resolve_model
+from splitcore.parts import load_full
 from splitcore.sampling import SamplingParams
 from splitcore.training import lm_loss, perplexity
 
@@ -37,7 +40,8 @@ logger = logging.getLogger(__name__)
 
 GREEDY = SamplingParams(temperature=0.0)
 CLIENT_SEED, ATTACKER_SEED = 1234, 4321  # the client's draws and the attacker's are never the same
-REPEATS = 16  # sends of the same text that an attacker averages
+REPEATS = (4, 16)  # sends of the same text that an attacker averages
+EXACT_WINDOWS = 16  # private windows the exact attacker reads (it runs the bottom over every candidate: slow)
 
 
 @dataclass(frozen=True)
@@ -155,6 +159,20 @@ def agreement_and_time(defended: SplitEngine, reference: SplitEngine, prompts: l
     return statistics.fmean(same), statistics.median(times["defended"]), statistics.median(times["reference"])
 
 
+def public_model(model: str, models_dir: str, clean: dict):
+    """The public full model (the exact attacker's prior), loaded once per table."""
+    if "public model" not in clean:
+        clean["public model"] = load_full(resolve_model(model, models_dir))
+    return clean["public model"]
+
+
+def attack_floor(model: str, models_dir: str, texts: Texts, clean: dict | None = None) -> dict:
+    """The floor of every attacker on the scored windows: what it reads with nothing observed."""
+    clean = clean if clean is not None else {}
+    share, how = floor(texts.public, texts.private, public_model(model, models_dir, clean), vocabulary(texts.public))
+    return {"floor": share, "floor_reader": how}
+
+
 def evaluate(
     model: str,
     models_dir: str,
@@ -164,8 +182,11 @@ def evaluate(
     tokens: int = 64,
     clean: dict | None = None,
     progress: Callable[[str], None] | None = None,
+    exact_windows: int = EXACT_WINDOWS,
+    beam: int = 1,
 ) -> dict:
-    """One row of the table. `clean` caches each cut's undefended engine and perplexity between rows."""
+    """One row of the table. `clean` caches each cut's undefended engine and perplexity, and the public model,
+    between rows."""
     say = progress or (lambda m: logger.info("%s", m))
     clean = clean if clean is not None else {}
     if s.split not in clean:
@@ -185,8 +206,15 @@ def evaluate(
     inv.fit(texts.public, train_on)
     train_s = time.perf_counter() - t0
     inv_share = recovered(inv, observe, texts.private)
-    # every private window sent REPEATS times (a retry, a resent history), the sends averaged by the attacker
-    repeats_share = recovered(inv, Sent(bottom, engine.protect, engine.wire_dtype, REPEATS), texts.private)
+    # every private window sent k times (a retry, a resent history), the sends averaged by the attacker
+    repeats = {k: recovered(inv, Sent(bottom, engine.protect, engine.wire_dtype, k), texts.private) for k in REPEATS}
+    # the exact attacker: vocab matching through the bottom it has, MAP under the noise with the public prior
+    exact = ExactAttacker(mine, engine.noise, public_model(model, models_dir, clean), vocabulary(texts.public), beam)
+    scored = texts.private[:exact_windows]
+    say(f"{s.label}: the exact attacker reads {scored.numel()} tokens")
+    t0 = time.perf_counter()
+    exact_share = recovered(exact.fit(texts.public), observe, scored)
+    exact_s = time.perf_counter() - t0
     ppl = split_perplexity(engine, texts.private) if engine is not reference else ppl_clean
     agree, ms, ms_ref = agreement_and_time(engine, reference, texts.prompts, tokens)
     row = {
@@ -199,8 +227,13 @@ def evaluate(
         "attacker": "has the client's weights" if s.attacker_adapter is None else "knows the recipe, not the weights",
         "nearest_neighbour": nn_share,
         "learned_inverter": inv_share,
-        f"learned_inverter_{REPEATS}_repeats": repeats_share,
+        **{f"learned_inverter_{k}_repeats": share for k, share in repeats.items()},
         "inverter_train_s": round(train_s, 1),
+        "exact": exact_share,
+        "exact_attacker": exact.name,
+        "exact_tokens": scored.numel(),
+        "exact_s": round(exact_s, 1),
+        "strongest": max(nn_share, inv_share, exact_share),
         "perplexity": ppl,
         "perplexity_undefended": ppl_clean,
         "perplexity_ratio": ppl / ppl_clean,
@@ -217,27 +250,34 @@ def evaluate(
 
 
 HEADER = (
-    "| setting | nearest neighbour reads | learned inverter reads | the same, 16 sends averaged "
-    "| perplexity (x undefended) | the same client without its trunk | greedy agreement, 64 tokens "
-    "| decode ms/token (x undefended) |\n"
-    "|---|---:|---:|---:|---:|---:|---:|---:|"
+    "| setting | the trunk reads at least | exact attacker | learned inverter | its 4 / 16 sends averaged "
+    "| nearest neighbour | perplexity (x undefended) | the same client without its trunk "
+    "| greedy agreement, 64 tokens | decode ms/token (x undefended) |\n"
+    "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
 )
+
+
+def _share(r: dict, key: str) -> str:
+    return f"{r[key]:.1%}" if r.get(key) is not None else "-"
 
 
 def format_row(r: dict) -> str:
     alone = r.get("perplexity_without_trunk")
     alone = f"{alone:.1f} ({alone / r['perplexity_undefended']:.2f}x)" if alone else "-"
-    repeats = r.get(f"learned_inverter_{REPEATS}_repeats")
-    repeats = f"{repeats:.1%}" if repeats is not None else "-"
+    repeats = " / ".join(_share(r, f"learned_inverter_{k}_repeats") for k in REPEATS)
     return (
-        f"| {r['setting']} | {r['nearest_neighbour']:.1%} | {r['learned_inverter']:.1%} | {repeats} | "
-        f"{r['perplexity']:.1f} ({r['perplexity_ratio']:.2f}x) | {alone} | {r['greedy_agreement']:.0%} | "
-        f"{r['decode_ms']:.2f} ({r['decode_ratio']:.2f}x) |"
+        f"| {r['setting']} | **{_share(r, 'strongest')}** | {_share(r, 'exact')} | {r['learned_inverter']:.1%} "
+        f"| {repeats} | {r['nearest_neighbour']:.1%} | {r['perplexity']:.1f} ({r['perplexity_ratio']:.2f}x) "
+        f"| {alone} | {r['greedy_agreement']:.0%} | {r['decode_ms']:.2f} ({r['decode_ratio']:.2f}x) |"
     )
 
 
-def table(rows: list[dict]) -> str:
-    return "\n".join([HEADER, *(format_row(r) for r in rows)])
+def table(rows: list[dict], floor: dict | None = None) -> str:
+    lines = [HEADER, *(format_row(r) for r in rows)]
+    if floor:
+        who = f"nothing observed (the floor: {floor['floor_reader']})"
+        lines.append(f"| {who} | {floor['floor']:.1%} | | | | | | | | |")
+    return "\n".join(lines)
 
 
 def train_split(

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from client.privacy import InverterConfig, public_text  # noqa: E402
-from client.privacy_eval import Setting, evaluate, load_texts, table  # noqa: E402
+from client.privacy_eval import Setting, attack_floor, evaluate, load_texts, table  # noqa: E402
 from splitcore.models import load_tokenizer, resolve_model  # noqa: E402
 
 ROWS = {
@@ -138,6 +138,8 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=20, help="prompts for greedy agreement and decode time")
     p.add_argument("--tokens", type=int, default=64, help="greedy tokens per prompt")
     p.add_argument("--steps", type=int, default=InverterConfig.steps, help="the inverter's training steps")
+    p.add_argument("--exact-windows", type=int, default=16, help="private windows the exact attacker reads (slow)")
+    p.add_argument("--beam", type=int, default=1, help="the exact attacker's beam")
     p.add_argument(
         "--obfuscate",
         type=float,
@@ -196,15 +198,18 @@ def main() -> None:
         print(f"\nJSON: {path}")
         return
     clean: dict = {}
+    out.update(attack_floor(args.model, args.models_dir, texts, clean))
+    say(f"the floor (nothing observed): {out['floor']:.1%}, {out['floor_reader']}")
     trained = args.obfuscate is not None or args.noise_aware is not None
     settings = trained_rows(args, say) if trained else ROWS[args.rows]
     for s in settings:
-        row = evaluate(args.model, args.models_dir, s, texts, inverter, args.tokens, clean, say)
+        row = evaluate(args.model, args.models_dir, s, texts, inverter, args.tokens, clean, say, args.exact_windows,
+                       args.beam)  # fmt: skip
         out["rows"].append(row)
         path.write_text(json.dumps(out, indent=1))
     out["complete"] = True
     path.write_text(json.dumps(out, indent=1))
-    print(table(out["rows"]))
+    print(table(out["rows"], out))
     print(f"\nJSON: {path}")
 
 

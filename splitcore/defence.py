@@ -84,6 +84,23 @@ class Noise:
             return h
         return h + (z.to(h.device) * ref * self.scale).to(h.dtype)
 
+    def log_likelihood(self, sent: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """log p(sent | clean state h), up to a constant, over the last dimension (broadcast): the density an
+        attacker who knows the mechanism scores candidate states with. Without noise, the negative squared
+        distance (a point mass, read as the nearest candidate)."""
+        rms = h.pow(2).mean(-1, keepdim=True).sqrt()
+        if self.clip > 0:
+            h = h * (self.clip / rms.clamp_min(self.clip))
+            rms = torch.full_like(rms, self.clip)
+        if self.scale == 0:
+            return -(sent - h).pow(2).sum(-1)
+        sigma = (self.scale * rms).clamp_min(1e-12).squeeze(-1)  # (...)
+        d = h.shape[-1]
+        if self.kind == "gaussian":
+            return -(sent - h).pow(2).sum(-1) / (2 * sigma**2) - d * sigma.log()
+        b = sigma / math.sqrt(2)  # Laplace of std sigma has scale sigma / sqrt(2)
+        return -(sent - h).abs().sum(-1) / b - d * b.log()
+
     def sample(self, shape, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
         """Unit draws of this noise from an ordinary generator: for simulations (an attacker training on noise
         of its own), never for what the client sends (that is `Protect`'s)."""

@@ -4,6 +4,8 @@ repeats of the same text send the same bits, so averaging them reads nothing mor
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from client.privacy import Recorder
@@ -126,3 +128,23 @@ def test_repeats_are_identical_on_the_wire_so_averaging_reads_nothing_more(model
         assert (sends(b, prompt) != first).all()
     finally:
         a.close(), b.close()
+
+
+def test_log_likelihood_is_the_mechanisms_density():
+    """The density the exact attacker scores candidates with is the noise `apply` adds: the log-density of the
+    sent state given the clean one, up to a constant that does not depend on the clean state."""
+    torch.manual_seed(0)
+    h, other = torch.randn(3, 16) * 2, torch.randn(3, 16)
+    for kind, dist in (("gaussian", torch.distributions.Normal), ("laplace", torch.distributions.Laplace)):
+        noise = Noise(kind, 0.7)
+        sent = noise.apply(h, noise.sample(h.shape))
+        for clean in (h, other):
+            sigma = 0.7 * clean.pow(2).mean(-1, keepdim=True).sqrt()
+            scale = sigma if kind == "gaussian" else sigma / 2**0.5
+            want = dist(clean, scale).log_prob(sent).sum(-1)
+            const = 16 * (0.5 * math.log(2 * math.pi) if kind == "gaussian" else math.log(2.0))
+            assert torch.allclose(noise.log_likelihood(sent, clean) - const, want, atol=1e-4), kind
+    clipped = Noise("gaussian", 0.0, clip=0.5)  # clipping alone: a point mass at the clipped state
+    assert torch.allclose(clipped.log_likelihood(clipped.apply(h), h), torch.zeros(3), atol=1e-5)
+    assert (clipped.log_likelihood(clipped.apply(h), other) < -1e-3).all()
+    assert torch.equal(Noise().log_likelihood(other, h), -(other - h).pow(2).sum(-1))

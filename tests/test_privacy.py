@@ -14,6 +14,7 @@ import sys
 import pytest
 import torch
 
+from client.exact_attack import ExactAttacker, Prefixes, floor
 from client.privacy import (
     InverterConfig,
     LearnedInverter,
@@ -26,8 +27,9 @@ from client.privacy import (
     vocabulary,
     windows,
 )
-from splitcore.defence import Noise
+from splitcore.defence import Noise, Protect, secret_from_seed
 from splitcore.errors import InvalidInput
+from splitcore.parts import load_full
 from splitcore.sampling import SamplingParams
 from tests.conftest import ROOT, TINY, subprocess_env, tiny_split_engine
 
@@ -88,6 +90,41 @@ def test_meter_share_drops_under_noise(local, texts, clean_attack):
     clean = recovered(clean_attack[0], clean_attack[1], texts[1])
     defended = recovered(inverter, observe, texts[1])
     assert defended < clean - 0.2, (clean, defended)
+
+
+def test_prefixes_give_the_bottoms_own_states(local):
+    """The exact attacker's incremental bottom: a prefix token by token, and candidates at the next position,
+    give exactly the states the bottom computes for the whole sequence."""
+    bottom = local.parts["bottom"]
+    ids = torch.randint(0, bottom.config.vocab_size, (2, 9))
+    want = bottom.hidden(ids)
+    p = Prefixes(bottom, 2)
+    got = torch.cat([p.run(ids[:, t : t + 1], keep=True) for t in range(8)], 1)
+    assert torch.allclose(got, want[:, :8], atol=1e-5)
+    candidates = torch.tensor([5, int(ids[0, 8]), int(ids[1, 8]), 7])
+    states = p.run(candidates, keep=False)  # (2, 4, d): every candidate at position 8 of each row
+    assert torch.allclose(states[0, 1], want[0, 8], atol=1e-5) and torch.allclose(states[1, 2], want[1, 8], atol=1e-5)
+    assert not torch.allclose(states[0, 0], want[0, 8], atol=1e-3)
+
+
+def test_exact_attacker_reads_every_token_undefended_and_map_beats_the_floor(local, texts, tiny):
+    """Vocab matching through the public bottom reads every private token of the attacker's candidates; under
+    noise, MAP with the public model as prior reads less, and never less than the floor (nothing observed)."""
+    public, private = texts[0], texts[1][:6]
+    bottom, prior = local.parts["bottom"], load_full(tiny)
+    sent = bottom.hidden(private)
+    everything = ExactAttacker(bottom, Noise()).fit(public)  # the whole vocabulary, names and numbers too
+    assert torch.equal(everything.predict(sent[:2, :6]), private[:2, :6])
+    known = torch.isin(private, vocabulary(public)).float().mean()
+    vocab = ExactAttacker(bottom, Noise(), candidates=vocabulary(public)).fit(public)
+    assert recovered(vocab, lambda ids: sent, private, batch=len(private)) == pytest.approx(float(known), abs=1e-6)
+    noise = Noise("gaussian", 3.0)
+    noisy = Protect(noise, secret_from_seed(3))(sent, private)  # the client's own secret noise
+    attacker = ExactAttacker(bottom, noise, prior, vocabulary(public)).fit(public)
+    at_noise = recovered(attacker, lambda ids: noisy, private, batch=len(private))
+    bottom_line, how = floor(public, private, prior, vocabulary(public))
+    assert bottom_line < at_noise < 1.0, (bottom_line, at_noise)
+    assert how
 
 
 def test_defence_of_strength_zero_is_the_undefended_path(models_dir, local):
@@ -170,6 +207,56 @@ def test_meter_reads_the_prompt_from_what_was_sent_and_caches(models_dir, local,
         noisy.close()
 
 
+def test_meter_reads_past_the_inverters_context_over_any_vocabulary_through_the_generations_adapter(
+    models_dir, server_target, tmp_path
+):
+    """The meter's exact attacker reads every position of a prompt longer than the inverter's context, any token
+    of the vocabulary when told so, through the bottom of the adapter each generation runs, and says "at least"."""
+    _need_bible()
+    from client.train import Run, SplitTrainer, TrainConfig
+    from splitcore.training import TextData
+
+    out = tmp_path / "obfuscated"
+    trainer_engine = tiny_split_engine(models_dir, server_target)
+    cfg = TrainConfig(steps=4, eval_every=0, eval_batches=1, batch_size=2, block_size=16, lora_rank=2, lr=3e-3)
+    cfg.out, cfg.client_train = str(out), "full"  # the client's bottom trained: it sends other states
+    trainer = SplitTrainer(trainer_engine, cfg.lora(), "full")
+    data = TextData.from_path(ROOT / "tests" / "test_privacy.py", trainer_engine.encode, block=16)
+    list(Run(trainer, data, cfg, TINY))
+    trainer.close(), trainer_engine.close()
+    e = tiny_split_engine(models_dir, server_target, adapter=f"mine={out}")
+    try:
+        cfg = InverterConfig(width=64, layers=1, heads=2, steps=3, batch_size=2, block_size=16, context=32)
+        meter = PrivacyMeter(e, OLD, tmp_path, cfg, vocab="public", candidates=0).prepare()
+        public = vocabulary(meter.public_ids)
+        ids = public[torch.randint(0, len(public), (300,), generator=torch.Generator().manual_seed(0))].tolist()
+        read = {}
+        for name in ("mine", e.BASE):  # the adapter's bottom, and the base model's
+            rec = Recorder()
+            e.run(ids, 1, GREEDY, tap=rec, adapter=name)
+            read[name] = meter.read(ids, rec.prefill, name), rec.prefill
+        for name, (reading, _) in read.items():
+            assert reading.share == 1.0, (name, reading.share, reading.attacker)  # past position 32 and 256 too
+            assert reading.attacker.startswith("exact attacker"), reading.attacker
+        crossed = meter.read(ids, read["mine"][1], e.BASE)  # the adapter's states read through the base bottom
+        assert crossed.share < 0.9, crossed.share
+        words = "And Jesus said unto them"  # "Jesus": not a token of Genesis
+        prompt = e.encode(words)
+        rec = Recorder()
+        e.run(prompt, 1, GREEDY, tap=rec, adapter=e.BASE)
+        exact, _ = meter._exact(e.parts["bottom"], rec.prefill, True)
+        assert exact != prompt  # over the public vocabulary: "Jesus" is not read
+        everything = PrivacyMeter(e, OLD, tmp_path, cfg, vocab="all", candidates=0).prepare()
+        assert everything.path != meter.path
+        exact, who = everything._exact(e.parts["bottom"], rec.prefill, True)
+        assert exact == prompt and "every one of 50257 tokens" in who
+    finally:
+        e.close()
+    cmd = [sys.executable, "-m", "client", "generate", "--help"]
+    text = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), cwd=ROOT, timeout=120).stdout
+    assert "--attack-vocab" in text and "--attack-candidates" in text
+
+
 @pytest.mark.parametrize(
     "settings,msg",
     [
@@ -179,6 +266,7 @@ def test_meter_reads_the_prompt_from_what_was_sent_and_caches(models_dir, local,
         (dict(privacy_meter=True), "--privacy-meter needs public text"),
         (dict(grad_noise=float("nan")), "--grad-noise must be a finite number >= 0"),
         (dict(grad_noise=-0.5), "--grad-noise must be a finite number >= 0"),
+        (dict(attack_candidates=-1), "--attack-candidates must be >= 0"),
     ],
 )
 def test_bad_defence_settings_are_clear_errors(models_dir, settings, msg):
@@ -217,7 +305,7 @@ def test_generate_cli_reports_the_meter_in_json(tmp_path):
     got = json.loads(out.stdout)["privacy"]
     assert got["prompt_tokens"] == len(json.loads(out.stdout)["prompt_token_ids"])
     assert 0.0 <= got["recovered_share"] <= 1.0
-    assert got["attacker"].startswith(("learned inverter", "nearest neighbour"))
+    assert got["attacker"].startswith(("exact attacker", "learned inverter", "nearest neighbour"))
     assert "privacy meter: training the attacker" in out.stderr  # progress shown
 
 
@@ -258,6 +346,8 @@ def test_privacy_report_prints_the_table_for_the_clients_settings(tmp_path):
     rows = [line for line in out.stdout.splitlines() if line.startswith("| ") and "cut 2,10" in line]
     assert [r.split(" | ")[0] for r in rows] == ["| none, cut 2,10", "| gaussian 3 + denoise subtract, cut 2,10"]
     assert "training the learned inverter" in out.stderr  # progress shown
+    assert "| the trunk reads at least | exact attacker |" in out.stdout
+    assert "| nothing observed (the floor: " in out.stdout
 
 
 @pytest.mark.slow

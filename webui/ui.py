@@ -144,9 +144,9 @@ def generation_tab(engine: Engine, history: gr.State, speculate: str = "none", m
                 )
         share, read = keep, keep
         if tap is not None and tap.prefill is not None:
-            reading = meter.read(ids, tap.prefill)
+            reading = meter.read(ids, tap.prefill, name)
             share = (
-                f"**What the trunk could read:** {sum(reading.hits)} of {len(ids)} prompt tokens "
+                f"**What the trunk could read:** at least {sum(reading.hits)} of {len(ids)} prompt tokens "
                 f"(**{reading.share:.0%}**), read back by a {reading.attacker}, defence: {engine.noise.label()}"
             )
             read = reading.segments(engine.decode)
