@@ -46,20 +46,22 @@ class Prefixes:
         q, k, v = block.attn.c_attn(block.ln_1(x)).split(c, dim=2)
         return [y.view(r, n, heads, c // heads) for y in (q, k, v)]  # (R, N, heads, hd)
 
-    def run(self, ids: torch.Tensor, keep: bool) -> torch.Tensor:
+    def run(self, ids: torch.Tensor, keep: bool, rows: torch.Tensor | None = None) -> torch.Tensor:
         """States (R, N, d) after the last block for N candidate tokens at the next position of each row, each
         attending to its row's prefix and itself. `ids` (N,) the same candidates for every row, or (R, N).
-        `keep` (N = 1): append the token to each row's prefix."""
+        `keep` (N = 1): append the token to each row's prefix. `rows`: only these rows (not with `keep`)."""
         m, t = self.model, self.t
         emb = m.wte(ids) + m.wpe.weight[t]
-        x = (emb.expand(self.rows, -1, -1) if emb.ndim == 2 else emb).float()  # (R, N, d)
+        n_rows = self.rows if rows is None else len(rows)
+        x = (emb.expand(n_rows, -1, -1) if emb.ndim == 2 else emb).float()  # (R, N, d)
         for i, block in enumerate(self.blocks):
             q, k, v = self._qkv(block, x)
             att = block.attn
-            past = torch.einsum("rnhd,rhtd->rnht", q, self.k[i]) * att.scale  # (R, N, heads, t)
+            keys, values = (self.k[i], self.v[i]) if rows is None else (self.k[i][rows], self.v[i][rows])
+            past = torch.einsum("rnhd,rhtd->rnht", q, keys) * att.scale  # (R, N, heads, t)
             own = (q * k).sum(-1, keepdim=True) * att.scale  # (R, N, heads, 1)
             w = torch.softmax(torch.cat([past, own], -1), -1)
-            y = torch.einsum("rnht,rhtd->rnhd", w[..., :t], self.v[i]) + w[..., t:] * v  # (R, N, heads, hd)
+            y = torch.einsum("rnht,rhtd->rnhd", w[..., :t], values) + w[..., t:] * v  # (R, N, heads, hd)
             x = x + att.c_proj(y.flatten(2))
             x = x + block.mlp(block.ln_2(x))
             if keep:
@@ -95,8 +97,14 @@ class ExactAttacker:
         vocab = bottom.config.vocab_size
         self.candidates = torch.arange(vocab) if candidates is None else candidates.long().cpu()
         self.chunk = chunk
+        # without noise a candidate either reproduces the sent state or does not: where none of `candidates`
+        # does, the rest of the vocabulary is tried (names and numbers the public text lacks)
+        rest = torch.ones(vocab, dtype=torch.bool)
+        rest[self.candidates] = False
+        self.rest = torch.arange(vocab)[rest] if noise.scale == 0 and observe and beam == 1 else None
         self.first = torch.zeros(vocab)  # the prior of the first position (fit: the public text's frequencies)
         kind = "MAP (the public model as prior)" if prior is not None and noise.scale > 0 else "vocab matching"
+        kind += ", then the whole vocabulary where nothing matches" if self.rest is not None and len(self.rest) else ""
         kind = kind if observe else "the prior alone, nothing observed (the floor)"
         self.name = f"exact attacker: {kind}" + (f", beam {beam}" if beam > 1 else "")
 
@@ -105,6 +113,19 @@ class ExactAttacker:
         counts = torch.bincount(public_ids.flatten().cpu(), minlength=self.bottom.config.vocab_size).float()
         self.first = torch.log((counts + 1) / (counts.sum() + len(counts)))
         return self
+
+    def _rest(self, total: torch.Tensor, cand: torch.Tensor, sent: torch.Tensor, bottom: Prefixes):
+        """Without noise: the rows whose best candidate does not reproduce the sent state (to a relative 1e-4)
+        try the rest of the vocabulary; returns the scores over candidates + rest, and those."""
+        best = total.max(-1).values
+        missed = (-best > 1e-4 * sent[:, 0].pow(2).sum(-1)).nonzero().flatten()
+        rest = self.rest.to(cand.device)
+        more = torch.full((total.shape[0], len(rest)), -math.inf, device=total.device)
+        for i in range(0, len(rest), self.chunk) if len(missed) else ():
+            part = rest[i : i + self.chunk]
+            states = bottom.run(part, keep=False, rows=missed)
+            more[missed, i : i + len(part)] = self.noise.log_likelihood(sent[missed], states)
+        return torch.cat([total, more], -1), torch.cat([cand, rest])
 
     @torch.no_grad()
     def predict(
@@ -132,6 +153,9 @@ class ExactAttacker:
                 ll = self.noise.log_likelihood(sent, bottom.run(part, keep=False)) if bottom is not None else 0
                 pr = log_prior.gather(1, part.expand(b * k, -1)) if prior is not None else 0
                 total[:, i : i + part.shape[-1]] = ll + pr
+            if self.rest is not None and len(self.rest) and shortlist is None:
+                total, cand = self._rest(total, cand, sent, bottom)
+                n = cand.shape[-1]
             total = (score.view(-1, 1) + total).view(b, k * n)
             score, flat = total.topk(k, -1)  # (B, k)
             origin = (flat // n + torch.arange(b, device=dev)[:, None] * k).flatten()  # the hypotheses they extend

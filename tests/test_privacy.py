@@ -115,9 +115,9 @@ def test_exact_attacker_reads_every_token_undefended_and_map_beats_the_floor(loc
     sent = bottom.hidden(private)
     everything = ExactAttacker(bottom, Noise()).fit(public)  # the whole vocabulary, names and numbers too
     assert torch.equal(everything.predict(sent[:2, :6]), private[:2, :6])
-    known = torch.isin(private, vocabulary(public)).float().mean()
-    vocab = ExactAttacker(bottom, Noise(), candidates=vocabulary(public)).fit(public)
-    assert recovered(vocab, lambda ids: sent, private, batch=len(private)) == pytest.approx(float(known), abs=1e-6)
+    assert not torch.isin(private, vocabulary(public)).all()  # Matthew has names that Genesis lacks
+    vocab = ExactAttacker(bottom, Noise(), candidates=vocabulary(public)).fit(public)  # then the rest where needed
+    assert recovered(vocab, lambda ids: sent, private, batch=len(private)) == 1.0
     noise = Noise("gaussian", 3.0)
     noisy = Protect(noise, secret_from_seed(3))(sent, private)  # the client's own secret noise
     attacker = ExactAttacker(bottom, noise, prior, vocabulary(public)).fit(public)
@@ -238,14 +238,14 @@ def test_meter_reads_past_the_inverters_context_over_any_vocabulary_through_the_
         for name, (reading, _) in read.items():
             assert reading.share == 1.0, (name, reading.share, reading.attacker)  # past position 32 and 256 too
             assert reading.attacker.startswith("exact attacker"), reading.attacker
-        crossed = meter.read(ids, read["mine"][1], e.BASE)  # the adapter's states read through the base bottom
+        crossed = meter.read(ids[:24], read["mine"][1][:, :24], e.BASE)  # the adapter's states, the base bottom
         assert crossed.share < 0.9, crossed.share
         words = "And Jesus said unto them"  # "Jesus": not a token of Genesis
         prompt = e.encode(words)
         rec = Recorder()
         e.run(prompt, 1, GREEDY, tap=rec, adapter=e.BASE)
-        exact, _ = meter._exact(e.parts["bottom"], rec.prefill, True)
-        assert exact != prompt  # over the public vocabulary: "Jesus" is not read
+        exact, who = meter._exact(e.parts["bottom"], rec.prefill, True)
+        assert exact == prompt and "then the whole vocabulary where nothing matches" in who  # "Jesus" too
         everything = PrivacyMeter(e, OLD, tmp_path, cfg, vocab="all", candidates=0).prepare()
         assert everything.path != meter.path
         exact, who = everything._exact(e.parts["bottom"], rec.prefill, True)
