@@ -321,7 +321,12 @@ class SplitEngine(Engine):
         return info
 
     def new_stepper(
-        self, max_length: int = 0, notify: Notify | None = None, tap: Tap | None = None, adapter: str | None = None
+        self,
+        max_length: int = 0,
+        notify: Notify | None = None,
+        tap: Tap | None = None,
+        adapter: str | None = None,
+        user: str = "",
     ) -> Stepper:
         a = self.adapter_named(adapter)
         parts, pools = (a.parts, a.pools) if a else (self.parts, self.pools)
@@ -343,9 +348,9 @@ class SplitEngine(Engine):
             )
         if self.cfg.added_delay_ms > 0:
             link = DelayedLink(link, self.cfg.added_delay_ms)
-        return SplitStepper(
-            parts["bottom"], parts["top"], link, max_length, pools, self.protect, adapter or "", tap, self.repair
-        )
+        context = (adapter or "") + (f"\x00user {user}" if user else "")  # keys the noise (Protect.stream)
+        bottom, top = parts["bottom"], parts["top"]
+        return SplitStepper(bottom, top, link, max_length, pools, self.protect, context, tap, self.repair)
 
     draft_sources = ("none", "lookup", "self")
 

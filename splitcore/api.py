@@ -62,6 +62,7 @@ from splitcore.stats import GenerationStats
 
 logger = logging.getLogger(__name__)
 
+MAX_USER = 256  # characters of a request's `user`
 CHAT_TEMPLATE = {"system": "System: {}\n", "user": "User: {}\n", "assistant": "Assistant: {}\n"}
 CHAT_PROMPT_END = "Assistant:"
 CHAT_STOP = "\nUser:"
@@ -184,6 +185,7 @@ class Job:
     stats: GenerationStats = field(default_factory=GenerationStats)
     echo: str = ""  # the prompt's text, given back before the completion (completions' `echo`)
     adapter: str = ""  # the LoRA adapter the request's `model` names ("": the base model)
+    user: str = ""  # the request's `user`: the split client's noise is keyed by it (one secret per user)
     prompt_lps: PromptLogprobs | None = None  # with echo and logprobs: the prompt's, filled by the prefill
 
 
@@ -222,7 +224,7 @@ class StopFilter:
 def pieces(engine: Engine, job: Job) -> Iterator[Piece]:
     """The generation as pieces (a blocking iterator: run it on a worker thread). Closing it early (a client
     gone) ends the generation and its trunk session."""
-    how = {"logprobs": job.logprobs, "prompt_lps": job.prompt_lps, "adapter": job.adapter}
+    how = {"logprobs": job.logprobs, "prompt_lps": job.prompt_lps, "adapter": job.adapter, "user": job.user}
     events = engine.stream(job.ids, job.max_new, job.params, job.stats, **how)
     stops = StopFilter(job.stops)
     eos = engine.tokenizer.eos_token_id
@@ -346,8 +348,12 @@ class API:
                 "max_tokens" if room >= 1 else "prompt",
                 "context_length_exceeded",
             )
+        if r.user is not None and len(r.user) > MAX_USER:
+            raise bad_request(f"user takes at most {MAX_USER} characters", "user")
         top_k = 0 if r.temperature == 0 else self.engine.tokenizer.vocab_size  # OpenAI has no top-k
-        return Job(ids, max_new, SamplingParams(r.temperature, top_k, r.top_p, r.seed), stops, logprobs)
+        job = Job(ids, max_new, SamplingParams(r.temperature, top_k, r.top_p, r.seed), stops, logprobs)
+        job.user = r.user or ""
+        return job
 
     async def _stream_pieces(self, job: Job, request: Request | None = None) -> AsyncIterator[Piece]:
         """The pieces of a generation, each computed on a worker thread. When the client has gone (asked between
@@ -378,7 +384,7 @@ class API:
 
     async def _score(self, job: Job) -> PromptLogprobs:
         try:
-            score = functools.partial(self.engine.score, job.ids, job.logprobs or 0, job.adapter)
+            score = functools.partial(self.engine.score, job.ids, job.logprobs or 0, job.adapter, job.user)
             return await anyio.to_thread.run_sync(score, limiter=self.limiter)
         except SplitError as e:
             raise _api_error(e) from e

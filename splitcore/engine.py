@@ -96,10 +96,16 @@ class Engine:
         return self.adapters[name]
 
     def new_stepper(
-        self, max_length: int = 0, notify: Notify | None = None, tap: Tap | None = None, adapter: str | None = None
+        self,
+        max_length: int = 0,
+        notify: Notify | None = None,
+        tap: Tap | None = None,
+        adapter: str | None = None,
+        user: str = "",
     ) -> Stepper:
         """A fresh stepper (fresh caches) for one generation of at most `max_length` tokens, with the adapter
-        named `adapter` (None: the default; BASE: the base model).
+        named `adapter` (None: the default; BASE: the base model), for `user` (an API's: the split client keys its
+        noise by it, so that the trunk cannot tell that two users sent the same text).
 
         `notify` hears what happens on the way that the caller may want to show (a lost trunk, a reconnect);
         `tap` hears what crosses to the trunk, step by step (nothing crosses in an unsplit engine)."""
@@ -123,11 +129,12 @@ class Engine:
         tap: Tap | None = None,
         prompt_lps: PromptLogprobs | None = None,
         adapter: str | None = None,
+        user: str = "",
     ) -> Iterator[TokenEvent]:
         """Yield tokens as they are generated; `stats` (if given) fills in as they come; `notify` hears of a lost
         and regained trunk while the generation waits for it. `speculate` names a draft source (lookup, self):
         tokens verified several to a round trip, distributed as without (greedy: the same tokens). `logprobs` and
-        `prompt_lps`: see `generate`. `tap` and `adapter`: see `new_stepper`; the adapter is this generation's
+        `prompt_lps`: see `generate`. `tap`, `adapter` and `user`: see `new_stepper`; the adapter is this generation's
         alone, so that concurrent generations may each run their own."""
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         check_source(speculate)
@@ -135,7 +142,7 @@ class Engine:
         if speculate != "none":
             stats = stats if stats is not None else GenerationStats()
             stats.speculation = SpeculationStats(speculate)
-        stepper = self.new_stepper_checked(ids, max_new_tokens, params, notify, tap, adapter)
+        stepper = self.new_stepper_checked(ids, max_new_tokens, params, notify, tap, adapter, user)
         if speculate != "none":
             try:
                 draft = self.draft_source(speculate, len(ids) + max_new_tokens, adapter)
@@ -149,13 +156,13 @@ class Engine:
             stepper, ids, max_new_tokens, params, self.decode, eos, stats, logprobs, prompt_lps, speculation
         )
 
-    def score(self, prompt: str | list[int], k: int = 0, adapter: str | None = None) -> PromptLogprobs:
+    def score(self, prompt: str | list[int], k: int = 0, adapter: str | None = None, user: str = "") -> PromptLogprobs:
         """The prompt's own log-probabilities, no token generated (an API request with max_tokens 0 and echo): each
         token after the first, under the model, with the k most likely tokens' at its position."""
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not ids:
             raise InvalidInput("the prompt is empty: give at least one token of text")
-        return score(self.new_stepper(len(ids), adapter=adapter), ids, k)
+        return score(self.new_stepper(len(ids), adapter=adapter, user=user), ids, k)
 
     draft_sources = ("none", "lookup")  # what `speculate` may name here (and draft:SPEC)
 
@@ -194,10 +201,11 @@ class Engine:
         notify: Notify | None = None,
         tap: Tap | None = None,
         adapter: str | None = None,
+        user: str = "",
     ) -> Stepper:
         check_request(ids, max_new_tokens, self.n_positions, params)  # before opening any remote session
         self.adapter_named(adapter)  # an unknown name fails here, before anything runs
-        return self.new_stepper(len(ids) + max_new_tokens, notify, tap, adapter)
+        return self.new_stepper(len(ids) + max_new_tokens, notify, tap, adapter, user)
 
     def run(
         self,
@@ -239,7 +247,12 @@ class FullEngine(Engine):
         self.pools = {id(m): DecoderPool.warmed(m) for m in models}  # decode steps as CUDA graphs
 
     def new_stepper(
-        self, max_length: int = 0, notify: Notify | None = None, tap: Tap | None = None, adapter: str | None = None
+        self,
+        max_length: int = 0,
+        notify: Notify | None = None,
+        tap: Tap | None = None,
+        adapter: str | None = None,
+        user: str = "",
     ) -> Stepper:
         model = self.adapter_named(adapter) or self.full
         return FullStepper(model, max_length, self.pools.get(id(model)))

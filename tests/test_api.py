@@ -361,3 +361,24 @@ def test_schemathesis_finds_no_server_error_and_no_undocumented_status(live):
     print(out.stdout[-1500:])
     assert out.returncode == 0 and " passed" in out.stdout, out.stdout[-4000:] + out.stderr[-2000:]
     wait_for(lambda: live[0].sessions.active() == 0, 30, "no session left open")
+
+
+def test_the_requests_user_keys_its_generation(client, live, monkeypatch):
+    """The request's `user` reaches the engine's stepper (the split client keys its noise by it: one secret per
+    user, tests/test_defence.py); a user name too long is a 400."""
+    engine, seen = live[1], []
+    real = engine.new_stepper
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("user", args[4] if len(args) > 4 else ""))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "new_stepper", spy)
+    client.completions.create(model=live[1].model.spec, prompt="Hello", max_tokens=2, temperature=0, user="alice")
+    client.chat.completions.create(
+        model=live[1].model.spec, messages=[{"role": "user", "content": "Hi"}], max_tokens=2, user="bob"
+    )
+    client.completions.create(model=live[1].model.spec, prompt="Hello", max_tokens=2, temperature=0)
+    assert seen == ["alice", "bob", ""]
+    with pytest.raises(openai.BadRequestError, match="user takes at most 256 characters"):
+        client.completions.create(model=live[1].model.spec, prompt="Hello", max_tokens=2, user="x" * 257)

@@ -148,3 +148,25 @@ def test_log_likelihood_is_the_mechanisms_density():
     assert torch.allclose(clipped.log_likelihood(clipped.apply(h), h), torch.zeros(3), atol=1e-5)
     assert (clipped.log_likelihood(clipped.apply(h), other) < -1e-3).all()
     assert torch.equal(Noise().log_likelihood(other, h), -(other - h).pow(2).sum(-1))
+
+
+def test_each_user_of_a_client_gets_noise_of_its_own(models_dir):
+    """Where one client serves several users (the API), the noise is keyed by the user too: the same user's
+    repeats are the same bits, two users' sends of the same text differ everywhere (the trunk cannot link them),
+    and a generation with no user sends what it always did."""
+
+    def sends(engine, user: str) -> torch.Tensor:
+        tap = Recorder()
+        list(engine.stream("And the earth was without form", 3, GREEDY, tap=tap, user=user))
+        return tap.prefill
+
+    e = tiny_split_engine(models_dir, local_trunk=True, defence="gaussian", noise_scale=3.0)
+    try:
+        alice = sends(e, "alice")
+        assert torch.equal(sends(e, "alice"), alice)
+        assert (sends(e, "bob") != alice).all() and (sends(e, "") != alice).all()
+        none = Recorder()
+        e.run("And the earth was without form", 3, GREEDY, tap=none)
+        assert torch.equal(sends(e, ""), none.prefill)
+    finally:
+        e.close()
