@@ -93,7 +93,10 @@ class ExactAttacker:
     ):
         if prior is None and (noise.scale > 0 or not observe):
             raise ValueError("under noise, and with no observation, the attacker needs the public model as its prior")
-        self.bottom, self.noise, self.prior, self.beam, self.observe = bottom, noise, prior, beam, observe
+        self.bottom, self.noise, self.beam, self.observe = bottom, noise, beam, observe
+        # without noise the observation is a point mass: the candidate that reproduces it is the read, and a prior
+        # could only pull the read away from it
+        self.prior = prior if noise.scale > 0 or not observe else None
         vocab = bottom.config.vocab_size
         self.candidates = torch.arange(vocab) if candidates is None else candidates.long().cpu()
         self.chunk = chunk

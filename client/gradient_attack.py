@@ -85,16 +85,18 @@ class GradientLabels:
 
 class StepTap:
     """Wraps a split trainer's remote: keeps, for each training step, what the trunk holds (its output) and what
-    the client sent back (the gradient), as the trunk's operator would."""
+    the client sent back (the gradient) in `steps`, and the states the client sent in `sent`, as the trunk's
+    operator would."""
 
     def __init__(self, remote):
-        self.remote, self.steps = remote, []
+        self.remote, self.steps, self.sent = remote, [], []
         self._out = None
 
     def forward(self, step, h, eval: bool = False):
         reply = self.remote.forward(step, h, eval=eval)
         if not eval:
             self._out = reply.tensor.detach().clone()
+            self.sent.append(h.detach().clone())
         return reply
 
     def backward(self, step, grad):

@@ -327,8 +327,9 @@ def train_split(
 
 # --- training gradients --------------------------------------------------------------------------------------
 GRADIENT_HEADER = (
-    "| split training | labels the gradient attack reads | held-out perplexity after the steps (x undefended) "
-    "| the attack's s/step |\n|---|---:|---:|---:|"
+    "| split training | labels the gradient attack reads | tokens the exact attacker reads from the states "
+    "| the trunk reads at least | held-out perplexity after the steps (x undefended) | the attacks' s/step |\n"
+    "|---|---:|---:|---:|---:|---:|"
 )
 
 
@@ -343,11 +344,16 @@ def gradient_row(
     steps: int,
     read_at: tuple[int, ...],
     progress: Callable[[str], None] | None = None,
+    state_noise: float = 0.0,
+    public_ids: torch.Tensor | None = None,
 ) -> dict:
     """Split training over the trunk at `server` on `train_text` (the client's private text) for `steps` steps
-    with the client's settings, the trunk's operator reading the labels of the steps in `read_at` from what it
-    holds (its output and the gradient sent back) through the public top, knowing the settings; then the split's
-    perplexity on `heldout` windows (W, T) of the same private text."""
+    with the client's settings (gaussian `state_noise` on the states sent, `grad_noise` on the gradient), the
+    trunk's operator reading the steps in `read_at` two ways: the labels from what it holds (its output and the
+    gradient sent back) through the public top, and, given `public_ids` (its public text), the tokens from the
+    states sent, by the exact attacker; then the split's perplexity on `heldout` windows (W, T) of the same
+    private text. The text is the labels shifted by one, so each attack reads the same tokens: the trunk reads at
+    least the more of the two."""
     import tempfile
     from pathlib import Path
 
@@ -358,12 +364,18 @@ def gradient_row(
     say = progress or (lambda m: logger.info("%s", m))
     f = Path(tempfile.mkdtemp(prefix="split-grad-")) / "text.txt"
     f.write_text(train_text, encoding="utf-8")
+    defence = {"defence": "gaussian", "noise_scale": state_noise} if state_noise else {}
     engine = SplitEngine(
         ClientConfig(model=model, models_dir=models_dir, device="cpu", server=server, grad_noise=grad_noise,
-                     defence_seed=CLIENT_SEED if grad_noise else None)
+                     defence_seed=CLIENT_SEED if grad_noise or state_noise else None, **defence)
     )  # fmt: skip
     public = engine_for(model, models_dir, Setting())  # the attacker's: the public weights
     attack = GradientLabels(public.parts["top"], grad_noise)
+    states = None
+    if public_ids is not None:
+        states = ExactAttacker(public.parts["bottom"], engine.noise, load_full(public.model), vocabulary(public_ids))
+        states.fit(public_ids)
+    state_hits = 0
     cfg = TrainConfig(data=str(f), steps=steps, batch_size=8, block_size=64, lr=1e-3, client_train=client_train)
     data = TextData.from_path(f, engine.encode, cfg.block_size)
     trainer = SplitTrainer(engine, cfg.lora(), client_train)
@@ -375,24 +387,34 @@ def gradient_row(
             ids = data.batch(step, cfg.batch_size, seed=1)
             trainer.step(step, ids)
             out, grad = tap.steps.pop()
+            sent = tap.sent.pop()
             if step in read_at:
                 t0 = time.perf_counter()
                 read = attack.read(out, grad)
-                attack_s.append(time.perf_counter() - t0)
                 hits += int((read == ids[:, 1:]).sum())
                 total += ids[:, 1:].numel()
-                say(f"--client-train {client_train} --grad-noise {grad_noise:g}: step {step}, {hits}/{total} read")
+                if states is not None:  # the same tokens (positions 1..T-1) read from the states sent
+                    state_hits += int((states.predict(sent)[:, 1:] == ids[:, 1:]).sum())
+                attack_s.append(time.perf_counter() - t0)
+                say(f"--client-train {client_train} --grad-noise {grad_noise:g} --noise-scale {state_noise:g}: step "
+                    f"{step}, {hits}/{total} read from the gradient, {state_hits} from the states")  # fmt: skip
         with torch.no_grad():
             loss = statistics.fmean(trainer.eval_loss(heldout[i : i + 8]) for i in range(0, len(heldout), 8))
     finally:
         trainer.close()
         engine.close()
         public.close()
-    name = f"--client-train {client_train}" + (f" --grad-noise {grad_noise:g}" if grad_noise else ", undefended")
+    name = f"--client-train {client_train}" + (f" --grad-noise {grad_noise:g}" if grad_noise else "")
+    name += f" --defence gaussian --noise-scale {state_noise:g}" if state_noise else ""
+    name += "" if grad_noise or state_noise else ", undefended"
     return {
         "setting": name,
         "client_train": client_train,
         "grad_noise": grad_noise,
+        "state_noise": state_noise,
+        "states_read": state_hits if states is not None else None,
+        "states_share": state_hits / total if states is not None else None,
+        "at_least": max(hits, state_hits) / total,
         "steps": steps,
         "read_at_steps": list(read_at),
         "labels_read": hits,
@@ -404,7 +426,9 @@ def gradient_row(
 
 
 def format_gradient_row(r: dict, undefended_ppl: float) -> str:
+    states = f"{r['states_read']} ({r['states_share']:.1%})" if r.get("states_read") is not None else "-"
+    least = f"**{r['at_least']:.1%}**" if r.get("states_read") is not None else "-"
     return (
-        f"| {r['setting']} | {r['labels_read']} of {r['labels']} ({r['share']:.1%}) | "
+        f"| {r['setting']} | {r['labels_read']} of {r['labels']} ({r['share']:.1%}) | {states} | {least} | "
         f"{r['perplexity']:.1f} ({r['perplexity'] / undefended_ppl:.2f}x) | {r['attack_s_per_step']:.0f} |"
     )

@@ -44,12 +44,23 @@ ROWS = {
     "quick": [Setting("2,10"), Setting("2,10", "gaussian", 3.0), Setting("2,10", "gaussian", 3.0, denoise="subtract")],
 }
 ROWS["noise"] = [s for s in ROWS["default"] if s.split == "2,10"]  # the rows the client's noise decides
-GRADIENT_ROWS = [("none", 0.0), ("lora", 0.0), ("full", 0.0), ("none", 1.0), ("none", 3.0), ("none", 10.0)]
+GRADIENT_ROWS = {  # --client-train, --grad-noise, the states' --noise-scale (gaussian)
+    "labels": [
+        ("none", 0.0, 0.0),
+        ("lora", 0.0, 0.0),
+        ("full", 0.0, 0.0),
+        ("none", 1.0, 0.0),
+        ("none", 3.0, 0.0),
+        ("none", 10.0, 0.0),
+    ],  # fmt: skip
+    "together": [("none", 0.0, 0.0), ("none", 0.0, 10.0), ("none", 10.0, 10.0)],  # the states read too
+}
 
 
 def gradient_rows(args, texts) -> list[dict]:
     """Split training on the private text's second half over a trunk server on loopback, one run per row of
-    GRADIENT_ROWS (--client-train, --grad-noise), the gradient attack reading the first and the last step."""
+    GRADIENT_ROWS[--gradients], the gradient attack reading the first and the last step (and, for "together",
+    the exact attacker reading the last step's states)."""
     from client.privacy_eval import format_gradient_row, gradient_row
     from scripts.bench import start_server
 
@@ -58,9 +69,12 @@ def gradient_rows(args, texts) -> list[dict]:
     proc, target = start_server(args.model, args.models_dir, None, ["--device", "cpu"])
     rows: list[dict] = []
     try:
-        for client_train, grad_noise in GRADIENT_ROWS:
+        together = args.gradients == "together"
+        for client_train, grad_noise, state_noise in GRADIENT_ROWS[args.gradients]:
+            read_at = (args.train_steps,) if together else (1, args.train_steps)
             row = gradient_row(args.model, args.models_dir, target, client_train, grad_noise, train_text,
-                               texts.private, args.train_steps, (1, args.train_steps), say)  # fmt: skip
+                               texts.private, args.train_steps, read_at, say, state_noise,
+                               texts.public if together else None)  # fmt: skip
             rows.append(row)
             say(format_gradient_row(row, rows[0]["perplexity"]))
             yield row
@@ -157,9 +171,11 @@ def main() -> None:
     )
     p.add_argument(
         "--gradients",
-        action="store_true",
+        choices=sorted(GRADIENT_ROWS),
+        default=None,
         help="instead of the rows: split training on the private text, with the gradient attack reading its labels "
-        "from what the trunk holds, for each --client-train and --grad-noise of GRADIENT_ROWS",
+        "from what the trunk holds (labels: for each --client-train and --grad-noise; together: under noise on the "
+        "states too, with the exact attacker reading the states sent)",
     )
     p.add_argument("--train-steps", type=int, default=300, help="split training steps for those rows")
     p.add_argument("--json", default="bench_results/privacy.json")

@@ -116,7 +116,7 @@ def test_exact_attacker_reads_every_token_undefended_and_map_beats_the_floor(loc
     everything = ExactAttacker(bottom, Noise()).fit(public)  # the whole vocabulary, names and numbers too
     assert torch.equal(everything.predict(sent[:2, :6]), private[:2, :6])
     assert not torch.isin(private, vocabulary(public)).all()  # Matthew has names that Genesis lacks
-    vocab = ExactAttacker(bottom, Noise(), candidates=vocabulary(public)).fit(public)  # then the rest where needed
+    vocab = ExactAttacker(bottom, Noise(), prior, vocabulary(public)).fit(public)  # then the rest where needed
     assert recovered(vocab, lambda ids: sent, private, batch=len(private)) == 1.0
     noise = Noise("gaussian", 3.0)
     noisy = Protect(noise, secret_from_seed(3))(sent, private)  # the client's own secret noise
