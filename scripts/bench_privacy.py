@@ -44,6 +44,11 @@ ROWS = {
     "quick": [Setting("2,10"), Setting("2,10", "gaussian", 3.0), Setting("2,10", "gaussian", 3.0, denoise="subtract")],
 }
 ROWS["noise"] = [s for s in ROWS["default"] if s.split == "2,10"]  # the rows the client's noise decides
+# one row per distinct wire: subtraction changes what the client does with the answer, not what it sends
+_SENT = {(s.split, s.defence, s.noise_scale) for s in ROWS["default"] if s.denoise == "none"}
+ROWS["distinct"] = [
+    s for s in ROWS["default"] if s.denoise == "none" or (s.split, s.defence, s.noise_scale) not in _SENT
+]
 GRADIENT_ROWS = {  # --client-train, --grad-noise, the states' --noise-scale (gaussian)
     "labels": [
         ("none", 0.0, 0.0),
@@ -179,6 +184,7 @@ def main() -> None:
     )
     p.add_argument("--train-steps", type=int, default=300, help="split training steps for those rows")
     p.add_argument("--json", default="bench_results/privacy.json")
+    p.add_argument("--resume", action="store_true", help="keep the rows already in --json and run the others")
     args = p.parse_args()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
 
@@ -214,11 +220,18 @@ def main() -> None:
         print(f"\nJSON: {path}")
         return
     clean: dict = {}
+    done = {}
+    if args.resume and path.is_file():  # a cut-short run of the same table: its rows stand
+        done = {r["setting"]: r for r in json.loads(path.read_text())["rows"]}
     out.update(attack_floor(args.model, args.models_dir, texts, clean))
     say(f"the floor (nothing observed): {out['floor']:.1%}, {out['floor_reader']}")
     trained = args.obfuscate is not None or args.noise_aware is not None
     settings = trained_rows(args, say) if trained else ROWS[args.rows]
     for s in settings:
+        if s.label in done:
+            out["rows"].append(done[s.label])
+            say(f"{s.label}: kept from {path}")
+            continue
         row = evaluate(args.model, args.models_dir, s, texts, inverter, args.tokens, clean, say, args.exact_windows,
                        args.beam)  # fmt: skip
         out["rows"].append(row)
