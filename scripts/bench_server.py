@@ -143,9 +143,13 @@ def aio_worker(target, wire, n_sessions, prompt_h, step_hs, ready, go, done_step
         own = [("grpc.use_local_subchannel_pool", 1)] if connections == "session" else []
         uri, options = channel_args(target, health_service=SERVICE_NAME)
         channels = [grpc.aio.insecure_channel(uri, options=options + own) for _ in range(n_sessions if own else 1)]
+        replicas = len(target.split(","))
         for channel in channels:  # connected to every replica before a session opens: round robin spreads them
             await channel.channel_ready()
-        await asyncio.sleep(0.5 if "," in target else 0)
+            stub, seen, deadline = pb_grpc.TrunkStub(channel), set(), time.monotonic() + 30
+            while len(seen) < replicas and time.monotonic() < deadline:  # ready means one replica, not all
+                seen.add((await stub.Info(pb.InfoRequest())).replica)
+                await asyncio.sleep(0 if len(seen) == replicas else 0.05)
         try:
             calls = [pb_grpc.TrunkStub(channels[i % len(channels)]).Session() for i in range(n_sessions)]
             for call in calls:

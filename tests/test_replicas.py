@@ -224,6 +224,7 @@ def test_a_full_replica_sends_the_session_to_one_with_room(models_dir, tiny):
     held = full.session(full.info().fingerprint)
     held.step(torch.zeros(1, 2, 64))  # replica 0 is full from now on
     engine = tiny_split_engine(models_dir, replicas.target)
+    replicas.wait_all_ready(engine.trunk_client)  # round robin reaches both: a refused try's retry goes to the other
     try:
         for _ in range(4):  # round robin sends about half of the first tries to the full one
             # the last generation's session closes as its stream ends, after run() returns: wait for it, or the
