@@ -29,6 +29,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as every entry point: before torch loads
 
 import argparse  # noqa: E402
+import asyncio  # noqa: E402
 import collections  # noqa: E402
 import itertools  # noqa: E402
 import json  # noqa: E402
@@ -107,13 +108,42 @@ def worker(target, wire, n_sessions, prompt_h, step_hs, ready, go, done_steps, o
     out.put(results)
 
 
-def aio_worker(target, wire, n_sessions, prompt_h, step_hs, ready, go, done_steps, out, connections) -> None:
+async def replica_cycle(channel, replicas: int) -> list[str]:
+    """The order in which a round-robin channel picks its replicas (by the names they answer Info with), once it
+    is connected to all of them: "ready" means one replica, not all. The next call goes to the cycle's first."""
+    from splitcomm.proto import trunk_pb2 as pb
+    from splitcomm.proto import trunk_pb2_grpc as pb_grpc
+
+    await channel.channel_ready()
+    stub, seen, deadline = pb_grpc.TrunkStub(channel), [], time.monotonic() + 60
+    while len(set(seen[-replicas:])) < replicas or len(seen) < 2 * replicas:  # twice round: a steady cycle
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the load reached {sorted(set(seen))} of {replicas} replicas in 60 s")
+        seen.append((await stub.Info(pb.InfoRequest())).replica)
+        if len(set(seen[-replicas:])) < replicas:
+            await asyncio.sleep(0.05)
+    return seen[-replicas:]
+
+
+async def turn_to(channel, cycle: list[str], replica: str) -> None:
+    """Turn a round-robin channel so that its next call goes to `replica`: an Info call per step of the cycle.
+    Independent clients' round robins start at random replicas (four sessions over two replicas all land on one
+    1 time in 8); the load spreads its sessions evenly instead, so that a run measures what its replicas serve."""
+    from splitcomm.proto import trunk_pb2 as pb
+    from splitcomm.proto import trunk_pb2_grpc as pb_grpc
+
+    k = cycle.index(replica)
+    for _ in range(k):
+        await pb_grpc.TrunkStub(channel).Info(pb.InfoRequest())
+    cycle[:] = cycle[k + 1 :] + cycle[: k + 1]  # the call that follows takes `replica`
+
+
+def aio_worker(target, wire, n_sessions, prompt_h, step_hs, ready, go, done_steps, out, connections, first=0) -> None:
     """The same as `worker`, driven by asyncio over raw Session streams with messages encoded in advance: a load
     generator whose own cost (a sync gRPC client spends ~0.1-0.2 ms of Python per step) does not hide the
     server's capacity, as vLLM's benchmark clients do over HTTP. `connections`: "session", a channel of its own
     per session, as separate clients have; "process", one channel for all of the process's sessions. Over replicas,
     each channel balances as the project's client does (round robin over the healthy ones)."""
-    import asyncio
 
     import grpc
 
@@ -144,17 +174,17 @@ def aio_worker(target, wire, n_sessions, prompt_h, step_hs, ready, go, done_step
         uri, options = channel_args(target, health_service=SERVICE_NAME)
         channels = [grpc.aio.insecure_channel(uri, options=options + own) for _ in range(n_sessions if own else 1)]
         replicas = len(target.split(","))
-        for channel in channels:  # connected to every replica before a session opens: round robin spreads them
-            await channel.channel_ready()
-            stub, seen, deadline = pb_grpc.TrunkStub(channel), set(), time.monotonic() + 30
-            while len(seen) < replicas and time.monotonic() < deadline:  # ready means one replica, not all
-                seen.add((await stub.Info(pb.InfoRequest())).replica)
-                await asyncio.sleep(0 if len(seen) == replicas else 0.05)
+        cycles = [await replica_cycle(channel, replicas) for channel in channels]
+        order = sorted(cycles[0])
         try:
-            calls = [pb_grpc.TrunkStub(channels[i % len(channels)]).Session() for i in range(n_sessions)]
-            for call in calls:
+            calls = []
+            for i in range(n_sessions):  # one by one: each opens where its turn says before the next is picked
+                channel, cycle = channels[i % len(channels)], cycles[i % len(channels)]
+                await turn_to(channel, cycle, order[(first + i) % replicas])
+                call = pb_grpc.TrunkStub(channel).Session()
                 await call.write(opening)
                 await exchange(call, prefill)
+                calls.append(call)
             ready.put(n_sessions)
             await asyncio.get_running_loop().run_in_executor(None, go.wait)
 
@@ -268,9 +298,9 @@ def run_load(target, args, n: int, prompt_h, step_hs, fp, metrics_ports: list[in
         ctx.Process(
             target=target_fn,
             args=(target, args.wire_dtype, k, prompt_h, step_hs, ready, go, done, out)
-            + ((args.connections,) if args.clients == "aio" else ()),
+            + ((args.connections, sum(shares[:j])) if args.clients == "aio" else ()),
         )
-        for k in shares
+        for j, k in enumerate(shares)
     ]
     for p in procs:
         p.start()
