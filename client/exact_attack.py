@@ -50,10 +50,14 @@ class Prefixes:
         """States (R, N, d) after the last block for N candidate tokens at the next position of each row, each
         attending to its row's prefix and itself. `ids` (N,) the same candidates for every row, or (R, N).
         `keep` (N = 1): append the token to each row's prefix. `rows`: only these rows (not with `keep`)."""
-        m, t = self.model, self.t
-        emb = m.wte(ids) + m.wpe.weight[t]
+        m = self.model
+        emb = m.wte(ids) + m.wpe.weight[self.t]
         n_rows = self.rows if rows is None else len(rows)
-        x = (emb.expand(n_rows, -1, -1) if emb.ndim == 2 else emb).float()  # (R, N, d)
+        return self.run_states((emb.expand(n_rows, -1, -1) if emb.ndim == 2 else emb).float(), keep, rows)
+
+    def run_states(self, x: torch.Tensor, keep: bool, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """`run` for a model without embeddings (a top): `x` (R, N, d) the candidates' input states."""
+        t = self.t
         for i, block in enumerate(self.blocks):
             q, k, v = self._qkv(block, x)
             att = block.attn
@@ -70,6 +74,13 @@ class Prefixes:
         if keep:
             self.t += 1
         return x
+
+    def first(self, t: int) -> Prefixes:
+        """The same rows cut to their first `t` positions (a view: running it with `keep` leaves this one as is)."""
+        cut = Prefixes.__new__(Prefixes)
+        cut.model, cut.rows, cut.t, cut.blocks = self.model, self.rows, t, self.blocks
+        cut.k, cut.v = [k[:, :, :t] for k in self.k], [v[:, :, :t] for v in self.v]
+        return cut
 
     def reorder(self, rows: torch.Tensor) -> None:
         """Keep the prefixes `rows` (R,), in that order (a beam's survivors)."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 
+from client.exact_attack import Prefixes
 from splitcore.gpt2 import GPT2
 
 
@@ -60,8 +61,12 @@ class GradientLabels:
         # the noise's variance per coordinate of `rest`, from what was received: RMS(g_t)^2 (1 + S^2) observed
         var = (n * n) * g.pow(2).mean(-1) * s2 / (1 + s2)  # (T,)
         labels = torch.zeros(t - 1, dtype=torch.long)
+        window = Prefixes(top, 1)  # every position's keys and values: the prefix that position s attends to
+        with torch.no_grad():
+            for s in range(t):
+                window.run_states(h[:, s : s + 1], keep=True)
         for s in range(t - 2, -1, -1):
-            jac = self._jacobian(h, s)  # (d, d): du_s / dh_s
+            jac = self._jacobian(window.first(s), h[0, s])  # (d, d): du_s / dh_s
             own = w @ jac  # (V, d): the term each candidate label would leave at position s
             r = rest[s]
             dist = (own * own).sum(-1) - 2 * own @ r  # ||own - r||^2 less a constant
@@ -69,18 +74,19 @@ class GradientLabels:
             labels[s] = y
             with torch.enable_grad():  # take this label's terms out of every earlier position
                 x = h[:, : s + 1].clone().requires_grad_(True)
-                (gy,) = torch.autograd.grad(top.lm_head(self._u(x))[0, s, y], x)
+                (gy,) = torch.autograd.grad(self._u(x)[0, s] @ w[y], x)  # z_s[y]: one row of the LM head
             rest[: s + 1] -= gy[0]
         return labels
 
-    def _jacobian(self, h: torch.Tensor, s: int) -> torch.Tensor:
-        """du_s/dh_s (d_out, d_in) by one batched backward pass: row i is the gradient of u_s[i]."""
-        d = h.shape[-1]
+    def _jacobian(self, prefix: Prefixes, h_s: torch.Tensor) -> torch.Tensor:
+        """du_s/dh_s (d_out, d_in) by one batched backward pass over d copies of position s, each attending to
+        the prefix's keys and values (which do not depend on h_s): row i is the gradient of u_s[i]."""
+        d = h_s.shape[-1]
         with torch.enable_grad():
-            x = h[:, : s + 1].expand(d, -1, -1).clone().requires_grad_(True)
-            u = self._u(x)[:, s]  # (d, d): copy i's u_s
+            x = h_s.float().expand(1, d, d).clone().requires_grad_(True)  # (1, d copies, d)
+            u = self.top.ln_f(prefix.run_states(x, keep=False))[0]  # (d, d): copy i's u_s
             (gx,) = torch.autograd.grad(u.diagonal().sum(), x)
-        return gx[:, s]  # (d_out, d_in)
+        return gx[0]  # (d_out, d_in)
 
 
 class StepTap:

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from client.exact_attack import ExactAttacker, Prefixes, floor
+from client.gradient_attack import GradientLabels
 from client.privacy import (
     InverterConfig,
     LearnedInverter,
@@ -105,6 +106,27 @@ def test_prefixes_give_the_bottoms_own_states(local):
     states = p.run(candidates, keep=False)  # (2, 4, d): every candidate at position 8 of each row
     assert torch.allclose(states[0, 1], want[0, 8], atol=1e-5) and torch.allclose(states[1, 2], want[1, 8], atol=1e-5)
     assert not torch.allclose(states[0, 0], want[0, 8], atol=1e-3)
+
+
+def test_the_gradient_attacks_jacobian_is_autograds(local):
+    """The gradient attack's du_s/dh_s, from copies of position s over the window's cached keys and values, is the
+    Jacobian that autograd takes through the whole top (the cache must not depend on h_s)."""
+    top = local.parts["top"]
+    attack, h = GradientLabels(top), torch.randn(1, 7, top.config.n_embd)
+    window = Prefixes(top, 1)
+    with torch.no_grad():
+        for s in range(7):
+            window.run_states(h[:, s : s + 1], keep=True)
+    for s in (0, 3, 6):
+
+        def u_s(h_s, s=s):
+            x = h.clone()
+            x[0, s] = h_s
+            return attack._u(x)[0, s]
+
+        want = torch.autograd.functional.jacobian(u_s, h[0, s])
+        assert torch.allclose(attack._jacobian(window.first(s), h[0, s]), want, atol=1e-5)
+    assert not torch.allclose(attack._jacobian(window.first(6), h[0, 6]), attack._jacobian(window.first(5), h[0, 6]))
 
 
 def test_exact_attacker_reads_every_token_undefended_and_map_beats_the_floor(local, texts, tiny):
@@ -387,7 +409,7 @@ def test_the_gradient_of_split_training_gives_the_labels_back(models_dir, server
     (--client-train none), and nearly all with a LoRA the client trains on its top (it starts at zero). The docs
     say so (docs/privacy.md). The client's secret noise on that gradient (--grad-noise 3; the attacker knows the
     setting and reads MAP with the public model's prior) makes the reading drop."""
-    from client.gradient_attack import GradientLabels, StepTap
+    from client.gradient_attack import StepTap
     from client.train import SplitTrainer, TrainConfig
     from splitcore.training import TextData
 
