@@ -81,7 +81,14 @@ class ClientConfig(GenerateConfig):
         0.0,
         "GPT2_GRAD_NOISE",
         "split training: secret gaussian noise on the gradient sent back to the trunk, its std a multiple of each "
-        "position's gradient RMS (the gradient gives the labels back without it: docs/privacy.md); 0 = off",
+        "position's gradient RMS, or of --grad-clip (the gradient gives the labels back without it: "
+        "docs/privacy.md); 0 = off",
+    )
+    grad_clip: float = setting(
+        0.0,
+        "GPT2_GRAD_CLIP",
+        "split training: clip each position's gradient to this RMS before --grad-noise, whose std is then "
+        "--grad-noise x this whatever the gradient (DP-SGD's Gaussian mechanism, per position); 0 = off",
     )
     defence_seed: int | None = setting(
         None, None, "a fixed secret for the noise, for tests and benchmarks only (logs a warning)", hidden=True
@@ -134,7 +141,9 @@ class ClientConfig(GenerateConfig):
         """The defence of the gradient sent to the trunk in split training, checked."""
         if not math.isfinite(self.grad_noise) or self.grad_noise < 0:
             raise InvalidInput(f"--grad-noise must be a finite number >= 0, got {self.grad_noise}")
-        return Noise("gaussian", self.grad_noise)
+        if not math.isfinite(self.grad_clip) or self.grad_clip < 0:
+            raise InvalidInput(f"--grad-clip must be a finite number >= 0, got {self.grad_clip}")
+        return Noise("gaussian", self.grad_noise, self.grad_clip)
 
     def trunk_client_config(self) -> TrunkClientConfig:
         if self.auth_token and not self.tls_ca and not self.insecure and not self.local_trunk:

@@ -10,13 +10,17 @@ client's). For logits z_t = W u_t(h):
 so A = sum_t (dz_t/dh)^T softmax(z_t), which the trunk computes from h alone, gives
 R = A - N g = sum_t d z_t[y_t] / dh. Causality makes this triangular: position s of R holds its own label's
 term (du_s/dh_s)^T W[y_s] plus the terms of the labels after it. Going from the last position back, the trunk
-subtracts the terms of the labels already read and picks the label whose own term is nearest to what is left.
-Exact up to float error when the client's top is the public one; against a top the client trained
-(`--client-train lora|full`) the public top is the attacker's best guess.
+subtracts the terms of the labels already read, which leaves, for each candidate label, the gradient the client
+would have computed at s; it picks the candidate under which what it received is likeliest. Exact up to float
+error when the client's top is the public one; against a top the client trained (`--client-train lora|full`)
+the public top is the attacker's best guess.
 
-Under the client's gradient noise (`--grad-noise S`: gaussian, std S x each position's gradient RMS, which the
-attacker knows as it knows the code) the attacker reads MAP: the distance scaled by the noise's variance, less
-the log-probability of the label under the public model at that position (the prior: what the text says next).
+The client's gradient defence is the states' mechanism (`splitcore.defence.Noise`) on the gradient: `--grad-clip
+C` scales each position's gradient down to an RMS of at most C, and `--grad-noise S` adds gaussian noise of std S
+times the reference RMS (C when clipping, else the position's own). The attacker knows the code, so it scores each
+candidate's gradient, clipped as the client would have clipped it, with the mechanism's own density
+(`Noise.log_likelihood`); under noise it reads MAP, adding the log-probability of the label under the public model
+at that position (the prior: what the text says next).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from __future__ import annotations
 import torch
 
 from client.exact_attack import Prefixes
+from splitcore.defence import Noise
 from splitcore.gpt2 import GPT2
 
 
@@ -32,9 +37,9 @@ class GradientLabels:
 
     name = "gradient attack (public top)"
 
-    def __init__(self, top: GPT2, noise_scale: float = 0.0):
+    def __init__(self, top: GPT2, noise: Noise | None = None):
         self.top = top.eval().requires_grad_(False)
-        self.noise_scale = noise_scale  # the client's --grad-noise
+        self.noise = noise or Noise()  # the client's --grad-noise and --grad-clip: the attacker knows the code
 
     def _u(self, h: torch.Tensor) -> torch.Tensor:
         """The final norm's output (B, T, d): the LM head's input."""
@@ -56,10 +61,7 @@ class GradientLabels:
             log_p = torch.log_softmax(z.float(), -1).detach()  # (T-1, V): the public model's prior
             soft = (log_p.exp() * z).sum()
             (a,) = torch.autograd.grad(soft, x)
-        rest = a[0] - n * g  # (T, d): sum over positions of d z_t[y_t] / dh
-        s2 = self.noise_scale**2
-        # the noise's variance per coordinate of `rest`, from what was received: RMS(g_t)^2 (1 + S^2) observed
-        var = (n * n) * g.pow(2).mean(-1) * s2 / (1 + s2)  # (T,)
+        known = a[0].clone()  # (T, d): A less the terms of the labels read so far (n g + the labels not yet read)
         labels = torch.zeros(t - 1, dtype=torch.long)
         window = Prefixes(top, 1)  # every position's keys and values: the prefix that position s attends to
         with torch.no_grad():
@@ -68,14 +70,14 @@ class GradientLabels:
         for s in range(t - 2, -1, -1):
             jac = self._jacobian(window.first(s), h[0, s])  # (d, d): du_s / dh_s
             own = w @ jac  # (V, d): the term each candidate label would leave at position s
-            r = rest[s]
-            dist = (own * own).sum(-1) - 2 * own @ r  # ||own - r||^2 less a constant
-            y = int((dist / (2 * var[s]) - log_p[s]).argmin()) if s2 > 0 else int(dist.argmin())
+            clean = (known[s] - own) / n  # (V, d): the gradient the client computed at s, were its label each one
+            score = self.noise.log_likelihood(g[s], clean)  # the client's mechanism: clipping, noise, or neither
+            y = int((score + log_p[s] if self.noise.scale > 0 else score).argmax())
             labels[s] = y
             with torch.enable_grad():  # take this label's terms out of every earlier position
                 x = h[:, : s + 1].clone().requires_grad_(True)
                 (gy,) = torch.autograd.grad(self._u(x)[0, s] @ w[y], x)  # z_s[y]: one row of the LM head
-            rest[: s + 1] -= gy[0]
+            known[: s + 1] -= gy[0]
         return labels
 
     def _jacobian(self, prefix: Prefixes, h_s: torch.Tensor) -> torch.Tensor:

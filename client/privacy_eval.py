@@ -346,9 +346,11 @@ def gradient_row(
     progress: Callable[[str], None] | None = None,
     state_noise: float = 0.0,
     public_ids: torch.Tensor | None = None,
+    grad_clip: float = 0.0,
 ) -> dict:
     """Split training over the trunk at `server` on `train_text` (the client's private text) for `steps` steps
-    with the client's settings (gaussian `state_noise` on the states sent, `grad_noise` on the gradient), the
+    with the client's settings (gaussian `state_noise` on the states sent, `grad_noise` on the gradient, clipped
+    to an RMS of `grad_clip` first), the
     trunk's operator reading the steps in `read_at` two ways: the labels from what it holds (its output and the
     gradient sent back) through the public top, and, given `public_ids` (its public text), the tokens from the
     states sent, by the exact attacker; then the split's perplexity on `heldout` windows (W, T) of the same
@@ -366,11 +368,12 @@ def gradient_row(
     f.write_text(train_text, encoding="utf-8")
     defence = {"defence": "gaussian", "noise_scale": state_noise} if state_noise else {}
     engine = SplitEngine(
-        ClientConfig(model=model, models_dir=models_dir, device="cpu", server=server, grad_noise=grad_noise,
-                     defence_seed=CLIENT_SEED if grad_noise or state_noise else None, **defence)
+        settings := ClientConfig(model=model, models_dir=models_dir, device="cpu", server=server, grad_noise=grad_noise,
+                                 grad_clip=grad_clip, defence_seed=CLIENT_SEED if grad_noise or state_noise else None,
+                                 **defence)
     )  # fmt: skip
     public = engine_for(model, models_dir, Setting())  # the attacker's: the public weights
-    attack = GradientLabels(public.parts["top"], grad_noise)
+    attack = GradientLabels(public.parts["top"], settings.grad_noise_defence())  # it knows the client's settings
     states = None
     if public_ids is not None:
         states = ExactAttacker(public.parts["bottom"], engine.noise, load_full(public.model), vocabulary(public_ids))
@@ -396,7 +399,8 @@ def gradient_row(
                 if states is not None:  # the same tokens (positions 1..T-1) read from the states sent
                     state_hits += int((states.predict(sent)[:, 1:] == ids[:, 1:]).sum())
                 attack_s.append(time.perf_counter() - t0)
-                say(f"--client-train {client_train} --grad-noise {grad_noise:g} --noise-scale {state_noise:g}: step "
+                say(f"--client-train {client_train} --grad-noise {grad_noise:g} --grad-clip {grad_clip:g} "
+                    f"--noise-scale {state_noise:g}: step "
                     f"{step}, {hits}/{total} read from the gradient, {state_hits} from the states")  # fmt: skip
         with torch.no_grad():
             loss = statistics.fmean(trainer.eval_loss(heldout[i : i + 8]) for i in range(0, len(heldout), 8))
@@ -405,12 +409,14 @@ def gradient_row(
         engine.close()
         public.close()
     name = f"--client-train {client_train}" + (f" --grad-noise {grad_noise:g}" if grad_noise else "")
+    name += f" --grad-clip {grad_clip:g}" if grad_clip else ""
     name += f" --defence gaussian --noise-scale {state_noise:g}" if state_noise else ""
-    name += "" if grad_noise or state_noise else ", undefended"
+    name += "" if grad_noise or state_noise or grad_clip else ", undefended"
     return {
         "setting": name,
         "client_train": client_train,
         "grad_noise": grad_noise,
+        "grad_clip": grad_clip,
         "state_noise": state_noise,
         "states_read": state_hits if states is not None else None,
         "states_share": state_hits / total if states is not None else None,

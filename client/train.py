@@ -78,6 +78,7 @@ class StepStats:
     server_ms: float = 0.0  # trunk compute, forward + backward
     bytes_out: int = 0  # this step's bytes to the server
     bytes_in: int = 0
+    grad_rms: float = 0.0  # split: the median over positions of the gradient's RMS before --grad-clip / --grad-noise
 
 
 @dataclass
@@ -254,6 +255,7 @@ class SplitTrainer:
             loss = lm_loss(self.top(top_in, all_positions=True), ids.to(self.top.device))
             loss.backward()
         sent = h2.grad  # what the trunk gets back: with --grad-noise, under the client's secret noise
+        grad_rms = float(sent[:, :-1].float().pow(2).mean(-1).sqrt().median())  # the last position has no label
         if self.protect_grad is not None:
             sent = self.protect_grad(sent, ids, context="gradient")  # the same window: the same noise, every epoch
         back = self.remote.backward(step, sent)
@@ -272,6 +274,7 @@ class SplitTrainer:
             fwd.server_ms + back.server_ms,
             fwd.bytes_out + back.bytes_out,
             fwd.bytes_in + back.bytes_in,
+            grad_rms,
         )
 
     @torch.no_grad()

@@ -128,7 +128,8 @@ def _show(run: Run, cfg: TrainConfig, start: int) -> None:
             s = ev.stats
             bar.update(1)
             kb = (s.bytes_out + s.bytes_in) / 1e3
-            bar.set_postfix_str(f"loss {s.loss:.3f}, {tokens / (s.ms / 1e3):,.0f} tok/s, {kb:,.0f} kB/step")
+            grad = f", gradient RMS {s.grad_rms:.2g}" if s.grad_rms else ""  # what --grad-clip compares with
+            bar.set_postfix_str(f"loss {s.loss:.3f}, {tokens / (s.ms / 1e3):,.0f} tok/s, {kb:,.0f} kB/step{grad}")
         elif ev.kind == "eval":
             bar.write(f"step {ev.step}: held-out loss {ev.eval_loss:.4f}, perplexity {ev.perplexity:.2f}", sys.stderr)
         elif ev.kind == "stopped":

@@ -402,18 +402,40 @@ def test_learned_denoiser_starts_as_subtraction_learns_and_generates(models_dir,
         tiny_split_engine(models_dir, local_trunk=True, defence="gaussian", noise_scale=1.0, denoise="blur")
 
 
-@pytest.mark.parametrize(("client_train", "grad_noise"), [("none", 0.0), ("lora", 0.0), ("none", 3.0)])
-def test_the_gradient_of_split_training_gives_the_labels_back(models_dir, server_target, client_train, grad_noise):
+def test_the_benchs_training_row_reads_labels_from_gradients_and_tokens_from_states(models_dir, server_target, texts):
+    """bench_privacy's split-training row: with the gradient clipped alone (no noise), the gradient attack reads
+    every label of the step it reads, and the exact attacker every token of the states sent."""
+    from client.privacy_eval import gradient_row
+
+    train = public_text(NEW)[20000:40000]  # the private text's own training half, as the bench takes it
+    row = gradient_row(TINY, str(models_dir), server_target, "none", 0.0, train, texts[1][:8], 2, (2,),
+                       public_ids=texts[0], grad_clip=1e-4)  # fmt: skip
+    assert row["setting"] == "--client-train none --grad-clip 0.0001"
+    assert row["labels"] == 8 * 63 and row["share"] == 1.0 and row["states_share"] == 1.0, row
+    assert row["at_least"] == 1.0 and row["perplexity"] > 1
+
+
+GRAD_CLIP = 2e-3  # below most positions' gradient RMS in this test (about 1e-2): clipping changes what is sent
+
+
+@pytest.mark.parametrize(
+    ("client_train", "grad_noise", "grad_clip"),
+    [("none", 0.0, 0.0), ("lora", 0.0, 0.0), ("none", 3.0, 0.0), ("none", 0.0, GRAD_CLIP), ("none", 3.0, GRAD_CLIP)],
+)
+def test_the_gradient_of_split_training_gives_the_labels_back(
+    models_dir, server_target, client_train, grad_noise, grad_clip
+):
     """What the trunk holds in a split training step (its output) and what the client sends back (the gradient),
     read by the gradient attack through the public top: the training labels, all of them with the public top
     (--client-train none), and nearly all with a LoRA the client trains on its top (it starts at zero). The docs
     say so (docs/privacy.md). The client's secret noise on that gradient (--grad-noise 3; the attacker knows the
-    setting and reads MAP with the public model's prior) makes the reading drop."""
+    setting and reads MAP with the public model's prior) makes the reading drop. Clipping alone hides nothing: the
+    attacker clips each candidate's gradient as the client would; clipped and noised, the reading drops."""
     from client.gradient_attack import StepTap
     from client.train import SplitTrainer, TrainConfig
     from splitcore.training import TextData
 
-    e = tiny_split_engine(models_dir, server_target, grad_noise=grad_noise)
+    e = tiny_split_engine(models_dir, server_target, grad_noise=grad_noise, grad_clip=grad_clip)
     try:
         data = TextData.from_path(ROOT / "tests" / "data" / "corpus.txt", e.encode, block=24)
         trainer = SplitTrainer(e, TrainConfig(lora_rank=2, lr=1e-2, seed=1).lora(), client_train=client_train)
@@ -425,14 +447,18 @@ def test_the_gradient_of_split_training_gives_the_labels_back(models_dir, server
         finally:
             trainer.close()
         public = tiny_split_engine(models_dir, local_trunk=True)  # the attacker's: the public weights alone
-        attack = GradientLabels(public.parts["top"], grad_noise)  # it knows the client's settings
+        attack = GradientLabels(public.parts["top"], Noise("gaussian", grad_noise, grad_clip))  # it knows the code
         read = [attack.read(h, g) for h, g in tap.steps]
+        rms = torch.cat([g.pow(2).mean(-1)[:, :-1].sqrt().flatten() for _, g in tap.steps])
+        if grad_clip and not grad_noise:  # clipping did clip: most positions arrived at an RMS of the clip
+            assert (rms - grad_clip).abs().lt(1e-9).float().mean() > 0.5, rms
         public.close()
         hits = sum(int((r == ids[:, 1:]).sum()) for r, ids in zip(read, batches, strict=True))
         total = sum(ids[:, 1:].numel() for ids in batches)
     finally:
         e.close()
-    print(f"gradient attack, --client-train {client_train} --grad-noise {grad_noise:g}: {hits} of {total} read")
+    print(f"gradient attack, --client-train {client_train} --grad-noise {grad_noise:g} --grad-clip {grad_clip:g}: "
+          f"{hits} of {total} read, gradient RMS median {rms.median():.2g}")  # fmt: skip
     if grad_noise == 0:
         assert hits / total >= (0.98 if client_train == "none" else 0.9), (hits, total)
     else:
