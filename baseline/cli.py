@@ -4,6 +4,7 @@ no subcommand starts the app."""
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from splitcore.cli import (
     add_api_parser,
@@ -14,10 +15,10 @@ from splitcore.cli import (
     parse_app_args,
     run_generate,
 )
-from splitcore.device import configure_threads, resolve_device, resolve_dtype, use_cuda_graphs
-from splitcore.engine import FullEngine
 from splitcore.logs import setup_logging
-from splitcore.models import resolve_with_fallback
+
+if TYPE_CHECKING:  # nothing heavy before the flags parse: `--help` answers at once
+    from splitcore.engine import FullEngine
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,6 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_engine(args: argparse.Namespace) -> FullEngine:
+    from splitcore.device import configure_threads, resolve_device, resolve_dtype, use_cuda_graphs
+    from splitcore.engine import FullEngine
+    from splitcore.models import resolve_with_fallback
+
     configure_threads(args.threads)
     device = resolve_device(args.device)
     model = resolve_with_fallback(args.model, args.models_dir, args.fallback_random)

@@ -5,10 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import dataclass, fields, replace
+from typing import TYPE_CHECKING
 
-from client.config import ClientConfig
-from client.engine import SplitEngine
-from client.train import TrainConfig
+from client.config import ClientConfig, TrainConfig
 from splitcore.cli import (
     add_api_parser,
     app_login,
@@ -17,11 +16,12 @@ from splitcore.cli import (
     parse_app_args,
     run_generate,
 )
-from splitcore.device import configure_threads
-from splitcore.distill import DistillConfig
 from splitcore.errors import InvalidInput
 from splitcore.logs import setup_logging
-from splitcore.settings import ProcessConfig, dataclass_flags, setting
+from splitcore.settings import DistillConfig, ProcessConfig, dataclass_flags, setting
+
+if TYPE_CHECKING:  # nothing heavy before the flags parse: `--help` and a bad flag answer at once
+    from client.engine import SplitEngine
 
 
 @dataclass
@@ -184,6 +184,8 @@ def run_privacy_report(args: argparse.Namespace, cfg: ClientConfig) -> None:
         raise InvalidInput("privacy-report needs public text to train its attacker on: give --attack-data")
     if not args.private_data:
         raise InvalidInput("privacy-report needs the private text to score: give --private-data")
+    from client.engine import SplitEngine
+
     engine = SplitEngine(replace(cfg, local_trunk=True))  # checks the settings before the text is read
     texts = load_texts(engine.encode, cfg.attack_data, args.private_data, args.windows, args.prompts)
     engine.close()
@@ -210,6 +212,8 @@ def run_train_denoiser(args: argparse.Namespace, cfg: ClientConfig) -> None:
         raise InvalidInput("train-denoiser needs --data (public text) and --out (where the denoiser goes)")
     if args.steps < 1:
         raise InvalidInput(f"--steps must be at least 1, got {args.steps}")
+    from client.engine import SplitEngine
+
     engine = SplitEngine(replace(cfg, denoise="none"))
     try:
         if engine.trunk_client is not None:
@@ -247,6 +251,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_app_args(build_parser(), argv)
 
     def body() -> None:
+        from client.engine import SplitEngine
+        from splitcore.device import configure_threads
+
         if args.command == "train":
             setup_logging("logs/gpt2_train.log", args.verbose)
             configure_threads(args.threads)

@@ -6,12 +6,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from splitcomm.trunk_client import TrunkClientConfig
-from splitcore.defence import DENOISERS, NOISE_KINDS, Noise
+from splitcomm.config import TrunkClientConfig
 from splitcore.errors import InvalidInput
-from splitcore.parts import DEFAULT_SPLIT
-from splitcore.settings import GenerateConfig, is_loopback, setting
+from splitcore.settings import DEFAULT_SPLIT, DENOISERS, NOISE_KINDS, GenerateConfig, is_loopback, setting
+
+if TYPE_CHECKING:  # the settings parse without torch: `python -m client --help` answers at once
+    from splitcore.defence import Noise
+    from splitcore.lora import LoraSettings
 
 DEFENCES = ("none", *NOISE_KINDS)
 
@@ -123,6 +126,8 @@ class ClientConfig(GenerateConfig):
 
     def noise(self) -> Noise:
         """The defence these settings name, checked: a readable error for a bad one."""
+        from splitcore.defence import Noise
+
         if self.defence not in DEFENCES:
             raise InvalidInput(f"unknown defence '{self.defence}'; choose one of {', '.join(DEFENCES)}")
         if self.denoise not in DENOISERS and not Path(self.denoise).is_dir():
@@ -139,6 +144,8 @@ class ClientConfig(GenerateConfig):
 
     def grad_noise_defence(self) -> Noise:
         """The defence of the gradient sent to the trunk in split training, checked."""
+        from splitcore.defence import Noise
+
         if not math.isfinite(self.grad_noise) or self.grad_noise < 0:
             raise InvalidInput(f"--grad-noise must be a finite number >= 0, got {self.grad_noise}")
         if not math.isfinite(self.grad_clip) or self.grad_clip < 0:
@@ -163,4 +170,36 @@ class ClientConfig(GenerateConfig):
             tls_key=self.tls_key,
             tls_server_name=self.tls_server_name,
             token=self.auth_token,
+        )
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one fine-tuning run (the `train` command and the Fine-tune tab)."""
+
+    data: str = ""  # a text file or a directory of them
+    steps: int = 200  # optimizer steps
+    batch_size: int = 8  # windows per step (B)
+    block_size: int = 128  # tokens per window (T)
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: str = "attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj"  # module kinds in each adapted block
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    eval_every: int = 50  # steps between held-out evaluations (and checkpoints); 0 = only at the end
+    eval_batches: int = 8  # held-out batches per evaluation
+    out: str = "adapters/run"  # where checkpoints and the final adapter go
+    client_train: str = "none"  # the client's own parts: none (frozen), lora (adapters), full (every weight)
+    seed: int = 0  # adapter initialisation and batch order
+    resume: bool = False  # go on from the latest checkpoint in `out`
+    privacy_weight: float = 0.0  # learned obfuscation: the client's parts also learn to defeat an inverter
+    # retrained alongside them, at this weight against the LM loss (needs --client-train lora or full); 0 = off
+
+    def lora(self) -> LoraSettings:
+        from splitcore.lora import LoraSettings
+
+        targets = tuple(t.strip() for t in self.lora_targets.split(",") if t.strip())
+        return LoraSettings(
+            self.lora_rank, self.lora_alpha, self.lora_dropout, targets, self.lr, self.weight_decay, seed=self.seed
         )

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from client.config import TrainConfig
 from splitcomm.codec import decode_named, encode_named
 from splitcomm.proto import trunk_pb2 as pb
 from splitcore.compress import Compression
@@ -38,36 +39,6 @@ from splitcore.parts import load_full
 from splitcore.training import TextData, lm_loss, perplexity
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class TrainConfig:
-    """Settings of one fine-tuning run (the `train` command and the Fine-tune tab)."""
-
-    data: str = ""  # a text file or a directory of them
-    steps: int = 200  # optimizer steps
-    batch_size: int = 8  # windows per step (B)
-    block_size: int = 128  # tokens per window (T)
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    lora_targets: str = "attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj"  # module kinds in each adapted block
-    lr: float = 2e-4
-    weight_decay: float = 0.0
-    eval_every: int = 50  # steps between held-out evaluations (and checkpoints); 0 = only at the end
-    eval_batches: int = 8  # held-out batches per evaluation
-    out: str = "adapters/run"  # where checkpoints and the final adapter go
-    client_train: str = "none"  # the client's own parts: none (frozen), lora (adapters), full (every weight)
-    seed: int = 0  # adapter initialisation and batch order
-    resume: bool = False  # go on from the latest checkpoint in `out`
-    privacy_weight: float = 0.0  # learned obfuscation: the client's parts also learn to defeat an inverter
-    # retrained alongside them, at this weight against the LM loss (needs --client-train lora or full); 0 = off
-
-    def lora(self) -> LoraSettings:
-        targets = tuple(t.strip() for t in self.lora_targets.split(",") if t.strip())
-        return LoraSettings(
-            self.lora_rank, self.lora_alpha, self.lora_dropout, targets, self.lr, self.weight_decay, seed=self.seed
-        )
 
 
 @dataclass

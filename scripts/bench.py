@@ -39,8 +39,8 @@ from client.engine import SessionLink, SplitEngine  # noqa: E402
 from splitcore.device import resolve_device, resolve_dtype, use_cuda_graphs  # noqa: E402
 from splitcore.engine import Engine, FullEngine  # noqa: E402
 from splitcore.models import resolve_model  # noqa: E402
-from splitcore.parts import DEFAULT_SPLIT  # noqa: E402
 from splitcore.sampling import SamplingParams  # noqa: E402
+from splitcore.settings import DEFAULT_SPLIT  # noqa: E402
 from splitcore.stats import GenerationStats, percentile  # noqa: E402
 
 GREEDY = SamplingParams(temperature=0.0)

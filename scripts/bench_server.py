@@ -52,7 +52,8 @@ from scripts.nginx_proxy import Nginx  # noqa: E402
 from splitcomm.channel import channel_args  # noqa: E402
 from splitcomm.trunk_client import SERVICE_NAME, TrunkClient, TrunkClientConfig  # noqa: E402
 from splitcore.models import load_tokenizer, resolve_model  # noqa: E402
-from splitcore.parts import DEFAULT_SPLIT, load_parts  # noqa: E402
+from splitcore.parts import load_parts  # noqa: E402
+from splitcore.settings import DEFAULT_SPLIT  # noqa: E402
 from splitcore.stats import percentile  # noqa: E402
 
 TEXT = (

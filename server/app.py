@@ -270,9 +270,12 @@ def replica_name(host: str, port: int) -> str:
     return f"{host}:{port}"
 
 
-def main(argv: list[str] | None = None, server_class: type[TrunkServer] = TrunkServer) -> None:
-    """`python -m server`; `server_class` lets scripts/simulated_server.py run its variant with the same flags."""
-    cfg = parse_config(argv)
+def main(
+    argv: list[str] | None = None, server_class: type[TrunkServer] = TrunkServer, cfg: ServerConfig | None = None
+) -> None:
+    """`python -m server`; `server_class` lets scripts/simulated_server.py run its variant with the same flags;
+    `cfg`: flags parsed already (server/__main__.py parses them before torch loads)."""
+    cfg = cfg or parse_config(argv)
 
     def body() -> None:
         setup_logging(cfg.log_file, cfg.verbose)

@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-from splitcomm.channel import DEFAULT_MAX_MESSAGE_BYTES
-from splitcore.parts import DEFAULT_SPLIT
-from splitcore.settings import ModelConfig, dataclass_flags, setting
+from splitcomm.config import DEFAULT_MAX_MESSAGE_BYTES
+from splitcore.settings import DEFAULT_SPLIT, ModelConfig, dataclass_flags, setting
 
 
 @dataclass

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import grpc
 
+from splitcomm.config import DEFAULT_MAX_MESSAGE_BYTES
 from splitcore.errors import InvalidInput
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024  # the stateless trunk KV of GPT-2 small at 1024 tokens is 50 MB
 AUTH_HEADER = "authorization"
 UNAUTHENTICATED_METHODS = ("/grpc.health.v1.Health/",)  # load balancers probe without credentials
 

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 import grpc
 import torch
 
-from splitcomm.channel import DEFAULT_MAX_MESSAGE_BYTES, Target, auth_metadata, make_channel, parse_target
+from splitcomm.channel import Target, auth_metadata, make_channel, parse_target
 from splitcomm.codec import decode, encode
+from splitcomm.config import TrunkClientConfig
 from splitcomm.errors import TrunkError, TrunkUnavailable, from_rpc_error
 from splitcomm.proto import trunk_pb2 as pb
 from splitcomm.proto import trunk_pb2_grpc as pb_grpc
@@ -24,21 +25,6 @@ logger = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Trunk"].full_name  # what a replica's health check names
 FRAME_OVERHEAD = 17  # per message: gRPC's 5-byte length prefix and the protobuf fields around the tensor's bytes
 _END = object()  # closes a session's request stream
-
-
-@dataclass
-class TrunkClientConfig:
-    """How to reach a trunk server and how long to wait for it."""
-
-    target: str = "localhost:50051"  # host:port, a list of them, or a gRPC target URI (GPT2_TRUNK_SERVER)
-    connect_timeout_s: float = 5.0  # to reach the server at all, s
-    step_timeout_s: float = 60.0  # one step or stateless call, s (0 = no limit)
-    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
-    tls_ca: str | None = None  # CA bundle that signed the server's certificate: enables TLS
-    tls_cert: str | None = None  # client certificate, for mutual TLS
-    tls_key: str | None = None
-    tls_server_name: str | None = None  # override the name checked in the server's certificate
-    token: str | None = None  # shared secret sent as call metadata
 
 
 @dataclass

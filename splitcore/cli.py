@@ -8,11 +8,13 @@ import logging
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, make_dataclass
+from typing import TYPE_CHECKING
 
-from splitcore.engine import Engine
 from splitcore.errors import InvalidInput, SplitError
-from splitcore.sampling import SamplingParams
 from splitcore.settings import GenerateConfig, dataclass_flags, is_loopback, setting
+
+if TYPE_CHECKING:  # the parsers build without torch: `--help` answers at once
+    from splitcore.engine import Engine
 
 logger = logging.getLogger(__name__)
 
@@ -144,6 +146,8 @@ def run_generate(
 ) -> None:
     """Generate for the CLI: stream text to stdout, or print one JSON object with --json. `tap` hears what
     crosses to the trunk; `report`, called once the generation is done, adds to the JSON (or a line on stderr)."""
+    from splitcore.sampling import SamplingParams
+
     params = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
     if args.json:
         result = engine.run(args.prompt, args.max_tokens, params, args.speculate, tap=tap)

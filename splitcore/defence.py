@@ -38,8 +38,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from torch import nn
 
 from splitcore.errors import InvalidInput
-
-NOISE_KINDS = ("gaussian", "laplace")
+from splitcore.settings import NOISE_KINDS
 
 
 @dataclass(frozen=True)
@@ -205,9 +204,6 @@ class NoiseStream:
     def truncate(self, length: int) -> None:
         """Forget the positions from `length` on."""
         del self.digests[length + 1 :]
-
-
-DENOISERS = ("none", "subtract")  # or the directory of a trained Denoiser
 
 
 class Denoiser(nn.Module):

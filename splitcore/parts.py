@@ -14,7 +14,6 @@ from splitcore.kvcache import KVCache
 from splitcore.models import ResolvedModel
 from splitcore.weights import is_weight, read_tensors
 
-DEFAULT_SPLIT = "2,10"  # s1,s2: the client keeps blocks [0, s1) and [s2, n_layer); the trunk [s1, s2)
 PART_NAMES = ("bottom", "trunk", "top")
 
 

@@ -9,9 +9,15 @@ import dataclasses
 import inspect
 import os
 import re
+from pathlib import Path
 from typing import Any
 
 from splitcore.errors import InvalidInput
+
+# Names that settings choose among, here so that command lines parse without loading torch (their homes re-export)
+DEFAULT_SPLIT = "2,10"  # s1,s2: the client keeps blocks [0, s1) and [s2, n_layer); the trunk [s1, s2)
+NOISE_KINDS = ("gaussian", "laplace")  # splitcore.defence.Noise
+DENOISERS = ("none", "subtract")  # or the directory of a trained splitcore.defence.Denoiser
 
 
 def setting(
@@ -184,3 +190,32 @@ def is_loopback(host: str) -> bool:
     """Whether a host (a name, an IPv4 or IPv6 address, bracketed or not) is this machine's loopback."""
     host = host.strip().strip("[]")
     return host in ("localhost", "::1") or host.startswith("127.")
+
+
+@dataclasses.dataclass
+class DistillConfig:
+    """Settings of `python -m client distill` (splitcore/distill.py)."""
+
+    teacher: str = ""  # model spec of the teacher (gpt2, a directory, trained:kjv...)
+    data: str = ""  # a text file, or a directory of .txt/.md files, to distill on
+    out: str = ""  # directory to save the student in (Hugging Face format); must not exist yet
+    n_layer: int = 6  # blocks of the student
+    steps: int = 300  # optimizer steps
+    batch_size: int = 8  # windows per step
+    block_size: int = 128  # tokens per window
+    lr: float = 5e-4  # AdamW learning rate (linear warm-up over 5%, then cosine to a tenth)
+    temperature: float = 2.0  # T: softens both distributions of the KL term
+    alpha: float = 0.5  # weight of the KL term; 1 - alpha weighs the cross-entropy
+    seed: int = 0  # batches and nothing else (the student starts from the teacher's blocks)
+    models_dir: str = "models"
+
+    def check(self) -> None:
+        for name in ("teacher", "data", "out"):
+            if not getattr(self, name):
+                raise InvalidInput(f"--{name} is required")
+        if Path(self.out).exists() and any(Path(self.out).iterdir()):
+            raise InvalidInput(f"--out {self.out} exists and is not empty: choose a new directory")
+        if self.n_layer < 1 or self.steps < 1 or self.batch_size < 1 or self.block_size < 2:
+            raise InvalidInput("--n-layer, --steps and --batch-size must be >= 1, --block-size >= 2")
+        if not (self.temperature > 0 and 0 <= self.alpha <= 1 and self.lr > 0):
+            raise InvalidInput("need --temperature > 0, 0 <= --alpha <= 1 and --lr > 0")

@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 
 from server.config import ServerConfig, build_parser, parse_config
-from splitcore.parts import DEFAULT_SPLIT
+from splitcore.settings import DEFAULT_SPLIT
 
 
 def test_defaults_are_the_dataclass_defaults(monkeypatch):

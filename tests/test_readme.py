@@ -114,23 +114,27 @@ def _named_subcommands() -> list[tuple[str, ...]]:
 
 @pytest.mark.process
 @pytest.mark.slow
-def test_every_named_subcommand_answers_help():
-    """`python -m MODULE [SUBCOMMAND] --help` exits 0 for each that the README or the docs name."""
+def test_every_named_subcommand_answers_help_before_anything_heavy_loads():
+    """`python -m MODULE [SUBCOMMAND] --help` exits 0 for each that the README or the docs name, having imported
+    none of torch, transformers, gRPC or Gradio (Python's own import log says what loaded): help is instant."""
     named = _named_subcommands()
     assert ("server",) in named and ("client", "generate") in named
+    heavy = {"torch", "transformers", "grpc", "gradio", "fastapi"}
 
     def help_of(cmd: tuple[str, ...]):
         out = subprocess.run(
-            [sys.executable, "-m", *cmd, "--help"], capture_output=True, text=True, cwd=ROOT, env=subprocess_env(),
-            timeout=120,
+            [sys.executable, "-X", "importtime", "-m", *cmd, "--help"], capture_output=True, text=True, cwd=ROOT,
+            env=subprocess_env(), timeout=120,
         )  # fmt: skip
-        return cmd, out
+        loaded = {line.rsplit("|", 1)[-1].strip().split(".")[0] for line in out.stderr.splitlines() if "|" in line}
+        return cmd, out, sorted(loaded & heavy)
 
     with ThreadPoolExecutor(2) as pool:
-        failed = [
-            (c, o.stderr[-500:]) for c, o in pool.map(help_of, named) if o.returncode != 0 or "usage" not in o.stdout
-        ]
+        results = list(pool.map(help_of, named))
+    failed = [(c, o.stderr[-500:]) for c, o, _ in results if o.returncode != 0 or "usage" not in o.stdout]
     assert not failed, failed
+    slow = [(c, loaded) for c, _, loaded in results if loaded]
+    assert not slow, slow
 
 
 def _fake_root(tmp_path):
