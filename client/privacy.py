@@ -177,28 +177,53 @@ class LearnedInverter(nn.Module):
         if len(public_ids) < 2 * max(c.context, c.block_size):
             raise InvalidInput(f"{len(public_ids)} tokens of public text: too little to train an attacker on")
         g = torch.Generator().manual_seed(c.seed)
-        torch.manual_seed(c.seed)
-        opt = torch.optim.AdamW(self.parameters(), lr=c.lr, weight_decay=0.01)
-        self.train()
-        for step in range(1, c.steps + 1):
-            lr = c.lr * min(1.0, step / 20) * (0.55 + 0.45 * math.cos(math.pi * step / c.steps))
-            for group in opt.param_groups:
-                group["lr"] = lr
+
+        def batch() -> tuple[torch.Tensor, torch.Tensor]:
             span = max(c.context, c.block_size)
             starts = torch.randint(0, len(public_ids) - span, (c.batch_size,), generator=g).tolist()
             ids = torch.stack([public_ids[s : s + span] for s in starts])
-            states = observe(ids).to(self.wte.device)
+            states = observe(ids)
             if span > c.block_size:  # a window of the states, anywhere in the context
                 o = int(torch.randint(0, span - c.block_size + 1, (1,), generator=g))
                 ids, states = ids[:, o : o + c.block_size], states[:, o : o + c.block_size]
-            target = torch.searchsorted(self.classes, ids.flatten().to(self.wte.device))  # class index
+            return states, ids
+
+        return self._train(batch, c.steps, progress)
+
+    def fit_pairs(self, states: torch.Tensor, ids: torch.Tensor, steps: int) -> LearnedInverter:
+        """Train further on observed windows whose tokens the attacker has read some other way: `states` (N, T,
+        C) and `ids` (N, T), -1 where it has no token (what the trunk collects over split training: the states
+        the client sends, and the tokens that the gradient gives back)."""
+        g = torch.Generator().manual_seed(self.cfg.seed + 1)
+
+        def batch() -> tuple[torch.Tensor, torch.Tensor]:
+            rows = torch.randint(0, len(states), (self.cfg.batch_size,), generator=g)
+            return states[rows], ids[rows]
+
+        return self._train(batch, steps, None)
+
+    def _train(self, batch: Callable[[], tuple[torch.Tensor, torch.Tensor]], steps: int, progress) -> LearnedInverter:
+        """AdamW with a warm-up and a cosine to a tenth over `steps` batches of (states, ids); ids that are -1 or
+        not among the classes are not scored."""
+        c = self.cfg
+        torch.manual_seed(c.seed)
+        opt = torch.optim.AdamW(self.parameters(), lr=c.lr, weight_decay=0.01)
+        self.train()
+        for step in range(1, steps + 1):
+            lr = c.lr * min(1.0, step / 20) * (0.55 + 0.45 * math.cos(math.pi * step / steps))
+            for group in opt.param_groups:
+                group["lr"] = lr
+            states, ids = batch()
+            flat = ids.flatten().to(self.wte.device)
+            target = torch.searchsorted(self.classes, flat.clamp_min(0)).clamp_max(len(self.classes) - 1)
+            target[(flat < 0) | (self.classes[target] != flat)] = -100  # no token, or one it does not read
             with torch.enable_grad():
-                loss = F.cross_entropy(self(states).flatten(0, 1), target)
+                loss = F.cross_entropy(self(states.to(self.wte.device)).flatten(0, 1), target, ignore_index=-100)
                 loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
             if progress is not None:
-                progress(step, c.steps, float(loss.detach()))
+                progress(step, steps, float(loss.detach()))
         return self.eval()
 
     @torch.no_grad()

@@ -55,6 +55,7 @@ class Setting:
     denoise: str = "none"  # none, or "subtract": the client takes its own noise out of the trunk's answer
     adapter: str | None = None  # the client's privately trained parts (learned obfuscation)
     attacker_adapter: str | None = None  # the attacker's own run of the same recipe; None: it has the client's
+    attacker_pairs: str | None = None  # (states, tokens) the trunk collected over the client's training (train_split)
     name: str = ""  # what the row is called, when the rest does not say it
 
     @property
@@ -204,6 +205,10 @@ def evaluate(
     t0 = time.perf_counter()
     inv = LearnedInverter(public.wte.weight, public.config.n_embd, inverter, vocabulary(texts.public))
     inv.fit(texts.public, train_on)
+    if s.attacker_pairs is not None:  # then on what it collected through the client's own bottom
+        pairs = torch.load(s.attacker_pairs)
+        say(f"{s.label}: the inverter trains on {int((pairs['ids'] >= 0).sum())} pairs read through training")
+        inv.fit_pairs(pairs["states"], pairs["ids"], inverter.steps)
     train_s = time.perf_counter() - t0
     inv_share = recovered(inv, observe, texts.private)
     # every private window sent k times (a retry, a resent history), the sends averaged by the attacker
@@ -224,7 +229,10 @@ def evaluate(
         "denoise": s.denoise,
         "adapter": s.adapter,
         "attacker_adapter": s.attacker_adapter,
-        "attacker": "has the client's weights" if s.attacker_adapter is None else "knows the recipe, not the weights",
+        "attacker": "has the client's weights"
+        if s.attacker_adapter is None
+        else "knows the recipe, not the weights" + (", and reads the client's training" if s.attacker_pairs else ""),
+        "attacker_pairs": s.attacker_pairs,
         "nearest_neighbour": nn_share,
         "learned_inverter": inv_share,
         **{f"learned_inverter_{k}_repeats": share for k, share in repeats.items()},
@@ -292,11 +300,16 @@ def train_split(
     client_train: str = "full",
     privacy_weight: float = 0.0,
     progress: Callable[[str], None] | None = None,
+    pairs_to: str | None = None,
+    collect_steps: int = 0,
 ) -> str:
     """`python -m client train` with the row's cut and defence over the trunk at `server`, on `text`; returns
     the adapter directory. Learned obfuscation: client_train full with a privacy weight (the client's private
     parts). Noise-aware fine-tuning: client_train none under noise (the trunk's LoRA learns to work through
-    it; the bottom stays the public one, so what crosses is as private as with the noise alone)."""
+    it; the bottom stays the public one, so what crosses is as private as with the noise alone). `pairs_to`: the
+    trunk's operator keeps, over the last `collect_steps` steps, the states sent and the tokens that the gradient
+    attack reads from each step (through the public top), and saves them there: an attacker that learns the
+    client's private bottom from its training traffic."""
     import tempfile
     from pathlib import Path
 
@@ -314,14 +327,34 @@ def train_split(
     data = TextData.from_path(f, engine.encode, cfg.block_size)
     classes = vocabulary(data.train) if privacy_weight > 0 else None
     trainer = SplitTrainer(engine, cfg.lora(), client_train, None, privacy_weight, classes)
+    tap = attack = None
+    collected: dict[str, list[torch.Tensor]] = {"states": [], "ids": []}
+    if pairs_to is not None:
+        from client.gradient_attack import GradientLabels, StepTap
+
+        public = engine_for(model, models_dir, Setting(s.split))
+        attack = GradientLabels(public.parts["top"], engine.cfg.grad_noise_defence())
+        trainer.remote = tap = StepTap(trainer.remote)
     try:
         for ev in Run(trainer, data, cfg, model):
+            if tap is not None and ev.kind == "step":
+                (out_h, grad), sent = tap.steps.pop(), tap.sent.pop()
+                if ev.step > steps - collect_steps:
+                    labels = attack.read(out_h, grad)  # (B, T-1): the tokens at positions 1..T-1
+                    collected["states"].append(sent.float())
+                    collected["ids"].append(torch.cat([torch.full_like(labels[:, :1], -1), labels], 1))
+                    if ev.step % 10 == 0:
+                        say(f"training {out}: step {ev.step}, the trunk collected {len(collected['ids']) * len(sent)} "
+                            "windows of (state, token read from the gradient)")  # fmt: skip
             if ev.kind == "step" and ev.step % 50 == 0:
                 adv = f", the adversary's cross-entropy {trainer.adversary.last_ce:.3f}" if trainer.adversary else ""
                 say(f"training {out} (seed {seed}): step {ev.step}/{steps}, LM loss {ev.stats.loss:.3f}{adv}")
     finally:
         trainer.close()
         engine.close()
+    if pairs_to is not None:
+        public.close()
+        torch.save({k: torch.cat(v) for k, v in collected.items()}, pairs_to)
     return out
 
 

@@ -126,11 +126,16 @@ def trained_rows(args, say) -> list[Setting]:
     try:
         if args.obfuscate is not None:
             w, cut = args.obfuscate, Setting("2,10")
+            pairs = str(out / f"obfuscate-w{w:g}-trunk-pairs.pt") if args.collect_steps else None
             mine = train_split(args.model, args.models_dir, target, cut, halves[0], str(out / f"obfuscate-w{w:g}"),
-                               steps, 1, "full", w, say)  # fmt: skip
+                               steps, 1, "full", w, say, pairs, args.collect_steps)  # fmt: skip
             theirs = train_split(args.model, args.models_dir, target, cut, halves[1],
                                  str(out / f"obfuscate-w{w:g}-attacker"), steps, 2, "full", w, say)  # fmt: skip
             name = f"learned obfuscation, weight {w:g}"
+            if pairs is not None:  # this row alone (the other two come from a run without --collect-steps)
+                who = f"attacker knows the recipe and reads the last {args.collect_steps} training steps"
+                return [Setting("2,10", adapter=mine, attacker_adapter=theirs, attacker_pairs=pairs,
+                                name=f"{name} ({who})")]  # fmt: skip
             return [
                 Setting("2,10", adapter=mine, name=f"{name} (attacker has the client's weights)"),
                 Setting("2,10", adapter=mine, attacker_adapter=theirs, name=f"{name} (attacker knows the recipe)"),
@@ -193,6 +198,13 @@ def main() -> None:
         "--grad-noise, beside noise relative to each position's gradient)",
     )
     p.add_argument("--train-steps", type=int, default=300, help="split training steps for those rows")
+    p.add_argument(
+        "--collect-steps",
+        type=int,
+        default=0,
+        help="with --obfuscate: instead of its two rows, the row of an attacker that knows the recipe and also "
+        "collects (state sent, token read from the gradient) over the last K steps of the client's training",
+    )
     p.add_argument("--json", default="bench_results/privacy.json")
     p.add_argument("--resume", action="store_true", help="keep the rows already in --json and run the others")
     args = p.parse_args()

@@ -415,6 +415,51 @@ def test_the_benchs_training_row_reads_labels_from_gradients_and_tokens_from_sta
     assert row["at_least"] == 1.0 and row["perplexity"] > 1
 
 
+def test_an_inverter_learns_a_bottom_from_pairs_alone(local, texts):
+    """fit_pairs: an inverter that never saw the bottom, only windows of its states with the tokens read some
+    other way (-1 where none, as the first position of a window whose tokens come from its gradient), learns to
+    read it; one trained on nothing reads next to nothing."""
+    bottom = local.parts["bottom"]
+    ids = windows(texts[0], 32)[:256]
+    with torch.no_grad():
+        states = bottom.hidden(ids)
+    known = ids.clone()
+    known[:, 0] = -1
+    observe = Observer(bottom, Noise(), seed=3)
+    fresh = LearnedInverter(bottom.wte.weight, bottom.config.n_embd, FAST, vocabulary(texts[0]))
+    untrained = recovered(fresh, observe, texts[1])
+    learned = recovered(fresh.fit_pairs(states, known, FAST.steps), observe, texts[1])
+    assert untrained < 0.05 and learned > 0.5, (untrained, learned)
+
+
+def test_the_trunk_collects_pairs_over_the_clients_training(models_dir, server_target, tmp_path):
+    """train_split with pairs_to: over the last steps of a client's training, the trunk's operator keeps the
+    states sent and the tokens the gradient attack reads: the windows' own tokens (all of them with the public
+    top), position 0 unknown."""
+    from client.privacy_eval import Setting, train_split
+
+    text = (ROOT / "tests" / "data" / "corpus.txt").read_text()
+    pairs = tmp_path / "pairs.pt"
+    train_split(TINY, str(models_dir), server_target, Setting("2,10"), text, str(tmp_path / "out"), 3, 1, "none",
+                pairs_to=str(pairs), collect_steps=2)  # fmt: skip
+    got = torch.load(pairs)
+    assert got["states"].shape[:2] == got["ids"].shape == (16, 64)
+    assert (got["ids"][:, 0] == -1).all()
+    e = tiny_split_engine(models_dir, local_trunk=True)
+    try:  # the client's batches of steps 2 and 3 (train_split's data and seed), sent through the public bottom
+        from splitcore.training import TextData
+
+        f = tmp_path / "text.txt"
+        f.write_text(text, encoding="utf-8")
+        data = TextData.from_path(f, e.encode, 64)
+        want = torch.cat([data.batch(step, 8, 1) for step in (2, 3)])
+        assert torch.equal(got["ids"][:, 1:], want[:, 1:])
+        with torch.no_grad():
+            assert torch.allclose(got["states"], e.parts["bottom"].hidden(want), atol=1e-5)
+    finally:
+        e.close()
+
+
 GRAD_CLIP = 2e-3  # below most positions' gradient RMS in this test (about 1e-2): clipping changes what is sent
 
 
