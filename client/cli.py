@@ -232,7 +232,8 @@ def run_train_denoiser(args: argparse.Namespace, cfg: ClientConfig) -> None:
 
 def metered(engine: SplitEngine):
     """A tap that records what the generation sends, and the report that reads the prompt back from it."""
-    from client.privacy import Recorder, prepare_meter
+    from client.privacy import prepare_meter
+    from splitcore.engine import Recorder
 
     meter, recorder = prepare_meter(engine), Recorder()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -13,6 +14,7 @@ import torch
 from client.config import ClientConfig
 from splitcomm.codec import encode_named, parse_wire_dtype
 from splitcomm.errors import TrunkError, TrunkUnavailable
+from splitcomm.messages import fingerprint_msg, lora_spec
 from splitcomm.proto import trunk_pb2 as pb
 from splitcomm.trunk_client import TrunkClient, TrunkSession
 from splitcore.compress import Compression
@@ -245,7 +247,7 @@ class SplitEngine(Engine):
         graphs = trunk_compression.graphs_with(self.compression.graphs_with(use_cuda_graphs(cfg.cuda_graphs, device)))
         self.pools = {name: DecoderPool.warmed(part) for name, part in self.parts.items()} if graphs else {}
         fp = model_fingerprint(model, self.split, trunk_compression)
-        self.fingerprint = pb.Fingerprint(**fp.to_dict(), digest=fp.digest)  # the base model's
+        self.fingerprint = fingerprint_msg(fp)  # the base model's
         self._base_fp, self._graphs = fp, graphs
         self.adapters = {
             name: self.load_adapter(path) for name, path in parse_adapters(cfg.adapter, model.spec).items()
@@ -277,10 +279,9 @@ class SplitEngine(Engine):
         share = only_layers(weights, self.split.layers("trunk", n_layer))
         trunk_open = fp = None
         if share and not self.cfg.local_trunk:
-            lora = pb.LoraSpec(rank=settings.rank, alpha=settings.alpha, target_modules=settings.targets)
+            lora = lora_spec(dataclasses.replace(settings, dropout=0.0))  # a served adapter runs without dropout
             trunk_open = (lora, pb.AdapterState(weights=encode_named(share)))
-            f = self._base_fp.with_adapter(adapter_digest(share))
-            fp = pb.Fingerprint(**f.to_dict(), digest=f.digest)
+            fp = fingerprint_msg(self._base_fp.with_adapter(adapter_digest(share)))
         logger.info(
             "adapter %s: LoRA rank %d on blocks %s%s",
             path,

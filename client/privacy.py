@@ -39,6 +39,7 @@ from torch import nn
 from splitcore.defence import Noise
 from splitcore.errors import InvalidInput
 from splitcore.gpt2 import GPT2
+from splitcore.training import fit as train_loop
 
 logger = logging.getLogger(__name__)
 
@@ -208,22 +209,18 @@ class LearnedInverter(nn.Module):
         c = self.cfg
         torch.manual_seed(c.seed)
         opt = torch.optim.AdamW(self.parameters(), lr=c.lr, weight_decay=0.01)
-        self.train()
-        for step in range(1, steps + 1):
-            lr = c.lr * min(1.0, step / 20) * (0.55 + 0.45 * math.cos(math.pi * step / steps))
-            for group in opt.param_groups:
-                group["lr"] = lr
-            states, ids = batch()
+
+        def loss_of(pair: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, float]:
+            states, ids = pair
             flat = ids.flatten().to(self.wte.device)
             target = torch.searchsorted(self.classes, flat.clamp_min(0)).clamp_max(len(self.classes) - 1)
             target[(flat < 0) | (self.classes[target] != flat)] = -100  # no token, or one it does not read
-            with torch.enable_grad():
-                loss = F.cross_entropy(self(states.to(self.wte.device)).flatten(0, 1), target, ignore_index=-100)
-                loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if progress is not None:
-                progress(step, steps, float(loss.detach()))
+            loss = F.cross_entropy(self(states.to(self.wte.device)).flatten(0, 1), target, ignore_index=-100)
+            return loss, float(loss.detach())
+
+        self.train()
+        report = None if progress is None else (lambda step, loss: progress(step, steps, loss))
+        train_loop(self, opt, steps, c.lr, 20, lambda step: batch(), loss_of, report, clip=None)
         return self.eval()
 
     @torch.no_grad()
@@ -421,17 +418,6 @@ class PrivacyMeter:
     def _reading(prompt_ids: list[int], read: list[int], who: str) -> Reading:
         share = sum(a == b for a, b in zip(prompt_ids, read, strict=True)) / len(prompt_ids)
         return Reading(list(prompt_ids), read, share, who)
-
-
-class Recorder:
-    """A stepper's tap that keeps the first step's states (the prompt's prefill) as they crossed."""
-
-    def __init__(self):
-        self.prefill: torch.Tensor | None = None
-
-    def __call__(self, h: torch.Tensor) -> None:
-        if self.prefill is None:
-            self.prefill = h.detach().cpu()
 
 
 def prepare_meter(engine) -> PrivacyMeter:

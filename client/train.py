@@ -20,6 +20,7 @@ import torch
 
 from client.config import TrainConfig
 from splitcomm.codec import decode_named, encode_named
+from splitcomm.messages import lora_spec, optimizer_spec
 from splitcomm.proto import trunk_pb2 as pb
 from splitcore.compress import Compression
 from splitcore.errors import InvalidInput
@@ -185,17 +186,8 @@ class SplitTrainer:
             self.client_opt.load_state({k: v for k, v in moments.items() if _base(k) not in theirs}, steps)
         open_msg = pb.TrainOpen(
             fingerprint=engine.fingerprint,
-            lora=pb.LoraSpec(
-                rank=settings.rank, alpha=settings.alpha, dropout=settings.dropout, target_modules=settings.targets
-            ),
-            optimizer=pb.OptimizerSpec(
-                name="adamw",
-                lr=settings.lr,
-                weight_decay=settings.weight_decay,
-                beta1=settings.betas[0],
-                beta2=settings.betas[1],
-                eps=settings.eps,
-            ),
+            lora=lora_spec(settings),
+            optimizer=optimizer_spec(settings),
             seed=settings.seed,
             resume=_adapter_state(theirs, {k: v for k, v in moments.items() if _base(k) in theirs}, steps),
         )

@@ -48,7 +48,7 @@ def measure(trunk, n: int, seconds: float, loop_kind: str, wire: torch.dtype) ->
     rt = TrunkRuntime(trunk, n, 64, max_batch=n)  # the device below keeps no position: 64 is plenty
     rt.trunk = SimulatedDevice(trunk, 0.0)  # a decode batch takes no time and keeps nothing
     sessions = SessionRegistry(n + 1, 0)
-    svc = TrunkServicer(trunk, pb.ServerInfo(), None, sessions, 0, 1 << 24, 1.0, 1, rt)
+    svc = TrunkServicer(trunk, pb.ServerInfo(), None, sessions, 1 << 24, 1.0, 1, rt)
     hidden = codec.encode(torch.randn(1, 1, trunk.config.n_embd), wire)
     steps = [0] * n
 

@@ -50,7 +50,8 @@ from scripts.bench import numbers, start_server  # noqa: E402
 from scripts.bench_transport import free_port  # noqa: E402
 from scripts.nginx_proxy import Nginx  # noqa: E402
 from splitcomm.channel import channel_args  # noqa: E402
-from splitcomm.trunk_client import SERVICE_NAME, TrunkClient, TrunkClientConfig  # noqa: E402
+from splitcomm.messages import SERVICE_NAME  # noqa: E402
+from splitcomm.trunk_client import TrunkClient, TrunkClientConfig  # noqa: E402
 from splitcore.models import load_tokenizer, resolve_model  # noqa: E402
 from splitcore.parts import load_parts  # noqa: E402
 from splitcore.settings import DEFAULT_SPLIT  # noqa: E402

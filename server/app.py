@@ -21,6 +21,7 @@ from server.servicer import TrunkServicer, add_to_server
 from server.sessions import SessionRegistry
 from server.status import DRAINING
 from splitcomm.channel import add_port, make_server, new_event_loop
+from splitcomm.messages import SERVICE_NAME, fingerprint_msg
 from splitcomm.proto import trunk_pb2 as pb
 from splitcore.cli import main_guard
 from splitcore.compress import Compression
@@ -42,7 +43,6 @@ from splitcore.settings import is_loopback
 logger = logging.getLogger(__name__)
 
 VERSION = "0.1.0"
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Trunk"].full_name
 SIGNAL_POLL_S = 0.2  # how soon a signal taken by another thread gets handled
 DRAIN_POLL_S = 0.05  # how often a draining server looks whether its sessions have ended
 
@@ -95,7 +95,7 @@ class TrunkServer:
         self.fingerprint = model_fingerprint(model, split, self.compression)
         self.model, self.split = model, split
         self.sessions = SessionRegistry(cfg.max_sessions, cfg.idle_timeout_s)
-        fp = pb.Fingerprint(**self.fingerprint.to_dict(), digest=self.fingerprint.digest)
+        fp = fingerprint_msg(self.fingerprint)
         c = model.config
         info = pb.ServerInfo(
             model=model.spec,
@@ -113,7 +113,7 @@ class TrunkServer:
             version=VERSION,
             limits=pb.Limits(
                 max_sessions=cfg.max_sessions,
-                max_session_tokens=min(cfg.max_session_tokens or c.n_positions, c.n_positions),
+                max_session_tokens=max_length,
                 max_message_bytes=cfg.max_message_bytes,
                 idle_timeout_s=cfg.idle_timeout_s,
                 kv_slots=slots,
@@ -126,7 +126,6 @@ class TrunkServer:
             info,
             self.fingerprint,
             self.sessions,
-            cfg.max_session_tokens,
             max_elements=cfg.max_message_bytes // 2,
             monitor_interval_s=cfg.monitor_interval_s,
             max_monitors=cfg.max_monitors,

@@ -47,7 +47,6 @@ class TrunkServicer(pb_grpc.TrunkServicer):
         info: pb.ServerInfo,
         fingerprint: Fingerprint,
         sessions: SessionRegistry,
-        max_session_tokens: int,
         max_elements: int,
         monitor_interval_s: float,
         max_monitors: int,
@@ -57,7 +56,7 @@ class TrunkServicer(pb_grpc.TrunkServicer):
         workers: int = 8,
     ):
         self.trunk, self.info, self.fingerprint, self.sessions = trunk, info, fingerprint, sessions
-        self.max_length = min(max_session_tokens or trunk.n_positions, trunk.n_positions, runtime.max_length)
+        self.max_length = runtime.max_length  # a session's tokens: --max-session-tokens within the context
         self.max_elements = max_elements
         self.runtime, self.metrics = runtime, metrics  # all compute goes through the runtime, one at a time
         self._count = metrics.error if metrics is not None else None

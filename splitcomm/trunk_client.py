@@ -17,12 +17,12 @@ from splitcomm.channel import Target, auth_metadata, make_channel, parse_target
 from splitcomm.codec import decode, encode
 from splitcomm.config import TrunkClientConfig
 from splitcomm.errors import TrunkError, TrunkUnavailable, from_rpc_error
+from splitcomm.messages import SERVICE_NAME
 from splitcomm.proto import trunk_pb2 as pb
 from splitcomm.proto import trunk_pb2_grpc as pb_grpc
 
 logger = logging.getLogger(__name__)
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Trunk"].full_name  # what a replica's health check names
 FRAME_OVERHEAD = 17  # per message: gRPC's 5-byte length prefix and the protobuf fields around the tensor's bytes
 _END = object()  # closes a session's request stream
 

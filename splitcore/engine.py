@@ -43,6 +43,17 @@ Notify = Callable[[str], None]
 Tap = Callable[[torch.Tensor], None]  # hears the hidden states of each step as they cross to the trunk
 
 
+class Recorder:
+    """A stepper's tap that keeps the first step's states (the prompt's prefill) as they crossed."""
+
+    def __init__(self):
+        self.prefill: torch.Tensor | None = None
+
+    def __call__(self, h: torch.Tensor) -> None:
+        if self.prefill is None:
+            self.prefill = h.detach().cpu()
+
+
 @dataclass
 class GenerationResult:
     """Everything one finished generation produced; `to_json` is the CLI's --json output."""

@@ -156,10 +156,12 @@ def fit(
     batch_of: Callable[[int], torch.Tensor],
     loss_of: Callable[[torch.Tensor], tuple[torch.Tensor, object]],
     progress: Callable[[int, object], None] | None = None,
+    clip: float | None = 1.0,
 ) -> None:
-    """Train `model` in one process for `steps` steps (the trained presets and distillation): the learning rate
-    warms up linearly over `warmup` steps and then follows a cosine down to a tenth of `peak_lr`; gradients are
-    clipped to norm 1. `loss_of(batch)` gives the loss and what `progress(step, ...)` is told."""
+    """Train `model` in one process for `steps` steps (the trained presets, distillation, the privacy attacks):
+    the learning rate warms up linearly over `warmup` steps and then follows a cosine down to a tenth of
+    `peak_lr`; gradients are clipped to norm `clip` (None: not clipped). `loss_of(batch)` gives the loss and what
+    `progress(step, ...)` is told."""
     for step in range(1, steps + 1):
         lr = peak_lr * min(1.0, step / warmup) * (0.55 + 0.45 * math.cos(math.pi * step / steps))
         for g in opt.param_groups:
@@ -167,7 +169,8 @@ def fit(
         with torch.enable_grad():
             loss, report = loss_of(batch_of(step))
             loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if progress is not None:

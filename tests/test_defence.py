@@ -8,8 +8,8 @@ import math
 
 import torch
 
-from client.privacy import Recorder
 from splitcore.defence import Noise, Protect, secret_from_seed
+from splitcore.engine import Recorder
 from splitcore.sampling import SamplingParams
 from tests.conftest import tiny_split_engine
 

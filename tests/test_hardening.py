@@ -17,9 +17,10 @@ import torch
 from server.sessions import SessionRegistry
 from splitcomm.channel import make_channel
 from splitcomm.errors import TrunkError, TrunkUnavailable
+from splitcomm.messages import SERVICE_NAME
 from splitcomm.proto import trunk_pb2 as pb
 from splitcomm.proto import trunk_pb2_grpc as pb_grpc
-from splitcomm.trunk_client import SERVICE_NAME, TrunkClient, TrunkClientConfig
+from splitcomm.trunk_client import TrunkClient, TrunkClientConfig
 from splitcore.sampling import SamplingParams
 from tests.conftest import (
     Replicas,

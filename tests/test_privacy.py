@@ -22,13 +22,13 @@ from client.privacy import (
     NearestNeighbour,
     Observer,
     PrivacyMeter,
-    Recorder,
     public_text,
     recovered,
     vocabulary,
     windows,
 )
 from splitcore.defence import Noise, Protect, secret_from_seed
+from splitcore.engine import Recorder
 from splitcore.errors import InvalidInput
 from splitcore.parts import load_full
 from splitcore.sampling import SamplingParams

@@ -370,7 +370,7 @@ def metered_app(models_dir):
 
 
 def test_client_app_shows_what_the_trunk_could_read(browser, metered_app):
-    from client.privacy import Recorder
+    from splitcore.engine import Recorder
     from splitcore.sampling import SamplingParams
 
     url, engine, meter = metered_app

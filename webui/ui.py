@@ -13,7 +13,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from
 
 import gradio as gr  # noqa: E402
 
-from splitcore.engine import Engine  # noqa: E402
+from splitcore.engine import Engine, Recorder  # noqa: E402
 from splitcore.errors import SplitError  # noqa: E402
 from splitcore.models import ResolvedModel  # noqa: E402
 from splitcore.sampling import SamplingParams  # noqa: E402
@@ -116,7 +116,7 @@ def generation_tab(engine: Engine, history: gr.State, speculate: str = "none", m
         seed_int = int(seed_value) if seed_value is not None and seed_value >= 0 else None
         params = SamplingParams(float(temp), int(k), float(p), seed_int)
         ids = engine.encode(prompt_text or "")
-        tap = None if meter is None else privacy_recorder()
+        tap = None if meter is None else Recorder()
         name = engine.BASE if adapter in (None, BASE_CHOICE) else adapter
         run = BackgroundStream(engine, ids, int(n), params, stats, source or "none", tap, name)
         keep = gr.update()  # the privacy panel, unchanged until the generation is done
@@ -160,12 +160,6 @@ def generation_tab(engine: Engine, history: gr.State, speculate: str = "none", m
     ev_submit = prompt.submit(on_generate, inputs, outputs, api_visibility="private")
     stop.click(None, cancels=[ev_click, ev_submit])
     return adapter_switch
-
-
-def privacy_recorder():
-    from client.privacy import Recorder  # the meter's pieces: the split client only
-
-    return Recorder()
 
 
 class Background:
