@@ -60,6 +60,7 @@ GRADIENT_ROWS = {  # --client-train, --grad-noise, the states' --noise-scale (ga
         ("none", 10.0, 0.0, 0.0),
     ],
     "together": [("none", 0.0, 0.0, 0.0), ("none", 0.0, 10.0, 0.0), ("none", 10.0, 10.0, 0.0)],  # the states too
+    "together-defended": [("none", 10.0, 10.0, 0.0)],  # its defended row alone (x undefended: from "together")
     "clip": [  # DP-style: each position's gradient clipped, then noise of a fixed std, against relative noise
         ("none", 0.0, 0.0, 0.0),
         ("none", 3.0, 0.0, 0.0),
@@ -83,7 +84,7 @@ def gradient_rows(args, texts) -> list[dict]:
     proc, target = start_server(args.model, args.models_dir, None, ["--device", "cpu"])
     rows: list[dict] = []
     try:
-        together = args.gradients == "together"
+        together = args.gradients.startswith("together")
         for client_train, grad_noise, state_noise, grad_clip in GRADIENT_ROWS[args.gradients]:
             read_at = (args.train_steps,) if together else (1, args.train_steps)
             row = gradient_row(args.model, args.models_dir, target, client_train, grad_noise, train_text,
