@@ -35,7 +35,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from client.config import ClientConfig  # noqa: E402
-from client.engine import SessionLink, SplitEngine  # noqa: E402
+from client.engine import SplitEngine  # noqa: E402
+from splitcomm.links import SessionLink  # noqa: E402
 from splitcore.device import resolve_device, resolve_dtype, use_cuda_graphs  # noqa: E402
 from splitcore.engine import Engine, FullEngine  # noqa: E402
 from splitcore.models import resolve_model  # noqa: E402

@@ -20,6 +20,7 @@ from splitcomm.errors import TrunkError, TrunkUnavailable, from_rpc_error
 from splitcomm.messages import SERVICE_NAME
 from splitcomm.proto import trunk_pb2 as pb
 from splitcomm.proto import trunk_pb2_grpc as pb_grpc
+from splitcore.generate import TrunkReply
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +112,7 @@ class TrunkSession:
         # the open message goes out with the first step: no extra round trip
         self._stream = _Stream(stub.Session, pb.StepRequest(open=open_msg), cfg, "session")
 
-    def step(self, hidden: torch.Tensor, truncate_to: int | None = None) -> tuple[torch.Tensor, float, int, int]:
+    def step(self, hidden: torch.Tensor, truncate_to: int | None = None) -> TrunkReply:
         """Send hidden states [1, T, d]; returns (trunk output, server ms, bytes sent, bytes received). With
         `truncate_to`, the server first rolls the session back to that many positions."""
         t0 = time.perf_counter()
@@ -127,7 +128,7 @@ class TrunkSession:
         t3 = time.perf_counter()
         self.last = CallTimes((t3 - t0) * 1e3, (t1 - t0 + t3 - t2) * 1e3, resp.server_wall_ms, resp.server_ms)
         sent, received = len(req.step.hidden.data), len(resp.hidden.data)  # the tensors' bytes, plus framing
-        return out, resp.server_ms, sent + FRAME_OVERHEAD, received + FRAME_OVERHEAD
+        return TrunkReply(out, resp.server_ms, sent + FRAME_OVERHEAD, received + FRAME_OVERHEAD)
 
     def truncate(self, length: int) -> int:
         """Roll the session back to `length` positions now (a step of its own); returns what the server holds."""
@@ -145,16 +146,6 @@ class TrunkSession:
         self.close()
 
 
-@dataclass
-class TrainCall:
-    """What one training exchange moved and cost."""
-
-    tensor: torch.Tensor  # the trunk's output (forward) or the gradient at its input (backward)
-    server_ms: float
-    bytes_out: int
-    bytes_in: int
-
-
 class TrainingSession:
     """One training session: a bidi stream with an adapter and its optimizer on the server."""
 
@@ -163,16 +154,16 @@ class TrainingSession:
         self._stream = _Stream(stub.Train, pb.TrainRequest(open=open_msg), cfg, "training session")
         self.trainable_parameters = self._stream.exchange().opened.trainable_parameters
 
-    def _call(self, req: pb.TrainRequest, out: pb.Tensor, resp_field: str) -> TrainCall:
+    def _call(self, req: pb.TrainRequest, out: pb.Tensor, resp_field: str) -> TrunkReply:
         resp = self._stream.exchange(req)
         got = getattr(resp, resp_field)
-        return TrainCall(decode(got), resp.server_ms, len(out.data) + FRAME_OVERHEAD, len(got.data) + FRAME_OVERHEAD)
+        return TrunkReply(decode(got), resp.server_ms, len(out.data) + FRAME_OVERHEAD, len(got.data) + FRAME_OVERHEAD)
 
-    def forward(self, step: int, hidden: torch.Tensor, eval: bool = False) -> TrainCall:
+    def forward(self, step: int, hidden: torch.Tensor, eval: bool = False) -> TrunkReply:
         t = encode(hidden, self.wire_dtype)
         return self._call(pb.TrainRequest(forward=pb.TrainForward(step=step, hidden=t, eval=eval)), t, "hidden")
 
-    def backward(self, step: int, grad: torch.Tensor) -> TrainCall:
+    def backward(self, step: int, grad: torch.Tensor) -> TrunkReply:
         t = encode(grad, self.wire_dtype)
         return self._call(pb.TrainRequest(backward=pb.TrainBackward(step=step, grad=t)), t, "grad")
 

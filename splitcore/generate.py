@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 
@@ -41,11 +41,20 @@ class Stepper(Protocol):
     def close(self) -> None: ...
 
 
+class TrunkReply(NamedTuple):
+    """What the trunk answers one call: a step of generation or of training."""
+
+    tensor: torch.Tensor  # its output (a forward), or the gradient at its input (a training backward)
+    server_ms: float | None  # its compute, as it measured it; None where nothing said
+    bytes_out: int  # this call's bytes to it, framing included (0 in process)
+    bytes_in: int
+
+
 class TrunkLink(Protocol):
     """Where a split stepper sends hidden states: an in-process trunk or a server session."""
 
-    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, float | None, int, int]:
-        """Hidden states out -> (hidden states back, server compute ms or None, bytes out, bytes in)."""
+    def forward(self, h: torch.Tensor) -> TrunkReply:
+        """Hidden states out -> the trunk's hidden states back, its compute ms, the bytes each way."""
         ...
 
     def truncate(self, length: int) -> None:
@@ -92,10 +101,10 @@ class LocalTrunkLink:
         self.trunk = PartRun(trunk, capacity, pool)
 
     @torch.inference_mode()
-    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, float | None, int, int]:
+    def forward(self, h: torch.Tensor) -> TrunkReply:
         t0 = time.perf_counter()
         out = self.trunk.run(h)
-        return out, (time.perf_counter() - t0) * 1e3, 0, 0
+        return TrunkReply(out, (time.perf_counter() - t0) * 1e3, 0, 0)
 
     def truncate(self, length: int) -> None:
         self.trunk.truncate(length)

@@ -8,8 +8,8 @@ import grpc
 import pytest
 import torch
 
-from client.engine import SessionLink, StatelessLink
 from splitcomm.errors import TrunkError, TrunkUnavailable
+from splitcomm.links import SessionLink, StatelessLink
 from splitcomm.proto import trunk_pb2 as pb
 from splitcomm.trunk_client import TrunkClient, TrunkClientConfig
 from splitcore.errors import InvalidInput
