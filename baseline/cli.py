@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from splitcore.cli import (
+from frontend.cli import (
     add_api_parser,
     add_model_args,
     app_login,
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
             run_generate(engine, args, {"model": args.model, "random_weights": engine.model.is_random})
         elif args.command == "api":
             setup_logging(args.log_file, args.verbose)
-            from splitcore.api import serve as serve_api
+            from frontend.api import serve as serve_api
 
             serve_api(load_engine(args), args)
         else:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING
 
 from client.config import ClientConfig, TrainConfig
-from splitcore.cli import (
+from frontend.cli import (
     add_api_parser,
     app_login,
     app_parser,
@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> None:
         elif args.command == "api":
             setup_logging(args.log_file, args.verbose)
             configure_threads(args.threads)
-            from splitcore.api import serve as serve_api
+            from frontend.api import serve as serve_api
 
             engine = SplitEngine(client_config(args))
             if not args.local_trunk:

@@ -14,6 +14,7 @@ import time
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from frontend.cli import main_guard
 from server.config import ServerConfig, parse_config
 from server.metrics import Metrics
 from server.runtime import TrunkRuntime
@@ -23,7 +24,6 @@ from server.status import DRAINING
 from splitcomm.channel import add_port, make_server, new_event_loop
 from splitcomm.messages import SERVICE_NAME, fingerprint_msg
 from splitcomm.proto import trunk_pb2 as pb
-from splitcore.cli import main_guard
 from splitcore.compress import Compression
 from splitcore.device import (
     configure_attention,

@@ -162,7 +162,7 @@ def test_adapters_are_models_of_the_api_chosen_per_request(models_dir, served, t
     import openai
     import uvicorn
 
-    from splitcore.api import API, model_card
+    from frontend.api import API, model_card
     from tests.conftest import free_port, subprocess_env
 
     engine = tiny_split_engine(models_dir, served[1], adapter=tuple(f"{n}={p}" for n, p in two_adapters.items()))

@@ -16,7 +16,7 @@ import pytest
 import torch
 from conftest import ROOT, TINY, free_port, start_tiny_server, subprocess_env, tiny_split_engine, wait_for
 
-from splitcore.api import API, CHAT_STOP, chat_prompt, model_card
+from frontend.api import API, CHAT_STOP, chat_prompt, model_card
 from splitcore.sampling import SamplingParams
 
 KEY = "sk-test-key"
@@ -102,7 +102,7 @@ def test_chat_completion_follows_the_template(client, live):
     messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Say hello."}]
     r = client.chat.completions.create(model=TINY, messages=messages, max_tokens=16, temperature=0)
     prompt = "System: You are terse.\nUser: Say hello.\nAssistant:"
-    from splitcore.api import ChatMessage
+    from frontend.api import ChatMessage
 
     assert chat_prompt([ChatMessage(**m) for m in messages]) == prompt
     expected = greedy(live[1], prompt, 16).split(CHAT_STOP)[0].lstrip()

@@ -21,7 +21,7 @@ def _modules(package: str) -> list[str]:
     [
         (["splitcore"], "grpc"),
         (["splitcomm"], "transformers"),
-        (["baseline", "webui"], "grpc"),
+        (["baseline", "webui", "frontend"], "grpc"),
     ],
 )
 def test_imports_stay_in_their_layer(packages, forbidden):

@@ -195,7 +195,7 @@ def _app_args(**kw):
 
 
 def test_apps_listen_on_loopback_and_beyond_it_only_with_a_login_or_on_purpose(caplog):
-    from splitcore.cli import app_login, app_settings
+    from frontend.cli import app_login, app_settings
     from splitcore.errors import InvalidInput
 
     settings = app_settings("GPT2_X_PORT", 1, "GPT2_X_LOG", "x.log")
