@@ -17,7 +17,7 @@ from splitcomm.proto import trunk_pb2 as pb
 from splitcomm.trunk_client import TrunkClient
 from splitcore.compress import Compression
 from splitcore.cudagraph import DecoderPool
-from splitcore.defence import Denoiser, Noise, Protect, secret_from_seed, subtract_noise
+from splitcore.defence import Defence
 from splitcore.device import configure_attention, resolve_device, resolve_dtype, use_cuda_graphs
 from splitcore.engine import Engine, Notify, Tap
 from splitcore.errors import InvalidInput, Mismatch
@@ -60,21 +60,11 @@ class SplitEngine(Engine):
             raise InvalidInput(f"--attack-steps must be at least 1, got {cfg.attack_steps}")
         if cfg.attack_candidates < 0:
             raise InvalidInput(f"--attack-candidates must be >= 0 (0: every token), got {cfg.attack_candidates}")
-        grad_noise = cfg.grad_noise_defence()
-        if cfg.defence_seed is not None and (self.noise.active or grad_noise.active):
-            logger.warning(
-                "--defence-seed %d: the noise is a function of this seed, and whoever knows it can remove it; "
-                "for tests and benchmarks only",
-                cfg.defence_seed,
-            )
-        secret = Protect(Noise(), None if cfg.defence_seed is None else secret_from_seed(cfg.defence_seed))
-        self.protect = secret.with_noise(self.noise) if self.noise.active else None
-        self.protect_grad = secret.with_noise(grad_noise) if grad_noise.active else None  # split training's
-        self.repair = None
-        if self.protect is not None and cfg.denoise == "subtract":
-            self.repair = subtract_noise
-        elif self.protect is not None and cfg.denoise != "none":
-            self.repair = Denoiser.load(cfg.denoise, model.config.n_embd).to(device)
+        self.defence = Defence.build(
+            self.noise, cfg.grad_noise_defence(), cfg.denoise, cfg.defence_seed, model.config.n_embd, device
+        )
+        d = self.defence  # its parts, by the names the steppers, trainers and attacks read
+        self.protect, self.protect_grad, self.repair = d.protect, d.protect_grad, d.repair
         self.wire_dtype = parse_wire_dtype(cfg.wire_dtype)
         parts = ("bottom", "trunk", "top") if cfg.local_trunk else ("bottom", "top")
         logger.info("%s", configure_attention(device))

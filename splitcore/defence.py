@@ -26,8 +26,10 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +41,8 @@ from torch import nn
 
 from splitcore.errors import InvalidInput
 from splitcore.settings import NOISE_KINDS
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -254,3 +258,36 @@ def subtract_noise(out: torch.Tensor, clean: torch.Tensor, sent: torch.Tensor) -
     """The trunk's answer to `sent` less what the defence added to `clean`: a block's output is its input plus
     what the block computes, so the perturbation rides the residual stream through every trunk block."""
     return out - (sent - clean).to(out.device, out.dtype)
+
+
+@dataclass
+class Defence:
+    """Everything the client does to what crosses, built in one place from its settings: the noise on the states
+    it sends with its secret (`protect`), its repair of the trunk's answer (`repair`), and in split training the
+    noise on the gradient it sends back (`protect_grad`), under the same secret. None where a part is off."""
+
+    noise: Noise
+    protect: Protect | None
+    protect_grad: Protect | None
+    repair: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None
+
+    @classmethod
+    def build(
+        cls, noise: Noise, grad: Noise, denoise: str, seed: int | None, n_embd: int, device: torch.device
+    ) -> Defence:
+        """`denoise`: none, subtract, or a trained Denoiser's directory; `seed`: a fixed secret (tests and
+        benchmarks, with a warning), else 256 bits from the operating system."""
+        if seed is not None and (noise.active or grad.active):
+            logger.warning(
+                "--defence-seed %d: the noise is a function of this seed, and whoever knows it can remove it; "
+                "for tests and benchmarks only",
+                seed,
+            )
+        secret = Protect(Noise(), None if seed is None else secret_from_seed(seed))
+        protect = secret.with_noise(noise) if noise.active else None
+        repair = None
+        if protect is not None and denoise == "subtract":
+            repair = subtract_noise
+        elif protect is not None and denoise != "none":
+            repair = Denoiser.load(denoise, n_embd).to(device)
+        return cls(noise, protect, secret.with_noise(grad) if grad.active else None, repair)
