@@ -53,7 +53,7 @@ class SplitEngine(Engine):
         trunk_compression = Compression.parse(cfg.compress if cfg.trunk_compress is None else cfg.trunk_compress)
         self.cfg = cfg
         self.split = Split.parse(cfg.split, model.config.n_layer)
-        self.noise = cfg.noise()  # a bad defence fails before anything is loaded or reached
+        noise = cfg.noise()  # a bad defence fails before anything is loaded or reached
         if cfg.privacy_meter and not cfg.attack_data:
             raise InvalidInput("--privacy-meter needs public text to train its attacker on: give --attack-data")
         if cfg.attack_steps < 1:
@@ -61,10 +61,8 @@ class SplitEngine(Engine):
         if cfg.attack_candidates < 0:
             raise InvalidInput(f"--attack-candidates must be >= 0 (0: every token), got {cfg.attack_candidates}")
         self.defence = Defence.build(
-            self.noise, cfg.grad_noise_defence(), cfg.denoise, cfg.defence_seed, model.config.n_embd, device
+            noise, cfg.grad_noise_defence(), cfg.denoise, cfg.defence_seed, model.config.n_embd, device
         )
-        d = self.defence  # its parts, by the names the steppers, trainers and attacks read
-        self.protect, self.protect_grad, self.repair = d.protect, d.protect_grad, d.repair
         self.wire_dtype = parse_wire_dtype(cfg.wire_dtype)
         parts = ("bottom", "trunk", "top") if cfg.local_trunk else ("bottom", "top")
         logger.info("%s", configure_attention(device))
@@ -199,6 +197,23 @@ class SplitEngine(Engine):
                 notify(msg)
 
         return both
+
+    # the defence's parts, by the names the steppers, trainers and attacks read (one object holds them)
+    @property
+    def noise(self):
+        return self.defence.noise
+
+    @property
+    def protect(self):
+        return self.defence.protect
+
+    @property
+    def protect_grad(self):
+        return self.defence.protect_grad
+
+    @property
+    def repair(self):
+        return self.defence.repair
 
     def close(self) -> None:
         if self.trunk_client is not None:
