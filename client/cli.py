@@ -252,61 +252,52 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_app_args(build_parser(), argv)
 
     def body() -> None:
-        from client.engine import SplitEngine
         from splitcore.device import configure_threads
 
+        login = app_login(args) if args.command == "serve" else None  # an open door: refused before anything loads
+        log_file = args.log_file if args.command in ("serve", "api") else None
+        setup_logging("logs/gpt2_train.log" if args.command == "train" else log_file, args.verbose)
+        configure_threads(args.threads)
         if args.command == "train":
-            setup_logging("logs/gpt2_train.log", args.verbose)
-            configure_threads(args.threads)
             from client.train_cli import run_train
 
             run_train(args, client_config(args))
         elif args.command == "privacy-report":
-            setup_logging(None, args.verbose)
-            configure_threads(args.threads)
             run_privacy_report(args, client_config(args))
         elif args.command == "train-denoiser":
-            setup_logging(None, args.verbose)
-            configure_threads(args.threads)
             run_train_denoiser(args, client_config(args))
         elif args.command == "distill":
-            setup_logging(None, args.verbose)
-            configure_threads(args.threads)
             run_distill(args)
-        elif args.command == "api":
-            setup_logging(args.log_file, args.verbose)
-            configure_threads(args.threads)
-            from frontend.api import serve as serve_api
-
-            engine = SplitEngine(client_config(args))
-            if not args.local_trunk:
-                engine.check_server()
-            serve_api(engine, args)
-        elif args.command == "generate":
-            setup_logging(None, args.verbose)
-            configure_threads(args.threads)
-            engine = SplitEngine(client_config(args))
-            if not args.local_trunk:
-                engine.check_server()
-            extra = {
-                "model": engine.model.spec,
-                "random_weights": engine.model.is_random,
-                "split": str(engine.split),
-                "trunk": engine.trunk_label,
-            }
-            tap = report = None
-            if engine.cfg.privacy_meter:
-                tap, report = metered(engine)
-            try:
-                run_generate(engine, args, extra, tap, report)
-            finally:
-                engine.close()
+        elif args.command in ("api", "generate"):
+            _serve_engine(args)
         else:
-            login = app_login(args)  # an open door is refused before anything loads
-            setup_logging(args.log_file, args.verbose)
-            configure_threads(args.threads)
             from client.app import serve
+            from client.engine import SplitEngine
 
             serve(SplitEngine(client_config(args)), args, login)
 
     main_guard(body)
+
+
+def _serve_engine(args) -> None:
+    """`api` and `generate`: a split engine, checked against its server first."""
+    from client.engine import SplitEngine
+
+    engine = SplitEngine(client_config(args))
+    if not args.local_trunk:
+        engine.check_server()
+    if args.command == "api":
+        from frontend.api import serve as serve_api
+
+        return serve_api(engine, args)
+    extra = {
+        "model": engine.model.spec,
+        "random_weights": engine.model.is_random,
+        "split": str(engine.split),
+        "trunk": engine.trunk_label,
+    }
+    tap, report = metered(engine) if engine.cfg.privacy_meter else (None, None)
+    try:
+        run_generate(engine, args, extra, tap, report)
+    finally:
+        engine.close()

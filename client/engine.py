@@ -9,11 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from client.config import ClientConfig
-from splitcomm.codec import encode_named, parse_wire_dtype
+from splitcomm import messages
+from splitcomm.codec import parse_wire_dtype
 from splitcomm.errors import TrunkError
 from splitcomm.links import DelayedLink, SessionLink, StatelessLink
-from splitcomm.messages import fingerprint_msg, lora_spec
-from splitcomm.proto import trunk_pb2 as pb
+from splitcomm.messages import adapter_state, fingerprint_msg, lora_spec
 from splitcomm.trunk_client import TrunkClient
 from splitcore.compress import Compression
 from splitcore.cudagraph import DecoderPool
@@ -39,8 +39,8 @@ class Adapter:
     layers: list[int]  # blocks it adapts
     parts: dict  # the client's parts (and an in-process trunk) running it
     pools: dict  # their CUDA-graph pools, if any
-    trunk_open: tuple[pb.LoraSpec, pb.AdapterState] | None  # what a session opens with; None: nothing on the trunk
-    session_fingerprint: pb.Fingerprint | None  # the base fingerprint plus the trunk share's digest
+    trunk_open: tuple[messages.LoraSpec, messages.AdapterState] | None  # a session opens with it; None: no adapter
+    session_fingerprint: messages.FingerprintMsg | None  # the base fingerprint plus the trunk share's digest
 
 
 class SplitEngine(Engine):
@@ -105,7 +105,7 @@ class SplitEngine(Engine):
         trunk_open = fp = None
         if share and not self.cfg.local_trunk:
             lora = lora_spec(dataclasses.replace(settings, dropout=0.0))  # a served adapter runs without dropout
-            trunk_open = (lora, pb.AdapterState(weights=encode_named(share)))
+            trunk_open = (lora, adapter_state(share))
             fp = fingerprint_msg(self._base_fp.with_adapter(adapter_digest(share)))
         logger.info(
             "adapter %s: LoRA rank %d on blocks %s%s",
@@ -124,13 +124,13 @@ class SplitEngine(Engine):
         mode = "stateless" if self.cfg.stateless else "session"
         return f"{self.cfg.server} ({mode}, {self.cfg.wire_dtype} wire{defence})"
 
-    def server_info(self) -> pb.ServerInfo:
+    def server_info(self) -> messages.ServerInfo:
         """The server's info; raises TrunkUnavailable within the connect timeout when it can't be reached."""
         if self.trunk_client is None:
             raise TrunkError("this client runs its trunk in-process: there is no server")
         return self.trunk_client.info()
 
-    def check_server(self) -> pb.ServerInfo:
+    def check_server(self) -> messages.ServerInfo:
         """Fail early, in one readable line, when the server is unreachable or serves another model."""
         info = self.server_info()
         if info.fingerprint.digest != self.fingerprint.digest:

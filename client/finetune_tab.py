@@ -103,6 +103,22 @@ def finetune_tab(engine, adapter_switch: gr.Dropdown, data_dir: str | None = Non
             ppl_plot = gr.Plot(label="Held-out perplexity")
     state = gr.State(None)
 
+    on_start = _start_handler(engine, data_dir)
+
+    def on_stop(bg):
+        if bg is not None:
+            bg.stop()
+        return "Stopping after the current step …"
+
+    inputs = [upload, path, steps, batch, block, rank, lr, every, client_train, out]
+    start.click(on_start, inputs, [status, loss_plot, ppl_plot, state, adapter_switch])
+    stop.click(on_stop, [state], [status])
+
+
+def _start_handler(engine, data_dir: str | None):
+    """The Start button's handler: a run in the background, its status and curves as it goes, and at its end the
+    adapter switch turned to the run's adapter."""
+
     def on_start(files, data_path, n, b, t, r, rate, k, ct, out_dir):
         data = _data_path(files, data_path, data_dir)
         cfg = TrainConfig(
@@ -137,14 +153,7 @@ def finetune_tab(engine, adapter_switch: gr.Dropdown, data_dir: str | None = Non
             logger.warning("fine-tuning failed: %s", e)
             yield f"⚠️ {e}", *curves(losses, evals), bg, gr.update()
 
-    def on_stop(bg):
-        if bg is not None:
-            bg.stop()
-        return "Stopping after the current step …"
-
-    inputs = [upload, path, steps, batch, block, rank, lr, every, client_train, out]
-    start.click(on_start, inputs, [status, loss_plot, ppl_plot, state, adapter_switch])
-    stop.click(on_stop, [state], [status])
+    return on_start
 
 
 def _data_path(files, typed: str, data_dir: str | None = None) -> str:

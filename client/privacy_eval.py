@@ -14,6 +14,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -174,27 +175,9 @@ def attack_floor(model: str, models_dir: str, texts: Texts, clean: dict | None =
     return {"floor": share, "floor_reader": how}
 
 
-def evaluate(
-    model: str,
-    models_dir: str,
-    s: Setting,
-    texts: Texts,
-    inverter: InverterConfig,
-    tokens: int = 64,
-    clean: dict | None = None,
-    progress: Callable[[str], None] | None = None,
-    exact_windows: int = EXACT_WINDOWS,
-    beam: int = 1,
-) -> dict:
-    """One row of the table. `clean` caches each cut's undefended engine and perplexity, and the public model,
-    between rows."""
-    say = progress or (lambda m: logger.info("%s", m))
-    clean = clean if clean is not None else {}
-    if s.split not in clean:
-        ref = engine_for(model, models_dir, Setting(s.split))
-        clean[s.split] = (ref, split_perplexity(ref, texts.private))
-    reference, ppl_clean = clean[s.split]
-    engine = engine_for(model, models_dir, s) if s != Setting(s.split) else reference
+def _attacks(model, models_dir, s: Setting, texts: Texts, inverter: InverterConfig, engine, reference, clean: dict,
+             say, exact_windows: int, beam: int) -> dict:  # fmt: skip
+    """What each attacker reads of the private text from what `engine` sends: the row's attack columns."""
     bottom, public = bottom_of(engine), reference.parts["bottom"]  # the client's; the public weights
     observe = Sent(bottom, engine.protect, engine.wire_dtype)  # what the client sends, its own secret noise on
     nn_share = recovered(NearestNeighbour(public.wte.weight, public.wpe.weight), observe, texts.private)
@@ -220,6 +203,40 @@ def evaluate(
     t0 = time.perf_counter()
     exact_share = recovered(exact.fit(texts.public), observe, scored)
     exact_s = time.perf_counter() - t0
+    return {
+        "nearest_neighbour": nn_share,
+        "learned_inverter": inv_share,
+        **{f"learned_inverter_{k}_repeats": share for k, share in repeats.items()},
+        "inverter_train_s": round(train_s, 1),
+        "exact": exact_share,
+        "exact_attacker": exact.name,
+        "exact_tokens": scored.numel(),
+        "exact_s": round(exact_s, 1),
+    }
+
+
+def evaluate(
+    model: str,
+    models_dir: str,
+    s: Setting,
+    texts: Texts,
+    inverter: InverterConfig,
+    tokens: int = 64,
+    clean: dict | None = None,
+    progress: Callable[[str], None] | None = None,
+    exact_windows: int = EXACT_WINDOWS,
+    beam: int = 1,
+) -> dict:
+    """One row of the table. `clean` caches each cut's undefended engine and perplexity, and the public model,
+    between rows."""
+    say = progress or (lambda m: logger.info("%s", m))
+    clean = clean if clean is not None else {}
+    if s.split not in clean:
+        ref = engine_for(model, models_dir, Setting(s.split))
+        clean[s.split] = (ref, split_perplexity(ref, texts.private))
+    reference, ppl_clean = clean[s.split]
+    engine = engine_for(model, models_dir, s) if s != Setting(s.split) else reference
+    read = _attacks(model, models_dir, s, texts, inverter, engine, reference, clean, say, exact_windows, beam)
     ppl = split_perplexity(engine, texts.private) if engine is not reference else ppl_clean
     agree, ms, ms_ref = agreement_and_time(engine, reference, texts.prompts, tokens)
     row = {
@@ -233,15 +250,8 @@ def evaluate(
         if s.attacker_adapter is None
         else "knows the recipe, not the weights" + (", and reads the client's training" if s.attacker_pairs else ""),
         "attacker_pairs": s.attacker_pairs,
-        "nearest_neighbour": nn_share,
-        "learned_inverter": inv_share,
-        **{f"learned_inverter_{k}_repeats": share for k, share in repeats.items()},
-        "inverter_train_s": round(train_s, 1),
-        "exact": exact_share,
-        "exact_attacker": exact.name,
-        "exact_tokens": scored.numel(),
-        "exact_s": round(exact_s, 1),
-        "strongest": max(nn_share, inv_share, exact_share),
+        **read,
+        "strongest": max(read["nearest_neighbour"], read["learned_inverter"], read["exact"]),
         "perplexity": ppl,
         "perplexity_undefended": ppl_clean,
         "perplexity_ratio": ppl / ppl_clean,
@@ -310,15 +320,11 @@ def train_split(
     trunk's operator keeps, over the last `collect_steps` steps, the states sent and the tokens that the gradient
     attack reads from each step (through the public top), and saves them there: an attacker that learns the
     client's private bottom from its training traffic."""
-    import tempfile
-    from pathlib import Path
-
     from client.train import Run, SplitTrainer, TrainConfig
     from splitcore.training import TextData
 
     say = progress or (lambda m: logger.info("%s", m))
-    f = Path(tempfile.mkdtemp(prefix="split-train-")) / "text.txt"
-    f.write_text(text, encoding="utf-8")
+    f = _text_file(text)
     engine = engine_for(model, models_dir, s, server)
     cfg = TrainConfig(
         data=str(f), steps=steps, batch_size=8, block_size=64, lr=5e-4 if client_train == "full" else 1e-3,
@@ -327,35 +333,57 @@ def train_split(
     data = TextData.from_path(f, engine.encode, cfg.block_size)
     classes = vocabulary(data.train) if privacy_weight > 0 else None
     trainer = SplitTrainer(engine, cfg.lora(), client_train, None, privacy_weight, classes)
-    tap = attack = None
-    collected: dict[str, list[torch.Tensor]] = {"states": [], "ids": []}
-    if pairs_to is not None:
-        from client.gradient_attack import GradientLabels, StepTap
-
-        public = engine_for(model, models_dir, Setting(s.split))
-        attack = GradientLabels(public.parts["top"], engine.cfg.grad_noise_defence())
-        trainer.remote = tap = StepTap(trainer.remote)
+    pairs = _Pairs(trainer, engine_for(model, models_dir, Setting(s.split)), engine) if pairs_to else None
     try:
         for ev in Run(trainer, data, cfg, model):
-            if tap is not None and ev.kind == "step":
-                (out_h, grad), sent = tap.steps.pop(), tap.sent.pop()
-                if ev.step > steps - collect_steps:
-                    labels = attack.read(out_h, grad)  # (B, T-1): the tokens at positions 1..T-1
-                    collected["states"].append(sent.float())
-                    collected["ids"].append(torch.cat([torch.full_like(labels[:, :1], -1), labels], 1))
-                    if ev.step % 10 == 0:
-                        say(f"training {out}: step {ev.step}, the trunk collected {len(collected['ids']) * len(sent)} "
-                            "windows of (state, token read from the gradient)")  # fmt: skip
+            if pairs is not None and ev.kind == "step":
+                pairs.step(ev.step, ev.step > steps - collect_steps, say, out)
             if ev.kind == "step" and ev.step % 50 == 0:
                 adv = f", the adversary's cross-entropy {trainer.adversary.last_ce:.3f}" if trainer.adversary else ""
                 say(f"training {out} (seed {seed}): step {ev.step}/{steps}, LM loss {ev.stats.loss:.3f}{adv}")
     finally:
         trainer.close()
         engine.close()
-    if pairs_to is not None:
-        public.close()
-        torch.save({k: torch.cat(v) for k, v in collected.items()}, pairs_to)
+    if pairs is not None:
+        pairs.save(pairs_to)
     return out
+
+
+def _text_file(text: str) -> Path:
+    """`text` in a file of a temporary directory of its own (what `python -m client train` reads)."""
+    import tempfile
+
+    f = Path(tempfile.mkdtemp(prefix="split-train-")) / "text.txt"
+    f.write_text(text, encoding="utf-8")
+    return f
+
+
+class _Pairs:
+    """The trunk's operator keeping (state sent, token the gradient attack reads) over a client's training steps,
+    through the public top (`public`: the public engine) and the client's gradient settings."""
+
+    def __init__(self, trainer, public, engine):
+        from client.gradient_attack import GradientLabels, StepTap
+
+        self.public = public
+        self.attack = GradientLabels(public.parts["top"], engine.cfg.grad_noise_defence())
+        trainer.remote = self.tap = StepTap(trainer.remote)
+        self.states: list[torch.Tensor] = []
+        self.ids: list[torch.Tensor] = []
+
+    def step(self, step: int, keep: bool, say, out: str) -> None:
+        (out_h, grad), sent = self.tap.steps.pop(), self.tap.sent.pop()
+        if keep:
+            labels = self.attack.read(out_h, grad)  # (B, T-1): the tokens at positions 1..T-1
+            self.states.append(sent.float())
+            self.ids.append(torch.cat([torch.full_like(labels[:, :1], -1), labels], 1))
+            if step % 10 == 0:
+                say(f"training {out}: step {step}, the trunk collected {len(self.ids) * len(sent)} windows of "
+                    "(state, token read from the gradient)")  # fmt: skip
+
+    def save(self, path: str) -> None:
+        self.public.close()
+        torch.save({"states": torch.cat(self.states), "ids": torch.cat(self.ids)}, path)
 
 
 # --- training gradients --------------------------------------------------------------------------------------
@@ -383,22 +411,12 @@ def gradient_row(
 ) -> dict:
     """Split training over the trunk at `server` on `train_text` (the client's private text) for `steps` steps
     with the client's settings (gaussian `state_noise` on the states sent, `grad_noise` on the gradient, clipped
-    to an RMS of `grad_clip` first), the
-    trunk's operator reading the steps in `read_at` two ways: the labels from what it holds (its output and the
-    gradient sent back) through the public top, and, given `public_ids` (its public text), the tokens from the
-    states sent, by the exact attacker; then the split's perplexity on `heldout` windows (W, T) of the same
-    private text. The text is the labels shifted by one, so each attack reads the same tokens: the trunk reads at
-    least the more of the two."""
-    import tempfile
-    from pathlib import Path
-
-    from client.gradient_attack import GradientLabels, StepTap
-    from client.train import SplitTrainer, TrainConfig
-    from splitcore.training import TextData
+    to an RMS of `grad_clip` first), the trunk's operator reading the steps in `read_at` two ways: the labels from
+    its output and the gradient sent back, through the public top, and, given `public_ids` (its public text), the
+    same tokens from the states sent, by the exact attacker. Then the perplexity on `heldout` windows (W, T)."""
+    from client.gradient_attack import GradientLabels
 
     say = progress or (lambda m: logger.info("%s", m))
-    f = Path(tempfile.mkdtemp(prefix="split-grad-")) / "text.txt"
-    f.write_text(train_text, encoding="utf-8")
     defence = {"defence": "gaussian", "noise_scale": state_noise} if state_noise else {}
     engine = SplitEngine(
         settings := ClientConfig(model=model, models_dir=models_dir, device="cpu", server=server, grad_noise=grad_noise,
@@ -411,40 +429,14 @@ def gradient_row(
     if public_ids is not None:
         states = ExactAttacker(public.parts["bottom"], engine.noise, load_full(public.model), vocabulary(public_ids))
         states.fit(public_ids)
-    state_hits = 0
-    cfg = TrainConfig(data=str(f), steps=steps, batch_size=8, block_size=64, lr=1e-3, client_train=client_train)
-    data = TextData.from_path(f, engine.encode, cfg.block_size)
-    trainer = SplitTrainer(engine, cfg.lora(), client_train)
-    trainer.remote = tap = StepTap(trainer.remote)
-    hits = total = 0
-    attack_s = []
+    name = _gradient_setting(client_train, grad_noise, grad_clip, state_noise)
     try:
-        for step in range(1, steps + 1):
-            ids = data.batch(step, cfg.batch_size, seed=1)
-            trainer.step(step, ids)
-            out, grad = tap.steps.pop()
-            sent = tap.sent.pop()
-            if step in read_at:
-                t0 = time.perf_counter()
-                read = attack.read(out, grad)
-                hits += int((read == ids[:, 1:]).sum())
-                total += ids[:, 1:].numel()
-                if states is not None:  # the same tokens (positions 1..T-1) read from the states sent
-                    state_hits += int((states.predict(sent)[:, 1:] == ids[:, 1:]).sum())
-                attack_s.append(time.perf_counter() - t0)
-                say(f"--client-train {client_train} --grad-noise {grad_noise:g} --grad-clip {grad_clip:g} "
-                    f"--noise-scale {state_noise:g}: step "
-                    f"{step}, {hits}/{total} read from the gradient, {state_hits} from the states")  # fmt: skip
-        with torch.no_grad():
-            loss = statistics.fmean(trainer.eval_loss(heldout[i : i + 8]) for i in range(0, len(heldout), 8))
+        hits, total, state_hits, attack_s, loss = _train_and_read(
+            engine, client_train, train_text, steps, read_at, heldout, attack, states, lambda m: say(f"{name}: {m}")
+        )
     finally:
-        trainer.close()
         engine.close()
         public.close()
-    name = f"--client-train {client_train}" + (f" --grad-noise {grad_noise:g}" if grad_noise else "")
-    name += f" --grad-clip {grad_clip:g}" if grad_clip else ""
-    name += f" --defence gaussian --noise-scale {state_noise:g}" if state_noise else ""
-    name += "" if grad_noise or state_noise or grad_clip else ", undefended"
     return {
         "setting": name,
         "client_train": client_train,
@@ -462,6 +454,54 @@ def gradient_row(
         "perplexity": perplexity(loss),
         "attack_s_per_step": statistics.fmean(attack_s),
     }
+
+
+def _train_and_read(engine, client_train: str, text: str, steps: int, read_at, heldout, attack, states, say):
+    """Split training on `text` through `engine`, read as `_read_training` says; then the held-out loss."""
+    from client.gradient_attack import StepTap
+    from client.train import SplitTrainer, TrainConfig
+    from splitcore.training import TextData
+
+    f = _text_file(text)
+    cfg = TrainConfig(data=str(f), steps=steps, batch_size=8, block_size=64, lr=1e-3, client_train=client_train)
+    trainer = SplitTrainer(engine, cfg.lora(), client_train)
+    trainer.remote = tap = StepTap(trainer.remote)
+    try:
+        data = TextData.from_path(f, engine.encode, cfg.block_size)
+        read = _read_training(trainer, tap, data, attack, states, steps, read_at, say)
+        with torch.no_grad():
+            loss = statistics.fmean(trainer.eval_loss(heldout[i : i + 8]) for i in range(0, len(heldout), 8))
+    finally:
+        trainer.close()
+    return (*read, loss)
+
+
+def _read_training(trainer, tap, data, attack, states, steps: int, read_at: tuple[int, ...], say):
+    """Train `steps` steps of 8 windows; at the steps in `read_at`, the trunk's operator reads their labels from
+    the gradient (`attack`) and, with `states` (an exact attacker), the same tokens from the states sent:
+    (labels read from the gradient, labels, tokens read from the states, the attack's s at each step read)."""
+    hits = total = state_hits = 0
+    attack_s = []
+    for step in range(1, steps + 1):
+        ids = data.batch(step, 8, seed=1)
+        trainer.step(step, ids)
+        (out, grad), sent = tap.steps.pop(), tap.sent.pop()
+        if step in read_at:
+            t0 = time.perf_counter()
+            hits += int((attack.read(out, grad) == ids[:, 1:]).sum())
+            total += ids[:, 1:].numel()
+            if states is not None:  # the same tokens (positions 1..T-1) read from the states sent
+                state_hits += int((states.predict(sent)[:, 1:] == ids[:, 1:]).sum())
+            attack_s.append(time.perf_counter() - t0)
+            say(f"step {step}, {hits}/{total} read from the gradient, {state_hits} from the states")
+    return hits, total, state_hits, attack_s
+
+
+def _gradient_setting(client_train: str, grad_noise: float, grad_clip: float, state_noise: float) -> str:
+    name = f"--client-train {client_train}" + (f" --grad-noise {grad_noise:g}" if grad_noise else "")
+    name += f" --grad-clip {grad_clip:g}" if grad_clip else ""
+    name += f" --defence gaussian --noise-scale {state_noise:g}" if state_noise else ""
+    return name + ("" if grad_noise or state_noise or grad_clip else ", undefended")
 
 
 def format_gradient_row(r: dict, undefended_ppl: float) -> str:

@@ -19,9 +19,7 @@ from pathlib import Path
 import torch
 
 from client.config import TrainConfig
-from splitcomm.codec import decode_named, encode_named
-from splitcomm.messages import lora_spec, optimizer_spec
-from splitcomm.proto import trunk_pb2 as pb
+from splitcomm.messages import adapter_state, read_adapter_state, train_open
 from splitcore.compress import Compression
 from splitcore.errors import InvalidInput
 from splitcore.gpt2 import hf_layout, with_weights
@@ -184,13 +182,8 @@ class SplitTrainer:
         self.client_opt = None if client_train == "none" else Optimizer((self.bottom, self.top), settings)
         if self.client_opt is not None:
             self.client_opt.load_state({k: v for k, v in moments.items() if _base(k) not in theirs}, steps)
-        open_msg = pb.TrainOpen(
-            fingerprint=engine.fingerprint,
-            lora=lora_spec(settings),
-            optimizer=optimizer_spec(settings),
-            seed=settings.seed,
-            resume=_adapter_state(theirs, {k: v for k, v in moments.items() if _base(k) in theirs}, steps),
-        )
+        resume = adapter_state(theirs, {k: v for k, v in moments.items() if _base(k) in theirs}, steps)
+        open_msg = train_open(engine.fingerprint, settings, resume)
         self.remote = engine.trunk_client.training(open_msg, engine.wire_dtype)
         self.client_trains = self.client_opt is not None
         self.protect = engine.protect or (lambda h, ids: h)  # the defence on what crosses, as in generation
@@ -248,12 +241,11 @@ class SplitTrainer:
         return float(lm_loss(self.top(self.repair(h, clean, sent), all_positions=True), ids))
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], int]:
-        remote = self.remote.export()
-        weights, moments = decode_named(remote.weights), decode_named(remote.optimizer)
+        weights, moments, steps = read_adapter_state(self.remote.export())
         if self.client_opt is not None:
             weights |= adapter_weights(self.bottom) | adapter_weights(self.top) | full_weights(self.bottom, self.top)
             moments |= self.client_opt.state()
-        return weights, moments, int(remote.optimizer_steps)
+        return weights, moments, steps
 
     def adapter(self) -> dict[str, torch.Tensor]:
         return self.state()[0]
@@ -264,10 +256,6 @@ class SplitTrainer:
 
 def _base(moment_name: str) -> str:
     return moment_name.rsplit(".", 1)[0]
-
-
-def _adapter_state(weights, moments, steps) -> pb.AdapterState:
-    return pb.AdapterState(weights=encode_named(weights), optimizer=encode_named(moments), optimizer_steps=steps)
 
 
 # --- checkpoints ------------------------------------------------------------------------------------------

@@ -133,11 +133,29 @@ def prompt_ids(engine: Engine, n: int) -> list[int]:
     return ids[:n]
 
 
+def tree_at(rev: str) -> Path:
+    """The repository's files at `rev` (git archive), in a directory of bench_results/ of its own."""
+    sha = subprocess.run(["git", "rev-parse", "--short", rev], capture_output=True, text=True, cwd=ROOT)
+    if sha.returncode:
+        raise SystemExit(f"--against: no such revision '{rev}' ({sha.stderr.strip()})")
+    out = ROOT / "bench_results" / f"tree-{sha.stdout.strip()}"
+    if not out.is_dir():
+        out.mkdir(parents=True)
+        archive = subprocess.run(["git", "archive", rev], capture_output=True, cwd=ROOT, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(out)], input=archive, check=True)
+    return out
+
+
 def start_server(
-    model: str, models_dir: str, threads: int | None, device: list[str], entry: tuple[str, ...] = ("-m", "server")
+    model: str,
+    models_dir: str,
+    threads: int | None,
+    device: list[str],
+    entry: tuple[str, ...] = ("-m", "server"),
+    root: Path = ROOT,
 ) -> tuple[subprocess.Popen, str]:
     """A trunk server in a process of its own on 127.0.0.1 and a free port: (process, target). `entry` runs
-    another entry point with the same flags (scripts/simulated_server.py)."""
+    another entry point with the same flags (scripts/simulated_server.py); `root` another tree's code (--against)."""
     cmd = [
         sys.executable,
         *entry,
@@ -150,16 +168,16 @@ def start_server(
         "--port",
         "0",
         "--log-file",
-        str(ROOT / "logs" / "bench_server.log"),
+        str(ROOT / "logs" / ("bench_server.log" if root == ROOT else f"bench_server_{root.name}.log")),
         "--idle-timeout",
         "0",
     ]
     if threads:
         cmd += ["--threads", str(threads)]
     cmd += device
-    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)  # keep what's there
+    path = os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p)  # keep what's there
     env = dict(os.environ, PYTHONPATH=path)
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env, cwd=root)
     line = p.stdout.readline()
     if "ready on" not in line:
         p.kill()
@@ -365,6 +383,13 @@ def main() -> None:
         help="instead of the comparison, time each part of a decode step: full model, split with the trunk "
         "in-process, split over gRPC",
     )
+    p.add_argument(
+        "--against",
+        default="",
+        metavar="REV",
+        help="also a trunk server running the code of git revision REV, and a row through it beside each session "
+        "row at no delay: the server before and after a change, side by side in one run",
+    )
     p.add_argument("--json", type=Path, default=None, help="write results here")
     p.add_argument("--plot", type=Path, default=None, help="write a plotly HTML chart here")
     args = p.parse_args()
@@ -380,19 +405,19 @@ def main() -> None:
     placement = dict(device=str(device), dtype=str(dtype).removeprefix("torch."), cuda_graphs=args.cuda_graphs)
     model = resolve_model(args.model, args.models_dir)  # built or downloaded once, before the server starts
     server_flags = ["--device", placement["device"], "--dtype", placement["dtype"], "--cuda-graphs", args.cuda_graphs]
-    server, target = start_server(args.model, args.models_dir, args.threads, server_flags)
+    servers = [start_server(args.model, args.models_dir, args.threads, server_flags)]
+    if args.against:
+        tree = tree_at(args.against)
+        models_dir = str(Path(args.models_dir).resolve())
+        servers.append(start_server(args.model, models_dir, args.threads, server_flags, root=tree))
+    target = servers[0][1]
     try:
 
         def split(**kw) -> SplitEngine:
+            kw.setdefault("server", target)
             return SplitEngine(
                 ClientConfig(
-                    model=args.model,
-                    models_dir=args.models_dir,
-                    split=args.split,
-                    server=target,
-                    reconnect_s=0,
-                    **placement,
-                    **kw,
+                    model=args.model, models_dir=args.models_dir, split=args.split, reconnect_s=0, **placement, **kw
                 )
             )
 
@@ -406,6 +431,11 @@ def main() -> None:
                 Config("split session fp16 wire", split(wire_dtype="float16")),
                 Config("split stateless fp32", split(stateless=True)),
             ]
+            if args.against:  # each beside its own: the server at REV, then this tree's
+                before, rev = servers[1][1], args.against
+                configs[1:1] = [Config(f"split session fp32, server at {rev}", split(server=before))]
+                fp16 = Config(f"split session fp16 wire, server at {rev}", split(server=before, wire_dtype="float16"))
+                configs[3:3] = [fp16]
             configs += [Config(f"split session +{d:g} ms each way", split(added_delay_ms=d)) for d in delays]
             for src in [x for x in args.speculate.split(",") if x.strip()]:
                 for d in [0.0, *delays]:
@@ -426,8 +456,9 @@ def main() -> None:
             output["checks"] = checks(model, full, device, dtype, graphs, lengths, args.new_tokens)
         elapsed = time.time() - started
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        for server, _ in servers:
+            server.terminate()
+            server.wait(timeout=30)
 
     m = machine(device)
     where = f"{m['gpu']}, CUDA {m['cuda']}" if device.type == "cuda" else f"{m['processor']}, {m['cpus']} CPUs"

@@ -46,7 +46,7 @@ def measure(trunk, n: int, seconds: float, loop_kind: str, wire: torch.dtype) ->
     """N sessions stepping for `seconds` on a fresh loop, runtime and servicer, through the servicer's `_step`:
     steps/s and the mean batch."""
     rt = TrunkRuntime(trunk, n, 64, max_batch=n)  # the device below keeps no position: 64 is plenty
-    rt.trunk = SimulatedDevice(trunk, 0.0)  # a decode batch takes no time and keeps nothing
+    rt.trunk = rt.decode_batch.trunk = SimulatedDevice(trunk, 0.0)  # a decode batch takes no time and keeps nothing
     sessions = SessionRegistry(n + 1, 0)
     svc = TrunkServicer(trunk, pb.ServerInfo(), None, sessions, 1 << 24, 1.0, 1, rt)
     hidden = codec.encode(torch.randn(1, 1, trunk.config.n_embd), wire)

@@ -60,8 +60,8 @@ def main() -> None:
     class SimulatedServer(app.TrunkServer):
         def __init__(self, cfg) -> None:
             super().__init__(cfg)
-            self.runtime.trunk = SimulatedDevice(self.runtime.trunk, ms)
-            self.runtime._graphs.clear()  # no graph replays either: every decode batch goes to the device above
+            self.runtime.trunk = self.runtime.decode_batch.trunk = SimulatedDevice(self.runtime.trunk, ms)
+            self.runtime.decode_batch.graphs.clear()  # no replays either: every decode batch goes to the device above
 
     app.main(argv, SimulatedServer)
 

@@ -18,12 +18,11 @@ from frontend.cli import main_guard
 from server.config import ServerConfig, parse_config
 from server.metrics import Metrics
 from server.runtime import TrunkRuntime
-from server.servicer import TrunkServicer, add_to_server
+from server.servicer import TrunkServicer, add_to_server, server_info
 from server.sessions import SessionRegistry
 from server.status import DRAINING
 from splitcomm.channel import add_port, make_server, new_event_loop
-from splitcomm.messages import SERVICE_NAME, fingerprint_msg
-from splitcomm.proto import trunk_pb2 as pb
+from splitcomm.messages import SERVICE_NAME
 from splitcore.compress import Compression
 from splitcore.device import (
     configure_attention,
@@ -88,38 +87,14 @@ class TrunkServer:
             slots,
             max_length,
             self.runtime.slot_bytes / 2**20,
-            self.runtime.cache.nbytes() / 2**20,
+            self.runtime.pool.cache.nbytes() / 2**20,
             cfg.max_batch,
             cfg.batch_wait_ms,
         )
         self.fingerprint = model_fingerprint(model, split, self.compression)
         self.model, self.split = model, split
         self.sessions = SessionRegistry(cfg.max_sessions, cfg.idle_timeout_s)
-        fp = fingerprint_msg(self.fingerprint)
-        c = model.config
-        info = pb.ServerInfo(
-            model=model.spec,
-            random_weights=model.is_random,
-            n_layer=c.n_layer,
-            n_embd=c.n_embd,
-            n_head=c.n_head,
-            n_positions=c.n_positions,
-            split_start=split.s1,
-            split_end=split.s2,
-            device=str(device),
-            dtype=str(dtype).removeprefix("torch."),
-            attn=cfg.attn,
-            fingerprint=fp,
-            version=VERSION,
-            limits=pb.Limits(
-                max_sessions=cfg.max_sessions,
-                max_session_tokens=max_length,
-                max_message_bytes=cfg.max_message_bytes,
-                idle_timeout_s=cfg.idle_timeout_s,
-                kv_slots=slots,
-                max_batch=cfg.max_batch,
-            ),
-        )
+        info = server_info(cfg, model, split, f"{device}", dtype, self.fingerprint, max_length, slots, VERSION)
         self.metrics = Metrics(self.runtime, self.sessions) if cfg.metrics_port else None
         self.servicer = TrunkServicer(
             self.trunk,

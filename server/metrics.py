@@ -70,7 +70,7 @@ class Metrics:
         self._children: dict[str, tuple] = {}  # per step kind: its steps and tokens counters
         self._collector = _FromRuntime(runtime, sessions)
         self.registry.register(self._collector)
-        runtime.on_wait = self.queue_wait.observe  # seconds each piece of work waited for the scheduler
+        runtime.scheduler.on_wait = self.queue_wait.observe  # seconds each piece of work waited for the scheduler
         self.port: int | None = None
         self._server = None
 

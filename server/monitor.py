@@ -11,8 +11,6 @@ from dataclasses import dataclass
 
 import psutil
 
-from splitcomm.proto import trunk_pb2 as pb
-
 logger = logging.getLogger(__name__)
 
 
@@ -47,19 +45,19 @@ class GpuProbe:
             self.status = f"no GPU ({type(e).__name__})"
             self.handle = None
 
-    def fill(self, s: pb.MonitorSample) -> None:
-        s.gpu_available = self.handle is not None
-        s.gpu_status = self.status
+    def fill(self, s: dict) -> None:
+        s["gpu_available"] = self.handle is not None
+        s["gpu_status"] = self.status
         if self.handle is None:
             return
         nv = self._nvml
         try:
-            s.gpu_util_percent = nv.nvmlDeviceGetUtilizationRates(self.handle).gpu
+            s["gpu_util_percent"] = nv.nvmlDeviceGetUtilizationRates(self.handle).gpu
             mem = nv.nvmlDeviceGetMemoryInfo(self.handle)
-            s.gpu_mem_used_bytes, s.gpu_mem_total_bytes = int(mem.used), int(mem.total)
-            s.gpu_temperature_c = nv.nvmlDeviceGetTemperature(self.handle, nv.NVML_TEMPERATURE_GPU)
+            s["gpu_mem_used_bytes"], s["gpu_mem_total_bytes"] = int(mem.used), int(mem.total)
+            s["gpu_temperature_c"] = nv.nvmlDeviceGetTemperature(self.handle, nv.NVML_TEMPERATURE_GPU)
         except Exception as e:
-            s.gpu_status = f"{self.status} (read failed: {type(e).__name__})"
+            s["gpu_status"] = f"{self.status} (read failed: {type(e).__name__})"
 
 
 def _busy_total() -> tuple[float, float]:
@@ -81,15 +79,15 @@ class Sampler:
         self._batches: tuple[int, int, dict, float, int] | None = None  # batches, rows, sizes, wait ms, waited
         self._busy: tuple[float, float] | None = None  # time (s), the runtime's compute ms by then
 
-    def sample(self, c: Counters, runtime=None) -> pb.MonitorSample:
+    def sample(self, c: Counters, runtime=None) -> dict:
         """A sample of the host and of the counters; with the server's runtime (server/runtime.py), its decode
-        batches, queue wait and KV slots too."""
+        batches, queue wait and KV slots too. The fields of a MonitorSample message, which the servicer builds."""
         now = time.time()
         busy, total = _busy_total()
         cpu = 100.0 * (busy - self._cpu[0]) / (total - self._cpu[1]) if total > self._cpu[1] else 0.0
         self._cpu = (busy, total)
         vm = psutil.virtual_memory()
-        s = pb.MonitorSample(
+        s = dict(
             timestamp=now,
             cpu_percent=max(0.0, min(100.0, cpu)),
             mem_used_bytes=vm.total - vm.available,
@@ -102,29 +100,29 @@ class Sampler:
         )
         if self._prev is not None:
             dt, dsteps = now - self._prev[0], c.total_steps - self._prev[1]
-            s.steps_per_s = dsteps / dt if dt > 0 else 0.0
-            s.mean_compute_ms = (c.total_compute_ms - self._prev[2]) / dsteps if dsteps else 0.0
+            s["steps_per_s"] = dsteps / dt if dt > 0 else 0.0
+            s["mean_compute_ms"] = (c.total_compute_ms - self._prev[2]) / dsteps if dsteps else 0.0
         self._prev = (now, c.total_steps, c.total_compute_ms)
         if runtime is not None:
             self._fill_runtime(s, runtime)
         self.gpu.fill(s)
         return s
 
-    def _fill_runtime(self, s: pb.MonitorSample, runtime) -> None:
+    def _fill_runtime(self, s: dict, runtime) -> None:
         st = runtime.stats
         now = (st.batches, st.batched_rows, dict(st.batch_sizes), st.queue_wait_ms, st.waited)
-        s.kv_slots_used = runtime.used_slots()
-        s.kv_slots_free = runtime.slots - s.kv_slots_used
+        s["kv_slots_used"] = runtime.used_slots()
+        s["kv_slots_free"] = runtime.slots - s["kv_slots_used"]
         if self._batches is not None:
             batches, rows, sizes, wait, waited = self._batches
             if now[0] > batches:
-                s.batch_mean = (now[1] - rows) / (now[0] - batches)
-                s.batch_max = max(n for n, k in now[2].items() if k > sizes.get(n, 0))
+                s["batch_mean"] = (now[1] - rows) / (now[0] - batches)
+                s["batch_max"] = max(n for n, k in now[2].items() if k > sizes.get(n, 0))
             if now[4] > waited:
-                s.queue_wait_ms = (now[3] - wait) / (now[4] - waited)
+                s["queue_wait_ms"] = (now[3] - wait) / (now[4] - waited)
         self._batches = now
         t = self.clock()
         if self._busy is not None and t > self._busy[0]:
             share = (st.compute_ms - self._busy[1]) / 1e3 / (t - self._busy[0])
-            s.compute_busy_percent = max(0.0, min(100.0, 100.0 * share))
+            s["compute_busy_percent"] = max(0.0, min(100.0, 100.0 * share))
         self._busy = (t, st.compute_ms)

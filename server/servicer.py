@@ -25,9 +25,10 @@ from server.monitor import GpuProbe, Sampler
 from server.runtime import TrunkRuntime
 from server.sessions import SessionRegistry
 from server.status import check_fingerprint, closer, peer, status_on_error
-from server.training import TrainHandler, settings_from_pb
+from server.train_servicer import TrainHandler
 from splitcomm import codec
 from splitcomm.channel import method_handler
+from splitcomm.messages import fingerprint_msg, read_adapter_state, settings_from_pb
 from splitcomm.proto import trunk_pb2 as pb
 from splitcomm.proto import trunk_pb2_grpc as pb_grpc
 from splitcore.errors import InvalidInput, LimitExceeded
@@ -36,6 +37,35 @@ from splitcore.lora import adapted, adapter_digest, only_layers
 from splitcore.parts import Trunk
 
 logger = logging.getLogger(__name__)
+
+
+def server_info(cfg, model, split, device: str, dtype, fingerprint: Fingerprint, max_length: int, slots: int,
+                version: str) -> pb.ServerInfo:  # fmt: skip
+    """What Info answers: the model, its split, where it runs, and the server's limits (`cfg`: a ServerConfig)."""
+    c = model.config
+    return pb.ServerInfo(
+        model=model.spec,
+        random_weights=model.is_random,
+        n_layer=c.n_layer,
+        n_embd=c.n_embd,
+        n_head=c.n_head,
+        n_positions=c.n_positions,
+        split_start=split.s1,
+        split_end=split.s2,
+        device=device,
+        dtype=str(dtype).removeprefix("torch."),
+        attn=cfg.attn,
+        fingerprint=fingerprint_msg(fingerprint),
+        version=version,
+        limits=pb.Limits(
+            max_sessions=cfg.max_sessions,
+            max_session_tokens=max_length,
+            max_message_bytes=cfg.max_message_bytes,
+            idle_timeout_s=cfg.idle_timeout_s,
+            kv_slots=slots,
+            max_batch=cfg.max_batch,
+        ),
+    )
 
 
 class TrunkServicer(pb_grpc.TrunkServicer):
@@ -106,7 +136,7 @@ class TrunkServicer(pb_grpc.TrunkServicer):
         if first.WhichOneof("kind") != "open":
             raise InvalidInput("the first message of a session must be 'open' with the model fingerprint")
         o = first.open
-        weights = codec.decode_named(o.adapter.weights, self.max_elements, "adapter tensor")
+        weights = read_adapter_state(o.adapter, self.max_elements)[0]
         ours = self.fingerprint.with_adapter(adapter_digest(weights)) if weights else self.fingerprint
         check_fingerprint(ours, o.fingerprint, self.name)
         want = o.max_length or self.max_length
@@ -139,70 +169,29 @@ class TrunkServicer(pb_grpc.TrunkServicer):
         return (await self.runtime.run_timed_async(lambda: adapted(self.trunk, weights, settings)))[0]
 
     def _release(self, session) -> None:
-        """Give the session's slot back and drop its cache; called by the session's stream handler once the stream
+        """Give the session's slot back with its caches; called by the session's stream handler once the stream
         ends, so nothing of it is queued or running."""
         if session.slot is not None:
             self.runtime.release_slot(session.slot)
-        session.slot = session.cache = session.model = None
+        session.slot = session.model = None
 
-    def _truncate(self, session, length: int) -> None:
-        """Forget the session's positions from `length` on. In the session's stream handler: none of its work is
-        queued or running, and no other session's work touches its row."""
-        held = self._length(session)
-        if not 0 <= length <= held:
-            raise InvalidInput(f"cannot truncate to {length} positions: the session holds {held}")
-        if session.cache is not None:
-            session.cache.truncate(length)
-        elif length < held:
-            self.runtime.truncate(session.slot, length)
-
-    def _length(self, session) -> int:
-        return self.runtime.length(session.slot) if session.cache is None else session.cache.length
-
-    async def _compute(self, session, a: np.ndarray, wire: int) -> tuple[np.ndarray | torch.Tensor, float, int]:
-        """(output on the CPU, compute ms, rows of the forward it ran in) for the hidden states `a` (numpy, as
-        decoded, of wire dtype `wire`); a decode step's output comes as a numpy array where the trunk's dtype has
-        one"""
-        if session.batch is None:
-            session.batch = a.shape[0]
-        elif a.shape[0] != session.batch:
-            raise InvalidInput(f"batch size changed from {session.batch} to {a.shape[0]} within a session")
-        decode = session.batch == 1 and a.shape[1] == 1 and session.model is None
-        # a decode step of float32/float16 goes to the runtime as it is (staged with numpy); the rest as a tensor
-        h = a if decode and wire in codec.NUMPY_FLOATS else codec.tensor(a, wire)
-        if decode:
-            return await self.runtime.decode_async(session.slot, h)
-        if session.batch == 1:  # the session's row of the KV pool
-            out, ms = await self.runtime.prefill_async(session.slot, h, session.model)
-            return out, ms, 1
-        if session.cache is None:  # several rows: a cache of its own (its slot held for the count)
-            session.cache = self.trunk.new_cache(session.max_length, rows=session.batch)
-
-        def several_rows():
-            with torch.inference_mode():
-                return (session.model or self.trunk)(h, session.cache).cpu()
-
-        out, ms = await self.runtime.run_timed_async(several_rows)
-        return out, ms, 1
-
-    def _check(self, session, req: pb.StepRequest) -> tuple[np.ndarray, int] | pb.StepResponse:
-        """A step's checks, its rollback if it asks for one, and its hidden states decoded: (h as numpy, wire dtype),
+    def _check(self, session, req: pb.StepRequest) -> tuple[np.ndarray | torch.Tensor, int] | pb.StepResponse:
+        """A step's checks, its rollback if it asks for one, and its hidden states decoded, once: (h, wire dtype),
         or the answer of a step that only rolls back."""
         if req.WhichOneof("kind") != "step":
             raise InvalidInput(f"expected a 'step' message, got '{req.WhichOneof('kind')}'")
         if req.step.step != session.next_step:
             raise InvalidInput(f"step {req.step.step} out of order: expected step {session.next_step}")
         if req.step.HasField("truncate_to"):
-            self._truncate(session, req.step.truncate_to)
+            self.runtime.pool.truncate(session.slot, req.step.truncate_to)
             if not req.step.HasField("hidden"):  # a step that only rolls back
                 session.next_step += 1
                 session.last_active = time.monotonic()
-                return pb.StepResponse(step=req.step.step, cache_length=self._length(session))
-        # numpy, not torch, on the per-step path: its calls cost a fraction of torch's (the loop is the busiest thread)
+                return pb.StepResponse(step=req.step.step, cache_length=self.runtime.pool.length(session.slot))
         wire = req.step.hidden.dtype
-        h = codec.decode_array(req.step.hidden, self.max_elements, finite="hidden states")
+        h = codec.decode_hidden(req.step.hidden, self.max_elements)
         self.trunk.check_hidden_shape(h.shape, wire != pb.INT64, codec.WIRE_NAMES[wire])
-        cached = self._length(session)
+        cached = self.runtime.pool.length(session.slot)
         if cached + h.shape[1] > session.max_length:
             raise LimitExceeded(
                 f"session would hold {cached + h.shape[1]} tokens, past its limit of "
@@ -226,7 +215,7 @@ class TrunkServicer(pb_grpc.TrunkServicer):
             step=req.step.step,
             hidden=codec.encode(out, codec.wire_torch_dtype(wire)),
             server_ms=ms,
-            cache_length=self._length(session),
+            cache_length=self.runtime.pool.length(session.slot),
         )
         resp.server_wall_ms = (time.perf_counter() - arrived) * 1e3
         if session.next_step == 1:  # its first answer: say which replica holds it
@@ -239,7 +228,7 @@ class TrunkServicer(pb_grpc.TrunkServicer):
         if isinstance(checked, pb.StepResponse):
             return checked
         h, wire = checked
-        out, ms, rows = await self._compute(session, h, wire)
+        out, ms, rows = await self.runtime.step(session, h)
         return self._answer(session, req, h.shape, wire, out, ms, rows, arrived)
 
     async def Session(self, request_iterator, context):
@@ -308,7 +297,7 @@ class TrunkServicer(pb_grpc.TrunkServicer):
             sampler = Sampler(self._gpu or _NoGpu(), self.started)
             sent = 0
             while not self.stopping.is_set():
-                yield sampler.sample(self.sessions.counters, self.runtime)
+                yield pb.MonitorSample(**sampler.sample(self.sessions.counters, self.runtime))
                 sent += 1
                 if most and sent >= most:
                     return
@@ -358,6 +347,6 @@ def add_to_server(servicer: TrunkServicer, server: grpc.aio.Server) -> None:
 class _NoGpu:
     """Stands in for GpuProbe on a CPU trunk: says so in every sample."""
 
-    def fill(self, s: pb.MonitorSample) -> None:
-        s.gpu_available = False
-        s.gpu_status = "no GPU: the trunk runs on the CPU"
+    def fill(self, s: dict) -> None:
+        s["gpu_available"] = False
+        s["gpu_status"] = "no GPU: the trunk runs on the CPU"

@@ -29,10 +29,9 @@ class Session:
     peer: str
     max_length: int  # tokens this session may hold
     cancel: callable  # ends the RPC, given the reason (used by the idle reaper)
-    slot: int | None = None  # its row of the runtime's KV pool, taken at open, given back when the stream ends
-    cache: object = None  # a KVCache of its own, for a session of several rows; only its stream handler touches it
+    slot: int | None = None  # its row of the runtime's KV pool (and its caches), taken at open, given back at its end
     model: object = None  # the trunk with this session's adapter (a twin sharing the base weights), or None
-    batch: int | None = None  # fixed by the first step
+    rows: int | None = None  # rows a step carries, fixed by the first step
     closed: bool = False  # set by close(); the session's handler then ends the stream and frees the cache
     next_step: int = 0
     opened: float = field(default_factory=time.monotonic)
@@ -40,7 +39,8 @@ class Session:
 
 
 class SessionRegistry:
-    """Thread-safe table of sessions; closing a session drops its cache at once."""
+    """Thread-safe table of sessions: admission, limits, counters and idle reaping. Closing one marks it closed;
+    its own stream handler gives its KV slot back once nothing of it is running."""
 
     def __init__(self, max_sessions: int, idle_timeout_s: float):
         self.max_sessions, self.idle_timeout_s = max_sessions, idle_timeout_s

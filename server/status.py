@@ -10,7 +10,6 @@ from collections.abc import Callable
 import grpc
 
 from server.sessions import ServerDraining
-from splitcomm.proto import trunk_pb2 as pb
 from splitcore.errors import InvalidInput, LimitExceeded, Mismatch, SplitError
 from splitcore.fingerprint import Fingerprint
 
@@ -72,8 +71,9 @@ async def status_on_error(context: grpc.aio.ServicerContext, what: str, count: C
         await context.abort(grpc.StatusCode.INTERNAL, f"internal error in the trunk server: {type(e).__name__}: {e}")
 
 
-def check_fingerprint(ours: Fingerprint, theirs: pb.Fingerprint, replica: str = "") -> None:
-    """Refuse a client whose model differs, saying how (and, in a replica set, which replica refused)."""
+def check_fingerprint(ours: Fingerprint, theirs, replica: str = "") -> None:
+    """Refuse a client whose model differs, saying how (and, in a replica set, which replica refused); `theirs`:
+    the Fingerprint message the client sent (read, never built, here)."""
     if not theirs.digest:
         raise InvalidInput("no model fingerprint sent: the first message must carry the client's fingerprint")
     if theirs.digest == ours.digest:

@@ -24,8 +24,11 @@ _FROM_WIRE = {v: k for k, v in _TO_WIRE.items()}
 # bits are read as uint16 and viewed as bfloat16 by torch.
 _NUMPY = {pb.FLOAT32: np.float32, pb.FLOAT16: np.float16, pb.BFLOAT16: np.uint16, pb.INT64: np.int64}
 WIRE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-NUMPY_FLOATS = {w: _NUMPY[w] for w in (pb.FLOAT32, pb.FLOAT16)}  # wire dtypes numpy computes with
-_FROM_NUMPY = {np.dtype(v): w for w, v in NUMPY_FLOATS.items()}
+# The one table of the float dtypes numpy computes with: a hidden state of these stays a numpy array from the
+# message's bytes to the trunk's input buffer, and from its output rows back to bytes.
+NUMPY_FLOATS = {torch.float32: np.float32, torch.float16: np.float16}
+_NUMPY_WIRES = {_TO_WIRE[t]: n for t, n in NUMPY_FLOATS.items()}
+_FROM_NUMPY = {np.dtype(n): _TO_WIRE[t] for t, n in NUMPY_FLOATS.items()}
 _ITEMSIZE = {w: np.dtype(v).itemsize for w, v in _NUMPY.items()}
 WIRE_NAMES = {w: pb.DType.Name(w) for w in pb.DType.values()}  # for messages, without a lookup per step
 
@@ -50,8 +53,8 @@ def encode(t: torch.Tensor | np.ndarray, dtype: torch.dtype | None = None) -> pb
     numpy array goes as well (the per-step path's outputs), to a float32 or float16 wire."""
     if isinstance(t, np.ndarray):
         wire = _TO_WIRE.get(dtype) if dtype is not None else _FROM_NUMPY.get(t.dtype)
-        if wire in NUMPY_FLOATS and t.dtype in _FROM_NUMPY:
-            return encode_array(t, wire)
+        if wire in _NUMPY_WIRES and t.dtype in _FROM_NUMPY:
+            return _encode_array(t, wire)
         t = torch.from_numpy(t)  # to bfloat16 (which numpy lacks), or an error below
     wire = _TO_WIRE.get(dtype or t.dtype)
     if wire is None:
@@ -60,8 +63,8 @@ def encode(t: torch.Tensor | np.ndarray, dtype: torch.dtype | None = None) -> pb
         t = t.detach()
     if t.device.type != "cpu":
         t = t.cpu()
-    if wire in NUMPY_FLOATS and t.dtype in (torch.float32, torch.float16):  # numpy casts at a fraction of the cost
-        return encode_array(t.numpy(), wire)
+    if wire in _NUMPY_WIRES and t.dtype in NUMPY_FLOATS:  # numpy casts at a fraction of the cost
+        return _encode_array(t.numpy(), wire)
     if t.dtype != (dtype or t.dtype):
         t = t.to(dtype)
     if wire == pb.BFLOAT16:
@@ -76,11 +79,20 @@ def decode(msg: pb.Tensor, max_elements: int = 1 << 31, finite: str | None = Non
     With `finite` (what the tensor is, e.g. "hidden states"), NaN or infinite values are rejected too.
     `copy=False` returns a view of the message's bytes, for a caller that only reads it (saves a copy of a
     multi-megabyte stateless KV cache); it must never be written to."""
-    return tensor(decode_array(msg, max_elements, finite), msg.dtype, copy)
+    return _tensor(_array(msg, max_elements, finite), msg.dtype, copy)
 
 
-def tensor(a: np.ndarray, wire: int, copy: bool = True) -> torch.Tensor:
-    """What `decode_array` gave -> a tensor of the wire's dtype: a copy it owns, or (`copy=False`) a read-only view."""
+def decode_hidden(msg: pb.Tensor, max_elements: int = 1 << 31) -> np.ndarray | torch.Tensor:
+    """A step's hidden states as they arrive (checked, finite), decoded once: for a float32/float16 wire a
+    read-only numpy view of the message's bytes, which the trunk stages as it is (the per-step hot path, where
+    numpy's calls cost a fraction of torch's); for bfloat16 a tensor of its own. Any other dtype comes as an
+    array, for the caller's check to refuse."""
+    a = _array(msg, max_elements, "hidden states")
+    return _tensor(a, msg.dtype, copy=True) if msg.dtype == pb.BFLOAT16 else a
+
+
+def _tensor(a: np.ndarray, wire: int, copy: bool = True) -> torch.Tensor:
+    """What `_array` gave -> a tensor of the wire's dtype: a copy it owns, or (`copy=False`) a read-only view."""
     if copy:
         t = torch.from_numpy(a.copy())
     else:
@@ -90,9 +102,9 @@ def tensor(a: np.ndarray, wire: int, copy: bool = True) -> torch.Tensor:
     return t.view(torch.bfloat16) if wire == pb.BFLOAT16 else t
 
 
-def decode_array(msg: pb.Tensor, max_elements: int = 1 << 31, finite: str | None = None) -> np.ndarray:
-    """Message -> a read-only numpy view of its bytes, shaped, with `decode`'s checks: for the per-step hot path,
-    where numpy's calls cost a fraction of torch's. bfloat16 comes as its uint16 bits."""
+def _array(msg: pb.Tensor, max_elements: int = 1 << 31, finite: str | None = None) -> np.ndarray:
+    """Message -> a read-only numpy view of its bytes, shaped, with `decode`'s checks. bfloat16 comes as its uint16
+    bits."""
     np_dtype = _NUMPY.get(msg.dtype)
     if np_dtype is None:
         raise CodecError(
@@ -119,7 +131,7 @@ def decode_array(msg: pb.Tensor, max_elements: int = 1 << 31, finite: str | None
     return a.reshape(shape)
 
 
-def encode_array(a: np.ndarray, wire: int) -> pb.Tensor:
+def _encode_array(a: np.ndarray, wire: int) -> pb.Tensor:
     """A float32 or float16 array -> message of wire dtype FLOAT32 or FLOAT16 (cast if they differ)."""
     return pb.Tensor(data=a.astype(_NUMPY[wire], copy=False).tobytes(), shape=a.shape, dtype=wire)
 

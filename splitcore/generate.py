@@ -311,63 +311,90 @@ def generate(
     The stepper (and the draft source) are closed when the loop ends, however it ends (EOS, max tokens, error,
     consumer stops)."""
     check_request(prompt_ids, max_new_tokens, stepper.n_positions, params)
-    generator = None  # made on the logits' device at the first token
     text = IncrementalDecoder(decode)
     stats = stats if stats is not None else GenerationStats()
     stats.prompt_tokens = len(prompt_ids)
     start = time.perf_counter()
-    ids, feed, produced = list(prompt_ids), list(prompt_ids), 0
+    rounds = _Rounds(stepper, prompt_ids, max_new_tokens, params, speculation)
     try:
         while True:
-            t0 = time.perf_counter()
-            drafts, q = [], None
-            if speculation is not None and produced:
-                room = min(speculation.length.next(), max_new_tokens - produced - 1, stepper.n_positions - len(ids) - 1)
-                if room > 0:
-                    drafts, q = speculation.draft.propose(ids, room, params, generator)
-            t_drafted = time.perf_counter()
-            every = bool(drafts) or (not produced and prompt_lps is not None)
-            r = stepper.step(torch.tensor([feed + drafts], dtype=torch.long), all_positions=every)
-            t_stepped = time.perf_counter()
-            if generator is None and not params.greedy:
-                generator = make_generator(params.seed, r.logits.device)
-            if not produced and prompt_lps is not None:
-                prompt_lps.extend(prompt_logprobs(r.logits, prompt_ids, logprobs or 0))
-            logits = r.logits[len(feed) - 1 :] if every else r.logits[None]  # after the last fed token, each draft
-            if drafts:
-                new, accepted = speculation.verify(drafts, q, logits, params, generator)
-                if accepted < len(drafts):  # roll the rejected drafts back, here and on the trunk
-                    stepper.truncate(len(ids) + accepted)
-            else:
-                new, accepted = [sample(logits[0], params, generator)], 0
-            if speculation is not None:
-                speculation.record(len(drafts), accepted, t_drafted - t0, t_stepped - t_drafted, first=not produced)
-            total = (time.perf_counter() - t0) * 1e3
-            client = r.client_ms + (t_drafted - t0 + time.perf_counter() - t_stepped) * 1e3  # + drafting, sampling
-            network = None if r.server_ms is None else max(0.0, (r.trunk_wall_ms or 0.0) - r.server_ms)
-            share = len(new)  # a round's time and bytes, shared among the tokens it yields
-            for j, token in enumerate(new):
-                timing = TokenTiming(
-                    total / share,
-                    client / share,
-                    None if r.server_ms is None else r.server_ms / share,
-                    None if network is None else network / share,
-                    r.bytes_out if j == 0 else 0,
-                    r.bytes_in if j == 0 else 0,
-                )
+            new, logits, timings = rounds.next(prompt_lps, logprobs)
+            for j, (token, timing) in enumerate(zip(new, timings, strict=True)):
                 stats.add(timing)
                 stats.wall_s = time.perf_counter() - start
-                ids.append(token)
-                produced += 1
-                last = produced == max_new_tokens or (eos_token_id is not None and token == eos_token_id)
-                event = TokenEvent(produced - 1, token, text.push(token, last), timing)
+                rounds.ids.append(token)
+                rounds.produced += 1
+                last = rounds.produced == max_new_tokens or (eos_token_id is not None and token == eos_token_id)
+                event = TokenEvent(rounds.produced - 1, token, text.push(token, last), timing)
                 if logprobs is not None:
                     event.logprob, event.top_logprobs = token_logprobs(logits[j], token, logprobs)
                 yield event
                 if last:
                     return
-            feed = [new[-1]]  # the model's own token: chosen, not yet fed
+            rounds.feed = [new[-1]]  # the model's own token: chosen, not yet fed
     finally:
         stepper.close()
         if speculation is not None:
             speculation.close()
+
+
+class _Rounds:
+    """The rounds of one generation: each feeds the latest token (the prompt, first) with any drafts in one step,
+    and chooses one token or more (`generate` yields them)."""
+
+    def __init__(self, stepper: Stepper, prompt_ids: list[int], max_new_tokens: int, params: SamplingParams,
+                 speculation) -> None:  # fmt: skip
+        self.stepper, self.params, self.speculation, self.max_new_tokens = stepper, params, speculation, max_new_tokens
+        self.prompt_ids, self.ids, self.feed, self.produced = prompt_ids, list(prompt_ids), list(prompt_ids), 0
+        self.generator = None  # made on the logits' device at the first token
+
+    def next(self, prompt_lps: PromptLogprobs | None, logprobs: int | None):
+        """One round: (tokens chosen, the logits they were chosen from, each token's share of the round's time)."""
+        stepper, params, speculation = self.stepper, self.params, self.speculation
+        first = not self.produced
+        t0 = time.perf_counter()
+        drafts, q = [], None
+        if speculation is not None and not first:
+            room = min(
+                speculation.length.next(),
+                self.max_new_tokens - self.produced - 1,
+                stepper.n_positions - len(self.ids) - 1,
+            )
+            if room > 0:
+                drafts, q = speculation.draft.propose(self.ids, room, params, self.generator)
+        t_drafted = time.perf_counter()
+        every = bool(drafts) or (first and prompt_lps is not None)
+        r = stepper.step(torch.tensor([self.feed + drafts], dtype=torch.long), all_positions=every)
+        t_stepped = time.perf_counter()
+        if self.generator is None and not params.greedy:
+            self.generator = make_generator(params.seed, r.logits.device)
+        if first and prompt_lps is not None:
+            prompt_lps.extend(prompt_logprobs(r.logits, self.prompt_ids, logprobs or 0))
+        logits = r.logits[len(self.feed) - 1 :] if every else r.logits[None]  # after the last fed token, each draft
+        if drafts:
+            new, accepted = speculation.verify(drafts, q, logits, params, self.generator)
+            if accepted < len(drafts):  # roll the rejected drafts back, here and on the trunk
+                stepper.truncate(len(self.ids) + accepted)
+        else:
+            new, accepted = [sample(logits[0], params, self.generator)], 0
+        if speculation is not None:
+            speculation.record(len(drafts), accepted, t_drafted - t0, t_stepped - t_drafted, first=first)
+        return new, logits, _timings(r, len(new), t0, t_drafted, t_stepped)
+
+
+def _timings(r: StepResult, share: int, t0: float, t_drafted: float, t_stepped: float) -> list[TokenTiming]:
+    """A round's time and bytes, shared among the `share` tokens it yields (its bytes booked on the first)."""
+    total = (time.perf_counter() - t0) * 1e3
+    client = r.client_ms + (t_drafted - t0 + time.perf_counter() - t_stepped) * 1e3  # + drafting, sampling
+    network = None if r.server_ms is None else max(0.0, (r.trunk_wall_ms or 0.0) - r.server_ms)
+    return [
+        TokenTiming(
+            total / share,
+            client / share,
+            None if r.server_ms is None else r.server_ms / share,
+            None if network is None else network / share,
+            r.bytes_out if j == 0 else 0,
+            r.bytes_in if j == 0 else 0,
+        )
+        for j in range(share)
+    ]

@@ -83,8 +83,8 @@ class GPT2Config:
 
 
 @dataclass
-class Step:
-    """What every block of one forward needs to know about the cache; built once per forward."""
+class StepPlan:
+    """What every block of one forward needs to know about the cache; built once per forward (not a wire `Step`)."""
 
     cache: KVCache | None
     row: int | None  # the one cache row taking part (None: every row)
@@ -129,16 +129,16 @@ class Attention(nn.Module):
         y = self.c_proj(y.transpose(1, 2).reshape(b, t, -1))  # (B, T, C)
         return F.dropout(y, self.resid_pdrop) if self.training and self.resid_pdrop else y
 
-    def forward(self, x: torch.Tensor, step: Step, layer: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, step: StepPlan, kv_index: int) -> torch.Tensor:
         q, k, v = self._qkv(x)
         if step.cache is not None:
-            k, v = step.cache.write(layer, k, v, step.row, step.start, step.positions, step.end)
+            k, v = step.cache.write(kv_index, k, v, step.row, step.start, step.positions, step.end)
         dropout = self.attn_pdrop if self.training else 0.0
         return self._out(_attend(q, k, v, step.mask, step.causal, self.scale, self.impl, dropout))
 
-    def forward_static(self, x: torch.Tensor, cache: KVCache, layer: int, positions, mask) -> torch.Tensor:
+    def forward_static(self, x: torch.Tensor, cache: KVCache, kv_index: int, positions, mask) -> torch.Tensor:
         q, k, v = self._qkv(x)
-        k, v = cache.write_static(layer, k, v, positions)
+        k, v = cache.write_static(kv_index, k, v, positions)
         end = mask.shape[-1]
         return self._out(_attend(q, k[:, :, :end], v[:, :, :end], mask, False, self.scale, self.impl, 0.0))
 
@@ -156,19 +156,20 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: GPT2Config, layer: int, impl: str):
+    def __init__(self, cfg: GPT2Config, layer_idx: int, impl: str):
         super().__init__()
         self.ln_1 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
-        self.attn = Attention(cfg, layer, impl)
+        self.attn = Attention(cfg, layer_idx, impl)
         self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, step: Step, layer: int) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), step, layer)
+    def forward(self, x: torch.Tensor, step: StepPlan, kv_index: int) -> torch.Tensor:
+        """`kv_index`: this block's place in the part's cache (0 for its first block), not its global layer."""
+        x = x + self.attn(self.ln_1(x), step, kv_index)
         return x + self.mlp(self.ln_2(x))
 
-    def forward_static(self, x, cache: KVCache, layer: int, positions, mask) -> torch.Tensor:
-        x = x + self.attn.forward_static(self.ln_1(x), cache, layer, positions, mask)
+    def forward_static(self, x, cache: KVCache, kv_index: int, positions, mask) -> torch.Tensor:
+        x = x + self.attn.forward_static(self.ln_1(x), cache, kv_index, positions, mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -229,23 +230,23 @@ class GPT2(nn.Module):
         )
 
     # --- eager ---------------------------------------------------------------------------------------
-    def _step(self, cache: KVCache | None, row: int | None, t: int, device: torch.device) -> Step:
+    def _step(self, cache: KVCache | None, row: int | None, t: int, device: torch.device) -> StepPlan:
         if cache is None:
-            return Step(None, None, 0, None, t, None, True)
+            return StepPlan(None, None, 0, None, t, None, True)
         past, end = cache.start(row, t)
         if len(set(past)) == 1:
             p = past[0]
             if t == 1:  # one new token attends to everything cached: no mask to build
-                return Step(cache, row, p, None, end, None, False)
+                return StepPlan(cache, row, p, None, end, None, False)
             if p == 0:
-                return Step(cache, row, p, None, end, None, True)
+                return StepPlan(cache, row, p, None, end, None, True)
             q = torch.arange(p, p + t, device=device)
-            return Step(cache, row, p, None, end, torch.arange(end, device=device) <= q[:, None], False)  # (T, L)
+            return StepPlan(cache, row, p, None, end, torch.arange(end, device=device) <= q[:, None], False)  # (T, L)
         q = torch.tensor(past, device=device)[:, None] + torch.arange(t, device=device)  # (B, T) query positions
         mask = torch.arange(end, device=device) <= q[:, :, None]  # (B, T, L)
-        return Step(cache, row, None, q, end, mask.unsqueeze(1), False)
+        return StepPlan(cache, row, None, q, end, mask.unsqueeze(1), False)
 
-    def _embed(self, ids: torch.Tensor, step: Step) -> torch.Tensor:
+    def _embed(self, ids: torch.Tensor, step: StepPlan) -> torch.Tensor:
         t = ids.shape[1]
         pos = step.positions if step.start is None else torch.arange(step.start, step.start + t, device=ids.device)
         h = self.wte(ids) + self.wpe(pos)  # (B, T, C)
@@ -260,8 +261,8 @@ class GPT2(nn.Module):
             raise InvalidInput(f"sequence of {x.shape[1]} tokens is past the model's context of {self.n_positions}")
         step = self._step(cache, row, x.shape[1], x.device)
         h = self._embed(x, step) if self.has_embed else x
-        for layer, block in enumerate(self.h.values()):
-            h = block(h, step, layer)
+        for kv_index, block in enumerate(self.h.values()):
+            h = block(h, step, kv_index)
         if cache is not None:
             cache.advance(row, x.shape[1])
         return h
@@ -297,8 +298,8 @@ class GPT2(nn.Module):
         keys = torch.arange(end, device=positions.device)
         mask = (keys <= positions[:, None]).view(n, 1, 1, end)  # (N, 1, 1, end)
         h = self.wte(x) + self.wpe(positions)[:, None, :] if self.has_embed else x
-        for layer, block in enumerate(self.h.values()):
-            h = block.forward_static(h, cache, layer, positions, mask)
+        for kv_index, block in enumerate(self.h.values()):
+            h = block.forward_static(h, cache, kv_index, positions, mask)
         return self.logits(h) if self.has_head else h
 
 

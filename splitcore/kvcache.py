@@ -115,10 +115,10 @@ class KVCache:
         self.reserve(end)
         return past, end
 
-    def write(self, layer: int, k, v, row: int | None, start: int | None, positions, end: int):
-        """Write a layer's new keys/values (B, heads, T, head_dim): from `start` in every row, or, for rows at
+    def write(self, kv_index: int, k, v, row: int | None, start: int | None, positions, end: int):
+        """Write block `kv_index`'s new keys/values (B, heads, T, head_dim): from `start` in every row, or, for rows at
         different places, at `positions` (B, T). Returns the views (B, heads, end, head_dim) the attention reads."""
-        kb, vb = self.k[layer], self.v[layer]
+        kb, vb = self.k[kv_index], self.v[kv_index]
         if row is not None:
             kb, vb = kb[row : row + 1], vb[row : row + 1]
         if start is not None:  # every row at the same position: a plain slice
@@ -144,12 +144,12 @@ class KVCache:
             self._positions_stale = False
         return self.positions
 
-    def write_static(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
+    def write_static(self, kv_index: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
         """Write one new position in each of the first N = len(k) rows, at `positions` (a device tensor), with no
         host values: capturable. Returns those rows' keys and values over the whole room."""
         n = k.shape[0]
         idx = positions.view(-1, 1, 1, 1).expand(-1, k.shape[1], 1, k.shape[3])
-        kb, vb = self.k[layer][:n], self.v[layer][:n]
+        kb, vb = self.k[kv_index][:n], self.v[kv_index][:n]
         kb.scatter_(2, idx, k)
         vb.scatter_(2, idx, v)
         return kb, vb

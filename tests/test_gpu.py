@@ -71,7 +71,7 @@ def test_split_over_grpc_with_graphs_matches_full_model_on_cuda(models_dir, tiny
         want = FullEngine(tiny, torch.device("cuda"), torch.float32, cuda_graphs=False).run(PROMPT, 40, GREEDY)
         got = engine.run(PROMPT, 40, GREEDY)
         assert got.token_ids == want.token_ids
-        assert srv.runtime._graphs and srv.runtime.stats.batches >= 1  # decode steps ran as captured graphs
+        assert srv.runtime.decode_batch.graphs and srv.runtime.stats.batches >= 1  # decode steps ran as captured graphs
         assert all(p.captured >= 1 for p in engine.pools.values())
         engine.close()
     finally:
@@ -101,7 +101,7 @@ def test_batched_decode_graphs_match_eager_and_solo(tiny, dtype):
     outs = {}
     for graphs in (True, False):
         rt = TrunkRuntime(trunk, slots=8, max_length=200, batch_wait_ms=20, graphs=graphs)
-        assert bool(rt._graphs) == graphs, "capture failed (see the log line)"
+        assert bool(rt.decode_batch.graphs) == graphs, "capture failed (see the log line)"
         got = [[] for _ in prompts]
 
         async def run(i, rt=rt, got=got):  # as the servicer uses the runtime: on an event loop

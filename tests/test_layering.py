@@ -20,6 +20,9 @@ def _modules(package: str) -> list[str]:
     ("packages", "forbidden"),
     [
         (["splitcore"], "grpc"),
+        (["splitcore"], "fastapi"),
+        (["splitcore"], "uvicorn"),
+        (["splitcore"], "gradio"),
         (["splitcomm"], "transformers"),
         (["baseline", "webui", "frontend"], "grpc"),
     ],
@@ -59,3 +62,30 @@ def test_no_import_cycle_in_the_core():
 
     cycles = sorted(m for m in graph if reaches(m, m, {m}))
     assert not cycles, f"modules in an import cycle: {cycles}"
+
+
+def _imported(path) -> set[str]:
+    """Every module a file imports, at its top or inside functions (`from a import b` counts as a and a.b)."""
+    import ast
+
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+    return names
+
+
+def test_the_wire_stays_in_splitcomm_and_the_servicers():
+    """client/ imports no generated protobuf module (it goes through splitcomm); in server/ only the servicers and
+    the code that registers services do; webui/ imports nothing from client/."""
+    pb2 = {
+        f"{p.parent.name}/{p.name}"
+        for pkg in ("client", "server")
+        for p in (ROOT / pkg).glob("*.py")
+        if any(m.endswith(("_pb2", "_pb2_grpc")) for m in _imported(p))
+    }
+    assert pb2 == {"server/servicer.py", "server/train_servicer.py", "server/app.py"}
+    up = {p.name for p in (ROOT / "webui").glob("*.py") if any(m.split(".")[0] == "client" for m in _imported(p))}
+    assert not up, f"webui imports client in {sorted(up)}"

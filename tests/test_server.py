@@ -431,3 +431,56 @@ def test_event_loop_choice(server):
         loop.close()
     with pytest.raises(InvalidInput, match="auto, uvloop or asyncio"):
         new_event_loop("trio")
+
+
+@pytest.mark.parametrize("wire", ["float32", "bfloat16"])
+def test_a_steps_hidden_state_is_converted_once_on_each_side(models_dir, wire):
+    """A trace (sys.setprofile) of every call into splitcomm/codec.py from outside it, in the client's thread and
+    the server's event loop, over a prefill and decode steps: each side encodes once and decodes once a step; the
+    server encodes a decode step's output as the numpy view of the batch's rows (no torch round trip)."""
+    import numpy as np
+
+    import splitcomm.codec as codec_module
+
+    codec_file = codec_module.__file__
+    conversions = {"encode", "decode", "decode_hidden", "encode_named", "decode_named"}  # message <-> tensor or array
+    calls: dict[str, list[tuple[str, type]]] = {"client": [], "server": []}
+
+    def tracer(side):
+        def trace(frame, event, arg):
+            if event == "call" and frame.f_code.co_filename == codec_file and frame.f_code.co_name in conversions:
+                caller = frame.f_back
+                if caller is not None and caller.f_code.co_filename != codec_file:
+                    first = next(iter(frame.f_locals.values()), None)
+                    calls[side].append((frame.f_code.co_name, type(first)))
+
+        return trace
+
+    from tests.conftest import start_tiny_server
+
+    srv = start_tiny_server(models_dir)
+    engine = tiny_split_engine(models_dir, f"127.0.0.1:{srv.port}", wire_dtype=wire)
+    stepper = engine.new_stepper(16)
+    try:
+        stepper.step(torch.tensor([[464, 2068, 7586]]))  # warm: the session is open
+        srv.loop.call_soon_threadsafe(sys.setprofile, tracer("server"))  # the servicer runs on that loop
+        time.sleep(0.2)
+        before = srv.sessions.counters.total_steps
+        sys.setprofile(tracer("client"))
+        try:
+            stepper.step(torch.tensor([[11, 12]]))  # a prefill of two
+            for t in (13, 14, 15):
+                stepper.step(torch.tensor([[t]]))  # decode steps
+        finally:
+            sys.setprofile(None)
+        wait_for(lambda: srv.sessions.counters.total_steps - before == 4, what="the steps booked")
+        srv.loop.call_soon_threadsafe(sys.setprofile, None)
+        time.sleep(0.2)
+    finally:
+        stepper.close()
+        engine.close()
+        srv.stop(0.5)
+    assert [name for name, _ in calls["client"]] == ["encode", "decode"] * 4
+    assert [name for name, _ in calls["server"]] == ["decode_hidden", "encode"] * 4
+    decoded_outputs = [kind for name, kind in calls["server"] if name == "encode"][1:]
+    assert decoded_outputs == [np.ndarray] * 3  # a float32 trunk's rows, whatever the wire's dtype

@@ -79,26 +79,8 @@ def generation_tab(engine: Engine, history: gr.State, speculate: str = "none", m
             output = gr.Textbox(label="Output", lines=10, interactive=False)
             status = gr.Markdown(elem_classes="error-banner")
         with gr.Column(scale=2):
-            max_tokens = gr.Slider(1, 1000, value=50, step=1, label="Max tokens")
-            temperature = gr.Slider(0.0, 2.0, value=0.8, step=0.05, label="Temperature (0 = greedy)")
-            top_k = gr.Slider(0, 500, value=50, step=1, label="Top-k (0 = greedy)")
-            top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.01, label="Top-p")
-            seed = gr.Number(value=-1, precision=0, label="Seed (-1 = random)")
-            speculation = gr.Dropdown(
-                sources,
-                value=speculate,
-                label="Speculative decoding",
-                info="draft tokens here and verify several per round trip: the same tokens when greedy, the same "
-                "distribution when sampling; lookup: from the context; self: the client's own blocks",
-            )
-            adapter_switch = gr.Dropdown(
-                adapter_choices(engine),
-                value=engine.default_adapter or BASE_CHOICE,
-                label="Adapter",
-                interactive=engine.has_adapter,
-                info="a LoRA adapter from --adapter or the Fine-tune tab, or none, to compare; for this browser "
-                "tab alone",
-            )
+            settings = _settings(engine, sources, speculate)
+            max_tokens, temperature, top_k, top_p, seed, speculation, adapter_switch = settings
             stats_panel = gr.Markdown("_Statistics appear here after a run._")
     privacy_share = gr.Markdown(visible=meter is not None, elem_id="privacy-share")
     privacy_read = gr.HighlightedText(
@@ -109,6 +91,20 @@ def generation_tab(engine: Engine, history: gr.State, speculate: str = "none", m
         visible=meter is not None,
         elem_id="privacy-read",
     )
+
+    on_generate = _generate_handler(engine, meter)
+    inputs = [prompt, max_tokens, temperature, top_k, top_p, seed, speculation, adapter_switch, history]
+    outputs = [output, stats_panel, status, history, privacy_share, privacy_read]
+    # One endpoint of the app's HTTP API, /generate (gradio_client's predict(..., api_name="/generate")); the
+    # prompt box's Enter runs the same function and is left out of the API.
+    ev_click = run.click(on_generate, inputs, outputs, api_name="generate")
+    ev_submit = prompt.submit(on_generate, inputs, outputs, api_visibility="private")
+    stop.click(None, cancels=[ev_click, ev_submit])
+    return adapter_switch
+
+
+def _generate_handler(engine: Engine, meter):
+    """The Generate button's handler: streams the text and the statistics, then the privacy meter's reading."""
 
     def on_generate(prompt_text, n, temp, k, p, seed_value, source, adapter, hist):
         stats = GenerationStats()
@@ -144,22 +140,44 @@ def generation_tab(engine: Engine, history: gr.State, speculate: str = "none", m
                 )
         share, read = keep, keep
         if tap is not None and tap.prefill is not None:
-            reading = meter.read(ids, tap.prefill, name)
-            share = (
-                f"**What the trunk could read:** at least {sum(reading.hits)} of {len(ids)} prompt tokens "
-                f"(**{reading.share:.0%}**), read back by a {reading.attacker}, defence: {engine.noise.label()}"
-            )
-            read = reading.segments(engine.decode)
+            share, read = _meter_panel(engine, meter.read(ids, tap.prefill, name), len(ids))
         yield text, charts.stats_markdown(stats), notice, hist, share, read
 
-    inputs = [prompt, max_tokens, temperature, top_k, top_p, seed, speculation, adapter_switch, history]
-    outputs = [output, stats_panel, status, history, privacy_share, privacy_read]
-    # One endpoint of the app's HTTP API, /generate (gradio_client's predict(..., api_name="/generate")); the
-    # prompt box's Enter runs the same function and is left out of the API.
-    ev_click = run.click(on_generate, inputs, outputs, api_name="generate")
-    ev_submit = prompt.submit(on_generate, inputs, outputs, api_visibility="private")
-    stop.click(None, cancels=[ev_click, ev_submit])
-    return adapter_switch
+    return on_generate
+
+
+def _settings(engine: Engine, sources: list[str], speculate: str) -> tuple:
+    """The generation settings: max tokens, temperature, top-k, top-p, seed, speculation and the adapter switch."""
+    return (
+        gr.Slider(1, 1000, value=50, step=1, label="Max tokens"),
+        gr.Slider(0.0, 2.0, value=0.8, step=0.05, label="Temperature (0 = greedy)"),
+        gr.Slider(0, 500, value=50, step=1, label="Top-k (0 = greedy)"),
+        gr.Slider(0.05, 1.0, value=1.0, step=0.01, label="Top-p"),
+        gr.Number(value=-1, precision=0, label="Seed (-1 = random)"),
+        gr.Dropdown(
+            sources,
+            value=speculate,
+            label="Speculative decoding",
+            info="draft tokens here and verify several per round trip: the same tokens when greedy, the same "
+            "distribution when sampling; lookup: from the context; self: the client's own blocks",
+        ),
+        gr.Dropdown(
+            adapter_choices(engine),
+            value=engine.default_adapter or BASE_CHOICE,
+            label="Adapter",
+            interactive=engine.has_adapter,
+            info="a LoRA adapter from --adapter or the Fine-tune tab, or none, to compare; for this browser tab alone",
+        ),
+    )
+
+
+def _meter_panel(engine: Engine, reading, n: int) -> tuple[str, list]:
+    """The privacy meter's line and the prompt as read, after a generation."""
+    share = (
+        f"**What the trunk could read:** at least {sum(reading.hits)} of {n} prompt tokens "
+        f"(**{reading.share:.0%}**), read back by a {reading.attacker}, defence: {engine.noise.label()}"
+    )
+    return share, reading.segments(engine.decode)
 
 
 class Background:

@@ -13,32 +13,15 @@ from typing import Any
 from server.sessions import Session, SessionRegistry
 from server.status import check_fingerprint
 from splitcomm import codec
+from splitcomm.messages import adapter_state, read_adapter_state, settings_from_pb
 from splitcomm.proto import trunk_pb2 as pb
 from splitcore.errors import InvalidInput, LimitExceeded
 from splitcore.fingerprint import Fingerprint
-from splitcore.lora import LoraSettings, adapter_weights, add_lora, load_adapter_weights, twin
+from splitcore.lora import adapter_weights, add_lora, load_adapter_weights, twin
 from splitcore.parts import Trunk
 from splitcore.training import PartTrainer
 
 logger = logging.getLogger(__name__)
-
-
-def settings_from_pb(lora: pb.LoraSpec, opt: pb.OptimizerSpec, seed: int) -> LoraSettings:
-    """The session's adapter and optimizer; a field left at 0 takes the default."""
-    d = LoraSettings()
-    if opt.name and opt.name.lower() != "adamw":
-        raise InvalidInput(f"optimizer '{opt.name}' is not supported; use adamw")
-    return LoraSettings(
-        rank=lora.rank or d.rank,
-        alpha=lora.alpha or d.alpha,
-        dropout=lora.dropout,
-        targets=tuple(lora.target_modules) or d.targets,
-        lr=opt.lr or d.lr,
-        weight_decay=opt.weight_decay,
-        betas=(opt.beta1 or d.betas[0], opt.beta2 or d.betas[1]),
-        eps=opt.eps or d.eps,
-        seed=seed,
-    )
 
 
 def _cpu(t):
@@ -71,8 +54,7 @@ class TrainHandler:
         check_fingerprint(self.fingerprint, o.fingerprint, self.replica)
         settings = settings_from_pb(o.lora, o.optimizer, o.seed)
         settings.check(self.trunk.config.n_embd)
-        weights = codec.decode_named(o.resume.weights, self.max_elements, "adapter tensor")
-        moments = codec.decode_named(o.resume.optimizer, self.max_elements, "optimizer state")
+        weights, moments, steps = read_adapter_state(o.resume, self.max_elements)
         session = self.sessions.open(peer, self.max_length, cancel)
         try:
 
@@ -80,7 +62,7 @@ class TrainHandler:
                 trainer = PartTrainer(add_lora(twin(self.trunk), settings), settings, self.recompute)
                 if weights:
                     load_adapter_weights(trainer.part, weights)
-                trainer.optimizer.load_state(moments, o.resume.optimizer_steps)
+                trainer.optimizer.load_state(moments, steps)
                 return trainer
 
             trainer = self.run(build)[0]
@@ -94,7 +76,7 @@ class TrainHandler:
             settings.rank,
             ",".join(settings.targets),
             settings.lr,
-            f", resumed at step {o.resume.optimizer_steps}" if weights else "",
+            f", resumed at step {steps}" if weights else "",
         )
         return session, trainer
 
@@ -113,12 +95,7 @@ class TrainHandler:
 
     def _export(self, trainer: PartTrainer) -> pb.TrainResponse:
         opt = trainer.optimizer
-        state = pb.AdapterState(
-            weights=codec.encode_named(adapter_weights(trainer.part)),
-            optimizer=codec.encode_named(opt.state()),
-            optimizer_steps=opt.steps,
-        )
-        return pb.TrainResponse(adapter=state)
+        return pb.TrainResponse(adapter=adapter_state(adapter_weights(trainer.part), opt.state(), opt.steps))
 
     def _close(self, opened: tuple[Session, PartTrainer]) -> None:
         session, trainer = opened
