@@ -346,7 +346,7 @@ def test_echo_with_logprobs_gives_the_prompts_log_probabilities_as_hf(client, li
     else:  # the completion's own follow, as without echo
         alone = client.completions.create(model=TINY, prompt=PROMPTS[0], max_tokens=3, temperature=0, logprobs=2)
         assert lp.token_logprobs[len(ids) :] == alone.choices[0].logprobs.token_logprobs
-    assert live[0].sessions.active() == 0
+    wait_for(lambda: live[0].sessions.active() == 0, what="the generations' trunk sessions closed")
 
 
 def test_schemathesis_finds_no_server_error_and_no_undocumented_status(live):

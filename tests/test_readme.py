@@ -10,6 +10,7 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -115,25 +116,39 @@ def _named_subcommands() -> list[tuple[str, ...]]:
 @pytest.mark.process
 @pytest.mark.slow
 def test_every_named_subcommand_answers_help_before_anything_heavy_loads():
-    """`python -m MODULE [SUBCOMMAND] --help` exits 0 for each that the README or the docs name, having imported
-    none of torch, transformers, gRPC or Gradio (Python's own import log says what loaded): help is instant."""
+    """`python -m MODULE [SUBCOMMAND] --help` exits 0 for each that the README or the docs name, and a bad flag is
+    refused (exit 2, one line), both having imported none of torch, transformers, gRPC or Gradio (Python's own
+    import log says what loaded) and well inside a generous bound of wall time (under 1 s on an idle machine)."""
     named = _named_subcommands()
     assert ("server",) in named and ("client", "generate") in named
     heavy = {"torch", "transformers", "grpc", "gradio", "fastapi"}
 
-    def help_of(cmd: tuple[str, ...]):
+    def run(cmd: tuple[str, ...], flag: str):
+        t0 = time.perf_counter()
         out = subprocess.run(
-            [sys.executable, "-X", "importtime", "-m", *cmd, "--help"], capture_output=True, text=True, cwd=ROOT,
+            [sys.executable, "-X", "importtime", "-m", *cmd, flag], capture_output=True, text=True, cwd=ROOT,
             env=subprocess_env(), timeout=120,
         )  # fmt: skip
+        wall = time.perf_counter() - t0
         loaded = {line.rsplit("|", 1)[-1].strip().split(".")[0] for line in out.stderr.splitlines() if "|" in line}
-        return cmd, out, sorted(loaded & heavy)
+        return cmd, flag, out, sorted(loaded & heavy), wall
 
+    jobs = [(c, f) for c in named for f in ("--help", "--no-such-flag")]
     with ThreadPoolExecutor(2) as pool:
-        results = list(pool.map(help_of, named))
-    failed = [(c, o.stderr[-500:]) for c, o, _ in results if o.returncode != 0 or "usage" not in o.stdout]
+        results = list(pool.map(lambda job: run(*job), jobs))
+    helped = [(c, o) for c, f, o, _, _ in results if f == "--help"]
+    failed = [(c, o.stderr[-500:]) for c, o in helped if o.returncode or "usage" not in o.stdout]
     assert not failed, failed
-    slow = [(c, loaded) for c, _, loaded in results if loaded]
+    said = {
+        c: [x for x in o.stderr.splitlines() if not x.startswith("import time:")]
+        for c, f, o, _, _ in results
+        if f != "--help"
+    }
+    refused = [(c, o.returncode) for c, f, o, _, _ in results if f != "--help"]  # argparse's usage, then one line
+    assert all(code == 2 and ": error: " in said[c][-1] for c, code in refused), said
+    heavy_loaded = [(c, f, loaded) for c, f, _, loaded, _ in results if loaded]
+    assert not heavy_loaded, heavy_loaded
+    slow = [(c, f, round(w, 2)) for c, f, _, _, w in results if w > 5.0]  # two at a time, importtime on: generous
     assert not slow, slow
 
 

@@ -1,262 +1,46 @@
-"""An OpenAI-compatible HTTP API over any engine: `python -m client api` (the split model) and `python -m baseline
-api` (the full model), port 8000 (env GPT2_API_PORT).
-
-Existing tools (the `openai` package, LangChain, curl, lm-evaluation-harness) talk to it unchanged, and prompts
-still never leave this machine: the split client's API runs where the client runs, and only hidden states go to
-the trunk. Nothing here imports gRPC: a trunk's failures arrive as RemoteError.
-
-- `POST /v1/completions` and `POST /v1/chat/completions`, streamed as server-sent events (`stream: true`) or
-  not. `max_tokens`, `temperature`, `top_p`, `seed`, `stop` (up to 4 strings), `n` (1 only), `logprobs`
-  (completions: 0-5; chat: `logprobs` + `top_logprobs` 0-20), `echo` (completions, without logprobs),
-  `stream_options.include_usage`; `usage` counts tokens. Log-probabilities are the model's own (its logits
-  before temperature and top-p), as OpenAI's are.
-- `GET /v1/models`: the model, its split and trunk, and the adapter if one is loaded.
-- Each request is a trunk session of its own, so concurrent requests batch on the trunk. A client that
-  disconnects mid-stream stops its generation and its session closes.
-- Bad input gets OpenAI's error body (`{"error": {"message", "type", "param", "code"}}`) and status: 400 for
-  wrong or missing fields and for too many tokens (`context_length_exceeded`), 401 for a missing or wrong key
-  (`--api-key`), 404 for an unknown model, 503 when the trunk cannot be reached or has no room (no free KV
-  slot), 502 when it refuses a request otherwise.
-- Every response carries `timings`, which OpenAI's clients ignore: time to first token, and the client, server
-  and network ms of the generation (the split's own breakdown; `GenerationStats`).
-
-GPT-2 has no chat template; chat turns become a prompt by this one (CHAT_TEMPLATE, in the README too):
-
-    System: {system message}
-    User: {user message}
-    Assistant: {assistant message}
-    User: {user message}
-    Assistant:
-
-and "\\nUser:" is a stop sequence of every chat completion, so that the model's answer ends where it would start
-writing the user's next turn.
-"""
+"""The app: its routes over an engine, their responses, and the entry point."""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import functools
-import json
 import logging
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from collections.abc import AsyncIterator, Callable
 
 import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from frontend.api.schema import (
+    CHAT_MAX_TOKENS,
+    CHAT_STOP,
+    COMPLETION_MAX_TOKENS,
+    GENERATION_RESPONSES,
+    MAX_STOPS,
+    MAX_USER,
+    APIError,
+    BaseRequest,
+    ChatRequest,
+    CompletionRequest,
+    api_error,
+    bad_request,
+    chat_prompt,
+    error_responses,
+    include_usage,
+)
+from frontend.api.streaming import Job, Piece, chain, gather, merge, pieces, sse, timings, with_timings
 from splitcore.engine import Engine
-from splitcore.errors import InvalidInput, LimitExceeded, RemoteError, RemoteUnavailable, SplitError
-from splitcore.generate import PromptLogprobs, TokenEvent
+from splitcore.errors import SplitError
+from splitcore.generate import PromptLogprobs
 from splitcore.sampling import SamplingParams
 from splitcore.settings import is_loopback
-from splitcore.stats import GenerationStats
 
 logger = logging.getLogger(__name__)
-
-MAX_USER = 256  # characters of a request's `user`
-CHAT_TEMPLATE = {"system": "System: {}\n", "user": "User: {}\n", "assistant": "Assistant: {}\n"}
-CHAT_PROMPT_END = "Assistant:"
-CHAT_STOP = "\nUser:"
-MAX_STOPS = 4
-COMPLETION_MAX_TOKENS = 16  # OpenAI's default for completions
-CHAT_MAX_TOKENS = 256  # chat's default, or what is left of the context if less
-
-
-class APIError(Exception):
-    """An error with OpenAI's body and an HTTP status."""
-
-    def __init__(self, status: int, message: str, type_: str, param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-
-    def response(self) -> JSONResponse:
-        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-        return JSONResponse(body, status_code=self.status)
-
-
-def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
-    return APIError(400, message, "invalid_request_error", param, code)
-
-
-class ErrorDetail(BaseModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
-
-
-class ErrorBody(BaseModel):
-    """OpenAI's error body: what every status but 200 carries."""
-
-    error: ErrorDetail
-
-
-def _errors(*statuses: int) -> dict:
-    """The error statuses a route returns, declared with their body in its OpenAPI schema."""
-    why = {
-        400: "Bad request: a wrong or missing field, or too many tokens (code context_length_exceeded)",
-        401: "Missing or wrong API key (--api-key)",
-        404: "Unknown model (GET /v1/models lists them)",
-        502: "The trunk server refused the request",
-        503: "The trunk server cannot be reached or has no room",
-    }
-    return {s: {"model": ErrorBody, "description": why[s]} for s in statuses}
-
-
-STREAMED = {
-    200: {
-        "description": "The completion; with `stream: true`, server-sent events: `data: {chunk}` each, then "
-        "`data: [DONE]`",
-        "content": {"text/event-stream": {"schema": {}}},  # each event: a chunk of the JSON answer, or [DONE]
-    }
-}
-GENERATION_RESPONSES = STREAMED | _errors(400, 401, 404, 502, 503)
-
-
-# --- requests -----------------------------------------------------------------------------------------------
-class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # fields of OpenAI's that do not apply here are accepted and unused
-
-    model: str
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
-    n: int = 1
-    stream: bool = False
-    stream_options: dict[str, Any] | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    user: str | None = None
-
-
-class CompletionRequest(_Request):
-    prompt: str | list[str] | list[int] | list[list[int]] | None = None  # OpenAI's four forms
-    max_tokens: int | None = Field(COMPLETION_MAX_TOKENS, ge=0)  # 0, with echo: the prompt scored, nothing generated
-    logprobs: int | None = Field(None, ge=0, le=5)
-    echo: bool = False
-
-
-class ChatMessage(BaseModel):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[dict[str, Any]] | None = None
-
-
-class ChatRequest(_Request):
-    messages: list[ChatMessage]
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
-
-
-def chat_prompt(messages: list[ChatMessage]) -> str:
-    """The conversation as a GPT-2 prompt (CHAT_TEMPLATE), ending where the assistant's answer starts."""
-    if not messages:
-        raise bad_request("messages must hold at least one message", "messages")
-    turns = []
-    for i, m in enumerate(messages):
-        content = m.content or ""
-        if isinstance(content, list):
-            if any(part.get("type") != "text" for part in content):
-                raise bad_request("only text content parts are supported", f"messages[{i}].content")
-            content = "".join(str(part.get("text", "")) for part in content)
-        turns.append(CHAT_TEMPLATE["system" if m.role == "developer" else m.role].format(content.strip()))
-    return "".join(turns) + CHAT_PROMPT_END
-
-
-# --- generation ---------------------------------------------------------------------------------------------
-@dataclass
-class Job:
-    """One request's generation, checked: token ids, how many new tokens, sampling, stops, log-probabilities."""
-
-    ids: list[int]
-    max_new: int
-    params: SamplingParams
-    stops: list[str]
-    logprobs: int | None  # top alternatives per token, or None for no log-probabilities
-    stats: GenerationStats = field(default_factory=GenerationStats)
-    echo: str = ""  # the prompt's text, given back before the completion (completions' `echo`)
-    adapter: str = ""  # the LoRA adapter the request's `model` names ("": the base model)
-    user: str = ""  # the request's `user`: the split client's noise is keyed by it (one secret per user)
-    prompt_lps: PromptLogprobs | None = None  # with echo and logprobs: the prompt's, filled by the prefill
-
-
-@dataclass
-class Piece:
-    """What one generated token adds to the response: text (stop sequences held back and cut), its token, and
-    why the generation ended (None while it goes on)."""
-
-    text: str
-    event: TokenEvent | None
-    finish: str | None = None
-
-
-class StopFilter:
-    """Cuts the text at the first stop sequence. Text that could be the start of one is held back until it is
-    known not to be, so a streamed response never shows part of a stop sequence."""
-
-    def __init__(self, stops: list[str]):
-        self.stops, self.pending = stops, ""
-
-    def push(self, delta: str) -> tuple[str, bool]:
-        text = self.pending + delta
-        cuts = [i for i in (text.find(s) for s in self.stops) if i >= 0]
-        if cuts:
-            self.pending = ""
-            return text[: min(cuts)], True
-        hold = max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-        self.pending = text[len(text) - hold :] if hold else ""
-        return text[: len(text) - hold], False
-
-    def flush(self) -> str:
-        text, self.pending = self.pending, ""
-        return text
-
-
-def pieces(engine: Engine, job: Job) -> Iterator[Piece]:
-    """The generation as pieces (a blocking iterator: run it on a worker thread). Closing it early (a client
-    gone) ends the generation and its trunk session."""
-    how = {"logprobs": job.logprobs, "prompt_lps": job.prompt_lps, "adapter": job.adapter, "user": job.user}
-    events = engine.stream(job.ids, job.max_new, job.params, job.stats, **how)
-    stops = StopFilter(job.stops)
-    eos = engine.tokenizer.eos_token_id
-    try:
-        for e in events:
-            text, stopped = stops.push(e.text)
-            if stopped:
-                yield Piece(text, None, "stop")
-                return
-            last = e.index == job.max_new - 1 or e.token_id == eos
-            if last:
-                text += stops.flush()
-            yield Piece(text, e, ("stop" if e.token_id == eos else "length") if last else None)
-    finally:
-        events.close()
-
-
-def timings(stats: GenerationStats) -> dict:
-    """The split's breakdown of one generation (OpenAI's clients ignore the field)."""
-    tokens = stats.tokens
-    out = {
-        "prompt_tokens": stats.prompt_tokens,
-        "generated_tokens": len(tokens),
-        "ttft_ms": round(stats.ttft_ms, 3),
-        "tokens_per_s": round(stats.tokens_per_s, 3),
-        "total_ms": round(stats.wall_s * 1e3, 3),
-        "client_ms": round(sum(t.client_ms for t in tokens), 3),
-    }
-    if any(t.server_ms is not None for t in tokens):
-        out["server_ms"] = round(sum(t.server_ms or 0.0 for t in tokens), 3)
-        out["network_ms"] = round(sum(t.network_ms or 0.0 for t in tokens), 3)
-    return out
 
 
 # --- the app ------------------------------------------------------------------------------------------------
@@ -272,8 +56,8 @@ class API:
         app.add_exception_handler(RequestValidationError, self._invalid)
         app.add_exception_handler(StarletteHTTPException, self._http_error)
         app.middleware("http")(self._authenticate)
-        app.get("/v1/models", responses=_errors(401))(self.models)
-        app.get("/v1/models/{model_id:path}", responses=_errors(401, 404))(self.model)
+        app.get("/v1/models", responses=error_responses(401))(self.models)
+        app.get("/v1/models/{model_id:path}", responses=error_responses(401, 404))(self.model)
         app.post("/v1/completions", responses=GENERATION_RESPONSES)(self.completions)
         app.post("/v1/chat/completions", responses=GENERATION_RESPONSES)(self.chat_completions)
         app.get("/health")(lambda: {"status": "ok"})
@@ -329,7 +113,7 @@ class API:
             for name in self.engine.adapters
         ]
 
-    def _job(self, r: _Request, ids: list[int], max_new: int | None, default_max: int, logprobs: int | None) -> Job:
+    def _job(self, r: BaseRequest, ids: list[int], max_new: int | None, default_max: int, logprobs: int | None) -> Job:
         if r.n != 1:
             raise bad_request("n must be 1: one completion per request (send several requests)", "n")
         stops = [r.stop] if isinstance(r.stop, str) else list(r.stop or [])
@@ -370,7 +154,7 @@ class API:
                     return
                 yield piece
         except SplitError as e:
-            raise _api_error(e) from e
+            raise api_error(e) from e
         finally:
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(it.close)
@@ -387,7 +171,7 @@ class API:
             score = functools.partial(self.engine.score, job.ids, job.logprobs or 0, job.adapter, job.user)
             return await anyio.to_thread.run_sync(score, limiter=self.limiter)
         except SplitError as e:
-            raise _api_error(e) from e
+            raise api_error(e) from e
 
     async def _started(self, job: Job, request: Request) -> tuple[Piece | None, AsyncIterator[Piece]]:
         """The first piece and the rest: a request that cannot start (no trunk, say) fails with its status
@@ -442,14 +226,14 @@ class API:
             return {"index": i, "text": text, "logprobs": lp, "finish_reason": finish}
 
         if not r.stream:
-            results = await _gather([self._collect(job) for job in jobs])
+            results = await gather([self._collect(job) for job in jobs])
             choices = [
                 choice(i, job.echo + "".join(p.text for p in ps), ps, _finish(ps), len(job.echo), echo=bool(job.echo))
                 for i, (job, ps) in enumerate(zip(jobs, results, strict=True))
             ]
             return head | {"choices": choices, "usage": _usage(*jobs), "timings": timings(jobs[0].stats)}
 
-        merged = _merge([self._job_pieces(job, request) for job in jobs])
+        merged = merge([self._job_pieces(job, request) for job in jobs])
         first = await anext(merged, None)  # a request that cannot start fails with its status before the 200
 
         async def chunks() -> AsyncIterator[dict]:
@@ -458,13 +242,13 @@ class API:
                 if job.echo or job.max_new == 0:
                     done = "length" if job.max_new == 0 else None
                     yield head | {"choices": [choice(i, job.echo, [], done, 0, echo=True)]}
-            async for i, p in _chain(first, merged):
-                yield _with_timings(head | {"choices": [choice(i, p.text, [p], p.finish, offsets[i])]}, p, jobs[i])
+            async for i, p in chain(first, merged):
+                yield with_timings(head | {"choices": [choice(i, p.text, [p], p.finish, offsets[i])]}, p, jobs[i])
                 offsets[i] += len(p.text)
-            if _include_usage(r):
+            if include_usage(r):
                 yield head | {"choices": [], "usage": _usage(*jobs)}
 
-        return _sse(chunks(), merged)
+        return sse(chunks(), merged)
 
     async def _job_pieces(self, job: Job, request: Request) -> AsyncIterator[Piece]:
         """A job's pieces as it streams; one with nothing to generate scores its prompt first, if asked."""
@@ -508,17 +292,17 @@ class API:
                 "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]
             }
             started = False
-            async for p in _chain(first, rest):
+            async for p in chain(first, rest):
                 text = p.text if started else p.text.lstrip()  # as the non-streamed answer
                 started = started or bool(text)
                 lp = {"content": self._chat_logprobs([p])} if job.logprobs is not None else None
                 delta = {"content": text} if text else {}
                 chunk = {"choices": [{"index": 0, "delta": delta, "logprobs": lp, "finish_reason": p.finish}]}
-                yield _with_timings(head("chat.completion.chunk") | chunk, p, job)
-            if _include_usage(r):
+                yield with_timings(head("chat.completion.chunk") | chunk, p, job)
+            if include_usage(r):
                 yield head("chat.completion.chunk") | {"choices": [], "usage": _usage(job)}
 
-        return _sse(chunks(), rest)
+        return sse(chunks(), rest)
 
     # --- log-probabilities in OpenAI's two shapes ---
     def _token(self, token_id: int) -> str:
@@ -595,120 +379,6 @@ def _usage(*jobs: Job) -> dict:
 def _joined(a: dict, b: dict) -> dict:
     """Two stretches of completion log-probabilities, one after the other."""
     return {k: a[k] + b[k] for k in a}
-
-
-async def _gather(coros: list) -> list:
-    """Run them at once (each generation on worker threads, so that they batch on the trunk); the first error
-    cancels the others and is raised."""
-    tasks = [asyncio.ensure_future(c) for c in coros]
-    try:
-        return await asyncio.gather(*tasks)
-    finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-
-_DONE = object()
-
-
-async def _merge(sources: list[AsyncIterator[Piece]]) -> AsyncIterator[tuple[int, Piece]]:
-    """The pieces of several generations as they come, each with its source's index; the first error is raised.
-    Closing it early (the client gone) closes every source, which ends their generations."""
-    queue: asyncio.Queue = asyncio.Queue()
-
-    async def pump(i: int, source: AsyncIterator[Piece]) -> None:
-        try:
-            async for p in source:
-                await queue.put((i, p))
-            await queue.put((i, _DONE))
-        except Exception as e:  # noqa: BLE001 (raised by the reader)
-            await queue.put((i, e))
-        finally:
-            await source.aclose()
-
-    tasks = [asyncio.ensure_future(pump(i, source)) for i, source in enumerate(sources)]
-    left = len(tasks)
-    try:
-        while left:
-            i, item = await queue.get()
-            if item is _DONE:
-                left -= 1
-            elif isinstance(item, Exception):
-                raise item
-            else:
-                yield i, item
-    finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-
-async def _chain(first, rest: AsyncIterator) -> AsyncIterator:
-    if first is None:
-        return
-    yield first
-    async for p in rest:
-        yield p
-
-
-def _with_timings(chunk: dict, p: Piece, job: Job) -> dict:
-    """The chunk that ends a stream's choice carries the generation's timings."""
-    return chunk | {"timings": timings(job.stats)} if p.finish else chunk
-
-
-def _include_usage(r: _Request) -> bool:
-    """OpenAI's stream_options.include_usage: one more chunk, with usage and no choices."""
-    return bool((r.stream_options or {}).get("include_usage"))
-
-
-def _api_error(e: Exception) -> APIError:
-    if isinstance(e, RemoteUnavailable):
-        return APIError(503, f"the trunk server cannot be reached: {e}", "server_error", None, "trunk_unavailable")
-    if isinstance(e, RemoteError) and e.status == "RESOURCE_EXHAUSTED":  # no free KV slot, sessions
-        return APIError(503, f"the trunk server is at capacity: {e}", "server_error", None, "trunk_busy")
-    if isinstance(e, RemoteError):
-        return APIError(502, f"the trunk server refused the request: {e}", "server_error", None, "trunk_error")
-    if isinstance(e, LimitExceeded):
-        return bad_request(str(e), None, "context_length_exceeded")
-    if isinstance(e, InvalidInput):
-        return bad_request(str(e))
-    return APIError(500, str(e), "server_error")
-
-
-class _EventStream(StreamingResponse):
-    """A streaming response that closes its generation however the response ends: when the client goes away
-    the server stops iterating the body and leaves its generators suspended, and the generation would hold its
-    trunk session until they were garbage-collected."""
-
-    def __init__(self, body: AsyncIterator[str], source: AsyncIterator[Piece]):
-        super().__init__(body, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        self.source = source
-
-    async def __call__(self, scope, receive, send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            with anyio.CancelScope(shield=True):
-                await self.source.aclose()
-
-
-def _sse(chunks: AsyncIterator[dict], source: AsyncIterator[Piece]) -> StreamingResponse:
-    """Server-sent events as OpenAI frames them: `data: {json}` per chunk, then `data: [DONE]`. An error after
-    the stream has started goes as one `data: {"error": ...}` event (its status line is already sent).
-    `source`: the generation's pieces, closed when the response ends."""
-
-    async def frames() -> AsyncIterator[str]:
-        try:
-            async for chunk in chunks:
-                yield f"data: {json.dumps(chunk)}\n\n"
-        except APIError as e:
-            err = {"message": e.message, "type": e.type, "param": e.param, "code": e.code}
-            yield f"data: {json.dumps({'error': err})}\n\n"
-            return
-        yield "data: [DONE]\n\n"
-
-    return _EventStream(frames(), source)
 
 
 # --- entry point --------------------------------------------------------------------------------------------
