@@ -8,9 +8,9 @@ import logging
 import gradio as gr
 import pandas as pd
 
-from client.engine import SplitEngine
 from client.finetune_tab import finetune_tab
 from client.monitor_feed import MonitorFeed, Monitors
+from client.split_engine import SplitEngine
 from webui import charts, ui
 
 logger = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ from splitcore.logs import setup_logging
 from splitcore.settings import DistillConfig, ProcessConfig, dataclass_flags, setting
 
 if TYPE_CHECKING:  # nothing heavy before the flags parse: `--help` and a bad flag answer at once
-    from client.engine import SplitEngine
+    from client.split_engine import SplitEngine
 
 
 @dataclass
@@ -184,7 +184,7 @@ def run_privacy_report(args: argparse.Namespace, cfg: ClientConfig) -> None:
         raise InvalidInput("privacy-report needs public text to train its attacker on: give --attack-data")
     if not args.private_data:
         raise InvalidInput("privacy-report needs the private text to score: give --private-data")
-    from client.engine import SplitEngine
+    from client.split_engine import SplitEngine
 
     engine = SplitEngine(replace(cfg, local_trunk=True))  # checks the settings before the text is read
     texts = load_texts(engine.encode, cfg.attack_data, args.private_data, args.windows, args.prompts)
@@ -212,7 +212,7 @@ def run_train_denoiser(args: argparse.Namespace, cfg: ClientConfig) -> None:
         raise InvalidInput("train-denoiser needs --data (public text) and --out (where the denoiser goes)")
     if args.steps < 1:
         raise InvalidInput(f"--steps must be at least 1, got {args.steps}")
-    from client.engine import SplitEngine
+    from client.split_engine import SplitEngine
 
     engine = SplitEngine(replace(cfg, denoise="none"))
     try:
@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> None:
             _serve_engine(args)
         else:
             from client.app import serve
-            from client.engine import SplitEngine
+            from client.split_engine import SplitEngine
 
             serve(SplitEngine(client_config(args)), args, login)
 
@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def _serve_engine(args) -> None:
     """`api` and `generate`: a split engine, checked against its server first."""
-    from client.engine import SplitEngine
+    from client.split_engine import SplitEngine
 
     engine = SplitEngine(client_config(args))
     if not args.local_trunk:

@@ -9,7 +9,7 @@ from pathlib import Path
 import gradio as gr
 import plotly.graph_objects as go
 
-from client.train import CLIENT_TRAIN, Run, SplitTrainer, TrainConfig, TrainEvent
+from client.split_training import CLIENT_TRAIN, Run, SplitTrainer, TrainConfig, TrainEvent
 from splitcore.errors import SplitError
 from splitcore.training import TextData, perplexity
 from webui import ui

@@ -14,7 +14,7 @@ tokens back from what it observes. Each attack has `fit(public ids)` and `predic
 The exact attacker (vocab matching through the bottom, MAP under noise) is in client/exact_attack.py, the
 gradient attack on split training in client/gradient_attack.py.
 
-`Adversary` is the client's own inverter in learned obfuscation (client/train.py): retrained alongside the
+`Adversary` is the client's own inverter in learned obfuscation (client/split_training.py): retrained alongside the
 client's parts, which learn to defeat it. `PrivacyMeter` trains the inverter once per (model, split, defence,
 public text), caches it under the models directory, and reads each prompt back from the states its generation
 actually sent with the exact attacker, the inverter and the nearest neighbour: the trunk reads at least the most

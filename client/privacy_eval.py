@@ -19,7 +19,6 @@ from pathlib import Path
 import torch
 
 from client.config import ClientConfig
-from client.engine import SplitEngine
 from client.exact_attack import ExactAttacker, floor
 from client.privacy import (
     InverterConfig,
@@ -32,6 +31,7 @@ from client.privacy import (
     vocabulary,
     windows,
 )
+from client.split_engine import SplitEngine
 from splitcore.models import resolve_model
 from splitcore.parts import load_full
 from splitcore.sampling import SamplingParams
@@ -320,7 +320,7 @@ def train_split(
     trunk's operator keeps, over the last `collect_steps` steps, the states sent and the tokens that the gradient
     attack reads from each step (through the public top), and saves them there: an attacker that learns the
     client's private bottom from its training traffic."""
-    from client.train import Run, SplitTrainer, TrainConfig
+    from client.split_training import Run, SplitTrainer, TrainConfig
     from splitcore.training import TextData
 
     say = progress or (lambda m: logger.info("%s", m))
@@ -459,7 +459,7 @@ def gradient_row(
 def _train_and_read(engine, client_train: str, text: str, steps: int, read_at, heldout, attack, states, say):
     """Split training on `text` through `engine`, read as `_read_training` says; then the held-out loss."""
     from client.gradient_attack import StepTap
-    from client.train import SplitTrainer, TrainConfig
+    from client.split_training import SplitTrainer, TrainConfig
     from splitcore.training import TextData
 
     f = _text_file(text)

@@ -12,8 +12,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from client.config import ClientConfig
-from client.engine import SplitEngine
-from client.train import (
+from client.split_engine import SplitEngine
+from client.split_training import (
     LocalTrainer,
     Run,
     SplitTrainer,

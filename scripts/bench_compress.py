@@ -32,8 +32,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from client.config import ClientConfig  # noqa: E402
-from client.engine import SplitEngine  # noqa: E402
-from client.train import SplitTrainer  # noqa: E402
+from client.split_engine import SplitEngine  # noqa: E402
+from client.split_training import SplitTrainer  # noqa: E402
 from server.app import TrunkServer  # noqa: E402
 from server.config import ServerConfig  # noqa: E402
 from splitcore.compress import Compression, weight_bytes  # noqa: E402

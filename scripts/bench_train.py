@@ -28,8 +28,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from client.config import ClientConfig  # noqa: E402
-from client.engine import SplitEngine  # noqa: E402
-from client.train import LocalTrainer, Run, SplitTrainer, TrainConfig  # noqa: E402
+from client.split_engine import SplitEngine  # noqa: E402
+from client.split_training import LocalTrainer, Run, SplitTrainer, TrainConfig  # noqa: E402
 from scripts.bench import start_server  # noqa: E402
 from splitcore.lora import add_lora, twin  # noqa: E402
 from splitcore.models import load_tokenizer, resolve_model  # noqa: E402

@@ -3,7 +3,7 @@
 The trunk's operator sees every hidden state the client sends (docs/privacy.md has the threat model), and
 GPT-2's hidden states are close to plaintext: a learned inverter reads most tokens back from them. A defence
 here is applied to each hidden state on its way out, in inference (SplitStepper) and in split training
-(client/train.py), by the same `Noise.apply`:
+(client/split_training.py), by the same `Noise.apply`:
 
 - `clip`: each position's vector is scaled down to an RMS of at most `clip` (its L2 norm to clip * sqrt(d)),
   so that no position stands out by its size;

@@ -2,7 +2,7 @@
 gradient), the language-model loss, and text data in batches of token windows with a held-out part.
 
 PartTrainer is what the trunk server runs per training session, and what the client runs on its own parts;
-the local reference (client/train.py) trains the whole model with plain autograd instead, so that the split
+the local reference (client/split_training.py) trains the whole model with plain autograd instead, so that the split
 is checked against something that shares none of its plumbing.
 """
 

@@ -106,7 +106,7 @@ def tiny_split_engine(models_dir, target: str | None = None, notify=None, **sett
     local_trunk=True); it fails at once when the trunk is lost unless `reconnect_s` says otherwise. `notify` hears
     what the engine would tell a user (a lost trunk, a replay)."""
     from client.config import ClientConfig
-    from client.engine import SplitEngine
+    from client.split_engine import SplitEngine
 
     settings.setdefault("reconnect_s", 0)
     if target is not None:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from client.train import Run, SplitTrainer, TrainConfig
+from client.split_training import Run, SplitTrainer, TrainConfig
 from splitcomm.codec import decode_named, encode
 from splitcomm.errors import TrunkError
 from splitcomm.proto import trunk_pb2 as pb

@@ -153,7 +153,7 @@ def test_a_trunk_compressed_otherwise_is_refused_naming_it(models_dir):
 
 
 def test_an_int8_trunk_refuses_adapters_and_training_in_one_line(models_dir, tiny):
-    from client.train import SplitTrainer
+    from client.split_training import SplitTrainer
     from splitcore.lora import LoraSettings
 
     srv = start_tiny_server(models_dir, compress="int8")

@@ -61,7 +61,7 @@ def test_graph_steps_match_eager_steps(tiny, dtype):
 @needs_cuda
 def test_split_over_grpc_with_graphs_matches_full_model_on_cuda(models_dir, tiny):
     from client.config import ClientConfig
-    from client.engine import SplitEngine
+    from client.split_engine import SplitEngine
 
     srv = start_tiny_server(models_dir, device="cuda", dtype="float32")
     try:

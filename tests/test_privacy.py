@@ -186,7 +186,7 @@ def test_noise_is_calibrated_and_clipped():
 
 
 def test_defended_generation_and_training_over_grpc(models_dir, server_target):
-    from client.train import SplitTrainer, TrainConfig
+    from client.split_training import SplitTrainer, TrainConfig
     from splitcore.training import TextData
 
     e = tiny_split_engine(models_dir, server_target, defence="laplace", noise_scale=0.5, noise_clip=2.0)
@@ -235,7 +235,7 @@ def test_meter_reads_past_the_inverters_context_over_any_vocabulary_through_the_
     """The meter's exact attacker reads every position of a prompt longer than the inverter's context, any token
     of the vocabulary when told so, through the bottom of the adapter each generation runs, and says "at least"."""
     _need_bible()
-    from client.train import Run, SplitTrainer, TrainConfig
+    from client.split_training import Run, SplitTrainer, TrainConfig
     from splitcore.training import TextData
 
     out = tmp_path / "obfuscated"
@@ -332,7 +332,7 @@ def test_generate_cli_reports_the_meter_in_json(tmp_path):
 
 
 def test_learned_obfuscation_trains_the_bottom_against_an_inverter(models_dir, server_target):
-    from client.train import SplitTrainer, TrainConfig
+    from client.split_training import SplitTrainer, TrainConfig
     from splitcore.training import TextData
 
     e = tiny_split_engine(models_dir, server_target)
@@ -477,7 +477,7 @@ def test_the_gradient_of_split_training_gives_the_labels_back(
     setting and reads MAP with the public model's prior) makes the reading drop. Clipping alone hides nothing: the
     attacker clips each candidate's gradient as the client would; clipped and noised, the reading drops."""
     from client.gradient_attack import StepTap
-    from client.train import SplitTrainer, TrainConfig
+    from client.split_training import SplitTrainer, TrainConfig
     from splitcore.training import TextData
 
     e = tiny_split_engine(models_dir, server_target, grad_noise=grad_noise, grad_clip=grad_clip)

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from client.engine import SplitEngine
+from client.split_engine import SplitEngine
 from server.app import TrunkServer
 from server.config import ServerConfig
 from splitcomm.errors import TrunkError

@@ -9,7 +9,7 @@ import grpc
 import pytest
 import torch
 
-from client.train import LocalTrainer, Run, SplitTrainer, TrainConfig, latest_checkpoint, load_checkpoint
+from client.split_training import LocalTrainer, Run, SplitTrainer, TrainConfig, latest_checkpoint, load_checkpoint
 from splitcomm.codec import encode
 from splitcomm.errors import TrunkError
 from splitcomm.proto import trunk_pb2 as pb
