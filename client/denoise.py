@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from splitcore.defence import Denoiser
 from splitcore.errors import InvalidInput
+from splitcore.training import fit
 
 logger = logging.getLogger(__name__)
 
@@ -48,20 +49,21 @@ def train_denoiser(
     denoiser = Denoiser(bottom.config.n_embd).to(bottom.device).train()
     opt = torch.optim.AdamW(denoiser.parameters(), lr=lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(seed)
-    for step in range(1, steps + 1):
+
+    def batch_of(step: int) -> torch.Tensor:
         starts = torch.randint(0, len(public_ids) - block_size, (batch_size,), generator=g).tolist()
-        ids = torch.stack([public_ids[s : s + block_size] for s in starts]).to(bottom.device)
+        return torch.stack([public_ids[s : s + block_size] for s in starts]).to(bottom.device)
+
+    def loss_of(ids: torch.Tensor) -> tuple[torch.Tensor, float]:
         with torch.no_grad():
             clean = bottom(ids)
             sent = engine.protect(clean, ids)
             want = F.log_softmax(top(answer(clean).to(top.device, top.dtype), all_positions=True).float(), -1)
             noisy = answer(sent).to(top.device, top.dtype)
-        with torch.enable_grad():
-            got = F.log_softmax(top(denoiser(noisy, clean, sent), all_positions=True).float(), -1)
-            loss = F.kl_div(got.flatten(0, 1), want.flatten(0, 1), log_target=True, reduction="batchmean")
-            loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if progress is not None:
-            progress(step, steps, float(loss.detach()))
+        got = F.log_softmax(top(denoiser(noisy, clean, sent), all_positions=True).float(), -1)
+        loss = F.kl_div(got.flatten(0, 1), want.flatten(0, 1), log_target=True, reduction="batchmean")
+        return loss, float(loss.detach())
+
+    told = None if progress is None else (lambda step, loss: progress(step, steps, loss))
+    fit(denoiser, opt, steps, lr, 1, batch_of, loss_of, told, clip=None, cosine=False)  # a constant rate
     return denoiser.eval().requires_grad_(False)

@@ -33,8 +33,9 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class Adapter:
-    """A LoRA adapter loaded for generation: the client's parts with it, and the trunk's share to upload."""
+class LoadedAdapter:
+    """A LoRA adapter loaded for generation (a record; `adapted()` gives the model): the client's parts with it,
+    and the trunk's share to upload."""
 
     layers: list[int]  # blocks it adapts
     parts: dict  # the client's parts (and an in-process trunk) running it
@@ -81,7 +82,7 @@ class SplitEngine(Engine):
         self.notify = notify or (lambda msg: logger.warning("%s", msg))
 
     @property
-    def adapter(self) -> Adapter | None:
+    def adapter(self) -> LoadedAdapter | None:
         """The default adapter (the first --adapter), or None."""
         return self.adapter_named(None)
 
@@ -90,7 +91,7 @@ class SplitEngine(Engine):
         names it."""
         self.adapters[name] = self.load_adapter(path)
 
-    def load_adapter(self, path: str) -> Adapter:
+    def load_adapter(self, path: str) -> LoadedAdapter:
         """The adapter in `path` on this engine's parts (and what a session uploads of it), without generating
         with it."""
         weights, settings = load_peft(Path(path))
@@ -114,7 +115,7 @@ class SplitEngine(Engine):
             layers,
             f", the client's weights trained in full ({len(client)} tensors)" if client else "",
         )
-        return Adapter(layers, parts, pools, trunk_open, fp)
+        return LoadedAdapter(layers, parts, pools, trunk_open, fp)
 
     @property
     def trunk_label(self) -> str:

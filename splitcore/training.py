@@ -157,13 +157,16 @@ def fit(
     loss_of: Callable[[torch.Tensor], tuple[torch.Tensor, object]],
     progress: Callable[[int, object], None] | None = None,
     clip: float | None = 1.0,
+    cosine: bool = True,
 ) -> None:
-    """Train `model` in one process for `steps` steps (the trained presets, distillation, the privacy attacks):
-    the learning rate warms up linearly over `warmup` steps and then follows a cosine down to a tenth of
-    `peak_lr`; gradients are clipped to norm `clip` (None: not clipped). `loss_of(batch)` gives the loss and what
-    `progress(step, ...)` is told."""
+    """Train `model` in one process for `steps` steps (the trained presets, distillation, the privacy attacks,
+    the denoiser): the learning rate warms up linearly over `warmup` steps and then follows a cosine down to a
+    tenth of `peak_lr` (`cosine=False`: stays at the peak); gradients are clipped to norm `clip` (None: not
+    clipped). `loss_of(batch)` gives the loss and what `progress(step, ...)` is told."""
     for step in range(1, steps + 1):
-        lr = peak_lr * min(1.0, step / warmup) * (0.55 + 0.45 * math.cos(math.pi * step / steps))
+        lr = peak_lr * min(1.0, step / warmup)
+        if cosine:
+            lr *= 0.55 + 0.45 * math.cos(math.pi * step / steps)
         for g in opt.param_groups:
             g["lr"] = lr
         with torch.enable_grad():
