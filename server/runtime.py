@@ -49,11 +49,20 @@ class TrunkRuntime:
                 f"need --kv-slots, --max-batch and --prefill-chunk >= 1 and --batch-wait-ms >= 0; "
                 f"got {slots}, {max_batch}, {prefill_chunk}, {batch_wait_ms}"
             )
-        self.trunk, self.slots, self.max_length, self.prefill_chunk = trunk, slots, max_length, prefill_chunk
+        self.trunk, self.prefill_chunk = trunk, prefill_chunk
         self.pool = KVPool(trunk, slots, max_length)
         self.decode_batch = BatchedDecode(self.pool, graphs)
         self.scheduler = Scheduler(self.decode_batch, max_batch, batch_wait_ms)
         self.stats: RuntimeStats = self.scheduler.stats
+
+    @property
+    def slots(self) -> int:
+        return self.pool.slots
+
+    @property
+    def max_length(self) -> int:
+        """A session's tokens at most (the pool's rows hold one more: a spare)."""
+        return self.pool.max_length
 
     # --- sessions ---------------------------------------------------------------------------------------
     def acquire_slot(self) -> int:
