@@ -24,6 +24,9 @@ if TYPE_CHECKING:  # nothing heavy before the flags parse: `--help` and a bad fl
     from client.split_engine import SplitEngine
 
 
+TRAIN_LOGS = {"train": "logs/gpt2_train.log", "federate": "logs/gpt2_federate.log"}
+
+
 @dataclass
 class TrainWhere:
     """Where `train` runs its trunk."""
@@ -116,7 +119,10 @@ def add_denoiser_command(sub) -> None:
 
 
 def add_commands(sub) -> None:
+    from client.federate_cli import add_federate_command
+
     add_train_command(sub)
+    add_federate_command(sub, add_split_args)
     add_privacy_command(sub)
     add_denoiser_command(sub)
     add_api_command(sub)
@@ -256,7 +262,7 @@ def main(argv: list[str] | None = None) -> None:
 
         login = app_login(args) if args.command == "serve" else None  # an open door: refused before anything loads
         log_file = args.log_file if args.command in ("serve", "api") else None
-        setup_logging("logs/gpt2_train.log" if args.command == "train" else log_file, args.verbose)
+        setup_logging(TRAIN_LOGS.get(args.command, log_file), args.verbose)
         configure_threads(args.threads)
         if args.command == "train":
             from client.train_cli import run_train
@@ -268,6 +274,10 @@ def main(argv: list[str] | None = None) -> None:
             run_train_denoiser(args, client_config(args))
         elif args.command == "distill":
             run_distill(args)
+        elif args.command == "federate":
+            from client.federate_cli import run_federate
+
+            run_federate(args)
         elif args.command in ("api", "generate"):
             _serve_engine(args)
         else:

@@ -3,8 +3,9 @@ environment variables (splitcore/settings.py)."""
 
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -173,12 +174,19 @@ class ClientConfig(GenerateConfig):
         )
 
 
-@dataclass
-class TrainConfig:
-    """Settings of one fine-tuning run (the `train` command and the Fine-tune tab)."""
+CLIENT_TRAIN = ("none", "lora", "full")
 
-    data: str = ""  # a text file or a directory of them
-    steps: int = 200  # optimizer steps
+
+def check_client_train(value: str) -> None:
+    if value not in CLIENT_TRAIN:
+        raise InvalidInput(f"--client-train must be one of {', '.join(CLIENT_TRAIN)}; got '{value}'")
+
+
+@dataclass
+class LoraRecipe:
+    """What a training step is (the `train` command, the Fine-tune tab, and each owner's rounds under `federate`):
+    the windows, the adapter and its optimizer, and which of the client's parts train."""
+
     batch_size: int = 8  # windows per step (B)
     block_size: int = 128  # tokens per window (T)
     lora_rank: int = 8
@@ -187,14 +195,9 @@ class TrainConfig:
     lora_targets: str = "attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj"  # module kinds in each adapted block
     lr: float = 2e-4
     weight_decay: float = 0.0
-    eval_every: int = 50  # steps between held-out evaluations (and checkpoints); 0 = only at the end
     eval_batches: int = 8  # held-out batches per evaluation
-    out: str = "adapters/run"  # where checkpoints and the final adapter go
     client_train: str = "none"  # the client's own parts: none (frozen), lora (adapters), full (every weight)
     seed: int = 0  # adapter initialisation and batch order
-    resume: bool = False  # go on from the latest checkpoint in `out`
-    privacy_weight: float = 0.0  # learned obfuscation: the client's parts also learn to defeat an inverter
-    # retrained alongside them, at this weight against the LM loss (needs --client-train lora or full); 0 = off
 
     def lora(self) -> LoraSettings:
         from splitcore.lora import LoraSettings
@@ -203,3 +206,49 @@ class TrainConfig:
         return LoraSettings(
             self.lora_rank, self.lora_alpha, self.lora_dropout, targets, self.lr, self.weight_decay, seed=self.seed
         )
+
+
+@dataclass
+class TrainConfig(LoraRecipe):
+    """Settings of one fine-tuning run (the `train` command and the Fine-tune tab)."""
+
+    data: str = ""  # a text file or a directory of them
+    steps: int = 200  # optimizer steps
+    eval_every: int = 50  # steps between held-out evaluations (and checkpoints); 0 = only at the end
+    out: str = "adapters/run"  # where checkpoints and the final adapter go
+    resume: bool = False  # go on from the latest checkpoint in `out`
+    privacy_weight: float = 0.0  # learned obfuscation: the client's parts also learn to defeat an inverter
+    # retrained alongside them, at this weight against the LM loss (needs --client-train lora or full); 0 = off
+
+
+@dataclass
+class FederationConfig(LoraRecipe):
+    """The consortium's settings of a federated run (`federate serve`); every owner trains with them."""
+
+    model: str = "gpt2"  # the base model every owner runs: gpt2, trained:kjv, random:tiny, a directory...
+    rounds: int = 5  # federated rounds
+    local_steps: int = 20  # each owner's optimizer steps in a round
+    min_owners: int = 2  # a round starts once this many owners are connected; it averages those that reply
+    round_timeout_s: float = 3600.0  # how long a round waits for its owners' replies, s
+    out: str = "adapters/federated"  # the averaged adapter, the round checkpoints and federation_log.json
+    client_train: str = "lora"  # the owners' own parts: none (frozen), lora (adapters), full (every weight)
+
+    def check(self) -> None:
+        check_client_train(self.client_train)
+        if min(self.rounds, self.local_steps, self.min_owners, self.batch_size, self.eval_batches) < 1:
+            raise InvalidInput(
+                "need --rounds, --local-steps, --min-owners, --batch-size and --eval-batches of at least 1; got "
+                f"{self.rounds}, {self.local_steps}, {self.min_owners}, {self.batch_size}, {self.eval_batches}"
+            )
+        if self.block_size < 2 or not self.round_timeout_s > 0:
+            raise InvalidInput(
+                f"need --block-size >= 2 and --round-timeout-s > 0; got {self.block_size} and {self.round_timeout_s}"
+            )
+        self.lora().check(10**6)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> FederationConfig:
+        return cls(**json.loads(text))

@@ -9,7 +9,8 @@ from pathlib import Path
 import gradio as gr
 import plotly.graph_objects as go
 
-from client.split_training import CLIENT_TRAIN, Run, SplitTrainer, TrainConfig, TrainEvent
+from client.config import CLIENT_TRAIN
+from client.split_training import Run, SplitTrainer, TrainConfig, TrainEvent
 from splitcore.errors import SplitError
 from splitcore.training import TextData, perplexity
 from webui import ui

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from client.config import TrainConfig
+from client.config import TrainConfig, check_client_train
 from splitcomm.messages import adapter_state, read_adapter_state, train_open
 from splitcore.compress import Compression
 from splitcore.errors import InvalidInput
@@ -64,14 +64,6 @@ class TrainEvent:
     @property
     def perplexity(self) -> float | None:
         return None if self.eval_loss is None else perplexity(self.eval_loss)
-
-
-CLIENT_TRAIN = ("none", "lora", "full")
-
-
-def check_client_train(value: str) -> None:
-    if value not in CLIENT_TRAIN:
-        raise InvalidInput(f"--client-train must be one of {', '.join(CLIENT_TRAIN)}; got '{value}'")
 
 
 def full_weights(*parts) -> dict[str, torch.Tensor]:

@@ -6,7 +6,7 @@ import warnings
 
 from . import trunk_pb2 as trunk__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.81.1'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
