@@ -247,7 +247,8 @@ class FederationConfig(LoraRecipe):
         self.lora().check(10**6)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        """The settings that define the run (not where it is kept: a moved --out resumes)."""
+        return json.dumps({k: v for k, v in asdict(self).items() if k != "out"}, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> FederationConfig:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -61,6 +62,8 @@ def add_federate_command(sub, add_split_args) -> None:
 
 
 def run_federate(args: argparse.Namespace) -> None:
+    # SIGTERM (a service manager, `kill`) stops Flower's processes as Ctrl-C does, instead of orphaning them
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     if args.federate_command == "serve":
         serve(args)
     else:
@@ -83,6 +86,7 @@ def _tool(name: str) -> str:
 
 def _port_free(host: str, port: int) -> bool:
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the SuperLink binds: a restart finds it free
         try:
             s.bind((host, port))
             return True

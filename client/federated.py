@@ -23,7 +23,6 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from client.config import ClientConfig, FederationConfig
-from splitcore.errors import InvalidInput
 
 MARK = "[federate] "  # the fed server's progress lines, picked out of Flower's log by `federate serve`
 OWNER_MARK = "[owner] "  # an owner's, picked out of its SuperNode's log by `federate join`
@@ -97,7 +96,8 @@ class Owner:
                     for s in range(first, first + fed.local_steps)
                 ]
                 held_out = held_out_loss(trainer, data, fed)[0]
-                return OwnerResult(trainer.adapter(), len(data.train) // fed.block_size, sum(losses) / len(losses), held_out)
+                windows = len(data.train) // fed.block_size
+                return OwnerResult(trainer.adapter(), windows, sum(losses) / len(losses), held_out)
             finally:
                 trainer.close()
         finally:

@@ -1,0 +1,245 @@
+"""Federated split learning on Flower's deployment runtime: real `python -m client federate serve|join` processes
+(a SuperLink, SuperNodes and the ClientApp and ServerApp processes they start) against a real trunk server over
+gRPC. The result is checked against FedAvg written out plainly here, over local runs of the whole model in this
+process; the trunk's every training message is recorded to show that no owner's weight reaches it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from client.config import FederationConfig
+from client.federated import load_weights
+from client.split_training import LocalTrainer
+from splitcore.lora import is_lora
+from splitcore.models import load_tokenizer
+from splitcore.training import TextData
+from tests.conftest import CORPUS, ROOT, TINY, free_port, start_tiny_server, subprocess_env, wait_for
+
+pytestmark = pytest.mark.slow
+
+FED = FederationConfig(
+    model=TINY, rounds=2, local_steps=3, batch_size=2, block_size=32, lora_rank=4, lr=1e-2, eval_batches=1, seed=3
+)
+SHARES = {"gospels": 0.5, "epistles": 0.3, "revelation": 0.2}  # three owners' disjoint parts of one text
+
+
+@pytest.fixture(scope="module")
+def trunk(models_dir, tiny):
+    srv = start_tiny_server(models_dir, max_sessions=8, grace_s=0.5)
+    yield srv
+    srv.stop(0.5)
+
+
+@pytest.fixture(scope="module")
+def owners(tmp_path_factory) -> dict[str, Path]:
+    text, at, out = CORPUS.read_text(), 0, {}
+    root = tmp_path_factory.mktemp("owners")
+    for name, share in SHARES.items():
+        n = int(len(text) * share)
+        (root / name).mkdir()
+        (root / name / f"{name}.txt").write_text(text[at : at + n])
+        at += n
+        out[name] = root / name
+    return out
+
+
+@pytest.fixture
+def recorded(trunk):
+    """Every training message the trunk receives: the names of the weights a session is opened with, and the
+    shape of each tensor of a forward or backward."""
+    h, seen = trunk.servicer.training, {"opened": [], "tensors": []}
+    open_, forward, backward = h._open, h._forward, h._backward
+
+    def rec_open(first, peer, cancel):
+        seen["opened"].append([w.name for w in first.open.resume.weights])
+        return open_(first, peer, cancel)
+
+    def rec_forward(trainer, msg):
+        seen["tensors"].append(("forward", tuple(msg.hidden.shape)))
+        return forward(trainer, msg)
+
+    def rec_backward(trainer, msg):
+        seen["tensors"].append(("backward", tuple(msg.grad.shape)))
+        return backward(trainer, msg)
+
+    h._open, h._forward, h._backward = rec_open, rec_forward, rec_backward
+    yield seen
+    del h._open, h._forward, h._backward
+
+
+class Proc:
+    """A `python -m client ...` process in a session of its own, its output in a file; `kill` takes it and every
+    process it started (Flower detaches some), as a machine that dies would."""
+
+    def __init__(self, args: list[str], log: Path):
+        self.log = log
+        self.p = subprocess.Popen(
+            [sys.executable, "-m", "client", *args],
+            stdout=log.open("w"),
+            stderr=subprocess.STDOUT,
+            env=subprocess_env(),
+            cwd=ROOT,
+            start_new_session=True,
+        )
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def kill(self) -> None:
+        try:
+            procs = [psutil.Process(self.p.pid), *psutil.Process(self.p.pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return
+        for p in procs:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        self.p.wait(10)
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"still running after {timeout:.0f} s:\n{self.output()[-3000:]}") from None
+
+
+def serve(fed: FederationConfig, port: int, log: Path) -> Proc:
+    flags = []
+    for k, v in vars(fed).items():
+        flags += [f"--{k.replace('_', '-')}", str(v)]
+    return Proc(["federate", "serve", *flags, "--port", str(port)], log)
+
+
+def join(name: str, data: Path, port: int, trunk, tmp: Path, *extra: str) -> Proc:
+    args = ["federate", "join", "--data", str(data), "--name", name, "--federation", f"127.0.0.1:{port}"]
+    args += ["--server", f"127.0.0.1:{trunk.port}", "--device", "cpu", "--workdir", str(tmp / name), *extra]
+    return Proc(args, tmp / f"{name}.log")
+
+
+def fedavg_reference(fed: FederationConfig, datas: list[TextData]) -> dict[str, torch.Tensor]:
+    """FedAvg as written in the paper, over the same local runs: each owner trains the whole model here from the
+    average (a fresh optimizer each round), and the average is weighted by the owners' training windows."""
+    from splitcore.models import resolve_model
+
+    model = resolve_model(fed.model, os.environ["GPT2_MODELS_DIR"])
+    layers = list(range(model.config.n_layer))  # --client-train lora: an adapter on every block
+    average: dict[str, torch.Tensor] | None = None
+    for r in range(1, fed.rounds + 1):
+        results = []
+        for data in datas:
+            local = LocalTrainer(model, layers, fed.lora(), (average, {}, 0) if average else None)
+            first = (r - 1) * fed.local_steps + 1
+            for step in range(first, first + fed.local_steps):
+                local.step(step, data.batch(step, fed.batch_size, fed.seed))
+            results.append((local.adapter(), len(data.train) // fed.block_size))
+        total = sum(n for _, n in results)
+        average = {k: sum(w[k] * (n / total) for w, n in results) for k in results[0][0]}
+    return average
+
+
+def test_federated_rounds_equal_plain_fedavg_across_a_fed_server_restart(trunk, owners, recorded, tiny, tmp_path):
+    """Two owners, two rounds, the fed server killed (with every process it started) after round 1 and started
+    again: it resumes from round 1's checkpoint, and the averaged adapter is FedAvg's to 1e-5. The trunk got
+    activations, gradients and its own adapter back, never an owner's weight, and freed every session."""
+    port, out = free_port(), tmp_path / "fed"
+    fed = FederationConfig(**(vars(FED) | {"out": str(out), "min_owners": 2}))
+    names = ["gospels", "epistles"]
+    server = serve(fed, port, tmp_path / "serve-1.log")
+    members = [join(n, owners[n], port, trunk, tmp_path) for n in names]
+    try:
+        wait_for(lambda: (out / "round-1" / "adapter_model.safetensors").is_file(), 300, "round 1's checkpoint")
+        server.kill()
+        assert not (out / "adapter_config.json").exists()  # the run was cut short
+        again = serve(fed, port, tmp_path / "serve-2.log")
+        assert again.wait(400) == 0, again.output()[-3000:]
+    finally:
+        for m in members:
+            m.kill()
+    assert "resuming after round 1" in again.output() and "round 2/2: 2 owners" in again.output()
+
+    tok = load_tokenizer(tiny.path)
+    datas = [TextData.from_path(owners[n], tok.encode, fed.block_size) for n in names]
+    want, got = fedavg_reference(fed, datas), load_weights(out)
+    assert set(got) == set(want) and len(want) == 2 * 4 * 12  # LoRA A and B on 4 kinds of module, 12 blocks
+    assert max(float((want[k] - got[k]).abs().max()) for k in want) <= 1e-5
+    assert max(float(v.abs().max()) for k, v in got.items() if "lora_B" in k) > 0  # it did train
+
+    log = json.loads((out / "federation_log.json").read_text())["rounds"]
+    assert [sorted(o["name"] for o in r["owners"]) for r in log] == [sorted(names)] * 2
+    assert log[-1]["averaged_held_out_loss"] > 0  # round 1's evaluation was cut short with its server
+
+    # separation: the trunk was opened with nothing but its own blocks' adapter, and sent only activations
+    trunk_blocks = {f"h.{i}." for i in range(2, 10)}
+    opened = recorded["opened"]
+    # each owner: round 1's training (fresh), round 2's training and evaluation (round 1's was cut short)
+    assert len(opened) == 6 and opened.count([]) == 2
+    assert all(is_lora(n) and n.startswith(tuple(trunk_blocks)) for names_ in opened for n in names_)
+    assert max(len(n) for n in opened) == 2 * 4 * 8  # the trunk's adapter: 8 blocks, 4 kinds, A and B
+    assert recorded["tensors"] and all(s[-1] == 64 and len(s) == 3 for _, s in recorded["tensors"])
+    wait_for(lambda: trunk.sessions.active() == 0, 10, "every training session freed")
+
+
+def test_an_owner_killed_mid_round_leaves_the_round_to_the_others(trunk, owners, recorded, tmp_path):
+    """Three owners, at least two needed: one dies while it trains (its trunk calls slowed so that it is mid-round
+    for sure). The round completes with the other two, and the trunk frees the dead owner's session."""
+    port, out = free_port(), tmp_path / "fed"
+    fed = FederationConfig(**(vars(FED) | {"out": str(out), "min_owners": 2, "rounds": 1, "round_timeout_s": 240}))
+    server = serve(fed, port, tmp_path / "serve.log")
+    members = {n: join(n, owners[n], port, trunk, tmp_path) for n in ("gospels", "epistles")}
+    members["revelation"] = join("revelation", owners["revelation"], port, trunk, tmp_path, "--added-delay-ms", "400")
+    try:
+        wait_for(lambda: len(recorded["opened"]) >= 3, 240, "three owners training")
+        members["revelation"].kill()
+        assert server.wait(400) == 0, server.output()[-3000:]
+    finally:
+        for m in members.values():
+            m.kill()
+    log = json.loads((out / "federation_log.json").read_text())["rounds"]
+    assert sorted(o["name"] for o in log[0]["owners"]) == ["epistles", "gospels"]
+    assert (out / "adapter_config.json").is_file()
+    wait_for(lambda: trunk.sessions.active() == 0, 30, "the dead owner's training session freed")
+
+
+def test_federate_refuses_bad_settings_in_one_line(tmp_path):
+    fed = tmp_path / "fed"
+    cases = [
+        (["serve", "--rounds", "0"], "--rounds"),
+        (["serve", "--host", "0.0.0.0"], "without TLS"),
+        (["serve", "--client-train", "some"], "--client-train"),
+        (["join", "--data", str(tmp_path / "none")], "does not exist"),
+        (["join", "--data", str(CORPUS), "--federation", "nowhere"], "host:port"),
+        (["join"], "--data is required"),
+    ]
+    for args, words in cases:
+        where = "--out" if args[0] == "serve" else "--workdir"
+        r = subprocess.run(
+            [sys.executable, "-m", "client", "federate", *args, where, str(fed)],
+            capture_output=True,
+            text=True,
+            env=subprocess_env(),
+            cwd=ROOT,
+            timeout=60,
+        )
+        assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+    # the same --out with other settings is refused, not mixed into
+    fed.mkdir()
+    (fed / "federation.json").write_text(FED.to_json())
+    r = subprocess.run(
+        [sys.executable, "-m", "client", "federate", "serve", "--out", str(fed), "--rounds", "9"],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        cwd=ROOT,
+        timeout=60,
+    )
+    assert r.returncode == 2 and "other settings" in r.stderr, r.stderr
