@@ -225,7 +225,7 @@ class TrainConfig(LoraRecipe):
 class FederationConfig(LoraRecipe):
     """The consortium's settings of a federated run (`federate serve`); every owner trains with them."""
 
-    model: str = "gpt2"  # the base model every owner runs: gpt2, trained:kjv, random:tiny, a directory...
+    model: str = setting("gpt2", "GPT2_MODEL", "the base model every owner runs: gpt2, trained:kjv, random:tiny...")
     rounds: int = 5  # federated rounds
     local_steps: int = 20  # each owner's optimizer steps in a round
     min_owners: int = 2  # a round starts once this many owners are connected; it averages those that reply

@@ -162,6 +162,33 @@ def write_log(out: Path, fed: FederationConfig, rounds: list[dict]) -> None:
     (out / LOG_FILE).write_text(json.dumps({"settings": asdict(fed), "rounds": rounds}, indent=1))
 
 
+def write_chart(out: Path, rounds: list[dict]) -> Path:
+    """OUT/federation.html: the rounds so far as a chart (each owner's training loss and held-out perplexity, and
+    the averaged model's), rewritten every round; plotly.js beside it, so it opens offline."""
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("training loss", "held-out perplexity"))
+    x = [r["round"] for r in rounds]
+    names = sorted({o["name"] for r in rounds for o in r["owners"]})
+    for name in names:
+        mine = [(r["round"], o) for r in rounds for o in r["owners"] if o["name"] == name]
+        fig.add_scatter(x=[r for r, _ in mine], y=[o["loss"] for _, o in mine], name=name, row=1, col=1)
+        fig.add_scatter(
+            x=[r for r, _ in mine],
+            y=[math.exp(o["held_out_loss"]) for _, o in mine],
+            name=f"{name} (its own model)",
+            row=1,
+            col=2,
+        )
+    avg = [(r["round"], math.exp(r["averaged_held_out_loss"])) for r in rounds if "averaged_held_out_loss" in r]
+    fig.add_scatter(x=[a for a, _ in avg], y=[b for _, b in avg], name="averaged model", row=1, col=2)
+    fig.update_xaxes(title_text="round", tickvals=x)
+    fig.update_layout(title=f"Federated rounds: {out}")
+    path = out / "federation.html"
+    fig.write_html(str(path), include_plotlyjs="directory")
+    return path
+
+
 def round_line(entry: dict, rounds: int) -> str:
     owners = ", ".join(
         f"{o['name']} loss {o['loss']:.3f} / ppl {math.exp(o['held_out_loss']):.2f}" for o in entry["owners"]
@@ -217,6 +244,7 @@ def make_strategy(fed: FederationConfig, out: Path, done: int, history: list[dic
                 entry["averaged_held_out_loss"] = float(metrics["held_out_loss"])
             entry["seconds"] = time.monotonic() - self.started
             write_log(out, fed, history)
+            write_chart(out, history)
             print(MARK + round_line(entry, fed.rounds), flush=True)
             return metrics
 

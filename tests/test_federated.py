@@ -21,7 +21,7 @@ from client.split_training import LocalTrainer
 from splitcore.lora import is_lora
 from splitcore.models import load_tokenizer
 from splitcore.training import TextData
-from tests.conftest import CORPUS, ROOT, TINY, free_port, start_tiny_server, subprocess_env, wait_for
+from tests.conftest import CORPUS, ROOT, TINY, free_port, load_hf_model, start_tiny_server, subprocess_env, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -174,9 +174,19 @@ def test_federated_rounds_equal_plain_fedavg_across_a_fed_server_restart(trunk, 
     assert max(float((want[k] - got[k]).abs().max()) for k in want) <= 1e-5
     assert max(float(v.abs().max()) for k, v in got.items() if "lora_B" in k) > 0  # it did train
 
+    # the same artifact as `python -m client train`: HF + PEFT load it and run the averaged model
+    from peft import PeftModel
+
+    hf = PeftModel.from_pretrained(load_hf_model(tiny.path), str(out)).eval()
+    ids = datas[0].batch(99, 2, seed=1)
+    with torch.no_grad():
+        ours = LocalTrainer(tiny, list(range(12)), fed.lora(), (want, {}, 0)).model(ids, all_positions=True)
+        assert float((hf(ids).logits - ours).abs().max()) < 1e-4
+
     log = json.loads((out / "federation_log.json").read_text())["rounds"]
     assert [sorted(o["name"] for o in r["owners"]) for r in log] == [sorted(names)] * 2
     assert log[-1]["averaged_held_out_loss"] > 0  # round 1's evaluation was cut short with its server
+    assert "averaged model" in (out / "federation.html").read_text()  # the fed server's page
 
     # separation: the trunk was opened with nothing but its own blocks' adapter, and sent only activations
     trunk_blocks = {f"h.{i}." for i in range(2, 10)}

@@ -7,11 +7,12 @@ and every port is free."""
 
 from __future__ import annotations
 
+import psutil
 import pytest
 import torch
 
-from tests.conftest import ROOT, TINY
-from tests.scripts_support import Script, app_generate, free_ports, grpc_serving, http_ok, user_env
+from tests.conftest import ROOT, TINY, wait_for
+from tests.scripts_support import Script, app_generate, free_ports, grpc_serving, http_ok, port_free, user_env
 
 pytestmark = [pytest.mark.process, pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -111,6 +112,41 @@ def test_run_api(tmp_path, server_target, hf_greedy):
         script.ctrl_c([port])
     finally:
         script.stop()
+
+
+def test_run_federated(tmp_path, server_target):
+    """A fed server and two owners against a running trunk server: one round, the averaged adapter saved, and
+    every process the script started gone when it ends."""
+    from tests.conftest import CORPUS
+
+    text, owners = CORPUS.read_text(), []
+    for i in range(2):
+        (tmp_path / f"owner{i}").mkdir()
+        (tmp_path / f"owner{i}" / "text.txt").write_text(text[i * len(text) // 2 : (i + 1) * len(text) // 2])
+        owners.append(str(tmp_path / f"owner{i}"))
+    (port,) = free_ports(1)
+    env = user_env(GPT2_TRUNK_SERVER=server_target, GPT2_FED_PORT=str(port), GPT2_OWNERS=" ".join(owners))
+    out = tmp_path / "fed"
+    flags = ["--rounds", "1", "--local-steps", "1", "--batch-size", "2", "--block-size", "32", "--eval-batches", "1"]
+    script = Script(["bash", "scripts/run_federated.sh", *flags, "--out", str(out)], env, tmp_path / "fed.out")
+    try:
+        assert script.proc.wait(300) == 0, script.output()[-3000:]
+        assert "[run_federated] done" in script.output() and "round 1/1: 2 owners" in script.output()
+        assert (out / "adapter_config.json").is_file()
+        wait_for(lambda: not _running_with(f"{port}"), 15, "the fed server and the owners gone")
+        assert port_free(port)
+    finally:
+        script.stop()
+
+
+def _running_with(word: str) -> list[str]:
+    """Command lines of the live processes that name `word` (a port: the fed server's, its owners')."""
+    found = []
+    for p in psutil.process_iter(["cmdline", "status"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if word in cmd and p.info["status"] != psutil.STATUS_ZOMBIE:
+            found.append(cmd)
+    return found
 
 
 def test_scripts_named_in_the_docs_are_tested():
