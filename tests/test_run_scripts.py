@@ -28,10 +28,10 @@ def hf_greedy(full_model, tokenizer):
     return tokenizer.decode(out[0, ids.shape[1] :])
 
 
-def run(tmp_path, name: str, **env: str) -> Script:
+def run(tmp_path, name: str, *args: str, **env: str) -> Script:
     logs = {k: str(tmp_path / f"{k.lower()}.log") for k in ("GPT2_SERVER_LOG", "GPT2_CLIENT_LOG", "GPT2_FULL_LOG")}
-    return Script(["bash", f"scripts/{name}"], user_env(**logs, GPT2_API_LOG=str(tmp_path / "api.log"), **env),
-                  tmp_path / f"{name}.out")  # fmt: skip
+    env = user_env(**logs, GPT2_API_LOG=str(tmp_path / "api.log"), **env)
+    return Script(["bash", f"scripts/{name}", *args], env, tmp_path / f"{name}.out")
 
 
 @pytest.mark.parametrize("replicas", [1, 2])
@@ -125,10 +125,10 @@ def test_run_federated(tmp_path, server_target):
         (tmp_path / f"owner{i}" / "text.txt").write_text(text[i * len(text) // 2 : (i + 1) * len(text) // 2])
         owners.append(str(tmp_path / f"owner{i}"))
     (port,) = free_ports(1)
-    env = user_env(GPT2_TRUNK_SERVER=server_target, GPT2_FED_PORT=str(port), GPT2_OWNERS=" ".join(owners))
     out = tmp_path / "fed"
     flags = ["--rounds", "1", "--local-steps", "1", "--batch-size", "2", "--block-size", "32", "--eval-batches", "1"]
-    script = Script(["bash", "scripts/run_federated.sh", *flags, "--out", str(out)], env, tmp_path / "fed.out")
+    env = {"GPT2_TRUNK_SERVER": server_target, "GPT2_FED_PORT": str(port), "GPT2_OWNERS": " ".join(owners)}
+    script = run(tmp_path, "run_federated.sh", *flags, "--out", str(out), **env)
     try:
         assert script.proc.wait(300) == 0, script.output()[-3000:]
         assert "[run_federated] done" in script.output() and "round 1/1: 2 owners" in script.output()
