@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -64,56 +66,49 @@ class Owner:
         return cls(ClientConfig(**spec["client"]), spec["data"], spec["name"])
 
     def save(self, path: Path) -> None:
-        path.write_text(json.dumps({"client": asdict(self.client), "data": self.data, "name": self.name}, indent=1))
+        """Only this user may read it: the client settings may hold the trunk's token."""
+        text = json.dumps({"client": asdict(self.client), "data": self.data, "name": self.name}, indent=1)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
 
-    def _open(self, fed: FederationConfig):
-        """(engine, data): the federation names the model; the trunk and the defences are this owner's."""
+    @contextmanager
+    def _session(self, fed: FederationConfig, weights: dict | None):
+        """(trainer, data): a training session on the trunk from `weights` (None: the seeded initialisation of
+        round 1), with a fresh optimizer (FedAvg's local run). The federation names the model; the trunk, its
+        credentials and the defences are this owner's."""
         from client.split_engine import SplitEngine
+        from client.split_training import SplitTrainer
         from splitcore.training import TextData
 
         engine = SplitEngine(replace(self.client, model=fed.model))
         try:
             engine.check_server()
-            return engine, TextData.from_path(self.data, engine.encode, fed.block_size)
-        except BaseException:
-            engine.close()
-            raise
-
-    def _trainer(self, engine, fed: FederationConfig, weights: dict | None):
-        from client.split_training import SplitTrainer
-
-        # a fresh optimizer each round (FedAvg's local runs); round 1 starts from the seeded initialisation
-        return SplitTrainer(engine, fed.lora(), fed.client_train, (weights, {}, 0) if weights else None)
-
-    def train(self, fed: FederationConfig, round_: int, weights: dict | None) -> OwnerResult:
-        engine, data = self._open(fed)
-        try:
-            trainer = self._trainer(engine, fed, weights)
+            data = TextData.from_path(self.data, engine.encode, fed.block_size)
+            trainer = SplitTrainer(engine, fed.lora(), fed.client_train, (weights, {}, 0) if weights else None)
             try:
-                first = (round_ - 1) * fed.local_steps + 1
-                losses = [
-                    trainer.step(s, data.batch(s, fed.batch_size, fed.seed)).loss
-                    for s in range(first, first + fed.local_steps)
-                ]
-                held_out = held_out_loss(trainer, data, fed)[0]
-                windows = len(data.train) // fed.block_size
-                return OwnerResult(trainer.adapter(), windows, sum(losses) / len(losses), held_out)
+                yield trainer, data
             finally:
                 trainer.close()
         finally:
             engine.close()
+
+    def train(self, fed: FederationConfig, round_: int, weights: dict | None) -> OwnerResult:
+        with self._session(fed, weights) as (trainer, data):
+            first = (round_ - 1) * fed.local_steps + 1
+            losses = [
+                trainer.step(s, data.batch(s, fed.batch_size, fed.seed)).loss
+                for s in range(first, first + fed.local_steps)
+            ]
+            held_out = held_out_loss(trainer, data, fed)[0]
+            windows = len(data.train) // fed.block_size
+            return OwnerResult(trainer.adapter(), windows, sum(losses) / len(losses), held_out)
 
     def evaluate(self, fed: FederationConfig, weights: dict | None) -> tuple[float, int]:
         """The averaged model's held-out loss on this owner's text, and the windows it was measured on."""
-        engine, data = self._open(fed)
-        try:
-            trainer = self._trainer(engine, fed, weights)
-            try:
-                return held_out_loss(trainer, data, fed)
-            finally:
-                trainer.close()
-        finally:
-            engine.close()
+        with self._session(fed, weights) as (trainer, data):
+            return held_out_loss(trainer, data, fed)
 
 
 def held_out_loss(trainer, data, fed: FederationConfig) -> tuple[float, int]:

@@ -223,6 +223,48 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def baselines(scorer: Scorer, datas: dict[str, TextData], steps: int) -> tuple[list[dict], dict[str, float]]:
+    """The base model, each owner alone for `steps`, and the pooled data for the federation's total steps."""
+    rows = [{"model": "base (untrained)", "steps": 0, **scorer.score()}]
+    timings = {}
+    runs = [(f"{name} alone", data, steps) for name, data in datas.items()]
+    runs.append(("pooled", pooled(datas), steps * len(datas)))
+    for name, data, n in runs:
+        say(f"training {name} for {n} steps ...")
+        t0 = time.perf_counter()
+        rows.append({"model": name, "steps": n, **scorer.score(scorer.train(data, n))})
+        timings[name] = time.perf_counter() - t0
+    return rows, timings
+
+
+def report(json_path: str, fed, datas, rows, res, reads, timings) -> None:
+    """The tables on stdout; the record as JSON, and the chart beside it."""
+    print(table(rows))
+    print()
+    last = reads.pop("owner")
+    print(f"| {last}'s training, undefended | labels the trunk reads from the gradient |\n|---|---:|")
+    for name, r in reads.items():
+        print(f"| {name} | {r['labels_read']}/{r['labels']} ({r['share']:.1%}) |")
+    out = Path(json_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    record = {
+        "date": str(date.today()),
+        "settings": asdict(fed) | {"out": None},
+        "owners": {
+            n: {"passages": OWNERS[n], "train_tokens": len(d.train), "held_out_tokens": len(d.held_out)}
+            for n, d in datas.items()
+        },  # fmt: skip
+        "rows": rows,
+        "rounds": res["rounds"],
+        "gradient_attack": {"owner": last, "steps_read": 2, "reads": reads},
+        "seconds": timings,
+        "torch_threads": torch.get_num_threads(),
+    }
+    out.write_text(json.dumps(record, indent=1))
+    plot(rows, res["rounds"], out.with_suffix(".html"))
+    say(f"wrote {out} and {out.with_suffix('.html')}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="trained:kjv")
@@ -244,23 +286,7 @@ def main() -> None:
     for n, d in datas.items():
         say(f"{n}: {len(d.train):,} training tokens, {len(d.held_out):,} held out")
     scorer, steps = Scorer(model, fed, datas), fed.rounds * fed.local_steps
-    rows = [{"model": "base (untrained)", "steps": 0, **scorer.score()}]
-    timings = {}
-    for name, data in datas.items():
-        say(f"training {name} alone for {steps} steps ...")
-        t0 = time.perf_counter()
-        rows.append({"model": f"{name} alone", "steps": steps, **scorer.score(scorer.train(data, steps))})
-        timings[f"{name} alone"] = time.perf_counter() - t0
-    say(f"training on the pooled data for {steps * len(datas)} steps ...")
-    t0 = time.perf_counter()
-    rows.append(
-        {
-            "model": "pooled",
-            "steps": steps * len(datas),
-            **scorer.score(scorer.train(pooled(datas), steps * len(datas))),
-        }
-    )
-    timings["pooled"] = time.perf_counter() - t0
+    rows, timings = baselines(scorer, datas, steps)
     say(f"federating: {len(owners)} owners, {fed.rounds} rounds of {fed.local_steps} steps, over the split ...")
     trunk, target = start_server(fed.model, args.models_dir, None, [])
     try:
@@ -278,29 +304,7 @@ def main() -> None:
     finally:
         trunk.terminate()
         trunk.wait(30)
-    print(table(rows))
-    print()
-    print(f"| {last}'s training, undefended | labels the trunk reads from the gradient |\n|---|---:|")
-    for name, r in reads.items():
-        print(f"| {name} | {r['labels_read']}/{r['labels']} ({r['share']:.1%}) |")
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    record = {
-        "date": str(date.today()),
-        "settings": asdict(fed) | {"out": None},
-        "owners": {
-            n: {"passages": OWNERS[n], "train_tokens": len(d.train), "held_out_tokens": len(d.held_out)}
-            for n, d in datas.items()
-        },  # fmt: skip
-        "rows": rows,
-        "rounds": res["rounds"],
-        "gradient_attack": {"owner": last, "steps_read": 2, "reads": reads},
-        "seconds": timings,
-        "torch_threads": torch.get_num_threads(),
-    }
-    out.write_text(json.dumps(record, indent=1))
-    plot(rows, res["rounds"], out.with_suffix(".html"))
-    say(f"wrote {out} and {out.with_suffix('.html')}")
+    report(args.json, fed, datas, rows, res, reads | {"owner": last}, timings)
 
 
 if __name__ == "__main__":
