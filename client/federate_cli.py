@@ -56,7 +56,13 @@ def add_federate_command(sub, add_split_args) -> None:
     dataclass_flags(s, FederationConfig)
     dataclass_flags(s, FedServerArgs)
     dataclass_flags(s, ProcessConfig)
-    j = fsub.add_parser("join", help="a data owner: trains each round on its --data against the trunk --server")
+    j = fsub.add_parser(
+        "join",
+        help="a data owner: trains each round on its --data against the trunk --server",
+        description="A data owner. Its text (--data), trunk server (--server, its TLS and token) and defences "
+        "(--defence, --grad-noise, --grad-clip) are its own; the model and the training recipe are the federation's "
+        "(`federate serve`), so --model here is not used.",
+    )
     add_split_args(j)
     dataclass_flags(j, OwnerArgs)
 
