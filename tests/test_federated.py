@@ -23,7 +23,7 @@ from splitcore.models import load_tokenizer
 from splitcore.training import TextData
 from tests.conftest import CORPUS, ROOT, TINY, free_port, load_hf_model, start_tiny_server, subprocess_env, wait_for
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # Flower rounds: tens of seconds each
 
 FED = FederationConfig(
     model=TINY, rounds=2, local_steps=3, batch_size=2, block_size=32, lora_rank=4, lr=1e-2, eval_batches=1, seed=3
