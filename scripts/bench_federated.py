@@ -40,9 +40,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from client.config import FederationConfig  # noqa: E402
-from client.federated import load_weights  # noqa: E402
+from client.federated import held_out_loss, load_weights  # noqa: E402
 from client.split_training import LocalTrainer  # noqa: E402
 from scripts.bench import start_server  # noqa: E402
+from scripts.bench_transport import free_port  # noqa: E402
 from splitcore.models import load_tokenizer, resolve_model  # noqa: E402
 from splitcore.presets import kjv_text  # noqa: E402
 from splitcore.training import TextData  # noqa: E402
@@ -81,9 +82,7 @@ class Scorer:
     def score(self, weights=None) -> dict[str, float]:
         t, total, n_all, out = self.trainer(weights), 0.0, 0, {}
         for name, data in self.datas.items():
-            batches = data.eval_batches(self.fed.batch_size, self.fed.eval_batches)
-            n = sum(b.shape[0] for b in batches)
-            loss = sum(t.eval_loss(b) * b.shape[0] for b in batches) / n
+            loss, n = held_out_loss(t, data, self.fed)
             out[name], total, n_all = math.exp(loss), total + loss * n, n_all + n
         out["union"] = math.exp(total / n_all)
         return out
@@ -132,7 +131,7 @@ def gradient_reads(args, fed: FederationConfig, target: str, weights, data: Text
 def federate(args, fed: FederationConfig, owners: dict[str, Path], work: Path, target: str) -> dict:
     """The federation as a user runs it: `federate serve`, and one `federate join` per owner, against the trunk
     server at `target`."""
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, PYTHONPATH=str(ROOT), GPT2_MODELS_DIR=args.models_dir)
     flags = [x for k, v in asdict(fed).items() for x in (f"--{k.replace('_', '-')}", str(v))]
     procs = []
@@ -183,14 +182,6 @@ def federate(args, fed: FederationConfig, owners: dict[str, Path], work: Path, t
             p.wait(30)
     log = json.loads((Path(fed.out) / "federation_log.json").read_text())["rounds"]
     return {"seconds": time.perf_counter() - t0, "rounds": log, "weights": load_weights(Path(fed.out))}
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def plot(rows: list[dict], rounds: list[dict], path: Path) -> None:
