@@ -262,8 +262,10 @@ def host_busy() -> float | None:
 def cpu_now(server_pids: list[int], client_pids: list[int]) -> tuple:
     """What `cpu_shares` compares: the replicas' threads (summed by name), the load's client processes, the
     host."""
-    servers = [thread_cpu(pid) for pid in server_pids]
-    threads = None if None in servers else sum((collections.Counter(x) for x in servers), collections.Counter())
+    servers, threads = [thread_cpu(pid) for pid in server_pids], collections.Counter()
+    for x in servers:  # update, not +: a Counter sum drops the threads /proc has counted no tick for yet
+        threads.update(x or {})
+    threads = None if None in servers else threads
     clients = [thread_cpu(pid) for pid in client_pids]
     used = None if None in clients else sum(sum(c.values()) for c in clients)
     return threads, used, host_busy()
