@@ -232,9 +232,16 @@ class FederationConfig(LoraRecipe):
     round_timeout_s: float = 3600.0  # how long a round waits for its owners' replies, s
     out: str = "adapters/federated"  # the averaged adapter, the round checkpoints and federation_log.json
     client_train: str = "lora"  # the owners' own parts: none (frozen), lora (adapters), full (every weight)
+    secagg: bool = False  # Flower's SecAgg+: the fed server learns only the owners' weighted sum, not their weights
+    secagg_max_weight: int = 1000  # SecAgg+: at least the most training windows an owner holds (precision: docs)
 
     def check(self) -> None:
         check_client_train(self.client_train)
+        if self.secagg and self.min_owners < 2:
+            raise InvalidInput(f"--secagg needs --min-owners of at least 2 (a sum of one is that owner's); got "
+                               f"{self.min_owners}")  # fmt: skip
+        if self.secagg_max_weight < 1:
+            raise InvalidInput(f"--secagg-max-weight must be at least 1; got {self.secagg_max_weight}")
         if min(self.rounds, self.local_steps, self.min_owners, self.batch_size, self.eval_batches) < 1:
             raise InvalidInput(
                 "need --rounds, --local-steps, --min-owners, --batch-size and --eval-batches of at least 1; got "

@@ -26,9 +26,22 @@ ROOT = APP_DIR.parent.parent
 class FedServerArgs:
     """Where the fed server's SuperLink listens (its Fleet, Control and Runtime APIs share the port)."""
 
-    host: str = "127.0.0.1"  # beyond loopback needs --insecure: this Flower link runs without TLS
+    host: str = "127.0.0.1"  # beyond loopback needs TLS (--tls-cert, --tls-key, --tls-ca) or --insecure
     port: int = 9092
+    tls_cert: str = ""  # the SuperLink's TLS certificate (PEM), naming the host the owners dial and 127.0.0.1
+    tls_key: str = ""  # its private key (PEM)
+    tls_ca: str = ""  # the CA that signed it (PEM): the owners' --federation-ca
     insecure: bool = False  # listen beyond loopback without TLS (anyone who reaches the port can submit runs)
+
+    def tls(self) -> bool:
+        """Whether the Flower link runs TLS; all three files, or none."""
+        given = [x for x in (self.tls_cert, self.tls_key, self.tls_ca) if x]
+        if given and len(given) < 3:
+            raise InvalidInput("TLS on the Flower link needs all three of --tls-cert, --tls-key and --tls-ca")
+        for path in given:
+            if not Path(path).is_file():
+                raise InvalidInput(f"no such file: {path}")
+        return bool(given)
 
 
 @dataclass
@@ -37,6 +50,7 @@ class OwnerArgs:
 
     data: str = ""  # this owner's text: a file or a directory of .txt files (required); its last 10% is held out
     federation: str = "127.0.0.1:9092"  # the fed server's SuperLink, host:port
+    federation_ca: str = ""  # the CA of the fed server's certificate (PEM): the Flower link runs TLS
     name: str = ""  # how the fed server's log names this owner (default: the data's file or folder name)
     workdir: str = ""  # this owner's SuperNode state and log (default: .federate/NAME)
 
@@ -81,6 +95,9 @@ def _env(flwr_home: Path) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")  # the apps import this project
     env["FLWR_HOME"] = str(flwr_home)
+    # Flower's processes start each other by name (flower-superexec, flwr-serverapp...): from this Python's
+    # environment, activated or not
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
 
@@ -150,6 +167,14 @@ def federation_config(args: argparse.Namespace) -> FederationConfig:
     return fed
 
 
+def _saved_settings(path: Path) -> str | None:
+    """A run's saved settings, with today's defaults for settings it predates; None where unreadable."""
+    try:
+        return FederationConfig.from_json(path.read_text()).to_json()
+    except (ValueError, TypeError):
+        return None
+
+
 def _settings_file(fed: FederationConfig) -> Path:
     """federation.json in --out: written once; a restart with the same settings resumes, other settings are
     refused (another --out starts afresh)."""
@@ -158,7 +183,7 @@ def _settings_file(fed: FederationConfig) -> Path:
     out = Path(fed.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     path = out / SETTINGS_FILE
-    if path.is_file() and path.read_text() != fed.to_json():
+    if path.is_file() and _saved_settings(path) != fed.to_json():
         raise InvalidInput(
             f"{out} holds a federated run with other settings ({path}): give the same settings to resume it, or "
             "another --out"
@@ -173,10 +198,12 @@ def _settings_file(fed: FederationConfig) -> Path:
 def serve(args: argparse.Namespace) -> None:
     fed = federation_config(args)
     where = FedServerArgs(**{f.name: getattr(args, f.name) for f in fields(FedServerArgs)})
-    if not is_loopback(where.host) and not where.insecure:
+    tls = where.tls()
+    if not is_loopback(where.host) and not where.insecure and not tls:
         raise InvalidInput(
             f"the SuperLink would listen on {where.host} without TLS: anyone who reaches it could submit runs to "
-            "the owners; give --insecure to do it on purpose (on a private network)"
+            "the owners; give --tls-cert, --tls-key and --tls-ca, or --insecure to do it on purpose (on a private "
+            "network)"
         )
     if not _port_free(where.host, where.port):
         raise InvalidInput(f"port {where.port} on {where.host} is in use: give another --port")
@@ -184,23 +211,30 @@ def serve(args: argparse.Namespace) -> None:
     out = settings.parent
     home = out / ".flwr"
     home.mkdir(exist_ok=True)
+    # `flwr run` below submits the run to this SuperLink on 127.0.0.1 (over TLS: the certificate must name it)
+    trust = f'root-certificates = "{Path(where.tls_ca).resolve()}"' if tls else "insecure = true"
     (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "fed"\n\n[superlink.fed]\naddress = "127.0.0.1:{where.port}"\ninsecure = true\n'
+        f'[superlink]\ndefault = "fed"\n\n[superlink.fed]\naddress = "127.0.0.1:{where.port}"\n{trust}\n'
     )
+    security = ["--insecure"]
+    if tls:
+        security = [f"--ssl-{k}file={Path(v).resolve()}" for k, v in
+                    (("cert", where.tls_cert), ("key", where.tls_key), ("ca-cert", where.tls_ca))]  # fmt: skip
     env, log = _env(home), out / "federate.log"
     link = run = None
     try:
         with log.open("a") as f:
             link = subprocess.Popen(
-                [_tool("flower-superlink"), "--insecure", "--host", where.host, "--port", str(where.port),
+                [_tool("flower-superlink"), *security, "--host", where.host, "--port", str(where.port),
                  "--disable-runtime-dependency-installation", "--database", str(home / "state.db")],
                 stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
             )  # fmt: skip
         _wait_listening(where.host, where.port, link, log)
         print(
-            f"fed server on {where.host}:{where.port}: waiting for {fed.min_owners} owners (python -m client "
-            f"federate join --federation HOST:{where.port} --data DIR --server TRUNK); {fed.rounds} rounds of "
-            f"{fed.local_steps} steps; log in {log}",
+            f"fed server on {where.host}:{where.port} ({'TLS' if tls else 'no TLS'}): waiting for {fed.min_owners} "
+            f"owners (python -m client federate join --federation HOST:{where.port}"
+            f"{' --federation-ca CA' if tls else ''} --data DIR --server TRUNK); {fed.rounds} rounds of "
+            f"{fed.local_steps} steps{', SecAgg+' if fed.secagg else ''}; log in {log}",
             file=sys.stderr,
         )
         run = subprocess.Popen(
@@ -229,6 +263,11 @@ def join(args: argparse.Namespace) -> None:
     host, sep, port = owner.federation.rpartition(":")
     if not sep or not host or not port.isdigit():
         raise InvalidInput(f"--federation: give the fed server as host:port; got '{owner.federation}'")
+    if owner.federation_ca and not Path(owner.federation_ca).is_file():
+        raise InvalidInput(f"--federation-ca: no such file: {owner.federation_ca}")
+    if not owner.federation_ca and not is_loopback(host):
+        print(f"owner: the link to the fed server at {owner.federation} is not encrypted (no --federation-ca)",
+              file=sys.stderr)  # fmt: skip
     data = Path(owner.data).resolve()
     name = owner.name or data.stem
     work = Path(owner.workdir or Path(".federate") / name).resolve()
@@ -241,8 +280,9 @@ def join(args: argparse.Namespace) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         app_port = s.getsockname()[1]  # the SuperNode's API for its ClientApp processes
+    trust = [f"--root-certificates={Path(owner.federation_ca).resolve()}"] if owner.federation_ca else ["--insecure"]
     node = subprocess.Popen(
-        [_tool("flower-supernode"), "--insecure", "--superlink", owner.federation, "--port", str(app_port),
+        [_tool("flower-supernode"), *trust, "--superlink", owner.federation, "--port", str(app_port),
          "--node-config", f'owner="{work / "owner.json"}"'],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(home), cwd=ROOT,
     )  # fmt: skip

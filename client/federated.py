@@ -52,6 +52,7 @@ class OwnerResult:
     windows: int  # training windows this owner holds: its weight in the average
     loss: float  # mean training loss of its local steps
     held_out_loss: float  # its own model's, after the local steps, on its held-out text
+    seconds: float = 0.0  # how long the round took this owner
 
 
 class Owner:
@@ -95,6 +96,7 @@ class Owner:
             engine.close()
 
     def train(self, fed: FederationConfig, round_: int, weights: dict | None) -> OwnerResult:
+        t0 = time.monotonic()
         with self._session(fed, weights) as (trainer, data):
             first = (round_ - 1) * fed.local_steps + 1
             losses = [
@@ -103,7 +105,8 @@ class Owner:
             ]
             held_out = held_out_loss(trainer, data, fed)[0]
             windows = len(data.train) // fed.block_size
-            return OwnerResult(trainer.adapter(), windows, sum(losses) / len(losses), held_out)
+            loss = sum(losses) / len(losses)
+            return OwnerResult(trainer.adapter(), windows, loss, held_out, time.monotonic() - t0)
 
     def evaluate(self, fed: FederationConfig, weights: dict | None) -> tuple[float, int]:
         """The averaged model's held-out loss on this owner's text, and the windows it was measured on."""
@@ -196,6 +199,25 @@ def round_line(entry: dict, rounds: int) -> str:
     )
 
 
+def _round_done(fed: FederationConfig, out: Path, round_: int, weights: dict, owners: list, started: float,
+                history: list[dict]) -> None:  # fmt: skip
+    """A round's average is in: checkpoint it, then log the round (a restart resumes after it)."""
+    save_round(out, round_, weights, fed)
+    history.append({"round": round_, "owners": owners, "seconds": time.monotonic() - started})
+    write_log(out, fed, history)
+
+
+def _round_evaluated(fed: FederationConfig, out: Path, loss, started: float, history: list[dict]) -> None:
+    """The averaged model's held-out loss on the owners' text: logged, charted, and one progress line."""
+    entry = history[-1]
+    if loss is not None:
+        entry["averaged_held_out_loss"] = float(loss)
+    entry["seconds"] = time.monotonic() - started
+    write_log(out, fed, history)
+    write_chart(out, history)
+    print(MARK + round_line(entry, fed.rounds), flush=True)
+
+
 def make_strategy(fed: FederationConfig, out: Path, done: int, history: list[dict]):
     from flwr.serverapp.strategy import FedAvg
 
@@ -223,9 +245,7 @@ def make_strategy(fed: FederationConfig, out: Path, done: int, history: list[dic
                 for r in replies
                 if not r.has_error()
             ]
-            save_round(out, round_, from_arrays(arrays), fed)
-            history.append({"round": round_, "owners": owners, "seconds": time.monotonic() - self.started})
-            write_log(out, fed, history)
+            _round_done(fed, out, round_, from_arrays(arrays), owners, self.started, history)
             return arrays, metrics
 
         def configure_evaluate(self, server_round, arrays, config, grid):
@@ -234,32 +254,127 @@ def make_strategy(fed: FederationConfig, out: Path, done: int, history: list[dic
 
         def aggregate_evaluate(self, server_round, replies):
             metrics = super().aggregate_evaluate(server_round, replies)
-            entry = history[-1]
-            if metrics is not None and "held_out_loss" in metrics:
-                entry["averaged_held_out_loss"] = float(metrics["held_out_loss"])
-            entry["seconds"] = time.monotonic() - self.started
-            write_log(out, fed, history)
-            write_chart(out, history)
-            print(MARK + round_line(entry, fed.rounds), flush=True)
+            loss = metrics.get("held_out_loss") if metrics is not None else None
+            _round_evaluated(fed, out, loss, self.started, history)
             return metrics
 
     return SplitFedAvg()
 
 
-def run_fed_server(grid, settings_path: str) -> None:
+# --- SecAgg+: Flower's secure aggregation -------------------------------------------------------------------
+# Flower runs SecAgg+ as a workflow of its older API: fit and evaluate records (FitIns / FitRes), weights as an
+# unnamed list. Here that list is the weights in the order of their sorted names, which travel in the round's
+# config (the fed server's way) and in each owner's metrics (the owners' way), so both sides name them alike.
+SECAGG_CLIP = 8.0  # SecAgg+ clips each value times the owner's weight (windows / max weight) to +-this, then
+SECAGG_LEVELS = 1 << 22  # quantises that range into this many levels (Flower's defaults): a step of 3.8e-6
+
+
+def _ndarrays(weights: dict, names: list[str]) -> list:
+    return [weights[k].detach().to("cpu").float().contiguous().numpy() for k in names]
+
+
+def _named(names: list[str], arrays: list) -> dict:
+    import numpy as np
+    import torch
+
+    if len(names) != len(arrays):
+        raise ValueError(f"{len(arrays)} weights arrived for {len(names)} names")
+    return {k: torch.from_numpy(np.asarray(a, dtype=np.float32).copy()) for k, a in zip(names, arrays, strict=True)}
+
+
+def make_secagg_strategy(fed: FederationConfig, out: Path, done: int, history: list[dict], weights: dict):
+    from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
+    from flwr.server.strategy import FedAvg
+
+    class SecAggFedAvg(FedAvg):
+        """Flower's FedAvg under the SecAgg+ workflow: `aggregate_fit` gets only the weighted average (the
+        workflow unmasks the sum and hands it to every result), then checkpoints and logs as SplitFedAvg does."""
+
+        def __init__(self):
+            n = fed.min_owners
+            self.names, self.weights, self.started = sorted(weights), weights, time.monotonic()
+            super().__init__(
+                fraction_fit=1.0, fraction_evaluate=1.0, min_fit_clients=n, min_evaluate_clients=n,
+                min_available_clients=n, initial_parameters=ndarrays_to_parameters(_ndarrays(weights, self.names)),
+                on_fit_config_fn=self._config, on_evaluate_config_fn=self._config,
+            )  # fmt: skip
+
+        def _config(self, server_round: int) -> dict:
+            return {"round": done + server_round, "federation": fed.to_json(), "names": ",".join(self.names)}
+
+        def configure_fit(self, server_round, parameters, client_manager):
+            self.started = time.monotonic()
+            return super().configure_fit(server_round, parameters, client_manager)
+
+        def aggregate_fit(self, server_round, results, failures):
+            round_ = done + server_round
+            if not results:
+                raise RuntimeError(f"round {round_}: no owner returned its weights (see the owners' logs)")
+            names = {str(res.metrics["names"]) for _, res in results}
+            if len(names) != 1:
+                raise RuntimeError(f"round {round_}: the owners trained different weights")
+            self.names = [n for n in names.pop().split(",") if n]
+            self.weights = _named(self.names, parameters_to_ndarrays(results[0][1].parameters))
+            owners = [
+                {"name": str(res.metrics["owner"]), "num-examples": float(res.num_examples)}
+                | {k: float(res.metrics[k]) for k in ("loss", "held_out_loss")}
+                for _, res in results
+            ]
+            _round_done(fed, out, round_, self.weights, owners, self.started, history)
+            return ndarrays_to_parameters(_ndarrays(self.weights, self.names)), {}
+
+        def aggregate_evaluate(self, server_round, results, failures):
+            loss, _ = super().aggregate_evaluate(server_round, results, failures)
+            _round_evaluated(fed, out, loss, self.started, history)
+            return loss, {}
+
+    return SecAggFedAvg()
+
+
+def _run_secagg(grid, context, fed: FederationConfig, out: Path, done: int, history: list[dict], weights: dict):
+    """The remaining rounds under Flower's SecAgg+ workflow; the last round's average."""
+    from flwr.server import LegacyContext, ServerConfig
+    from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+
+    strategy = make_secagg_strategy(fed, out, done, history, weights)
+    legacy = LegacyContext(
+        context=context,
+        config=ServerConfig(num_rounds=fed.rounds - done, round_timeout=fed.round_timeout_s),
+        strategy=strategy,
+    )
+    secagg = SecAggPlusWorkflow(
+        num_shares=1.0,  # every owner of the round holds a share of every other's keys
+        reconstruction_threshold=0.5,  # half of them (at least 2) can unmask a dropped owner; fewer learn nothing
+        max_weight=float(fed.secagg_max_weight),
+        clipping_range=SECAGG_CLIP,
+        quantization_range=SECAGG_LEVELS,
+        timeout=fed.round_timeout_s,
+    )
+    DefaultWorkflow(fit_workflow=secagg)(grid, legacy)
+    reached = last_round(out)[0]
+    if reached < fed.rounds:  # the workflow logs and goes on when too few owners answer a stage
+        raise RuntimeError(
+            f"round {reached + 1}: secure aggregation stopped: fewer owners answered than it needs (see the log)"
+        )
+    return strategy.weights
+
+
+def run_fed_server(grid, context) -> None:
     """The ServerApp's body: resume from the last round's checkpoint, run the rest, save the averaged adapter."""
     from flwr.app import ConfigRecord
 
     from splitcore.lora import save_trained
 
-    path = Path(settings_path)
+    path = Path(str(context.run_config["federation"]))
     fed, out = FederationConfig.from_json(path.read_text()), path.parent
     done, ckpt = last_round(out)
     history = [r for r in read_log(out) if r["round"] <= done]
     weights = load_weights(ckpt) if ckpt is not None else {}
     if done:
         print(MARK + f"resuming after round {done} (from {ckpt})", flush=True)
-    if done < fed.rounds:
+    if done < fed.rounds and fed.secagg:
+        weights = _run_secagg(grid, context, fed, out, done, history, weights)
+    elif done < fed.rounds:
         config = ConfigRecord({"federation": fed.to_json()})
         result = make_strategy(fed, out, done, history).start(
             grid=grid,
@@ -293,22 +408,96 @@ def _owner_reply(msg, context, work):
     return Message(content=RecordDict(content), reply_to=msg)
 
 
-def _train(owner: Owner, fed: FederationConfig, round_: int, weights):
-    t0 = time.monotonic()
-    r = owner.train(fed, round_, weights)
+def _report(owner: Owner, fed: FederationConfig, round_: int, r: OwnerResult) -> None:
     print(
         OWNER_MARK + f"{owner.name}: round {round_}: {fed.local_steps} steps, loss {r.loss:.3f}, held-out "
-        f"perplexity {math.exp(r.held_out_loss):.2f} on its own model [{time.monotonic() - t0:.0f} s]",
+        f"perplexity {math.exp(r.held_out_loss):.2f} on its own model [{r.seconds:.0f} s]",
         flush=True,
     )
+
+
+def _report_evaluation(owner: Owner, round_: int, loss: float) -> None:
+    print(OWNER_MARK + f"{owner.name}: round {round_}: averaged model's held-out perplexity {math.exp(loss):.2f}")
+
+
+def _train(owner: Owner, fed: FederationConfig, round_: int, weights):
+    r = owner.train(fed, round_, weights)
+    _report(owner, fed, round_, r)
     metrics = {"num-examples": r.windows, "loss": r.loss, "held_out_loss": r.held_out_loss}
     return to_arrays(r.weights), metrics
 
 
 def _evaluate(owner: Owner, fed: FederationConfig, round_: int, weights):
     loss, n = owner.evaluate(fed, weights)
-    print(OWNER_MARK + f"{owner.name}: round {round_}: averaged model's held-out perplexity {math.exp(loss):.2f}")
+    _report_evaluation(owner, round_, loss)
     return None, {"num-examples": n, "held_out_loss": loss}
+
+
+def _secagg_fit(msg, context):
+    """A SecAgg+ round's training (its workflow's fit record): the reply's weights go to Flower's secaggplus_mod,
+    which sends the fed server only their masked, quantised product with this owner's weight."""
+    from flwr.app import Message
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+    from flwr.compat.common import recorddict_compat as compat
+
+    owner = Owner.load(context.node_config["owner"])
+    ins = compat.recorddict_to_fitins(msg.content, keep_input=True)
+    fed = FederationConfig.from_json(str(ins.config["federation"]))
+    names = [n for n in str(ins.config["names"]).split(",") if n]
+    round_ = int(ins.config["round"])
+    weights = _named(names, parameters_to_ndarrays(ins.parameters)) or None
+    try:
+        r = owner.train(fed, round_, weights)
+        _secagg_fits(owner.name, fed, r)
+    except Exception as e:
+        print(OWNER_MARK + f"{owner.name}: round {round_} failed: {e}", flush=True)
+        raise
+    _report(owner, fed, round_, r)
+    out = sorted(r.weights)
+    metrics = {"owner": owner.name, "names": ",".join(out), "loss": r.loss, "held_out_loss": r.held_out_loss}
+    res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(_ndarrays(r.weights, out)), r.windows, metrics)
+    return Message(compat.fitres_to_recorddict(res, keep_input=False), reply_to=msg)
+
+
+def _secagg_fits(name: str, fed: FederationConfig, r: OwnerResult) -> None:
+    """Refuse what SecAgg+ would silently get wrong: a weight above its maximum overflows, and a value beyond its
+    clipping range (after scaling by windows / max weight) is clipped."""
+    if r.windows > fed.secagg_max_weight:
+        raise ValueError(
+            f"{name} holds {r.windows} training windows, more than the federation's --secagg-max-weight "
+            f"{fed.secagg_max_weight}: the fed server must raise it"
+        )
+    scale = r.windows / fed.secagg_max_weight
+    peak = max((float(v.abs().max()) for v in r.weights.values()), default=0.0) * scale
+    if peak > SECAGG_CLIP:
+        raise ValueError(f"a weight times {scale:.3g} reaches {peak:.3g}, beyond SecAgg+'s clipping range "
+                         f"+-{SECAGG_CLIP:g}")  # fmt: skip
+
+
+def _secagg_evaluate(msg, context):
+    """A SecAgg+ run's evaluation (the workflow's evaluate record): the averaged model on this owner's held-out
+    text."""
+    from flwr.app import Message
+    from flwr.common import Code, EvaluateRes, Status, parameters_to_ndarrays
+    from flwr.compat.common import recorddict_compat as compat
+
+    owner = Owner.load(context.node_config["owner"])
+    ins = compat.recorddict_to_evaluateins(msg.content, keep_input=True)
+    fed = FederationConfig.from_json(str(ins.config["federation"]))
+    names = [n for n in str(ins.config["names"]).split(",") if n]
+    loss, n = owner.evaluate(fed, _named(names, parameters_to_ndarrays(ins.parameters)) or None)
+    _report_evaluation(owner, int(ins.config["round"]), loss)
+    return Message(compat.evaluateres_to_recorddict(EvaluateRes(Status(Code.OK, ""), loss, n, {})), reply_to=msg)
+
+
+def _secagg_if_asked(msg, context, call_next):
+    """Flower's secaggplus_mod for the messages of a SecAgg+ run (they carry its stage record); the others pass."""
+    from flwr.client.mod import secaggplus_mod
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+
+    if RECORD_KEY_CONFIGS in msg.content.config_records:
+        return secaggplus_mod(msg, context, call_next)
+    return call_next(msg, context)
 
 
 def _client_app():
@@ -316,12 +505,16 @@ def _client_app():
 
     app = ClientApp()
 
-    @app.train()
+    @app.train(mods=[_secagg_if_asked])
     def train(msg, context):
+        if "fitins.config" in msg.content.config_records:
+            return _secagg_fit(msg, context)
         return _owner_reply(msg, context, _train)
 
     @app.evaluate()
     def evaluate(msg, context):
+        if "evaluateins.config" in msg.content.config_records:
+            return _secagg_evaluate(msg, context)
         return _owner_reply(msg, context, _evaluate)
 
     return app
@@ -334,7 +527,7 @@ def _server_app():
 
     @app.main()
     def main(grid, context):
-        run_fed_server(grid, str(context.run_config["federation"]))
+        run_fed_server(grid, context)
 
     return app
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime
+import ipaddress
 import os
 import signal
 import sys
@@ -9,6 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 ROOT = Path(__file__).resolve().parent.parent
 # What starts a process, in a test's own code (conftest marks such a test `process`)
@@ -208,3 +214,58 @@ def pytest_collection_modifyitems(config, items) -> None:
             source = ""
         if module in ("test_replicas", "test_bench") or any(w in source for w in _PROCESS_WORDS):
             item.add_marker(pytest.mark.process)
+
+
+# --- throwaway certificates (TLS tests) ------------------------------------------------------------------
+def _key():
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _cert(subject: str, key, issuer_name: str, issuer_key, ca: bool, sans=()):
+    now = datetime.datetime.now(datetime.UTC)
+    b = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+        .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer_name)]))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if sans:
+        b = b.add_extension(x509.SubjectAlternativeName(list(sans)), critical=False)
+    return b.sign(issuer_key, hashes.SHA256())
+
+
+def _write(path: Path, cert=None, key=None) -> str:
+    if cert is not None:
+        path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    else:
+        path.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
+    return str(path)
+
+
+def make_pki(d: Path) -> dict[str, str]:
+    """Throwaway PEM files in `d`: a CA, a server certificate for localhost and 127.0.0.1, a client certificate
+    (mutual TLS) and another CA that signed none of them."""
+    ca_key = _key()
+    ca = _cert("test CA", ca_key, "test CA", ca_key, ca=True)
+    srv_key, cli_key = _key(), _key()
+    sans = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+    srv = _cert("localhost", srv_key, "test CA", ca_key, ca=False, sans=sans)
+    cli = _cert("client", cli_key, "test CA", ca_key, ca=False)
+    other_key = _key()
+    other_ca = _cert("other CA", other_key, "other CA", other_key, ca=True)
+    return {
+        "ca": _write(d / "ca.pem", ca),
+        "server_cert": _write(d / "srv.pem", srv),
+        "server_key": _write(d / "srv.key", key=srv_key),
+        "client_cert": _write(d / "cli.pem", cli),
+        "client_key": _write(d / "cli.key", key=cli_key),
+        "other_ca": _write(d / "other.pem", other_ca),
+    }

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import logging
 import subprocess
 import sys
@@ -12,10 +10,6 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from client.split_engine import SplitEngine
@@ -24,64 +18,15 @@ from server.config import ServerConfig
 from splitcomm.errors import TrunkError
 from splitcomm.trunk_client import TrunkClient, TrunkClientConfig
 from splitcore.sampling import SamplingParams
-from tests.conftest import ROOT, TINY, Replicas, start_tiny_server, subprocess_env, tiny_split_engine
+from tests.conftest import ROOT, TINY, Replicas, make_pki, start_tiny_server, subprocess_env, tiny_split_engine
 
 TOKEN = "s3cret-token"
 GREEDY = SamplingParams(temperature=0.0)
 
 
-def _key():
-    return ec.generate_private_key(ec.SECP256R1())
-
-
-def _cert(subject: str, key, issuer_name: str, issuer_key, ca: bool, sans=()):
-    now = datetime.datetime.now(datetime.UTC)
-    b = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
-        .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer_name)]))
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-    )
-    if sans:
-        b = b.add_extension(x509.SubjectAlternativeName(list(sans)), critical=False)
-    return b.sign(issuer_key, hashes.SHA256())
-
-
-def _write(path: Path, cert=None, key=None) -> str:
-    if cert is not None:
-        path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    else:
-        path.write_bytes(
-            key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-            )
-        )
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory) -> dict[str, str]:
-    d = tmp_path_factory.mktemp("pki")
-    ca_key = _key()
-    ca = _cert("test CA", ca_key, "test CA", ca_key, ca=True)
-    srv_key, cli_key = _key(), _key()
-    sans = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-    srv = _cert("localhost", srv_key, "test CA", ca_key, ca=False, sans=sans)
-    cli = _cert("client", cli_key, "test CA", ca_key, ca=False)
-    other_key = _key()
-    other_ca = _cert("other CA", other_key, "other CA", other_key, ca=True)
-    return {
-        "ca": _write(d / "ca.pem", ca),
-        "server_cert": _write(d / "srv.pem", srv),
-        "server_key": _write(d / "srv.key", key=srv_key),
-        "client_cert": _write(d / "cli.pem", cli),
-        "client_key": _write(d / "cli.key", key=cli_key),
-        "other_ca": _write(d / "other.pem", other_ca),
-    }
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 def _server(models_dir, pki, mtls=False) -> TrunkServer:
