@@ -39,6 +39,16 @@ def setting(
 _KINDS = {"int": int, "float": float, "str": str, "bool": bool, "tuple[str, ...]": tuple}
 
 
+def _env_file(p: argparse.ArgumentParser, name: str) -> str:
+    """A setting's value from the file that NAME_FILE names (a mounted secret: a token, a login), less its final
+    newline; a missing or unreadable file is one readable line."""
+    path = os.environ[name]
+    try:
+        return Path(path).read_text().removesuffix("\n").removesuffix("\r")
+    except (OSError, UnicodeDecodeError) as e:
+        p.error(f"{name}: cannot read {path}: {e.strerror if isinstance(e, OSError) else e}")
+
+
 def dataclass_flags(p: argparse.ArgumentParser, cls, positional: tuple[str, ...] = ()) -> None:
     """One flag per field of a settings dataclass: `--batch-size`, typed from the field's annotation and defaulted
     from the field, or from its environment variable (a `setting`); its help the setting's, else the field's
@@ -67,6 +77,9 @@ def dataclass_flags(p: argparse.ArgumentParser, cls, positional: tuple[str, ...]
         default, raw, name = f.default, None, None
         for name in envs:
             raw = os.environ.get(name)
+            if raw is None and os.environ.get(f"{name}_FILE"):
+                name = f"{name}_FILE"
+                raw = _env_file(p, name)
             if raw is not None:
                 break
         if raw is not None:

@@ -212,7 +212,7 @@ def pytest_collection_modifyitems(config, items) -> None:
             source = inspect.getsource(item.function)
         except (OSError, TypeError):
             source = ""
-        if module in ("test_replicas", "test_bench") or any(w in source for w in _PROCESS_WORDS):
+        if module in ("test_replicas", "test_bench", "test_images") or any(w in source for w in _PROCESS_WORDS):
             item.add_marker(pytest.mark.process)
 
 

@@ -48,6 +48,26 @@ def test_bad_environment_value_is_one_line(monkeypatch, capsys):
     assert err.endswith("error: GPT2_KV_SLOTS='many' is not an integer")
 
 
+def test_a_setting_from_a_mounted_file(monkeypatch, tmp_path, capsys):
+    """NAME_FILE gives NAME's value from a file (a container's mounted secret), its final newline dropped; NAME
+    itself wins; a missing file is one line."""
+    monkeypatch.delenv("GPT2_AUTH_TOKEN", raising=False)
+    (tmp_path / "token").write_text("s3cret\n")
+    monkeypatch.setenv("GPT2_AUTH_TOKEN_FILE", str(tmp_path / "token"))
+    monkeypatch.setenv("GPT2_MAX_SESSIONS_FILE", str(tmp_path / "token"))  # read only where NAME is unset
+    monkeypatch.setenv("GPT2_MAX_SESSIONS", "5")
+    assert (parse_config([]).auth_token, parse_config([]).max_sessions) == ("s3cret", 5)
+    monkeypatch.setenv("GPT2_AUTH_TOKEN", "plain")
+    assert parse_config([]).auth_token == "plain"
+    monkeypatch.delenv("GPT2_AUTH_TOKEN")
+    monkeypatch.setenv("GPT2_AUTH_TOKEN_FILE", str(tmp_path / "none"))
+    with pytest.raises(SystemExit) as e:
+        build_parser()
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "GPT2_AUTH_TOKEN_FILE: cannot read" in err and "No such file" in err
+
+
 def test_every_field_has_a_flag_with_help():
     actions = {a.dest: a for a in build_parser()._actions}
     for f in dataclasses.fields(ServerConfig):
