@@ -136,6 +136,26 @@ def test_trunk_image_serves_the_client_image_hf_greedy(containers, tiny, tokeniz
         owners = {p.stat().st_uid for p in models.rglob("*")}
         assert owners == {10001}, owners
         assert "trunk server ready" in (tmp_path / "trunk.log").read_text()
+        # the client image's HTTP health check: unhealthy before its API listens, healthy after
+        api_env = {"GPT2_API_PORT": str(free_port()), "GPT2_CLIENT_PORT": str(free_port())}
+        check = ("python", "/opt/gpt2split/deploy/healthcheck.py", "http")
+        assert client.run(*check, env=api_env, timeout=60).returncode == 1
+        api = subprocess.Popen(
+            client.args(
+                "python", "-m", "client", "api", "--model", TINY, "--server", f"127.0.0.1:{port}",
+                env=api_env | {"GPT2_API_HOST": "127.0.0.1"}, volumes={models: "/models"},
+            ),
+            stdout=(tmp_path / "api.log").open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        try:
+            end = time.monotonic() + 180
+            while client.run(*check, env=api_env, timeout=60).returncode:
+                assert api.poll() is None, (tmp_path / "api.log").read_text()[-3000:]
+                assert time.monotonic() < end, "the client image's API never became healthy"
+                time.sleep(1)
+        finally:
+            os.killpg(api.pid, 15)
+            api.wait(30)
     finally:
         os.killpg(server.pid, 15)
         server.wait(30)
@@ -152,6 +172,9 @@ def test_images_run_as_a_user_and_hold_no_model_key_or_token(images):
         config = json.loads(buildah("inspect", "--type", "image", image).stdout)
         assert config["Docker"]["config"]["User"] == "split", image
         assert config["Docker"]["config"]["Healthcheck"]["Test"][:2] == ["CMD", "python"], image
+        env_names = [e.split("=")[0] for e in config["Docker"]["config"]["Env"]]
+        secret_env = [e for e in env_names if re.search(r"TOKEN|AUTH|KEY|PASS", e)]
+        assert not secret_env, secret_env  # no token, login or key baked into the environment
         name = buildah("from", "--pull-never", image).stdout.strip()
         try:
             root = Path(buildah("mount", name).stdout.strip())
