@@ -36,7 +36,11 @@ LOG_FILE = "federation_log.json"
 def to_arrays(weights: dict):
     from flwr.app import Array, ArrayRecord
 
-    return ArrayRecord({k: Array(v.detach().to("cpu").float().contiguous().numpy()) for k, v in weights.items()})
+    return ArrayRecord({k: Array(_numpy(v)) for k, v in weights.items()})
+
+
+def _numpy(tensor):
+    return tensor.detach().to("cpu").float().contiguous().numpy()
 
 
 def from_arrays(record) -> dict:
@@ -270,7 +274,11 @@ SECAGG_LEVELS = 1 << 22  # quantises that range into this many levels (Flower's 
 
 
 def _ndarrays(weights: dict, names: list[str]) -> list:
-    return [weights[k].detach().to("cpu").float().contiguous().numpy() for k in names]
+    return [_numpy(weights[k]) for k in names]
+
+
+def _names(text) -> list[str]:
+    return [n for n in str(text).split(",") if n]
 
 
 def _named(names: list[str], arrays: list) -> dict:
@@ -313,7 +321,7 @@ def make_secagg_strategy(fed: FederationConfig, out: Path, done: int, history: l
             names = {str(res.metrics["names"]) for _, res in results}
             if len(names) != 1:
                 raise RuntimeError(f"round {round_}: the owners trained different weights")
-            self.names = [n for n in names.pop().split(",") if n]
+            self.names = _names(names.pop())
             self.weights = _named(self.names, parameters_to_ndarrays(results[0][1].parameters))
             owners = [
                 {"name": str(res.metrics["owner"]), "num-examples": float(res.num_examples)}
@@ -433,22 +441,28 @@ def _evaluate(owner: Owner, fed: FederationConfig, round_: int, weights):
     return None, {"num-examples": n, "held_out_loss": loss}
 
 
+def _secagg_request(ins) -> tuple[FederationConfig, int, dict | None]:
+    """The federation, the round and the averaged weights (named; None before round 1) of a SecAgg+ run's fit or
+    evaluate record."""
+    from flwr.common import parameters_to_ndarrays
+
+    fed = FederationConfig.from_json(str(ins.config["federation"]))
+    weights = _named(_names(ins.config["names"]), parameters_to_ndarrays(ins.parameters))
+    return fed, int(ins.config["round"]), weights or None
+
+
 def _secagg_fit(msg, context):
     """A SecAgg+ round's training (its workflow's fit record): the reply's weights go to Flower's secaggplus_mod,
     which sends the fed server only their masked, quantised product with this owner's weight."""
     from flwr.app import Message
-    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
     from flwr.compat.common import recorddict_compat as compat
 
     owner = Owner.load(context.node_config["owner"])
-    ins = compat.recorddict_to_fitins(msg.content, keep_input=True)
-    fed = FederationConfig.from_json(str(ins.config["federation"]))
-    names = [n for n in str(ins.config["names"]).split(",") if n]
-    round_ = int(ins.config["round"])
-    weights = _named(names, parameters_to_ndarrays(ins.parameters)) or None
+    fed, round_, weights = _secagg_request(compat.recorddict_to_fitins(msg.content, keep_input=True))
     try:
         r = owner.train(fed, round_, weights)
-        _secagg_fits(owner.name, fed, r)
+        _check_secagg_range(owner.name, fed, r)
     except Exception as e:
         print(OWNER_MARK + f"{owner.name}: round {round_} failed: {e}", flush=True)
         raise
@@ -459,7 +473,7 @@ def _secagg_fit(msg, context):
     return Message(compat.fitres_to_recorddict(res, keep_input=False), reply_to=msg)
 
 
-def _secagg_fits(name: str, fed: FederationConfig, r: OwnerResult) -> None:
+def _check_secagg_range(name: str, fed: FederationConfig, r: OwnerResult) -> None:
     """Refuse what SecAgg+ would silently get wrong: a weight above its maximum overflows, and a value beyond its
     clipping range (after scaling by windows / max weight) is clipped."""
     if r.windows > fed.secagg_max_weight:
@@ -478,15 +492,13 @@ def _secagg_evaluate(msg, context):
     """A SecAgg+ run's evaluation (the workflow's evaluate record): the averaged model on this owner's held-out
     text."""
     from flwr.app import Message
-    from flwr.common import Code, EvaluateRes, Status, parameters_to_ndarrays
+    from flwr.common import Code, EvaluateRes, Status
     from flwr.compat.common import recorddict_compat as compat
 
     owner = Owner.load(context.node_config["owner"])
-    ins = compat.recorddict_to_evaluateins(msg.content, keep_input=True)
-    fed = FederationConfig.from_json(str(ins.config["federation"]))
-    names = [n for n in str(ins.config["names"]).split(",") if n]
-    loss, n = owner.evaluate(fed, _named(names, parameters_to_ndarrays(ins.parameters)) or None)
-    _report_evaluation(owner, int(ins.config["round"]), loss)
+    fed, round_, weights = _secagg_request(compat.recorddict_to_evaluateins(msg.content, keep_input=True))
+    loss, n = owner.evaluate(fed, weights)
+    _report_evaluation(owner, round_, loss)
     return Message(compat.evaluateres_to_recorddict(EvaluateRes(Status(Code.OK, ""), loss, n, {})), reply_to=msg)
 
 

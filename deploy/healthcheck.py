@@ -1,8 +1,10 @@
 """The images' health checks (deploy/Containerfile's HEALTHCHECK), with nothing but what the image holds.
 
-    python deploy/healthcheck.py grpc   the trunk: gRPC health on 127.0.0.1:$GPT2_SERVER_PORT is SERVING (over TLS
-                                        when GPT2_TLS_CERT is set: trusting GPT2_HEALTH_CA, else that certificate,
-                                        for the name GPT2_HEALTH_NAME, else localhost)
+    python deploy/healthcheck.py grpc [PORT...]
+                                        the trunk: gRPC health on 127.0.0.1:$GPT2_SERVER_PORT (or on each PORT:
+                                        scripts/run_all.sh's replicas) is SERVING (over TLS when GPT2_TLS_CERT is
+                                        set: trusting GPT2_HEALTH_CA, else that certificate, for the name
+                                        GPT2_HEALTH_NAME, else localhost)
     python deploy/healthcheck.py http   the client: its app ($GPT2_CLIENT_PORT) or API ($GPT2_API_PORT) answers HTTP
 
 Exit 0 when healthy, 1 with one line on stderr when not.
@@ -17,11 +19,18 @@ import urllib.request
 from pathlib import Path
 
 
-def grpc_ok() -> str | None:
+def grpc_ok(*ports: str) -> str | None:
+    for port in ports or (os.environ.get("GPT2_SERVER_PORT", "50051"),):
+        problem = _grpc_serving(f"127.0.0.1:{port}")
+        if problem:
+            return problem
+    return None
+
+
+def _grpc_serving(target: str) -> str | None:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    target = f"127.0.0.1:{os.environ.get('GPT2_SERVER_PORT', '50051')}"
     cert = os.environ.get("GPT2_TLS_CERT")
     if cert:
         root = Path(os.environ.get("GPT2_HEALTH_CA") or cert).read_bytes()
@@ -40,7 +49,7 @@ def grpc_ok() -> str | None:
     return None if serving else f"{target}: {health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)}"
 
 
-def http_ok() -> str | None:
+def http_ok(*_: str) -> str | None:
     tried = []
     for port in (os.environ.get("GPT2_CLIENT_PORT", "7860"), os.environ.get("GPT2_API_PORT", "8000")):
         url = f"http://127.0.0.1:{port}/"
@@ -62,7 +71,7 @@ def main() -> int:
     if kind not in checks:
         print("usage: healthcheck.py grpc|http", file=sys.stderr)
         return 2
-    problem = checks[kind]()
+    problem = checks[kind](*sys.argv[2:])
     if problem:
         print(f"unhealthy: {problem}", file=sys.stderr)
         return 1

@@ -32,17 +32,7 @@ for i in "${!ports[@]}"; do
   pids+=($!); servers+=($!)
 done
 for _ in $(seq 1 120); do
-  python - "${ports[@]}" <<'PY' && break
-import sys, grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-def serving(port):
-    try:
-        r = health_pb2_grpc.HealthStub(grpc.insecure_channel(f"localhost:{port}")).Check(health_pb2.HealthCheckRequest(), timeout=1)
-        return r.status == health_pb2.HealthCheckResponse.SERVING
-    except grpc.RpcError:
-        return False
-sys.exit(0 if all(serving(p) for p in sys.argv[1:]) else 1)
-PY
+  python deploy/healthcheck.py grpc "${ports[@]}" 2>/dev/null && break
   for pid in "${servers[@]}"; do
     kill -0 "$pid" 2>/dev/null || { echo "[run_all] a trunk server failed to start: see logs/gpt2_server*.log" >&2; exit 1; }
   done
